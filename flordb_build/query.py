@@ -1,0 +1,276 @@
+"""Reading the store back: ``dataframe`` (the pivot), ``latest``, and read-only ``query``.
+
+The pivot, for ``dataframe("loss", "val_acc")``::
+
+    run ── epoch 0 ── step 0   loss        <- a leaf context: one row
+       │          ├── step 1   loss        <- one row
+       │          └── val_acc              <- logged above the leaves: repeats on both rows
+       └── lr                              <- run level: repeats on every row of the run
+
+A row is a context where a requested name was logged and below which no requested name was
+logged; each name takes the value logged at that context or its nearest ancestor. Everything
+after the two SELECTs is numpy over integer positions, so a million log rows pivot in about a
+second.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .config import Config, load_config
+from .errors import QueryError
+from .expression import WhereExpression, filter_rows, parse_where
+from .store import Store
+from .values import decode_value
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+RUN_COLUMNS = ("projid", "run_id", "tstamp", "task", "filename")
+_SQL_VARIABLE_CHUNK = 30_000
+
+
+@dataclass(frozen=True)
+class RunTable:
+    """The runs a frame draws on, ordered by tstamp, as parallel lists."""
+
+    columns: dict[str, list[Any]]
+
+    @property
+    def run_ids(self) -> list[str]:
+        return self.columns["run_id"]
+
+    def __len__(self) -> int:
+        return len(self.run_ids)
+
+    def take(self, positions: Sequence[int]) -> RunTable:
+        return RunTable({k: [v[i] for i in positions] for k, v in self.columns.items()})
+
+
+def dataframe(*names: str, where: str | None = None, config: Config | None = None) -> pd.DataFrame:
+    """One row per distinct context of the requested names (see the module docstring).
+
+    :param where: a SQL expression over the frame's columns, evaluated read-only.
+    """
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise QueryError(f"dataframe() takes names as non-empty strings, got {name!r}.")
+        if name in RUN_COLUMNS:
+            raise QueryError(f"'{name}' is always a column of the dataframe; request logged names only.")
+    expression = parse_where(where) if where is not None else None
+    config = config or load_config()
+    store = Store.open_existing(config)
+    if store is None:
+        return _empty_frame(list(names))
+    try:
+        runs = _read_runs(store.conn)
+        if expression is not None and _reads_run_columns_only(expression):
+            # The filter reads run columns only: apply it before reading any log row.
+            runs = runs.take(filter_rows(expression, runs.columns, len(runs)))
+            expression = None
+        if names:
+            frame_columns = _pivot(store.conn, runs, list(dict.fromkeys(names)))
+        else:
+            frame_columns = _run_level(store.conn, runs)
+    finally:
+        store.close()
+    if expression is not None:
+        n_rows = len(frame_columns["run_id"])
+        keep = filter_rows(expression, frame_columns, n_rows)
+        frame_columns = {k: [v[i] for i in keep] for k, v in frame_columns.items()}
+    return _to_frame(frame_columns)
+
+
+# Words of SQL that are not column names; anything else an expression names might be a column.
+_SQL_WORDS = frozenset(
+    """and or not is null in like glob between case when then else end true false escape collate cast
+    as exists nocase integer real text blob numeric regexp match distinct isnull notnull abs coalesce
+    date datetime julianday strftime time ifnull iif instr length lower ltrim max min nullif printf
+    round rtrim substr substring trim typeof upper unixepoch json_extract replace total sum avg count
+    group_concat hex quote random sign""".split()
+)
+
+
+def _reads_run_columns_only(expression: WhereExpression) -> bool:
+    """True when every identifier of the expression is a run column, a keyword or a function."""
+    run_columns = {c.lower() for c in RUN_COLUMNS}
+    return all(i.lower() in run_columns or i.lower() in _SQL_WORDS for i in expression.identifiers)
+
+
+def _read_runs(conn: sqlite3.Connection) -> RunTable:
+    rows = conn.execute(
+        "SELECT projid, run_id, tstamp, task, filename FROM runs ORDER BY tstamp"
+    ).fetchall()
+    return RunTable({c: [r[i] for r in rows] for i, c in enumerate(RUN_COLUMNS)})
+
+
+def _empty_frame(names: list[str]) -> pd.DataFrame:
+    import pandas as pd
+
+    return pd.DataFrame({c: pd.Series(dtype=object) for c in [*RUN_COLUMNS, *names]})
+
+
+def _run_filter_sql(runs: RunTable, total_runs: int) -> tuple[str, list[str]] | None:
+    """``AND run_id IN (?...)`` when the runs were filtered (None: all runs, no clause)."""
+    if len(runs) == total_runs:
+        return None
+    return "run_id IN (" + ", ".join("?" for _ in runs.run_ids) + ")", list(runs.run_ids)
+
+
+def _fetch_for_runs(
+    conn: sqlite3.Connection, sql: str, params: list[Any], runs: RunTable, filtered: bool
+) -> list[tuple[Any, ...]]:
+    """Run ``sql`` (which has a ``{runs}`` slot for a run filter) over all or the chosen runs."""
+    if not filtered:
+        return conn.execute(sql.replace("{runs}", "1"), params).fetchall()
+    rows: list[tuple[Any, ...]] = []
+    ids = runs.run_ids
+    for start in range(0, len(ids), _SQL_VARIABLE_CHUNK):
+        chunk = ids[start : start + _SQL_VARIABLE_CHUNK]
+        clause = "run_id IN (" + ", ".join("?" for _ in chunk) + ")"
+        rows.extend(conn.execute(sql.replace("{runs}", clause), [*params, *chunk]).fetchall())
+    return rows
+
+
+def _count_runs(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT count(*) FROM runs").fetchone()[0])
+
+
+def _pivot(conn: sqlite3.Connection, runs: RunTable, names: list[str]) -> dict[str, list[Any]]:
+    filtered = len(runs) != _count_runs(conn)
+    marks = ", ".join("?" for _ in names)
+    log_rows = _fetch_for_runs(
+        conn,
+        "SELECT run_id, ctx_id, name, value, kind, source = 'replay' FROM logs "  # noqa: S608 - placeholders only
+        "WHERE name IN (" + marks + ") AND {runs}",
+        names,
+        runs,
+        filtered,
+    )
+    # Only the contexts that hold a requested value, and their ancestors.
+    loop_rows = _fetch_for_runs(
+        conn,
+        "WITH RECURSIVE needed(run_id, ctx_id) AS ("  # noqa: S608 - placeholders only
+        " SELECT DISTINCT run_id, ctx_id FROM logs WHERE name IN (" + marks + ") AND ctx_id != 0 AND {runs}"
+        " UNION SELECT l.run_id, l.parent_ctx FROM loops l JOIN needed n"
+        " ON l.run_id = n.run_id AND l.ctx_id = n.ctx_id WHERE l.parent_ctx != 0)"
+        " SELECT l.run_id, l.ctx_id, l.parent_ctx, l.name, l.iteration, l.value"
+        " FROM loops l JOIN needed n ON l.run_id = n.run_id AND l.ctx_id = n.ctx_id ORDER BY l.rowid",
+        names,
+        runs,
+        filtered,
+    )
+    from .pivot import ContextPivot
+
+    return ContextPivot(runs, names, loop_rows, log_rows).columns()
+
+
+def _run_level(conn: sqlite3.Connection, runs: RunTable) -> dict[str, list[Any]]:
+    """``dataframe()`` with no names: one row per run with every run-level name."""
+    filtered = len(runs) != _count_runs(conn)
+    rows = _fetch_for_runs(
+        conn,
+        "SELECT run_id, name, value, kind FROM logs WHERE ctx_id = 0 AND {runs} "
+        "ORDER BY source = 'record', rowid",
+        [],
+        runs,
+        filtered,
+    )
+    names = list(dict.fromkeys(r[1] for r in rows))
+    position = {run_id: i for i, run_id in enumerate(runs.run_ids)}
+    out: dict[str, list[Any]] = {c: list(runs.columns[c]) for c in RUN_COLUMNS}
+    for name in names:
+        out[name] = [None] * len(runs)
+    for run_id, name, value, kind in rows:
+        if run_id in position:
+            out[name][position[run_id]] = decode_value(value, kind)
+    return out
+
+
+def _to_frame(columns: dict[str, list[Any]]) -> pd.DataFrame:
+    import pandas as pd
+
+    from .pivot import typed_series
+
+    frame = pd.DataFrame({name: typed_series(name, values) for name, values in columns.items()})
+    if "tstamp" in frame and len(frame):
+        frame["tstamp"] = pd.to_datetime(frame["tstamp"], format="ISO8601")
+    return frame
+
+
+def latest(df: pd.DataFrame) -> pd.DataFrame:
+    """Keep the rows of the newest run for each ``(task, filename)``."""
+    if df.empty:
+        return df
+    missing = [c for c in ("task", "filename", "tstamp") if c not in df.columns]
+    if missing:
+        raise QueryError(f"latest() needs a flor.dataframe with columns task, filename and tstamp; missing {missing}.")
+    newest = df.groupby(["task", "filename"], dropna=False)["tstamp"].transform("max")
+    return df[df["tstamp"] == newest].reset_index(drop=True)
+
+
+# -- read-only SQL ------------------------------------------------------------------------------
+
+_SAFE_PRAGMAS = frozenset({"table_info", "table_xinfo", "index_list", "index_info", "table_list"})
+
+
+class _ReadOnlyGuard:
+    """A SQLite authorizer that allows reads only, remembering what it refused (for the message)."""
+
+    def __init__(self) -> None:
+        self.refused: str | None = None
+
+    def __call__(self, action: int, arg1: str | None, arg2: str | None, db: str | None, trigger: str | None) -> int:
+        if action in (sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE):
+            return sqlite3.SQLITE_OK
+        if action == sqlite3.SQLITE_PRAGMA and arg1 in _SAFE_PRAGMAS and arg2 is None or action == 32:
+            return sqlite3.SQLITE_OK  # 32 = SQLITE_RECURSIVE on old Pythons lacking the constant
+        self.refused = _ACTION_NAMES.get(action, f"action {action}")
+        return sqlite3.SQLITE_DENY
+
+
+_ACTION_NAMES = {
+    getattr(sqlite3, name): name.removeprefix("SQLITE_").lower().replace("_", " ")
+    for name in dir(sqlite3)
+    if name.startswith("SQLITE_") and name not in ("SQLITE_OK", "SQLITE_DENY", "SQLITE_IGNORE")
+    and isinstance(getattr(sqlite3, name), int)
+}
+
+
+def query(sql: str, params: Sequence[Any] | dict[str, Any] = (), config: Config | None = None) -> pd.DataFrame:
+    """Run one read-only SQL statement over the store with bound ``params``; return a dataframe.
+
+    :raises QueryError: when the statement would write, or SQLite rejects it.
+    """
+    import pandas as pd
+
+    if not isinstance(sql, str) or not sql.strip():
+        raise QueryError("query() needs a SQL SELECT statement.")
+    config = config or load_config()
+    store = Store.open_existing(config)
+    if store is None:
+        raise QueryError(f"No flordb_build store at '{config.db_path}' yet; record a run first.")
+    conn = store.conn
+    guard = _ReadOnlyGuard()
+    try:
+        conn.execute("PRAGMA query_only = ON")
+        conn.set_authorizer(guard)
+        try:
+            cursor = conn.execute(sql, params)
+            rows = cursor.fetchall()
+        except sqlite3.Error as exc:
+            if guard.refused:
+                raise QueryError(
+                    f"query() is read-only: the statement tries to {guard.refused} ('{sql.strip()[:80]}'). "
+                    "Use SELECT; record data with flor.log."
+                ) from exc
+            raise QueryError(f"query failed: {exc} in '{sql.strip()[:200]}'.") from exc
+        except (ValueError, sqlite3.Warning) as exc:
+            raise QueryError(f"query failed: {exc}.") from exc
+    finally:
+        store.close()
+    columns = [d[0] for d in cursor.description or ()]
+    return pd.DataFrame.from_records(rows, columns=columns)

@@ -1,0 +1,385 @@
+"""The SQLite store: schema, connections, batched writes, and detection of runs that died.
+
+One file per project (``Config.db_path``), WAL mode so readers never block the writers of
+parallel pipeline tasks, and a busy timeout so several writers queue instead of failing.
+The schema is declared once with sqlite-utils; the hot path (a batch of thousands of log
+rows) goes through ``executemany`` on the same connection because building one dict per
+row, as ``Table.insert_all`` does, costs more than the insert itself.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+from .errors import StoreError
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 60_000
+
+# Column types: ``bytes`` declares BLOB, which in SQLite means "no affinity": an int stays an
+# int, a float a float and a str a str, exactly as logged. (A column declared ANY would get
+# NUMERIC affinity and turn the string '5' into the integer 5.)
+TABLES: dict[str, dict[str, Any]] = {
+    "runs": {
+        "columns": {
+            "run_id": str,
+            "projid": str,
+            "tstamp": str,
+            "task": str,
+            "pipeline_id": str,
+            "filename": str,
+            "args": str,
+            "git_head": str,
+            "git_branch": str,
+            "dirty": int,
+            "code_tree": str,
+            "snapshot": str,
+            "env_id": str,
+            "status": str,
+            "exit_code": int,
+            "error": str,
+            "started": float,
+            "ended": float,
+            "seconds": float,
+            "pid": int,
+            "host": str,
+            "journal": str,
+        },
+        "pk": "run_id",
+        "indexes": [(("tstamp",), True), (("task", "filename"), False), (("status",), False)],
+    },
+    "loops": {
+        "columns": {
+            "run_id": str,
+            "ctx_id": int,
+            "parent_ctx": int,
+            "name": str,
+            "iteration": int,
+            "value": bytes,
+        },
+        "pk": ("run_id", "ctx_id"),
+        "indexes": [],
+    },
+    "logs": {
+        "columns": {
+            "run_id": str,
+            "seq": int,
+            "ctx_id": int,
+            "name": str,
+            "value": bytes,
+            "kind": int,
+            "source": str,
+        },
+        "pk": None,
+        "indexes": [(("run_id", "source", "seq"), True), (("name", "run_id"), False)],
+    },
+    "pipelines": {
+        "columns": {
+            "pipeline_id": str,
+            "tool": str,
+            "argv": str,
+            "dag": str,
+            "started": float,
+            "ended": float,
+            "status": str,
+            "exit_code": int,
+            "cwd": str,
+        },
+        "pk": "pipeline_id",
+        "indexes": [],
+    },
+    "tasks": {
+        "columns": {
+            "pipeline_id": str,
+            "task": str,
+            "status": str,
+            "reason": str,
+            "started": float,
+            "ended": float,
+            "seconds": float,
+            "actions": str,
+            "error": str,
+        },
+        "pk": ("pipeline_id", "task"),
+        "indexes": [],
+    },
+    "files": {
+        "columns": {
+            "pipeline_id": str,
+            "task": str,
+            "path": str,
+            "role": str,
+            "sha256": str,
+            "size": int,
+        },
+        "pk": ("pipeline_id", "task", "path", "role"),
+        "indexes": [(("sha256",), False), (("path",), False)],
+    },
+    "envs": {
+        "columns": {"env_id": str, "env": str, "created": float},
+        "pk": "env_id",
+        "indexes": [],
+    },
+    "checkpoints": {
+        "columns": {
+            "run_id": str,
+            "ctx_id": int,
+            "loop_name": str,
+            "iteration": int,
+            "name": str,
+            "sha256": str,
+            "bytes": int,
+            "materialize_seconds": float,
+            "block_seconds": float,
+        },
+        "pk": ("run_id", "ctx_id", "name"),
+        "indexes": [(("sha256",), False)],
+    },
+    "timings": {
+        "columns": {"run_id": str, "ctx_id": int, "kind": str, "seconds": float},
+        "pk": ("run_id", "ctx_id", "kind"),
+        "indexes": [],
+    },
+}
+
+LOG_INSERT = "INSERT INTO logs (run_id, seq, ctx_id, name, value, kind, source) VALUES (?, ?, ?, ?, ?, ?, ?)"
+LOOP_INSERT = (
+    "INSERT OR REPLACE INTO loops (run_id, ctx_id, parent_ctx, name, iteration, value) VALUES (?, ?, ?, ?, ?, ?)"
+)
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """Open ``path`` in autocommit mode with WAL and a busy timeout; transactions are explicit."""
+    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False)
+    if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+        conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    return conn
+
+
+@contextmanager
+def write_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``: take the write lock up front so a batch never deadlocks
+    half-way against another writer, and roll back on any error."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def ensure_schema(conn: sqlite3.Connection) -> None:
+    """Create every table and index that is missing; a no-op when ``user_version`` is current."""
+    if conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+        return
+    import sqlite_utils  # lazily: it imports pandas, which a recording process never needs
+
+    db = sqlite_utils.Database(conn)
+    with write_transaction(conn):
+        for name, spec in TABLES.items():
+            table = db.table(name)
+            table.create(spec["columns"], pk=spec["pk"], if_not_exists=True)
+            for columns, unique in spec["indexes"]:
+                table.create_index(list(columns), unique=unique, if_not_exists=True)
+        conn.execute("PRAGMA user_version = " + str(int(SCHEMA_VERSION)))
+
+
+@dataclass(frozen=True)
+class RunLock:
+    """An exclusive ``flock`` a live run holds on ``.flor/locks/<run_id>.lock``.
+
+    The kernel drops the lock when the process dies, however it dies, so "can I take the lock?"
+    tells a crashed run from a live one without trusting pids (which get reused).
+    """
+
+    path: Path
+    fd: int
+
+    @classmethod
+    def acquire(cls, locks_dir: Path, run_id: str) -> RunLock:
+        locks_dir.mkdir(parents=True, exist_ok=True)
+        path = locks_dir / f"{run_id}.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return cls(path, fd)
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)
+        os.close(self.fd)
+
+
+def is_run_alive(locks_dir: Path, run_id: str) -> bool:
+    """True when some process still holds the run's lock file."""
+    path = locks_dir / f"{run_id}.lock"
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+class Store:
+    """A connection to one project's store, with the writes a recording process needs."""
+
+    def __init__(self, config: Config, conn: sqlite3.Connection) -> None:
+        self.config = config
+        self.conn = conn
+
+    @classmethod
+    def open(cls, config: Config) -> Store:
+        """Open (creating if needed) the store, migrate it and mark runs whose process died."""
+        try:
+            config.db_path.parent.mkdir(parents=True, exist_ok=True)
+            ignore_flor_dir(config)
+            conn = connect(config.db_path)
+            ensure_schema(conn)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"Could not open the store '{config.db_path}': {exc}.") from exc
+        store = cls(config, conn)
+        store.mark_dead_runs()
+        return store
+
+    @classmethod
+    def open_existing(cls, config: Config) -> Store | None:
+        """Open the store for reading; None when no run was ever recorded (nothing to create)."""
+        if not config.db_path.exists():
+            return None
+        return cls.open(config)
+
+    @property
+    def locks_dir(self) -> Path:
+        return self.config.flor_dir / "locks"
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # -- runs ---------------------------------------------------------------------------------
+
+    def insert_run(self, row: dict[str, Any]) -> str:
+        """Insert a run row; bump ``tstamp`` by a microsecond until it is unique. Returns it."""
+        columns = list(row)
+        sql = "INSERT INTO runs ({}) VALUES ({})".format(  # noqa: S608 - identifiers from TABLES
+            ", ".join(validated_columns("runs", columns)), ", ".join("?" for _ in columns)
+        )
+        tstamp = row["tstamp"]
+        for _ in range(10_000):
+            try:
+                with write_transaction(self.conn):
+                    self.conn.execute(sql, [tstamp if c == "tstamp" else row[c] for c in columns])
+                return str(tstamp)
+            except sqlite3.IntegrityError as exc:
+                if "tstamp" not in str(exc):
+                    raise StoreError(f"Could not record run '{row['run_id']}': {exc}.") from exc
+                tstamp = bump_tstamp(tstamp)
+        raise StoreError(f"Could not find a unique tstamp for run '{row['run_id']}'.")
+
+    def update_run(self, run_id: str, **values: Any) -> None:
+        """Set columns of one run row."""
+        assignments = ", ".join(c + " = ?" for c in validated_columns("runs", values))
+        sql = "UPDATE runs SET " + assignments + " WHERE run_id = ?"  # noqa: S608 - validated identifiers
+        with write_transaction(self.conn):
+            self.conn.execute(sql, [*values.values(), run_id])
+
+    def mark_dead_runs(self) -> list[str]:
+        """Mark ``killed`` every run on this host still ``running`` whose process is gone."""
+        host = socket.gethostname()
+        candidates = self.conn.execute(
+            "SELECT run_id FROM runs WHERE status = 'running' AND host = ?", (host,)
+        ).fetchall()
+        dead = [run_id for (run_id,) in candidates if not is_run_alive(self.locks_dir, run_id)]
+        if dead:
+            with write_transaction(self.conn):
+                self.conn.executemany(
+                    "UPDATE runs SET status = 'killed', error = 'the process died without closing its run' "
+                    "WHERE run_id = ? AND status = 'running'",
+                    [(run_id,) for run_id in dead],
+                )
+        return dead
+
+    # -- batched application context ----------------------------------------------------------
+
+    def write_batch(
+        self,
+        run_id: str,
+        loops: Sequence[tuple[Any, ...]],
+        logs: Sequence[tuple[Any, ...]],
+        source: str = "record",
+    ) -> None:
+        """Write loop contexts then log rows of one run in a single transaction.
+
+        :param loops: ``(ctx_id, parent_ctx, name, iteration, value)`` tuples.
+        :param logs: ``(seq, ctx_id, name, value, kind)`` tuples.
+        """
+        if not loops and not logs:
+            return
+        with write_transaction(self.conn):
+            if loops:
+                self.conn.executemany(LOOP_INSERT, [(run_id, *row) for row in loops])
+            if logs:
+                self.conn.executemany(LOG_INSERT, [(run_id, *row, source) for row in logs])
+
+    def insert_rows(self, table: str, rows: Iterable[dict[str, Any]], *, replace: bool = False) -> None:
+        """Insert dict rows into a declared table through sqlite-utils (low-volume tables)."""
+        if table not in TABLES:
+            raise StoreError(f"Unknown table '{table}'.")
+        rows = list(rows)
+        if not rows:
+            return
+        import sqlite_utils
+
+        db = sqlite_utils.Database(self.conn)
+        with write_transaction(self.conn):
+            db.table(table).insert_all(rows, replace=replace, ignore=not replace)
+
+
+def validated_columns(table: str, columns: Iterable[str]) -> list[str]:
+    """Return ``columns`` after checking each is declared for ``table`` (safe to put in SQL)."""
+    declared = TABLES[table]["columns"]
+    columns = list(columns)
+    unknown = [c for c in columns if c not in declared]
+    if unknown:
+        raise StoreError(f"Unknown column(s) {unknown} for table '{table}'.")
+    return columns
+
+
+def bump_tstamp(tstamp: str) -> str:
+    """The ISO timestamp one microsecond later (tstamps are unique per store)."""
+    from datetime import datetime, timedelta
+
+    return (datetime.fromisoformat(tstamp) + timedelta(microseconds=1)).isoformat(timespec="microseconds")
+
+
+def ignore_flor_dir(config: Config) -> None:
+    """Make ``.flor/`` invisible to git with a ``.gitignore`` of ``*`` inside it.
+
+    The file ignores itself too, so ``git status`` of the user's repository does not change;
+    the user's own ``.gitignore`` is never edited.
+    """
+    config.flor_dir.mkdir(parents=True, exist_ok=True)
+    gitignore = config.flor_dir / ".gitignore"
+    if not gitignore.exists():
+        gitignore.write_text("# flordb_build's private state; snapshot commits add run journals explicitly\n*\n")
+
+
+def now_tstamp() -> str:
+    """Local wall-clock time as ISO 8601 with microseconds (sorts as text, compares to dates)."""
+    from datetime import datetime
+
+    return datetime.now().isoformat(timespec="microseconds")
