@@ -147,7 +147,7 @@ def filter_rows(expression: WhereExpression, columns: Mapping[str, Sequence[Any]
         placeholders = ", ".join("?" for _ in range(len(used) + 1))
         data = [columns[c] for c in used]
         conn.executemany(
-            "INSERT INTO " + FRAME_TABLE + " VALUES (" + placeholders + ")",
+            "INSERT INTO " + FRAME_TABLE + " VALUES (" + placeholders + ")",  # noqa: S608 - constants
             ((i, *(sql_value(col[i]) for col in data)) for i in range(n_rows)),
         )
         conn.set_authorizer(_read_only_authorizer)

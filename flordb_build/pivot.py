@@ -47,7 +47,7 @@ class ContextPivot:
         self.l_iter = np.fromiter((r[4] for r in loop_rows), dtype=np.int64, count=n)
         self.l_value = np.array([r[5] for r in loop_rows], dtype=object)
         index = _position_index(l_code, l_ctx)
-        parent_pos = index.get_indexer((l_code << _CTX_SHIFT) | l_parent)
+        parent_pos = index.get_indexer(pd.Index((l_code << _CTX_SHIFT) | l_parent))
         roots = n + np.maximum(l_code, 0)
         parent_pos = np.where((l_parent == 0) | (parent_pos < 0), roots, parent_pos)
         self.parent = np.concatenate([parent_pos, np.full(n_runs, -1, dtype=np.int64)])
@@ -56,7 +56,7 @@ class ContextPivot:
         m = len(log_rows)
         g_code = np.fromiter((run_code.get(r[0], -1) for r in log_rows), dtype=np.int64, count=m)
         g_ctx = np.fromiter((r[1] for r in log_rows), dtype=np.int64, count=m)
-        g_pos = index.get_indexer((g_code << _CTX_SHIFT) | g_ctx)
+        g_pos = index.get_indexer(pd.Index((g_code << _CTX_SHIFT) | g_ctx))
         self.g_pos = np.where((g_ctx == 0) | (g_pos < 0), n + g_code, g_pos)
         wanted = {name: i for i, name in enumerate(names)}
         self.g_name = np.fromiter((wanted[r[2]] for r in log_rows), dtype=np.int64, count=m)
@@ -100,7 +100,7 @@ class ContextPivot:
 
     def _ancestry(self, leaves: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         """For each level going up: (row indexes, loop positions) of leaves' loop ancestors."""
-        levels = []
+        levels: list[tuple[np.ndarray, np.ndarray]] = []
         rows = np.arange(len(leaves))
         cur = leaves
         while True:
@@ -161,15 +161,15 @@ class ContextPivot:
             # value both recorded and replayed shows what was recorded.
             rows = np.nonzero(self.g_name == code)[0]
             rows = rows[np.argsort(~self.g_replay[rows], kind="stable")]
-            positions = self.g_pos[rows]
-            reversed_unique_pos, first = np.unique(positions[::-1], return_index=True)
-            chosen = rows[::-1][first]
+            last_first, first = np.unique(self.g_pos[rows][::-1], return_index=True)
+            chosen = rows[::-1][first]  # the last row logged at each position
             has = np.zeros(size, dtype=bool)
             vals = np.full(size, None, dtype=object)
-            has[reversed_unique_pos] = True
-            vals[reversed_unique_pos] = self.g_value[chosen]
-            encoded = reversed_unique_pos[self.g_kind[chosen] != ValueKind.NATIVE]
-            for pos, kind in zip(encoded.tolist(), self.g_kind[chosen][self.g_kind[chosen] != ValueKind.NATIVE].tolist(), strict=True):
+            has[last_first] = True
+            vals[last_first] = self.g_value[chosen]
+            kinds = self.g_kind[chosen]
+            encoded = kinds != ValueKind.NATIVE
+            for pos, kind in zip(last_first[encoded].tolist(), kinds[encoded].tolist(), strict=True):
                 vals[pos] = decode_value(vals[pos], kind)
             result = np.full(len(leaves), None, dtype=object)
             rows_left = np.arange(len(leaves))
