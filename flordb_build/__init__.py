@@ -6,21 +6,65 @@ tokens out of ``sys.argv``: no git calls, no database. The first recording call 
 
 from __future__ import annotations
 
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
 from .errors import FlorBuildError
+
+# `query` (the function) must be bound here, eagerly: importing the submodule of the same name
+# later would otherwise leave the module object at `flordb_build.query`.
 from .query import dataframe, latest, query
 from .runtime import arg, commit, iteration, log, loop
 
+if TYPE_CHECKING:
+    from .checkpoints import checkpointing, load_checkpoint
+    from .hindsight import ReplayReport
+
+# Checkpointing loads on first use (PEP 562): `import flordb_build` in a training script costs
+# only what recording needs.
+_LAZY = {"checkpointing": "checkpoints", "load_checkpoint": "checkpoints"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'flordb_build' has no attribute '{name}'")
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
 __version__ = "0.1.0"
+
+
+def replay(
+    *names: str,
+    where: str | None = None,
+    task: str | None = None,
+    workers: int = 1,
+    device: str = "auto",
+    dry_run: bool = False,
+    quiet: bool = False,
+    rel_tol: float = 1e-6,
+) -> ReplayReport:
+    """Replay today's new ``flor.log`` statements ``names`` in the recorded runs ``where`` selects."""
+    from .hindsight import replay as replay_runs  # libcst and the planner load only when replaying
+
+    return replay_runs(*names, where=where, task=task, workers=workers, device=device, dry_run=dry_run, quiet=quiet,
+                        rel_tol=rel_tol)
+
 
 __all__ = [
     "FlorBuildError",
     "__version__",
     "arg",
+    "checkpointing",
     "commit",
     "dataframe",
     "iteration",
     "latest",
+    "load_checkpoint",
     "log",
     "loop",
     "query",
+    "replay",
 ]

@@ -71,6 +71,171 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gc(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .retention import collect_garbage, format_bytes
+
+    result = collect_garbage(load_config(), dry_run=args.dry_run)
+    verb = "would free" if result.dry_run else "freed"
+    for checkpoint in result.evicted:
+        action = "would evict" if result.dry_run else "evicted"
+        print(f"{action} checkpoint of run {checkpoint.run_id} at {checkpoint.loop_name} {checkpoint.iteration}")
+    for note in result.notes:
+        print(f"note: {note}")
+    print(
+        f"{verb} {format_bytes(result.freed_bytes)} in {result.deleted_objects} objects "
+        f"({len(result.evicted)} checkpoints evicted)"
+    )
+    return 0
+
+
+# -- build context (dag/, lineage.py, rundiff.py) ---------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .dag import init_project
+
+    for step in init_project(Path.cwd(), args.doit_config, args.make, args.makefile):
+        print(f"{step.action}: {step.path}")
+    return 0
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    from .dag import run_recipe
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    return run_recipe(args.task, command, args.deps, args.targets, args.changed).exit_code
+
+
+def cmd_pipelines(args: argparse.Namespace) -> int:
+    from .dag._report import list_pipelines
+
+    _print_frame(list_pipelines(args.limit), args.format, "(no pipelines recorded yet)")
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from .dag._report import list_tasks
+
+    _print_frame(list_tasks(args.pipeline), args.format, "(no tasks in this pipeline)")
+    return 0
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    import json
+
+    from .lineage import lineage_to_json, render_lineage, trace_lineage
+
+    node = trace_lineage(args.path, max_depth=args.depth)
+    print(json.dumps(lineage_to_json(node), indent=2) if args.format == "json" else render_lineage(node))
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from .rundiff import diff_runs, render_diff
+
+    print(render_diff(diff_runs(args.run_a, args.run_b)))
+    return 0
+
+
+def _add_build_commands(add: Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]) -> None:
+    p = add(
+        "init",
+        cmd_init,
+        "Set up this directory so plain 'doit' records build context (a COMMAND plugin entry in "
+        "pyproject.toml or doit.cfg); with --make, copy the recording Makefile template instead.",
+    )
+    p.add_argument(
+        "--doit-config",
+        choices=("auto", "pyproject.toml", "doit.cfg"),
+        help="where to put the doit entry (default: pyproject.toml if it exists, else doit.cfg)",
+    )
+    p.add_argument("--make", action="store_true", help="copy templates/Makefile (alone, unless --doit-config is given too)")
+    p.add_argument("--makefile", default="Makefile", help="file name for the copied template (default Makefile)")
+
+    p = add(
+        "exec",
+        cmd_exec,
+        "Run one Make recipe's command as a recorded task and exit with its status; all recipes of one "
+        "'make' form one pipeline. Use: flordb-build exec --task $@ --deps $^ --targets $@ -- CMD ARG...",
+    )
+    p.add_argument("--task", required=True, help="the task name (in Make: $@ or the rule's TASK)")
+    p.add_argument("--deps", nargs="*", default=[], metavar="FILE", help="the recipe's inputs (in Make: $^)")
+    p.add_argument("--targets", nargs="*", default=[], metavar="FILE", help="the files it makes (in Make: $@)")
+    p.add_argument("--changed", nargs="*", default=[], metavar="FILE", help="prerequisites newer than the target ($?)")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command and its arguments (no shell)")
+
+    p = add("pipelines", cmd_pipelines, "List recorded doit/make invocations, newest first, with task counts.")
+    p.add_argument("--limit", type=int, default=50, help="show at most this many (default 50)")
+    p.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
+
+    p = add("tasks", cmd_tasks, "List the tasks of a pipeline (default: the latest): status, seconds, why it ran.")
+    p.add_argument("--pipeline", metavar="ID", help="a pipeline id or unique prefix (see 'flordb-build pipelines')")
+    p.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
+
+    p = add(
+        "lineage",
+        cmd_lineage,
+        "Which task and run produced this exact file content (by sha256), from which inputs, recursively, "
+        "and which later tasks consumed it.",
+    )
+    p.add_argument("path", help="a file a recorded pipeline read or wrote")
+    p.add_argument("--depth", type=int, default=50, help="how many tasks to follow in each direction (default 50)")
+    p.add_argument("--format", choices=("text", "json"), default="text", help="output format (default text)")
+
+    p = add("diff", cmd_diff, "Compare two runs: args, changed packages and environment, and the code diff of their snapshots.")
+    p.add_argument("run_a", metavar="RUN_A", help="a run id or unique prefix (see 'flordb-build runs')")
+    p.add_argument("run_b", metavar="RUN_B", help="another run id or prefix")
+
+
+# -- hindsight logging (replay/) ---------------------------------------------------------------
+
+
+def confirm_on_terminal() -> Callable[[str], bool] | None:
+    """A yes/no question on the terminal; None when stdin is not one (then --yes is required)."""
+    if not sys.stdin.isatty():
+        return None
+
+    def ask(question: str) -> bool:
+        try:
+            return input(question).strip().lower() in ("y", "yes")
+        except EOFError:
+            return False
+
+    return ask
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from .hindsight import run_replay_command
+
+    return run_replay_command(
+        args.names, where=args.where, task=args.task, workers=args.workers, device=args.device,
+        dry_run=args.dry_run, yes=args.yes, confirm=confirm_on_terminal(), rel_tol=args.rel_tol,
+    )
+
+
+def _add_replay_command(add: Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]) -> None:
+    p = add(
+        "replay",
+        cmd_replay,
+        "Hindsight logging: put today's new flor.log statements NAME... into the recorded versions of the "
+        "selected runs and replay them from checkpoints; the values land in those runs' rows. Shows the plan "
+        "(scan depth and estimated seconds per run) and asks before running.",
+    )
+    p.add_argument("names", nargs="+", metavar="NAME", help="names that today's scripts log and old versions lack")
+    p.add_argument("--where", metavar="EXPR", help="SQL expression over the run-level dataframe, e.g. \"tstamp >= '2026-06-23'\"")
+    p.add_argument("--task", metavar="T", help="only runs of this task")
+    p.add_argument("--workers", type=int, default=1, metavar="N", help="parallel segments for range scans (default 1)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where to replay: cuda restores checkpoints onto the GPU (default auto: cuda if torch sees one)")
+    p.add_argument("--dry-run", action="store_true", help="show the plan and stop")
+    p.add_argument("--yes", action="store_true", help="run the plan without asking")
+    p.add_argument("--rel-tol", type=float, default=1e-6, metavar="TOL",
+                   help="relative tolerance when comparing recorded and replayed floats (default 1e-6)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -118,13 +283,32 @@ def build_parser() -> argparse.ArgumentParser:
         "Recreate .flor/flor.db from the run journals in the snapshot commits on 'flor.shadow' "
         "(after the database was deleted or damaged).",
     )
+    p = add(
+        "gc",
+        cmd_gc,
+        "Apply the checkpoint budgets of [tool.flordb_build] (checkpoint_budget_per_run, "
+        "checkpoint_budget_per_project), keeping each run's final and evenly spaced checkpoints, and "
+        "delete objects in .flor/objects that nothing references. Prints what it frees.",
+    )
+    p.add_argument("--dry-run", action="store_true", help="report what would be evicted and freed; change nothing")
+    _add_build_commands(add)
+    _add_replay_command(add)
     return parser
+
+
+def _command_line() -> list[str]:
+    """The process's arguments, with the ``--kwargs`` tokens that ``import flordb_build`` took out."""
+    from . import runtime
+
+    if sys.argv[1:] == runtime.ARGV_AFTER_KWARGS[1:]:
+        return runtime.ARGV_BEFORE_KWARGS[1:]
+    return sys.argv[1:]  # the caller replaced sys.argv since the import: take it as it is
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``flordb-build`` and ``python -m flordb_build``."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_command_line() if argv is None else argv)
     try:
         return int(args.handler(args))
     except FlorBuildError as exc:

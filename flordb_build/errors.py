@@ -41,3 +41,51 @@ class SnapshotError(FlorBuildError):
 
 class RebuildError(FlorBuildError):
     """``flordb-build rebuild`` could not recreate the store from the snapshots."""
+
+
+class ObjectStoreError(FlorBuildError):
+    """The content-addressed object store could not write or read an object."""
+
+
+class ObjectMissingError(ObjectStoreError):
+    """An object the database references has no file in the object store."""
+
+
+class ObjectCorruptError(ObjectStoreError):
+    """An object file's content no longer hashes to its name."""
+
+
+class CheckpointError(FlorBuildError):
+    """A checkpoint could not be taken, found, verified or restored."""
+
+
+class CheckpointNotFoundError(CheckpointError):
+    """The run has no checkpoint at the requested loop iteration."""
+
+
+class CheckpointCorruptError(CheckpointError):
+    """A checkpoint's object is missing or corrupted, so restoring it would be wrong."""
+
+
+class RewriteError(FlorBuildError):
+    """A script could not be parsed or analysed for hindsight logging."""
+
+
+class ExecError(FlorBuildError):
+    """``flordb-build exec`` was called without a command to run."""
+
+
+class InitError(FlorBuildError):
+    """``flordb-build init`` could not configure the project (a conflicting entry, a bad file)."""
+
+
+class LineageError(FlorBuildError):
+    """A file's lineage could not be traced (no such file, or never recorded)."""
+
+
+class DiffError(FlorBuildError):
+    """Two runs could not be compared (an unknown or ambiguous run id)."""
+
+
+class ReplayError(FlorBuildError):
+    """A replay could not be planned or run (unknown names, no matching runs, a failed replay)."""

@@ -111,7 +111,7 @@ def quote_identifier(name: str) -> str:
 
 def sql_value(value: Any) -> Any:
     """A frame cell as SQLite can bind it (NaN/NaT -> NULL, bool -> 0/1, objects -> text)."""
-    if value is None:
+    if value is None or type(value).__name__ in ("NAType", "NaTType"):
         return None
     if isinstance(value, bool):
         return int(value)

@@ -1,10 +1,16 @@
-"""The numpy half of ``flor.dataframe``: loop-context rows + log rows -> frame columns.
+"""The numpy half of ``flor.dataframe``: read loop contexts and log rows, pivot them into columns.
 
-Kept apart from ``query.py`` so numpy and pandas load only when a frame is built.
+Kept apart from ``query.py`` so numpy and pandas load only when a frame is built. Reading is
+shaped by the storage layout: ``logs`` is clustered by (run, name) and ``loops`` by
+(run, loop name), so each read below is a contiguous range scan, and loop levels that hold no
+requested value (the 200k step contexts when only ``val_acc`` per epoch is asked for) are
+never read at all. Everything after the reads is numpy over integer positions.
 """
 
 from __future__ import annotations
 
+import sqlite3
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -16,81 +22,222 @@ if TYPE_CHECKING:
     from .query import RunTable
 
 RUN_COLUMNS = ("projid", "run_id", "tstamp", "task", "filename")
-_CTX_SHIFT = 32
+_CTX_SHIFT = 32  # (run code << 32) | ctx_id is one int64 key per context
+
+
+@dataclass(frozen=True)
+class LogArrays:
+    """Log rows of the requested names as parallel arrays (``name`` indexes the requested names)."""
+
+    code: np.ndarray
+    ctx: np.ndarray
+    name: np.ndarray
+    value: np.ndarray
+    kind: np.ndarray
+    replay: np.ndarray
+
+
+@dataclass(frozen=True)
+class LoopArrays:
+    """Loop-context rows as parallel arrays (``name`` indexes ``names``)."""
+
+    names: list[str]
+    code: np.ndarray
+    ctx: np.ndarray
+    parent: np.ndarray
+    name: np.ndarray
+    iteration: np.ndarray
+    value: np.ndarray
+
+
+def unique(values: np.ndarray) -> np.ndarray:
+    """Sorted unique values; a sort beats ``np.unique``'s hashing on these nearly sorted ids."""
+    ordered = np.sort(values, kind="stable")
+    if ordered.size == 0:
+        return ordered
+    return ordered[np.append(True, ordered[1:] != ordered[:-1])]
+
+
+def _concat(parts: list[np.ndarray], dtype: Any) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.empty(0, dtype=dtype)
+
+
+def read_logs(conn: sqlite3.Connection, run_ids: list[str], names: list[str]) -> LogArrays:
+    """Every value of ``names`` logged by ``run_ids``, recorded and replayed.
+
+    Plain floats and ints (the bulk) stream from the cursor straight into typed numpy arrays;
+    only text, JSON, bools and replayed rows go through Python tuples.
+    """
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("code", "ctx", "name", "value", "kind", "replay")}
+    composition_sql = (
+        "SELECT count(*), sum(kind = 0 AND source = 'record'), sum(typeof(value) = 'real'), "
+        "sum(typeof(value) = 'integer') FROM logs WHERE run_id = ? AND name = ?"
+    )
+    plain_sql = "SELECT ctx_id, value FROM logs WHERE run_id = ? AND name = ? AND source = 'record'"
+    general_sql = "SELECT ctx_id, value, kind, source = 'replay' FROM logs WHERE run_id = ? AND name = ?"
+    plain_dtypes = {
+        "real": np.dtype([("ctx", np.int64), ("value", np.float64)]),
+        "integer": np.dtype([("ctx", np.int64), ("value", np.int64)]),
+    }
+
+    def add(code: int, name_code: int, ctx: np.ndarray, values: np.ndarray, kind: Any, replay: Any) -> None:
+        n = len(ctx)
+        parts["code"].append(np.full(n, code, dtype=np.int64))
+        parts["ctx"].append(ctx)
+        parts["name"].append(np.full(n, name_code, dtype=np.int64))
+        parts["value"].append(values)
+        parts["kind"].append(np.broadcast_to(np.asarray(kind, dtype=np.int64), (n,)))
+        parts["replay"].append(np.broadcast_to(np.asarray(replay, dtype=bool), (n,)))
+
+    for code, run_id in enumerate(run_ids):
+        for name_code, name in enumerate(names):
+            total, plain, reals, ints = conn.execute(composition_sql, (run_id, name)).fetchone()
+            if not total:
+                continue
+            sql_type = "real" if reals == total else "integer" if ints == total else None
+            if plain == total and sql_type is not None:
+                # All recorded plain floats (or ints): stream the cursor into a typed array.
+                block = np.fromiter(conn.execute(plain_sql, (run_id, name)), dtype=plain_dtypes[sql_type])
+                add(code, name_code, block["ctx"], block["value"].astype(object), 0, False)
+                continue
+            rows = conn.execute(general_sql, (run_id, name)).fetchall()
+            ctx, value, kind, replay = zip(*rows, strict=True)
+            values = np.empty(len(rows), dtype=object)
+            values[:] = value
+            add(code, name_code, np.array(ctx, dtype=np.int64), values, kind, replay)
+    return LogArrays(
+        code=_concat(parts["code"], np.int64),
+        ctx=_concat(parts["ctx"], np.int64),
+        name=_concat(parts["name"], np.int64),
+        value=_concat(parts["value"], object),
+        kind=_concat(parts["kind"], np.int64),
+        replay=_concat(parts["replay"], bool),
+    )
+
+
+_BLOCK = np.dtype([("ctx", np.int64), ("parent", np.int64), ("iteration", np.int64), ("count", np.int64)])
+
+
+def expand_blocks(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(ctx, parent, iteration)`` of every context in loop blocks (see store.coalesce_loops)."""
+    counts = blocks["count"]
+    starts = np.repeat(np.cumsum(counts) - counts, counts)
+    offset = np.arange(int(counts.sum()), dtype=np.int64) - starts
+    return (
+        np.repeat(blocks["ctx"], counts) + offset,
+        np.repeat(blocks["parent"], counts),
+        np.repeat(blocks["iteration"], counts) + offset,
+    )
+
+
+def read_loops(conn: sqlite3.Connection, run_ids: list[str], logs: LogArrays) -> LoopArrays:
+    """The loop contexts that hold a requested value, and their ancestors.
+
+    Per run, loop levels are read smallest first, and reading stops once every context the
+    logs reference, and each of their ancestors, has been read.
+    """
+    names: dict[str, int] = {}
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("code", "ctx", "parent", "name", "iteration", "value")}
+    levels_sql = "SELECT name, sum(count) FROM loops WHERE run_id = ? GROUP BY name ORDER BY sum(count), name"
+    blocks_sql = "SELECT ctx_id, parent_ctx, iteration, count FROM loops WHERE run_id = ? AND name = ?"
+    values_sql = "SELECT ctx_id, value FROM loops WHERE run_id = ? AND name = ? AND value IS NOT NULL"
+    for code, run_id in enumerate(run_ids):
+        wanted = unique(logs.ctx[logs.code == code])
+        wanted = wanted[wanted != 0]
+        read_ctx: list[np.ndarray] = []
+        read_parent: list[np.ndarray] = []
+        for level, _count in conn.execute(levels_sql, (run_id,)).fetchall() if wanted.size else ():
+            blocks = np.fromiter(conn.execute(blocks_sql, (run_id, level)), dtype=_BLOCK)
+            ctx, parent, iteration = expand_blocks(blocks)
+            order = np.argsort(ctx, kind="stable")
+            ctx, parent, iteration = ctx[order], parent[order], iteration[order]
+            values = np.full(len(ctx), None, dtype=object)
+            with_value = conn.execute(values_sql, (run_id, level)).fetchall()
+            if with_value:
+                value_ctx, value = zip(*with_value, strict=True)
+                values[np.searchsorted(ctx, np.array(value_ctx, dtype=np.int64))] = value
+            parts["code"].append(np.full(len(ctx), code, dtype=np.int64))
+            parts["ctx"].append(ctx)
+            parts["parent"].append(parent)
+            parts["name"].append(np.full(len(ctx), names.setdefault(level, len(names)), dtype=np.int64))
+            parts["iteration"].append(iteration)
+            parts["value"].append(values)
+            read_ctx.append(ctx)
+            read_parent.append(parent)
+            if _closure_complete(wanted, np.concatenate(read_ctx), np.concatenate(read_parent)):
+                break
+    return LoopArrays(
+        names=list(names),
+        code=_concat(parts["code"], np.int64),
+        ctx=_concat(parts["ctx"], np.int64),
+        parent=_concat(parts["parent"], np.int64),
+        name=_concat(parts["name"], np.int64),
+        iteration=_concat(parts["iteration"], np.int64),
+        value=_concat(parts["value"], object),
+    )
+
+
+def _closure_complete(wanted: np.ndarray, ctx: np.ndarray, parent: np.ndarray) -> bool:
+    """True when every wanted context, and each of its ancestors, is among the ``ctx`` read."""
+    order = np.argsort(ctx)
+    ctx, parent = ctx[order], parent[order]
+    frontier = wanted
+    while frontier.size:
+        if ctx.size == 0:
+            return False
+        where = np.minimum(np.searchsorted(ctx, frontier), ctx.size - 1)
+        if not (ctx[where] == frontier).all():
+            return False
+        frontier = unique(parent[where])
+        frontier = frontier[frontier != 0]
+    return True
 
 
 class ContextPivot:
-    """Turns loop-context rows and log rows into dataframe columns (numpy over positions).
+    """Turns loop contexts and log rows into dataframe columns (numpy over positions).
 
     Positions ``0..N-1`` are loop contexts; ``N + r`` is the root (run level) of run ``r``.
     """
 
-    def __init__(
-        self,
-        runs: RunTable,
-        names: list[str],
-        loop_rows: list[tuple[Any, ...]],
-        log_rows: list[tuple[Any, ...]],
-    ) -> None:
+    def __init__(self, runs: RunTable, names: list[str], loops: LoopArrays, logs: LogArrays) -> None:
         self.runs = runs
         self.names = names
-        run_code = {run_id: i for i, run_id in enumerate(runs.run_ids)}
-        self.n_loops = n = len(loop_rows)
+        self.loops = loops
+        self.logs = logs
+        self.n_loops = n = len(loops.ctx)
         n_runs = len(runs)
-        # Loop contexts.
-        l_code = np.fromiter((run_code.get(r[0], -1) for r in loop_rows), dtype=np.int64, count=n)
-        l_ctx = np.fromiter((r[1] for r in loop_rows), dtype=np.int64, count=n)
-        l_parent = np.fromiter((r[2] for r in loop_rows), dtype=np.int64, count=n)
-        self.loop_names = list(dict.fromkeys(r[3] for r in loop_rows))
-        name_code = {name: i for i, name in enumerate(self.loop_names)}
-        self.l_name = np.fromiter((name_code[r[3]] for r in loop_rows), dtype=np.int64, count=n)
-        self.l_iter = np.fromiter((r[4] for r in loop_rows), dtype=np.int64, count=n)
-        self.l_value = np.array([r[5] for r in loop_rows], dtype=object)
-        index = _position_index(l_code, l_ctx)
-        parent_pos = index.get_indexer(pd.Index((l_code << _CTX_SHIFT) | l_parent))
-        roots = n + np.maximum(l_code, 0)
-        parent_pos = np.where((l_parent == 0) | (parent_pos < 0), roots, parent_pos)
+        index = pd.Index((loops.code << _CTX_SHIFT) | loops.ctx)
+        parent_pos = index.get_indexer(pd.Index((loops.code << _CTX_SHIFT) | loops.parent))
+        parent_pos = np.where((loops.parent == 0) | (parent_pos < 0), n + loops.code, parent_pos)
         self.parent = np.concatenate([parent_pos, np.full(n_runs, -1, dtype=np.int64)])
-        self.pos_code = np.concatenate([l_code, np.arange(n_runs, dtype=np.int64)])
-        # Log rows as parallel arrays.
-        m = len(log_rows)
-        g_code = np.fromiter((run_code.get(r[0], -1) for r in log_rows), dtype=np.int64, count=m)
-        g_ctx = np.fromiter((r[1] for r in log_rows), dtype=np.int64, count=m)
-        g_pos = index.get_indexer(pd.Index((g_code << _CTX_SHIFT) | g_ctx))
-        self.g_pos = np.where((g_ctx == 0) | (g_pos < 0), n + g_code, g_pos)
-        wanted = {name: i for i, name in enumerate(names)}
-        self.g_name = np.fromiter((wanted[r[2]] for r in log_rows), dtype=np.int64, count=m)
-        self.g_value = np.empty(m, dtype=object)
-        self.g_value[:] = [r[3] for r in log_rows]
-        self.g_kind = np.fromiter((r[4] for r in log_rows), dtype=np.int64, count=m)
-        self.g_replay = np.fromiter((r[5] for r in log_rows), dtype=bool, count=m)
-        valid = g_code >= 0  # rows of runs outside the selection (when runs were filtered)
-        if not valid.all():
-            for attr in ("g_pos", "g_name", "g_value", "g_kind", "g_replay"):
-                setattr(self, attr, getattr(self, attr)[valid])
+        self.pos_code = np.concatenate([loops.code, np.arange(n_runs, dtype=np.int64)])
+        self._has_values = np.bincount(loops.name[loops.value != None], minlength=len(loops.names)) > 0  # noqa: E711
+        log_pos = index.get_indexer(pd.Index((logs.code << _CTX_SHIFT) | logs.ctx))
+        self.log_pos = np.where((logs.ctx == 0) | (log_pos < 0), n + logs.code, log_pos)
 
-    def columns(self) -> dict[str, list[Any]]:
-        if self.g_pos.size == 0:
-            return {c: [] for c in [*RUN_COLUMNS, *self.names]}
+    def columns(self) -> dict[str, Any]:
+        """Frame columns (numpy arrays) in order: run columns, loop dimensions, names."""
+        if self.log_pos.size == 0:
+            return {c: np.empty(0, dtype=object) for c in [*RUN_COLUMNS, *self.names]}
         leaves = self._leaves()
-        order = np.lexsort((leaves, self.pos_code[leaves]))
-        leaves = leaves[order]
-        out: dict[str, list[Any]] = {}
+        leaves = leaves[np.lexsort((leaves, self.pos_code[leaves]))]  # by run (tstamp order), then context
         codes = self.pos_code[leaves]
+        out: dict[str, Any] = {}
         for column in RUN_COLUMNS:
-            values = self.runs.columns[column]
-            out[column] = [values[c] for c in codes]
+            per_run = np.empty(len(self.runs), dtype=object)
+            per_run[:] = self.runs.columns[column]
+            out[column] = per_run[codes]
         out.update(self._dimension_columns(leaves))
         out.update(self._value_columns(leaves))
         return out
 
     def _leaves(self) -> np.ndarray:
         """Positions holding a requested value with no such position below them."""
-        involved = np.unique(self.g_pos)
+        involved = unique(self.log_pos)
         has_involved_child = np.zeros(len(self.parent), dtype=bool)
         frontier = self.parent[involved]
         while True:
-            frontier = np.unique(frontier[frontier >= 0])
+            frontier = unique(frontier[frontier >= 0])
             frontier = frontier[~has_involved_child[frontier]]
             if frontier.size == 0:
                 break
@@ -99,7 +246,7 @@ class ContextPivot:
         return involved[~has_involved_child[involved]]
 
     def _ancestry(self, leaves: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-        """For each level going up: (row indexes, loop positions) of leaves' loop ancestors."""
+        """For each level going up: (row indexes, loop positions) of the leaves' loop ancestors."""
         levels: list[tuple[np.ndarray, np.ndarray]] = []
         rows = np.arange(len(leaves))
         cur = leaves
@@ -111,66 +258,59 @@ class ContextPivot:
             levels.append((rows, cur))
             cur = self.parent[cur]
 
-    def _dimension_columns(self, leaves: np.ndarray) -> dict[str, list[Any]]:
-        n_dims = len(self.loop_names)
+    def _dimension_columns(self, leaves: np.ndarray) -> dict[str, Any]:
+        n_dims = len(self.loops.names)
         if n_dims == 0:
             return {}
         iters = np.full((n_dims, len(leaves)), -1, dtype=np.int64)
         values = np.full((n_dims, len(leaves)), None, dtype=object)
         depth_sum = np.zeros(n_dims)
         depth_count = np.zeros(n_dims)
-        # Walk up: the nearest ancestor of a name wins (rows already set keep their value).
-        for rows, cur in self._ancestry(leaves):
-            dims = self.l_name[cur]
+        # Walk up from each leaf; the nearest context of a loop name wins.
+        for depth_up, (rows, cur) in enumerate(self._ancestry(leaves)):
+            dims = self.loops.name[cur]
             unset = iters[dims, rows] < 0
-            iters[dims[unset], rows[unset]] = self.l_iter[cur[unset]]
-            values[dims[unset], rows[unset]] = self.l_value[cur[unset]]
-        # Order loop dimensions outermost first: by the mean depth at which they occur.
-        depth = self._depths()
-        for d in range(n_dims):
-            mask = self.l_name == d
-            depth_sum[d] = depth[: self.n_loops][mask].sum()
-            depth_count[d] = max(mask.sum(), 1)
-        order = sorted(range(n_dims), key=lambda d: (depth_sum[d] / depth_count[d], d))
-        out: dict[str, list[Any]] = {}
+            iters[dims[unset], rows[unset]] = self.loops.iteration[cur[unset]]
+            values[dims[unset], rows[unset]] = self.loops.value[cur[unset]]
+            depth_sum -= depth_up * np.bincount(dims, minlength=n_dims)
+            depth_count += np.bincount(dims, minlength=n_dims)
+        # Outermost loops first: a loop seen further up from the leaves sorts earlier.
+        mean_depth = depth_sum / np.maximum(depth_count, 1)
+        order = sorted(range(n_dims), key=lambda d: (float(mean_depth[d]), d))
+        out: dict[str, Any] = {}
         for d in order:
-            name = self.loop_names[d]
-            column = iters[d]
-            out[name] = [int(i) if i >= 0 else None for i in column.tolist()]
-            if any(v is not None for v in values[d]):
-                out[name + "_value"] = values[d].tolist()
+            name = self.loops.names[d]
+            out[name] = iters[d]
+            if self._has_values[d] and (values[d] != None).any():  # noqa: E711 - elementwise
+                out[name + "_value"] = values[d]
         return out
 
-    def _depths(self) -> np.ndarray:
-        depth = np.zeros(len(self.parent), dtype=np.int64)
-        cur = self.parent.copy()
-        alive = np.arange(len(self.parent))
-        while True:
-            keep = (cur[alive] >= 0) & (cur[alive] < self.n_loops)
-            alive = alive[keep]
-            if alive.size == 0:
-                return depth
-            depth[alive] += 1
-            cur[alive] = self.parent[cur[alive]]
-
-    def _value_columns(self, leaves: np.ndarray) -> dict[str, list[Any]]:
+    def _value_columns(self, leaves: np.ndarray) -> dict[str, Any]:
+        logs = self.logs
         size = len(self.parent)
-        out: dict[str, list[Any]] = {}
+        out: dict[str, Any] = {}
         for code, name in enumerate(self.names):
             # Replayed rows first, recorded rows last: the last row per position wins, so a
             # value both recorded and replayed shows what was recorded.
-            rows = np.nonzero(self.g_name == code)[0]
-            rows = rows[np.argsort(~self.g_replay[rows], kind="stable")]
-            last_first, first = np.unique(self.g_pos[rows][::-1], return_index=True)
-            chosen = rows[::-1][first]  # the last row logged at each position
+            rows = np.nonzero(logs.name == code)[0]
+            if rows.size == 0:  # an unknown name: an all-null column
+                out[name] = np.full(len(leaves), None, dtype=object)
+                continue
+            rows = rows[np.argsort(~logs.replay[rows], kind="stable")]
+            order = np.argsort(self.log_pos[rows], kind="stable")  # logs are nearly sorted already
+            sorted_pos = self.log_pos[rows][order]
+            is_last = np.append(sorted_pos[1:] != sorted_pos[:-1], True)
+            last_first = sorted_pos[is_last]
+            chosen = rows[order[is_last]]  # the last row logged at each position
             has = np.zeros(size, dtype=bool)
             vals = np.full(size, None, dtype=object)
             has[last_first] = True
-            vals[last_first] = self.g_value[chosen]
-            kinds = self.g_kind[chosen]
+            vals[last_first] = logs.value[chosen]
+            kinds = logs.kind[chosen]
             encoded = kinds != ValueKind.NATIVE
             for pos, kind in zip(last_first[encoded].tolist(), kinds[encoded].tolist(), strict=True):
                 vals[pos] = decode_value(vals[pos], kind)
+            # Each leaf takes the value at itself or its nearest ancestor that has one.
             result = np.full(len(leaves), None, dtype=object)
             rows_left = np.arange(len(leaves))
             cur = leaves
@@ -180,24 +320,42 @@ class ContextPivot:
                 rows_left, cur = rows_left[~hit], self.parent[cur[~hit]]
                 alive = cur >= 0
                 rows_left, cur = rows_left[alive], cur[alive]
-            out[name] = result.tolist()
+            out[name] = result
         return out
 
 
-def _position_index(codes: np.ndarray, ctxs: np.ndarray) -> pd.Index:
-    return pd.Index((codes << _CTX_SHIFT) | ctxs)
+def typed_series(name: str, values: Any) -> pd.Series:
+    """A column whose dtype follows its values: int64, float64, bool, else object.
+
+    Ints or bools with gaps become pandas' nullable Int64/boolean rather than floats/objects.
+    """
+    array = values if isinstance(values, np.ndarray) else _object_array(values)
+    if array.dtype.kind == "i":  # loop dimensions: -1 marks "not inside this loop"
+        missing = array < 0
+        if missing.any():
+            return pd.Series(pd.arrays.IntegerArray(np.where(missing, 0, array), missing), name=name)
+        return pd.Series(array, name=name)
+    inferred = pd.api.types.infer_dtype(array, skipna=True)
+    if inferred not in ("integer", "floating", "mixed-integer-float", "boolean"):
+        return pd.Series(array, dtype=object, name=name)
+    missing = pd.isna(array)
+    if inferred == "integer":
+        if missing.any():
+            filled = np.where(missing, 0, array).astype(np.int64)
+            return pd.Series(pd.arrays.IntegerArray(filled, missing), name=name)
+        return pd.Series(array.astype(np.int64), name=name)
+    if inferred in ("floating", "mixed-integer-float"):
+        return pd.Series(np.where(missing, np.nan, array).astype(np.float64), name=name)
+    if inferred == "boolean":
+        if missing.any():
+            return pd.Series(pd.array(array.tolist(), dtype="boolean"), name=name)
+        return pd.Series(array.astype(bool), name=name)
+    return pd.Series(array, dtype=object, name=name)
 
 
-def typed_series(name: str, values: list[Any]) -> pd.Series:
-    """A column whose dtype follows the values: int64/float64/bool/str, nullable where needed."""
-    present = [v for v in values if v is not None]
-    kinds = {type(v) for v in present}
-    if not present:
-        return pd.Series(values, dtype=object, name=name)
-    if kinds == {bool}:
-        return pd.Series(values, dtype="boolean" if len(present) < len(values) else bool, name=name)
-    if kinds == {int}:
-        return pd.Series(values, dtype="Int64" if len(present) < len(values) else np.int64, name=name)
-    if kinds <= {int, float}:
-        return pd.Series([np.nan if v is None else v for v in values], dtype=np.float64, name=name)
-    return pd.Series(values, dtype=object, name=name)
+def _object_array(values: list[Any]) -> np.ndarray:
+    """A 1-d object array of ``values``, even when they are lists (np.asarray would nest them)."""
+    array = np.empty(len(values), dtype=object)
+    for i, value in enumerate(values):
+        array[i] = value
+    return array

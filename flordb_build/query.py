@@ -30,7 +30,6 @@ if TYPE_CHECKING:
     import pandas as pd
 
 RUN_COLUMNS = ("projid", "run_id", "tstamp", "task", "filename")
-_SQL_VARIABLE_CHUNK = 30_000
 
 
 @dataclass(frozen=True)
@@ -72,16 +71,17 @@ def dataframe(*names: str, where: str | None = None, config: Config | None = Non
             runs = runs.take(filter_rows(expression, runs.columns, len(runs)))
             expression = None
         if names:
-            frame_columns = _pivot(store.conn, runs, list(dict.fromkeys(names)))
+            columns = _pivot(store.conn, runs, list(dict.fromkeys(names)))
         else:
-            frame_columns = _run_level(store.conn, runs)
+            columns = _run_level(store.conn, runs)
     finally:
         store.close()
-    if expression is not None:
-        n_rows = len(frame_columns["run_id"])
-        keep = filter_rows(expression, frame_columns, n_rows)
-        frame_columns = {k: [v[i] for i in keep] for k, v in frame_columns.items()}
-    return _to_frame(frame_columns)
+    frame = _to_frame(columns)
+    if expression is not None and len(frame):
+        used = expression.columns_used(frame.columns)
+        keep = filter_rows(expression, {c: frame[c].tolist() for c in used}, len(frame))
+        frame = frame.iloc[keep].reset_index(drop=True)
+    return frame
 
 
 # Words of SQL that are not column names; anything else an expression names might be a column.
@@ -113,89 +113,39 @@ def _empty_frame(names: list[str]) -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype=object) for c in [*RUN_COLUMNS, *names]})
 
 
-def _run_filter_sql(runs: RunTable, total_runs: int) -> tuple[str, list[str]] | None:
-    """``AND run_id IN (?...)`` when the runs were filtered (None: all runs, no clause)."""
-    if len(runs) == total_runs:
-        return None
-    return "run_id IN (" + ", ".join("?" for _ in runs.run_ids) + ")", list(runs.run_ids)
+def _pivot(conn: sqlite3.Connection, runs: RunTable, names: list[str]) -> dict[str, Any]:
+    from .pivot import ContextPivot, read_logs, read_loops
+
+    logs = read_logs(conn, runs.run_ids, names)
+    loops = read_loops(conn, runs.run_ids, logs)
+    return ContextPivot(runs, names, loops, logs).columns()
 
 
-def _fetch_for_runs(
-    conn: sqlite3.Connection, sql: str, params: list[Any], runs: RunTable, filtered: bool
-) -> list[tuple[Any, ...]]:
-    """Run ``sql`` (which has a ``{runs}`` slot for a run filter) over all or the chosen runs."""
-    if not filtered:
-        return conn.execute(sql.replace("{runs}", "1"), params).fetchall()
-    rows: list[tuple[Any, ...]] = []
-    ids = runs.run_ids
-    for start in range(0, len(ids), _SQL_VARIABLE_CHUNK):
-        chunk = ids[start : start + _SQL_VARIABLE_CHUNK]
-        clause = "run_id IN (" + ", ".join("?" for _ in chunk) + ")"
-        rows.extend(conn.execute(sql.replace("{runs}", clause), [*params, *chunk]).fetchall())
-    return rows
-
-
-def _count_runs(conn: sqlite3.Connection) -> int:
-    return int(conn.execute("SELECT count(*) FROM runs").fetchone()[0])
-
-
-def _pivot(conn: sqlite3.Connection, runs: RunTable, names: list[str]) -> dict[str, list[Any]]:
-    filtered = len(runs) != _count_runs(conn)
-    marks = ", ".join("?" for _ in names)
-    log_rows = _fetch_for_runs(
-        conn,
-        "SELECT run_id, ctx_id, name, value, kind, source = 'replay' FROM logs "  # noqa: S608 - placeholders only
-        "WHERE name IN (" + marks + ") AND {runs}",
-        names,
-        runs,
-        filtered,
-    )
-    # Only the contexts that hold a requested value, and their ancestors.
-    loop_rows = _fetch_for_runs(
-        conn,
-        "WITH RECURSIVE needed(run_id, ctx_id) AS ("  # noqa: S608 - placeholders only
-        " SELECT DISTINCT run_id, ctx_id FROM logs WHERE name IN (" + marks + ") AND ctx_id != 0 AND {runs}"
-        " UNION SELECT l.run_id, l.parent_ctx FROM loops l JOIN needed n"
-        " ON l.run_id = n.run_id AND l.ctx_id = n.ctx_id WHERE l.parent_ctx != 0)"
-        " SELECT l.run_id, l.ctx_id, l.parent_ctx, l.name, l.iteration, l.value"
-        " FROM loops l JOIN needed n ON l.run_id = n.run_id AND l.ctx_id = n.ctx_id ORDER BY l.rowid",
-        names,
-        runs,
-        filtered,
-    )
-    from .pivot import ContextPivot
-
-    return ContextPivot(runs, names, loop_rows, log_rows).columns()
-
-
-def _run_level(conn: sqlite3.Connection, runs: RunTable) -> dict[str, list[Any]]:
+def _run_level(conn: sqlite3.Connection, runs: RunTable) -> dict[str, Any]:
     """``dataframe()`` with no names: one row per run with every run-level name."""
-    filtered = len(runs) != _count_runs(conn)
-    rows = _fetch_for_runs(
-        conn,
-        "SELECT run_id, name, value, kind FROM logs WHERE ctx_id = 0 AND {runs} "
-        "ORDER BY source = 'record', rowid",
-        [],
-        runs,
-        filtered,
-    )
-    names = list(dict.fromkeys(r[1] for r in rows))
-    position = {run_id: i for i, run_id in enumerate(runs.run_ids)}
-    out: dict[str, list[Any]] = {c: list(runs.columns[c]) for c in RUN_COLUMNS}
-    for name in names:
-        out[name] = [None] * len(runs)
-    for run_id, name, value, kind in rows:
-        if run_id in position:
-            out[name][position[run_id]] = decode_value(value, kind)
+    out: dict[str, Any] = {c: list(runs.columns[c]) for c in RUN_COLUMNS}
+    sql = "SELECT name, value, kind, source FROM logs WHERE run_id = ? AND ctx_id = 0"
+    for position, run_id in enumerate(runs.run_ids):
+        rows = conn.execute(sql, (run_id,)).fetchall()
+        # Replayed values first so that recorded ones, written after, take precedence.
+        for name, value, kind, _source in sorted(rows, key=lambda r: r[3] == "record"):
+            column = out.setdefault(name, [None] * len(runs))
+            column[position] = decode_value(value, kind)
     return out
 
 
-def _to_frame(columns: dict[str, list[Any]]) -> pd.DataFrame:
+def _to_frame(columns: dict[str, Any]) -> pd.DataFrame:
     import pandas as pd
 
     from .pivot import typed_series
 
-    frame = pd.DataFrame({name: typed_series(name, values) for name, values in columns.items()})
+    frame = pd.DataFrame(
+        {
+            # Run columns are text (or None) by construction: no need to infer their type.
+            name: pd.Series(values, dtype=object, name=name) if name in RUN_COLUMNS else typed_series(name, values)
+            for name, values in columns.items()
+        }
+    )
     if "tstamp" in frame and len(frame):
         frame["tstamp"] = pd.to_datetime(frame["tstamp"], format="ISO8601")
     return frame

@@ -17,7 +17,18 @@ from typing import Any
 from . import snapshot
 from .config import Config
 from .errors import RebuildError
-from .store import TABLES, Store, connect, ensure_schema, validated_columns, write_transaction
+from .objects import ObjectStore
+from .store import (
+    CHECKPOINT_INSERT,
+    LOOP_INSERT,
+    TABLES,
+    TIMING_INSERT,
+    Store,
+    connect,
+    ensure_schema,
+    validated_columns,
+    write_transaction,
+)
 
 
 @dataclass(frozen=True)
@@ -48,7 +59,7 @@ def rebuild_store(config: Config) -> RebuildResult:
     try:
         ensure_schema(conn)
         for commit, text in snapshot.iter_snapshot_journals(config.root, journal_dir):
-            counts = load_journal(conn, text, commit)
+            counts = load_journal(conn, text, commit, objects=ObjectStore.for_config(config))
             totals = [a + b for a, b in zip(totals, counts, strict=True)]
     except (ValueError, KeyError) as exc:
         conn.close()
@@ -63,12 +74,18 @@ def rebuild_store(config: Config) -> RebuildResult:
     return RebuildResult(runs=totals[0], loops=totals[1], logs=totals[2], db_path=config.db_path)
 
 
-def load_journal(conn: Any, text: str, commit: str) -> tuple[int, int, int]:
-    """Insert one run's journal; return how many (runs, loops, logs) rows it held."""
+def load_journal(conn: Any, text: str, commit: str, objects: ObjectStore | None = None) -> tuple[int, int, int]:
+    """Insert one run's journal; return how many (runs, loops, logs) rows it held.
+
+    Its timings come back too, and its checkpoints whose objects are still in ``objects``
+    (``flordb-build gc`` may have evicted the others since).
+    """
     run: dict[str, Any] | None = None
     end: dict[str, Any] = {}
     loops: list[list[Any]] = []
     logs: list[list[Any]] = []
+    timings: list[list[Any]] = []
+    checkpoints: list[list[Any]] = []
     for line in text.splitlines():
         if not line.strip():
             continue
@@ -80,6 +97,8 @@ def load_journal(conn: Any, text: str, commit: str) -> tuple[int, int, int]:
         else:
             loops.extend(entry.get("loops", ()))
             logs.extend(entry.get("logs", ()))
+            timings.extend(entry.get("timings", ()))
+            checkpoints.extend(entry.get("checkpoints", ()))
     if run is None:
         raise ValueError(f"the journal in commit {commit[:12]} has no run header")
     row = {**run, **end, "snapshot": commit}
@@ -95,7 +114,7 @@ def load_journal(conn: Any, text: str, commit: str) -> tuple[int, int, int]:
             [row[c] for c in columns],
         )
         conn.executemany(
-            "INSERT OR REPLACE INTO loops (run_id, ctx_id, parent_ctx, name, iteration, value) VALUES (?, ?, ?, ?, ?, ?)",
+            LOOP_INSERT,
             [(run_id, *entry) for entry in loops],
         )
         conn.executemany(
@@ -103,7 +122,12 @@ def load_journal(conn: Any, text: str, commit: str) -> tuple[int, int, int]:
             "VALUES (?, ?, ?, ?, ?, ?, 'record')",
             [(run_id, *entry) for entry in logs],
         )
-    return 1, len(loops), len(logs)
+        conn.executemany(TIMING_INSERT, [(run_id, *entry) for entry in timings])
+        conn.executemany(
+            CHECKPOINT_INSERT,
+            [(run_id, *entry) for entry in checkpoints if objects is None or objects.contains(entry[4])],
+        )
+    return 1, sum(int(block[4]) for block in loops), len(logs)
 
 
 def _remove_database(path: Path) -> None:

@@ -18,11 +18,10 @@ import atexit
 import itertools
 import json
 import os
-import socket
+import sqlite3
 import sys
 import threading
 import time
-import uuid
 import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -30,14 +29,17 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
-from . import snapshot
 from .args import cast_arg, consume_kwargs
 from .config import Config, load_config
 from .errors import ArgError, FlorBuildError, LogNameError, SnapshotError
-from .store import RunLock, Store, now_tstamp
+from .store import RunLock, Store, coalesce_loops, now_tstamp
 from .values import ValueKind, encode_value, simple_loop_value
+
+if TYPE_CHECKING:
+    from . import snapshot
+    from .checkpoints import Checkpointer
 
 T = TypeVar("T")
 
@@ -49,6 +51,8 @@ _NATIVE = int(ValueKind.NATIVE)
 # The loop context of the code running now. A ContextVar (not a plain attribute) so that
 # threads of a web app each have their own `flor.iteration`.
 _CTX: ContextVar[int] = ContextVar("flordb_build_ctx", default=ROOT_CTX)
+#: Set by ``flordb-build replay`` in the processes it starts (JSON spec: hindsight/_model.py).
+REPLAY_ENV = "FLOR_REPLAY"
 
 
 class NoChangeContextWarning(UserWarning):
@@ -94,6 +98,23 @@ class Run:
         self._journal: IO[str] | None = None
         self._lock: RunLock | None = None
         self._thread = threading.Thread(target=self._flush_periodically, name="flordb_build-flusher", daemon=True)
+        # Timings and checkpoints (checkpoints.py). Timing rows are queued at outermost-loop
+        # boundaries only, checkpoint rows by the materializer thread once their objects exist;
+        # the flusher writes both in the same transactions as the loops and logs, so a killed
+        # process leaves whole iterations. Timing kinds (``timings.kind``), in seconds:
+        #   prefix     run start -> first outermost loop (the whole run when it has none)
+        #   iteration  one outermost iteration          inner  its nested loops' wall time
+        #   between    gaps between outermost loops      suffix last outermost loop -> close
+        #   restore    restoring that iteration's checkpoint (written by checkpoints.py)
+        self.checkpointer: Checkpointer | None = None
+        self._t0 = time.perf_counter()
+        self._timings: deque[tuple[int, str, float]] = deque()
+        self._checkpoint_rows: deque[tuple[Any, ...]] = deque()
+        self._outer_started = False
+        self._outer_ctx = -1  # ctx of the running outermost iteration; -1 between them
+        self._inner_seconds = 0.0  # nested-loop seconds inside the running outermost iteration
+        self._outer_end: float | None = None  # perf_counter when the last outermost loop ended
+        self._between_seconds = 0.0
 
     # -- recording ----------------------------------------------------------------------------
 
@@ -137,9 +158,15 @@ class Run:
         """Yield from ``iterable`` lazily, each element inside a new ``name`` loop context."""
         self._admit_loop_name(name)
         parent = _CTX.get()
-        outermost = parent == ROOT_CTX
+        if parent == ROOT_CTX:
+            yield from self._loop_outermost(name, iterable)
+            return
         next_ctx = self._ctx_ids.__next__
         queue_loop = self._loops.append
+        # A loop directly inside the running outermost iteration adds its wall time to that
+        # iteration's "inner" timing: one perf_counter pair per nested loop, none per iteration.
+        timed = parent == self._outer_ctx
+        started = time.perf_counter() if timed else 0.0
         try:
             for index, element in enumerate(iterable):
                 ctx = next_ctx()
@@ -147,11 +174,54 @@ class Run:
                 _CTX.set(ctx)
                 yield element
                 _CTX.set(parent)
-                if outermost:
-                    self._wake.set()  # loop boundary: hand the iteration's rows to the flusher
         finally:
             _CTX.set(parent)
+            if timed:
+                self._inner_seconds += time.perf_counter() - started
             self._wake.set()
+
+    def _loop_outermost(self, name: str, iterable: Iterable[T]) -> Iterator[T]:
+        """The outermost loop: also times each iteration and lets the checkpointer decide."""
+        perf = time.perf_counter
+        next_ctx = self._ctx_ids.__next__
+        queue_loop = self._loops.append
+        queue_timing = self._timings.append
+        started = perf()
+        if not self._outer_started:
+            self._outer_started = True
+            queue_timing((ROOT_CTX, "prefix", started - self._t0))
+        elif self._outer_end is not None:
+            self._between_seconds += started - self._outer_end
+        ctx, index, seconds = -1, -1, 0.0
+        try:
+            for index, element in enumerate(iterable):
+                ctx = next_ctx()
+                queue_loop((ctx, ROOT_CTX, name, index, simple_loop_value(element, index)))
+                self._outer_ctx, self._inner_seconds = ctx, 0.0
+                _CTX.set(ctx)
+                began = perf()
+                yield element
+                seconds = perf() - began
+                _CTX.set(ROOT_CTX)
+                self._outer_ctx = -1
+                queue_timing((ctx, "iteration", seconds))
+                if self._inner_seconds:
+                    queue_timing((ctx, "inner", self._inner_seconds))
+                if self.checkpointer is not None:
+                    self.checkpointer.end_iteration(ctx, name, index, seconds)
+                self._wake.set()  # loop boundary: hand the iteration's rows to the flusher
+            if self.checkpointer is not None and ctx >= 0:
+                self.checkpointer.end_loop(ctx, name, index, seconds)
+        finally:
+            _CTX.set(ROOT_CTX)
+            self._outer_ctx = -1
+            self._outer_end = perf()
+            self._wake.set()
+
+    def queue_checkpoint_rows(self, rows: Iterable[tuple[Any, ...]]) -> None:
+        """Queue ``checkpoints`` rows whose objects are written; the flusher stores them."""
+        self._checkpoint_rows.extend(rows)
+        self._wake.set()
 
     @contextmanager
     def iteration(self, name: str, index: int | None = None, value: Any = None) -> Iterator[int]:
@@ -210,15 +280,29 @@ class Run:
             "status": "running",
             "started": self.started,
             "pid": os.getpid(),
-            "host": socket.gethostname(),
+            "host": gethostname(),
             "journal": str(self._journal_path),
         }
+        env = self._record_environment()
+        row["env_id"] = env[0] if env else None
         row["tstamp"] = self.store.insert_run(row)
         self.config.runs_dir.mkdir(parents=True, exist_ok=True)
         self._journal = open(self._journal_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         self._journal.write(json.dumps({"run": row}) + "\n")
+        if env:  # the snapshot keeps the environment too, so a rebuilt store can restore `envs`
+            self._journal.write(json.dumps({"env": {"env_id": env[0], "env": env[1]}}) + "\n")
         self._journal.flush()
         self._thread.start()
+
+    def _record_environment(self) -> tuple[str, str] | None:
+        """``(env_id, JSON)`` of this process's environment (environment.py); None if it cannot be stored."""
+        from .environment import record_environment
+
+        try:
+            return record_environment(self.store)
+        except (FlorBuildError, OSError, sqlite3.Error) as exc:
+            print(f"flordb_build: run {self.run_id} recorded without its environment: {exc}", file=sys.stderr)
+            return None
 
     def _flush_periodically(self) -> None:
         while not self._stop.is_set():
@@ -235,18 +319,29 @@ class Run:
             # Count the logs first: every context they reference was queued before them, so
             # draining the loop queue afterwards never writes a log whose context is missing.
             n_logs = len(self._logs)
-            loops = [self._loops.popleft() for _ in range(len(self._loops))]
+            n_timings = len(self._timings)
+            n_checkpoints = len(self._checkpoint_rows)
+            loops = coalesce_loops([self._loops.popleft() for _ in range(len(self._loops))])
             logs = [self._logs.popleft() for _ in range(n_logs)]
-            if not loops and not logs:
+            timings = [self._timings.popleft() for _ in range(n_timings)]
+            checkpoints = [self._checkpoint_rows.popleft() for _ in range(n_checkpoints)]
+            if not loops and not logs and not timings and not checkpoints:
                 return
             try:
-                self.store.write_batch(self.run_id, loops, logs)
+                self.store.write_batch(self.run_id, loops, logs, timings=timings, checkpoints=checkpoints)
             except BaseException:
                 self._loops.extendleft(reversed(loops))
                 self._logs.extendleft(reversed(logs))
+                self._timings.extendleft(reversed(timings))
+                self._checkpoint_rows.extendleft(reversed(checkpoints))
                 raise
             if self._journal is not None:
-                self._journal.write(json.dumps({"loops": loops, "logs": logs}) + "\n")
+                entry: dict[str, Any] = {"loops": loops, "logs": logs}
+                if timings:
+                    entry["timings"] = timings
+                if checkpoints:
+                    entry["checkpoints"] = checkpoints
+                self._journal.write(json.dumps(entry) + "\n")
                 self._journal.flush()
 
     def close(self, status: str = "ok", exit_code: int = 0, error: str | None = None) -> None:
@@ -256,6 +351,13 @@ class Run:
         self._closed = True
         if self.failure is not None:
             status, (error, exit_code) = "failed", self.failure
+        if self.checkpointer is not None:  # commit() inside flor.checkpointing: finish its writes
+            checkpointer, self.checkpointer = self.checkpointer, None
+            try:
+                checkpointer.close()
+            except FlorBuildError as exc:
+                print(f"flordb_build: run {self.run_id}: {exc}", file=sys.stderr)
+        self._queue_closing_timings()
         self._stop.set()
         self._wake.set()
         if self._thread.is_alive():
@@ -280,8 +382,19 @@ class Run:
             self._lock.release()
         self.store.close()
 
+    def _queue_closing_timings(self) -> None:
+        now = time.perf_counter()
+        if not self._outer_started:
+            self._timings.append((ROOT_CTX, "prefix", now - self._t0))
+        elif self._outer_end is not None:
+            self._timings.append((ROOT_CTX, "suffix", now - self._outer_end))
+        if self._between_seconds:
+            self._timings.append((ROOT_CTX, "between", self._between_seconds))
+
     def _commit_snapshot(self) -> None:
         assert self.code is not None
+        from . import snapshot  # git plumbing loads only when a run ends
+
         message = snapshot.snapshot_message(self.run_id, self.filename, self.task, self.args)
         in_tree = self._journal_path.relative_to(self.config.root).as_posix()
         try:
@@ -294,6 +407,12 @@ class Run:
         self.store.update_run(self.run_id, snapshot=commit)
 
 
+def gethostname() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
 def check_name(name: object, caller: str) -> None:
     """Refuse names that are not text or that collide with the dimension columns."""
     if not isinstance(name, str) or not name or "\x00" in name:
@@ -303,6 +422,18 @@ def check_name(name: object, caller: str) -> None:
             f"{caller} name '{name}' collides with the dimension column '{name}' of every dataframe; "
             "pick another name."
         )
+
+
+def process_age() -> float:
+    """Seconds since this process started (Linux ``/proc``); 0.0 where that is unknown."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        with open("/proc/uptime", encoding="ascii") as fh:
+            uptime = float(fh.read().split()[0])
+        return max(uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"), 0.0)  # field 22: starttime
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def script_filename(root: Path) -> str:
@@ -327,16 +458,28 @@ class Session:
         self._hooks_installed = False
         self._warned_no_git = False
         self._start_lock = threading.Lock()
+        self._process_prefix_taken = False
 
     def start(self) -> Run:
         """Open a run now (called by the first recording call)."""
         with self._start_lock:
             if self.run is not None:
                 return self.run
+            if os.environ.get(REPLAY_ENV):
+                # `flordb-build replay` started this process on a recorded version: replay mode
+                # (flordb_build/hindsight/_mode.py) writes into the original run instead of a new one.
+                from .hindsight._mode import start_replay_run
+
+                replay_run = start_replay_run(self.kwargs)
+                self._install_hooks()
+                self.run = replay_run
+                return replay_run
             config = load_config()
             store = Store.open(config)
             code = None
             if config.in_git:
+                from . import snapshot
+
                 code = snapshot.capture_code(config.root)
             elif not self._warned_no_git:
                 self._warned_no_git = True
@@ -349,12 +492,17 @@ class Session:
             run = Run(
                 config,
                 store,
-                run_id=uuid.uuid4().hex[:16],
+                run_id=os.urandom(8).hex(),
                 kwargs=self.kwargs,
                 code=code,
                 filename=script_filename(config.root),
                 task=os.environ.get("FLOR_TASK") or None,
             )
+            if not self._process_prefix_taken:
+                # The process's first run times its prefix from the process start: interpreter
+                # start-up and imports are part of what replaying that prefix costs.
+                self._process_prefix_taken = True
+                run._t0 -= process_age()
             run.begin()
             self._install_hooks()
             self.run = run
@@ -400,7 +548,12 @@ class Session:
         os.register_at_fork(after_in_child=self._forget_in_child)
 
 
+#: ``sys.argv`` before and after the import took the ``--kwargs`` tokens out. The flordb-build
+#: CLI reads the tokens back: ``flordb-build exec -- python train.py --kwargs lr=0.1`` must hand
+#: them to the command it runs.
+ARGV_BEFORE_KWARGS: list[str] = list(sys.argv) if isinstance(getattr(sys, "argv", None), list) else []
 SESSION = Session(consume_kwargs(sys.argv) if isinstance(getattr(sys, "argv", None), list) else {})
+ARGV_AFTER_KWARGS: list[str] = list(sys.argv) if isinstance(getattr(sys, "argv", None), list) else []
 
 
 def _current() -> Run:

@@ -22,7 +22,7 @@ from typing import Any
 from .config import Config
 from .errors import StoreError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_MS = 60_000
 
 # Column types: ``bytes`` declares BLOB, which in SQLite means "no affinity": an int stays an
@@ -64,9 +64,16 @@ TABLES: dict[str, dict[str, Any]] = {
             "parent_ctx": int,
             "name": str,
             "iteration": int,
+            "count": int,
             "value": bytes,
         },
-        "pk": ("run_id", "ctx_id"),
+        # One row per *block* of iterations: contexts ctx_id .. ctx_id+count-1 are iterations
+        # iteration .. iteration+count-1 of one loop under one parent (what an inner loop with
+        # nothing nested in it produces). 10,000 steps of an epoch are one row, not 10,000.
+        # Read single contexts through loop_contexts(). Clustered by (run, loop name): the
+        # dataframe reads one run's levels one name at a time and skips levels it does not need.
+        "pk": ("run_id", "name", "ctx_id"),
+        "without_rowid": True,
         "indexes": [],
     },
     "logs": {
@@ -79,8 +86,13 @@ TABLES: dict[str, dict[str, Any]] = {
             "kind": int,
             "source": str,
         },
-        "pk": None,
-        "indexes": [(("run_id", "source", "seq"), True), (("name", "run_id"), False)],
+        # Clustered by (run, name): reading one name of one run is a contiguous range scan,
+        # which is what makes a million-row dataframe cheap. Recorded rows sort before replayed.
+        "pk": ("run_id", "name", "source", "seq"),
+        # No secondary index on name: SQLite would prefer it for (run, name) reads and pay a
+        # random lookup per row instead of one range scan.
+        "without_rowid": True,
+        "indexes": [],
     },
     "pipelines": {
         "columns": {
@@ -120,6 +132,9 @@ TABLES: dict[str, dict[str, Any]] = {
             "role": str,
             "sha256": str,
             "size": int,
+            # the file's mtime when hashed (NULL when "racy"): lets an up-to-date run reuse the
+            # hash of an unchanged file instead of reading it again (dag._record.FileHasher)
+            "mtime_ns": int,
         },
         "pk": ("pipeline_id", "task", "path", "role"),
         "indexes": [(("sha256",), False), (("path",), False)],
@@ -140,6 +155,8 @@ TABLES: dict[str, dict[str, Any]] = {
             "bytes": int,
             "materialize_seconds": float,
             "block_seconds": float,
+            # how the object's bytes decode (state.StateFormat: torch / numpy / json / pickle)
+            "format": str,
         },
         "pk": ("run_id", "ctx_id", "name"),
         "indexes": [(("sha256",), False)],
@@ -153,7 +170,52 @@ TABLES: dict[str, dict[str, Any]] = {
 
 LOG_INSERT = "INSERT INTO logs (run_id, seq, ctx_id, name, value, kind, source) VALUES (?, ?, ?, ?, ?, ?, ?)"
 LOOP_INSERT = (
-    "INSERT OR REPLACE INTO loops (run_id, ctx_id, parent_ctx, name, iteration, value) VALUES (?, ?, ?, ?, ?, ?)"
+    "INSERT OR REPLACE INTO loops (run_id, ctx_id, parent_ctx, name, iteration, count, value) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def coalesce_loops(entries: Iterable[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """Merge per-iteration ``(ctx, parent, name, iteration, value)`` entries into blocks.
+
+    Returns ``(ctx, parent, name, iteration, count, value)``: consecutive iterations of one loop
+    under one parent with consecutive context ids and no value become one block.
+    """
+    blocks: list[list[Any]] = []
+    last: list[Any] | None = None
+    for ctx, parent, name, iteration, value in entries:
+        if (
+            last is not None
+            and value is None
+            and last[5] is None
+            and ctx == last[0] + last[4]
+            and iteration == last[3] + last[4]
+            and parent == last[1]
+            and name == last[2]
+        ):
+            last[4] += 1
+        else:
+            last = [ctx, parent, name, iteration, 1, value]
+            blocks.append(last)
+    return [tuple(block) for block in blocks]
+
+
+def loop_contexts(conn: sqlite3.Connection, run_id: str) -> list[tuple[int, int, str, int, Any]]:
+    """Every loop context of a run as ``(ctx_id, parent_ctx, name, iteration, value)``, by ctx_id."""
+    rows = conn.execute(
+        "SELECT ctx_id, parent_ctx, name, iteration, count, value FROM loops WHERE run_id = ?", (run_id,)
+    ).fetchall()
+    contexts = [
+        (ctx + k, parent, name, iteration + k, value)
+        for ctx, parent, name, iteration, count, value in rows
+        for k in range(count)
+    ]
+    contexts.sort()
+    return contexts
+TIMING_INSERT = "INSERT OR REPLACE INTO timings (run_id, ctx_id, kind, seconds) VALUES (?, ?, ?, ?)"
+CHECKPOINT_INSERT = (
+    "INSERT OR REPLACE INTO checkpoints (run_id, ctx_id, loop_name, iteration, name, sha256, bytes, "
+    "materialize_seconds, block_seconds, format) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -189,10 +251,24 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
     with write_transaction(conn):
         for name, spec in TABLES.items():
             table = db.table(name)
-            table.create(spec["columns"], pk=spec["pk"], if_not_exists=True)
+            if spec.get("without_rowid"):
+                conn.execute(without_rowid_ddl(name, spec))
+            else:
+                table.create(spec["columns"], pk=spec["pk"], if_not_exists=True)
             for columns, unique in spec["indexes"]:
                 table.create_index(list(columns), unique=unique, if_not_exists=True)
         conn.execute("PRAGMA user_version = " + str(int(SCHEMA_VERSION)))
+
+
+def without_rowid_ddl(name: str, spec: dict[str, Any]) -> str:
+    """``CREATE TABLE ... WITHOUT ROWID`` for a declared table (sqlite-utils cannot say that).
+
+    Only identifiers from :data:`TABLES` reach the text.
+    """
+    sql_types = {str: "TEXT", int: "INTEGER", float: "REAL", bytes: "BLOB"}
+    columns = ", ".join(f'"{c}" {sql_types[t]}' for c, t in spec["columns"].items())
+    pk = ", ".join(f'"{c}"' for c in spec["pk"])
+    return f'CREATE TABLE IF NOT EXISTS "{name}" ({columns}, PRIMARY KEY ({pk})) WITHOUT ROWID'
 
 
 @dataclass(frozen=True)
@@ -321,19 +397,30 @@ class Store:
         loops: Sequence[tuple[Any, ...]],
         logs: Sequence[tuple[Any, ...]],
         source: str = "record",
+        *,
+        timings: Sequence[tuple[Any, ...]] = (),
+        checkpoints: Sequence[tuple[Any, ...]] = (),
     ) -> None:
         """Write loop contexts then log rows of one run in a single transaction.
 
-        :param loops: ``(ctx_id, parent_ctx, name, iteration, value)`` tuples.
+        :param loops: ``(ctx_id, parent_ctx, name, iteration, count, value)`` blocks
+            (see :func:`coalesce_loops`).
         :param logs: ``(seq, ctx_id, name, value, kind)`` tuples.
+        :param timings: ``(ctx_id, kind, seconds)`` tuples (checkpoints.py documents the kinds).
+        :param checkpoints: ``(ctx_id, loop_name, iteration, name, sha256, bytes,
+            materialize_seconds, block_seconds, format)`` tuples, queued only once the object exists.
         """
-        if not loops and not logs:
+        if not loops and not logs and not timings and not checkpoints:
             return
         with write_transaction(self.conn):
             if loops:
                 self.conn.executemany(LOOP_INSERT, [(run_id, *row) for row in loops])
             if logs:
                 self.conn.executemany(LOG_INSERT, [(run_id, *row, source) for row in logs])
+            if timings:
+                self.conn.executemany(TIMING_INSERT, [(run_id, *row) for row in timings])
+            if checkpoints:
+                self.conn.executemany(CHECKPOINT_INSERT, [(run_id, *row) for row in checkpoints])
 
     def insert_rows(self, table: str, rows: Iterable[dict[str, Any]], *, replace: bool = False) -> None:
         """Insert dict rows into a declared table through sqlite-utils (low-volume tables)."""

@@ -14,8 +14,8 @@ seed = flor.arg("seed", 0)
 
 random.seed(seed)
 weight = 0.0
-for epoch in flor.loop("epoch", range(epochs)):
-    for step in flor.loop("step", range(steps)):
+for _epoch in flor.loop("epoch", range(epochs)):
+    for _step in flor.loop("step", range(steps)):
         target = 1.0 + random.gauss(0, 0.05)
         grad = 2 * (weight - target)
         weight -= lr * grad

@@ -1,0 +1,280 @@
+"""Rows of build context: one ``pipelines`` row per invocation, ``tasks`` and ``files`` per task.
+
+Both front ends write through :class:`BuildRecorder`: the doit reporter (one recorder for the
+whole invocation, in doit's main process) and ``flordb-build exec`` (one short-lived recorder
+per Make recipe, all recipes of one ``make`` sharing a pipeline id).
+
+File hashes are computed once per content. :class:`FileHasher` looks a file up by
+``(path, size, mtime_ns)`` first in memory, then among the ``files`` rows already stored, and
+reads the file only when neither knows it:
+
+    stat(path) -> (path, size, mtime_ns) -> memo? -> files row with same key? -> sha256(file)
+
+A file modified less than :data:`RACY_SECONDS` before it was hashed is stored without its
+``mtime_ns``: a second write in the same timestamp tick would not change the key (git calls
+this "racily clean"), so such a hash is never reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import stat
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from ..environment import is_secret_name
+from ..store import Store, write_transaction
+
+RACY_SECONDS = 2.0
+_SECRET_ASSIGNMENT = re.compile(r"^(-{0,2}[A-Za-z_][A-Za-z0-9_.-]*)=(.*)$", re.DOTALL)
+
+
+class TaskStatus(StrEnum):
+    """What happened to a task in one invocation (the ``tasks.status`` column)."""
+
+    EXECUTED = "executed"
+    UP_TO_DATE = "up-to-date"
+    FAILED = "failed"
+    IGNORED = "ignored"
+
+
+class FileRole(StrEnum):
+    """Whether a file went into a task or came out of it (the ``files.role`` column)."""
+
+    DEP = "dep"
+    TARGET = "target"
+
+
+@dataclass(frozen=True)
+class FileFact:
+    """One dep or target of a task as found on disk (sha256/size None when it is missing)."""
+
+    path: str
+    role: FileRole
+    sha256: str | None
+    size: int | None
+    mtime_ns: int | None
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    """One ``tasks`` row."""
+
+    task: str
+    status: TaskStatus
+    started: float
+    ended: float
+    reason: str | None = None
+    actions: Sequence[str] = ()
+    error: str | None = None
+
+
+@dataclass
+class DagNode:
+    """A task as the pipeline's DAG JSON describes it."""
+
+    name: str
+    task_dep: list[str] = field(default_factory=list)
+    file_dep: list[str] = field(default_factory=list)
+    targets: list[str] = field(default_factory=list)
+    actions: list[str] = field(default_factory=list)
+    doc: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "task_dep": self.task_dep,
+            "file_dep": self.file_dep,
+            "targets": self.targets,
+            "actions": self.actions,
+            "doc": self.doc,
+        }
+
+
+def new_pipeline_id() -> str:
+    """A fresh pipeline id (same shape as run ids)."""
+    return uuid.uuid4().hex[:16]
+
+
+def redact_argv(argv: Iterable[str]) -> list[str]:
+    """``argv`` with the value of every ``NAME=value`` whose name looks like a secret replaced."""
+    redacted = []
+    for arg in argv:
+        match = _SECRET_ASSIGNMENT.match(arg)
+        if match and is_secret_name(match.group(1)):
+            arg = match.group(1) + "=***"
+        redacted.append(arg)
+    return redacted
+
+
+def relative_path(path: str | os.PathLike[str], root: Path) -> str:
+    """``path`` (relative to the cwd) as a posix path relative to ``root`` when inside it."""
+    # os.path string operations, not pathlib: this runs for every dep and target of every task.
+    absolute = os.path.abspath(path)
+    prefix = os.path.join(str(root), "")
+    if absolute.startswith(prefix):
+        absolute = absolute[len(prefix) :]
+    return absolute.replace(os.sep, "/")
+
+
+class FileHasher:
+    """sha256 of deps and targets, reading each content once (see the module docstring)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.root = store.config.root
+        self._memo: dict[tuple[str, int, int], str] = {}
+        self._lock = threading.Lock()
+
+    def fact(self, path: str, role: FileRole) -> FileFact:
+        """Stat and (if needed) hash ``path``; a missing or non-regular file gets no hash."""
+        rel = relative_path(path, self.root)
+        try:
+            st = os.stat(path)
+        except OSError:
+            return FileFact(rel, role, None, None, None)
+        if not stat.S_ISREG(st.st_mode):
+            return FileFact(rel, role, None, None, None)
+        key = (rel, st.st_size, st.st_mtime_ns)
+        with self._lock:
+            sha = self._memo.get(key)
+        if sha is None:
+            row = self.store.conn.execute(
+                "SELECT sha256 FROM files WHERE path = ? AND size = ? AND mtime_ns = ? AND sha256 IS NOT NULL LIMIT 1",
+                key,
+            ).fetchone()
+            sha = row[0] if row else sha256_file(path)
+            with self._lock:
+                self._memo[key] = sha
+        racy = time.time() - st.st_mtime_ns / 1e9 < RACY_SECONDS
+        return FileFact(rel, role, sha, st.st_size, None if racy else st.st_mtime_ns)
+
+    def facts(self, deps: Iterable[str], targets: Iterable[str]) -> list[FileFact]:
+        """Facts of a task's deps then targets."""
+        return [self.fact(p, FileRole.DEP) for p in deps] + [self.fact(p, FileRole.TARGET) for p in targets]
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """The sha256 hex digest of a file's content."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+class BuildRecorder:
+    """Writes the rows of one pipeline invocation; safe to call from several threads."""
+
+    def __init__(self, store: Store, pipeline_id: str) -> None:
+        self.store = store
+        self.pipeline_id = pipeline_id
+        self.hasher = FileHasher(store)
+        self._lock = threading.Lock()
+        self._pending: list[tuple[TaskRecord, list[FileFact]]] = []
+
+    def start_pipeline(
+        self, tool: str, argv: Sequence[str], dag: Mapping[str, Any], started: float | None = None
+    ) -> None:
+        """Insert the ``pipelines`` row (status ``running``); a no-op when it exists already."""
+        with self._lock, write_transaction(self.store.conn):
+            self.store.conn.execute(
+                "INSERT OR IGNORE INTO pipelines (pipeline_id, tool, argv, dag, started, status, cwd) "
+                "VALUES (?, ?, ?, ?, ?, 'running', ?)",
+                (
+                    self.pipeline_id,
+                    tool,
+                    json.dumps(redact_argv(argv)),
+                    json.dumps(dag),
+                    time.time() if started is None else started,
+                    os.getcwd(),
+                ),
+            )
+
+    def add_dag_node(self, node: DagNode) -> None:
+        """Add (or replace) one task of the pipeline's DAG JSON (Make learns its DAG one recipe at a time)."""
+        with self._lock, write_transaction(self.store.conn):
+            row = self.store.conn.execute(
+                "SELECT dag FROM pipelines WHERE pipeline_id = ?", (self.pipeline_id,)
+            ).fetchone()
+            dag = json.loads(row[0]) if row and row[0] else {"tasks": []}
+            dag["tasks"] = [t for t in dag.get("tasks", []) if t.get("name") != node.name] + [node.to_json()]
+            self.store.conn.execute(
+                "UPDATE pipelines SET dag = ? WHERE pipeline_id = ?", (json.dumps(dag), self.pipeline_id)
+            )
+
+    def queue_task(self, record: TaskRecord, files: list[FileFact]) -> None:
+        """Keep a task's rows for the next :meth:`flush` (cheap rows of skipped tasks)."""
+        with self._lock:
+            self._pending.append((record, files))
+
+    def record_task(self, record: TaskRecord, files: list[FileFact]) -> None:
+        """Write a task's rows now, together with anything queued."""
+        self.queue_task(record, files)
+        self.flush()
+
+    def flush(self) -> None:
+        """Write every queued task row and its file rows in one transaction."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+            if not pending:
+                return
+            task_rows = [
+                (
+                    self.pipeline_id,
+                    r.task,
+                    r.status.value,
+                    r.reason,
+                    r.started,
+                    r.ended,
+                    r.ended - r.started,
+                    json.dumps(list(r.actions)),
+                    r.error,
+                )
+                for r, _ in pending
+            ]
+            file_rows = [
+                (self.pipeline_id, r.task, f.path, f.role.value, f.sha256, f.size, f.mtime_ns)
+                for r, files in pending
+                for f in files
+            ]
+            with write_transaction(self.store.conn):
+                self.store.conn.executemany(
+                    "INSERT OR REPLACE INTO tasks (pipeline_id, task, status, reason, started, ended, seconds, "
+                    "actions, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    task_rows,
+                )
+                self.store.conn.executemany(
+                    "INSERT OR REPLACE INTO files (pipeline_id, task, path, role, sha256, size, mtime_ns) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    file_rows,
+                )
+
+    def finish_pipeline(self, status: str, exit_code: int | None) -> None:
+        """Flush and set the pipeline's end time, status and exit code."""
+        self.flush()
+        with self._lock, write_transaction(self.store.conn):
+            self.store.conn.execute(
+                "UPDATE pipelines SET ended = ?, status = ?, exit_code = ? WHERE pipeline_id = ?",
+                (time.time(), status, exit_code, self.pipeline_id),
+            )
+
+    def close(self) -> None:
+        """Flush what is queued and close the store connection."""
+        try:
+            self.flush()
+        finally:
+            self.store.close()
+
+
+def pipeline_status(exit_code: int) -> str:
+    """The ``pipelines.status`` for a tool's exit code: ``ok``, ``failed`` or ``error``."""
+    if exit_code == 0:
+        return "ok"
+    return "failed" if exit_code == 1 else "error"

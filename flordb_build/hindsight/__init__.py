@@ -1,0 +1,98 @@
+"""Hindsight logging: replay today's new ``flor.log`` statements in recorded runs.
+
+(The package is not called ``replay`` because importing a submodule ``flordb_build.replay``
+would replace the ``flor.replay`` function with the module.)
+
+    select runs (where, task) -> propagate statements into each snapshot (rewrite/)
+      -> plan: scan depth + estimate per run (pure: plan_replay)
+      -> run: one process per run or segment, in replay mode (run_replay, _mode.py)
+      -> values in the original runs' rows with source 'replay'; nondeterminism check
+
+Public: :func:`plan_replay` (pure), :func:`run_replay`, :func:`prepare_replay` (selection +
+plan), :func:`replay` (all of it, ``flor.replay``), the result dataclasses, and the doit
+command :class:`ReplayCommand` (loaded lazily: it imports doit).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ._command import replay, run_replay_command
+from ._execute import (
+    ProgressLine,
+    ReplayExecutor,
+    SubprocessExecutor,
+    compare_values,
+    format_plan,
+    format_report,
+    jobs_of,
+    run_replay,
+    values_match,
+)
+from ._model import (
+    REPLAY_ENV,
+    JobResult,
+    Mismatch,
+    RecordedRun,
+    ReplayJob,
+    ReplayPlan,
+    ReplayReport,
+    ReplaySpec,
+    RunOutcome,
+    RunPlan,
+    Schedule,
+    SkippedRun,
+    Step,
+    StepKind,
+)
+from ._select import prepare_replay
+
+if TYPE_CHECKING:
+    from ._doit import ReplayCommand
+    from ._plan import plan_replay, schedule_scan, split_segments
+
+# The planner imports libcst and the doit command imports doit: a replaying script's process
+# (which imports this package for _mode.py) needs neither.
+_LAZY = {"ReplayCommand": "_doit", "plan_replay": "_plan", "schedule_scan": "_plan", "split_segments": "_plan"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'flordb_build.hindsight' has no attribute '{name}'")
+
+
+__all__ = [
+    "REPLAY_ENV",
+    "JobResult",
+    "Mismatch",
+    "ProgressLine",
+    "RecordedRun",
+    "ReplayCommand",
+    "ReplayExecutor",
+    "ReplayJob",
+    "ReplayPlan",
+    "ReplayReport",
+    "ReplaySpec",
+    "RunOutcome",
+    "RunPlan",
+    "Schedule",
+    "SkippedRun",
+    "Step",
+    "StepKind",
+    "SubprocessExecutor",
+    "compare_values",
+    "format_plan",
+    "format_report",
+    "jobs_of",
+    "plan_replay",
+    "prepare_replay",
+    "replay",
+    "run_replay",
+    "run_replay_command",
+    "schedule_scan",
+    "split_segments",
+    "values_match",
+]

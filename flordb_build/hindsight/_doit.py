@@ -1,0 +1,67 @@
+"""``doit replay NAME...``: the replay command as a doit COMMAND plugin.
+
+``flordb-build init`` registers it beside the recording ``run`` command::
+
+    [tool.doit.plugins.command]
+    replay = "flordb_build.hindsight:ReplayCommand"
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from doit.cmd_base import Command
+
+from ..errors import FlorBuildError
+from ._command import run_replay_command
+
+_OPTIONS: tuple[dict[str, Any], ...] = (
+    {"name": "where", "long": "where", "type": str, "default": "",
+     "help": "SQL expression over the run-level dataframe selecting runs, e.g. \"tstamp >= '2026-06-23'\""},
+    {"name": "task", "long": "task", "type": str, "default": "", "help": "replay only runs of this task"},
+    {"name": "workers", "long": "workers", "type": int, "default": 1,
+     "help": "split range scans into this many parallel segments (default 1)"},
+    {"name": "device", "long": "device", "type": str, "default": "auto", "help": "auto, cpu or cuda (default auto)"},
+    {"name": "dry_run", "long": "dry-run", "type": bool, "default": False, "help": "show the plan, run nothing"},
+    {"name": "yes", "long": "yes", "type": bool, "default": False, "help": "run the plan without asking"},
+)
+
+
+class ReplayCommand(Command):
+    """``doit replay NAME... [--where EXPR] [--task T] [--workers N] [--device D] [--dry-run] [--yes]``."""
+
+    name = "replay"
+    doc_purpose = "replay new flor.log statements in recorded runs (flordb_build hindsight logging)"
+    doc_usage = "NAME... [--where EXPR] [--task T] [--workers N] [--device auto|cpu|cuda] [--dry-run] [--yes]"
+    doc_description = None
+    cmd_options = _OPTIONS
+
+    def execute(self, opt_values: dict[str, Any], pos_args: list[str]) -> int:
+        """Run the replay command; errors become one line on stderr and exit code 1."""
+        from ..cli import build_parser, confirm_on_terminal
+
+        # doit stops reading options at the first name; options after the names (as in
+        # `doit replay w2 --yes`) are read here with flordb-build's own parser.
+        later = build_parser().parse_args(["replay", *pos_args]) if pos_args else None
+
+        def option(name: str, default: Any) -> Any:
+            value = opt_values.get(name)
+            if later is not None and getattr(later, name) not in (None, False, default):
+                value = getattr(later, name)
+            return value if value not in (None, "") else default
+
+        try:
+            return run_replay_command(
+                later.names if later is not None else [],
+                where=option("where", None),
+                task=option("task", None),
+                workers=int(option("workers", 1)),
+                device=str(option("device", "auto")),
+                dry_run=bool(option("dry_run", False)),
+                yes=bool(option("yes", False)),
+                confirm=confirm_on_terminal(),
+            )
+        except FlorBuildError as exc:
+            print(f"doit replay: error: {exc}", file=sys.stderr)
+            return 1

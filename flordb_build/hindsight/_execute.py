@@ -1,0 +1,505 @@
+"""Executing a replay plan: one process per run (per segment with workers), then the checks.
+
+    run_replay(plan)
+      for each run, its segments in parallel:   executor(job, progress) -> JobResult
+        SubprocessExecutor:
+          1. clear the run's earlier replayed values of these names (once per run)
+          2. git archive <snapshot> -> tmp/tree        (never the user's work tree)
+          3. write the patched script at tmp/tree/<filename>
+          4. sys.executable <script> --kwargs <recorded args>, cwd tmp/tree,
+             FLOR_REPLAY=<spec>: the script's flordb_build writes into the original run
+          5. compare what it logged with what was recorded (nondeterminism check)
+      -> RunOutcome per run: estimated vs actual seconds, mismatches, errors
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+from ..config import Config, load_config
+from ..errors import ConfigError, FlorBuildError
+from ..values import decode_value
+from ._model import (
+    DEFAULT_REL_TOL,
+    REPLAY_ENV,
+    JobResult,
+    Mismatch,
+    ReplayJob,
+    ReplayPlan,
+    ReplayReport,
+    ReplaySpec,
+    RunOutcome,
+    RunPlan,
+)
+
+Progress = Callable[[int, int], None]
+#: Recorded environment variables a replay does not take over (they name this replay's own setup).
+_NOT_RESTORED_PREFIXES = ("FLOR_", "VIRTUAL_ENV", "CONDA_")
+
+
+class ReplayExecutor(Protocol):
+    """Runs one replay job; ``progress(done, total)`` reports main-loop iterations."""
+
+    def __call__(self, job: ReplayJob, progress: Progress) -> JobResult: ...
+
+
+# -- the plan as jobs -----------------------------------------------------------------------------
+
+
+def jobs_of(run: RunPlan, device: str) -> list[ReplayJob]:
+    """One job per segment of ``run`` (one job unless a range scan is split across workers)."""
+    from ._plan import schedule_scan
+
+    split = len(run.segments) > 1
+    return [
+        ReplayJob(
+            run=run,
+            worker=worker,
+            segment=segment if split else None,
+            schedule=schedule_scan(run.depth, run.iterations, run.checkpointed, segment if split else None),
+            device=device,
+            estimate=run.segment_estimates[worker],
+        )
+        for worker, segment in enumerate(run.segments)
+    ]
+
+
+def run_replay(
+    plan: ReplayPlan,
+    executor: ReplayExecutor | None = None,
+    *,
+    config: Config | None = None,
+    progress: Callable[[RunPlan, int, int], None] | None = None,
+    rel_tol: float = DEFAULT_REL_TOL,
+) -> ReplayReport:
+    """Execute ``plan``: runs one after another, the segments of a run in parallel processes.
+
+    :param executor: runs one job; default :class:`SubprocessExecutor` for the project.
+    :param progress: called with (run, iterations done, iterations total) as replays advance.
+    """
+    if executor is None:
+        executor = SubprocessExecutor(config or load_config(), rel_tol=rel_tol)
+    outcomes = [_replay_run(run, jobs_of(run, plan.device), executor, progress) for run in plan.runs]
+    return ReplayReport(plan=plan, outcomes=tuple(outcomes))
+
+
+def _replay_run(
+    run: RunPlan,
+    jobs: Sequence[ReplayJob],
+    executor: ReplayExecutor,
+    progress: Callable[[RunPlan, int, int], None] | None,
+) -> RunOutcome:
+    """Run the jobs of one run (in parallel threads that wait on their processes)."""
+    done = [0] * len(jobs)
+    total = sum(len(job.schedule.steps) for job in jobs)
+    lock = threading.Lock()
+
+    def reporter(worker: int) -> Progress:
+        def report(n_done: int, _n_total: int) -> None:
+            with lock:
+                done[worker] = n_done
+                if progress is not None:
+                    progress(run, sum(done), total)
+
+        return report
+
+    started = time.perf_counter()
+    if progress is not None:
+        progress(run, 0, total)
+    if len(jobs) == 1:
+        results = [executor(jobs[0], reporter(0))]
+    else:
+        with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+            futures = [pool.submit(executor, job, reporter(i)) for i, job in enumerate(jobs)]
+            results = [future.result() for future in futures]
+    return _outcome(run, results, time.perf_counter() - started)
+
+
+def _outcome(run: RunPlan, results: Sequence[JobResult], seconds: float) -> RunOutcome:
+    counters: dict[str, int] = {}
+    for result in results:
+        for key, value in result.counters.items():
+            counters[key] = counters.get(key, 0) + int(value)
+    return RunOutcome(
+        run_id=run.run_id,
+        estimate=run.estimate,
+        seconds=seconds,
+        ok=all(r.ok for r in results),
+        stored=sum(r.stored for r in results),
+        errors=tuple(f"worker {r.worker}: {r.error}" if len(results) > 1 else str(r.error) for r in results if r.error),
+        notes=tuple(dict.fromkeys(note for r in results for note in r.notes)),
+        mismatches=merge_mismatches([m for r in results for m in r.mismatches]),
+        counters=counters,
+    )
+
+
+# -- nondeterminism check -------------------------------------------------------------------------
+
+
+def values_match(recorded: Any, replayed: Any, rel_tol: float = DEFAULT_REL_TOL) -> bool:
+    """Exact for ints, strings and bools; relative tolerance for floats; recursive for lists and dicts."""
+    if isinstance(recorded, float) or isinstance(replayed, float):
+        if isinstance(recorded, bool) or isinstance(replayed, bool):
+            return recorded == replayed
+        if not isinstance(recorded, int | float) or not isinstance(replayed, int | float):
+            return False
+        if math.isnan(recorded) and math.isnan(replayed):
+            return True
+        return math.isclose(recorded, replayed, rel_tol=rel_tol, abs_tol=0.0) or recorded == replayed
+    if isinstance(recorded, list) and isinstance(replayed, list):
+        return len(recorded) == len(replayed) and all(
+            values_match(a, b, rel_tol) for a, b in zip(recorded, replayed, strict=True)
+        )
+    if isinstance(recorded, dict) and isinstance(replayed, dict):
+        return recorded.keys() == replayed.keys() and all(values_match(recorded[k], replayed[k], rel_tol) for k in recorded)
+    return type(recorded) is type(replayed) and bool(recorded == replayed)
+
+
+def compare_values(
+    run_id: str,
+    recorded: Mapping[tuple[int, str], Sequence[Any]],
+    replayed: Mapping[tuple[int, str], Sequence[Any]],
+    describe: Callable[[int], str] = str,
+    rel_tol: float = DEFAULT_REL_TOL,
+) -> tuple[Mismatch, ...]:
+    """Per name: how many values logged at the same context (in the same order) differ."""
+    stats: dict[str, list[Any]] = {}
+    for key in sorted(replayed.keys() & recorded.keys()):
+        ctx, name = key
+        entry = stats.setdefault(name, [0, 0, ""])
+        for old, new in zip(recorded[key], replayed[key], strict=False):
+            entry[0] += 1
+            if not values_match(old, new, rel_tol):
+                entry[1] += 1
+                if not entry[2]:
+                    entry[2] = f"{describe(ctx)}: recorded {old!r}, replayed {new!r}"
+    return tuple(Mismatch(run_id, name, c, d, ex) for name, (c, d, ex) in sorted(stats.items()) if d)
+
+
+def merge_mismatches(mismatches: Sequence[Mismatch]) -> tuple[Mismatch, ...]:
+    """One mismatch per (run, name) across the workers of a run."""
+    merged: dict[tuple[str, str], Mismatch] = {}
+    for m in mismatches:
+        prev = merged.get((m.run_id, m.name))
+        merged[(m.run_id, m.name)] = m if prev is None else Mismatch(
+            m.run_id, m.name, prev.compared + m.compared, prev.differing + m.differing, prev.example
+        )
+    return tuple(merged.values())
+
+
+# -- running a job in a process ---------------------------------------------------------------------
+
+
+class SubprocessExecutor:
+    """Runs each job as ``sys.executable <patched script>`` in an exported snapshot."""
+
+    def __init__(self, config: Config, *, rel_tol: float = DEFAULT_REL_TOL, keep_dirs: bool = False) -> None:
+        self.config = config
+        self.rel_tol = rel_tol
+        self.keep_dirs = keep_dirs
+        self.links = replay_links(config)
+        self._cleared: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, job: ReplayJob, progress: Progress) -> JobResult:
+        """Replay one job; errors of the script or of the setup come back in the result."""
+        started = time.perf_counter()
+        with self._lock:
+            if job.run.run_id not in self._cleared:
+                clear_replayed(self.config, job.run.run_id, job.run.names)
+                self._cleared.add(job.run.run_id)
+        tmp = Path(tempfile.mkdtemp(prefix=f"flor-replay-{job.run.run_id[:8]}-"))
+        try:
+            return self._execute(job, tmp, progress, started)
+        except FlorBuildError as exc:
+            return JobResult(job.run.run_id, job.worker, False, time.perf_counter() - started, error=str(exc))
+        finally:
+            if not self.keep_dirs:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def _execute(self, job: ReplayJob, tmp: Path, progress: Progress, started: float) -> JobResult:
+        from ..snapshot import export_snapshot
+
+        run = job.run
+        tree = tmp / "tree"
+        export_snapshot(self.config.root, run.snapshot, tree)
+        script = tree / run.script
+        script.parent.mkdir(parents=True, exist_ok=True)
+        script.write_text(run.source, encoding="utf-8")
+        self._link_inputs(tree)
+        result_path = tmp / "result.json"
+        read_fd, write_fd = os.pipe()
+        spec = ReplaySpec(
+            run_id=run.run_id, depth=run.depth.value, names=run.names, main_loop=run.main_loop,
+            schedule=job.schedule, device=job.device, db=str(self.config.db_path), root=str(self.config.root),
+            projid=self.config.projid, filename=run.script, task=run.task, args=run.args, worker=job.worker,
+            result=str(result_path), progress_fd=write_fd,
+        )
+        env = self._environment(run, spec, job.device)
+        command = [sys.executable, str(script), *kwargs_tokens(run.args)]
+        with open(tmp / "output.log", "wb") as output:
+            try:
+                proc = subprocess.Popen(
+                    command, cwd=tree, env=env, stdout=output, stderr=subprocess.STDOUT, pass_fds=(write_fd,)
+                )
+            finally:
+                os.close(write_fd)
+            reader = threading.Thread(target=_read_progress, args=(read_fd, progress), daemon=True)
+            reader.start()
+            code = proc.wait()
+            reader.join()
+        seconds = time.perf_counter() - started
+        outcome = json.loads(result_path.read_text(encoding="utf-8")) if result_path.exists() else None
+        if code != 0 or outcome is None or outcome.get("status") != "ok":
+            tail = _tail(tmp / "output.log")
+            reason = (outcome or {}).get("error") or f"exit status {code}"
+            return JobResult(
+                run.run_id, job.worker, False, seconds,
+                error=f"the replayed script failed ({reason}); its last output:\n{tail}",
+                notes=tuple((outcome or {}).get("notes", ())),
+            )
+        mismatches = self._compare(run, outcome["compare"])
+        return JobResult(
+            run.run_id, job.worker, True, seconds, stored=int(outcome["counters"].get("stored", 0)),
+            notes=tuple(outcome.get("notes", ())), counters=outcome["counters"], mismatches=mismatches,
+        )
+
+    def _environment(self, run: RunPlan, spec: ReplaySpec, device: str) -> dict[str, str]:
+        env = dict(os.environ)
+        for name in ("FLOR_PIPELINE_ID", "FLOR_MAKE_PIPELINE_ID"):
+            env.pop(name, None)
+        for name, value in recorded_env_vars(self.config, run.run_id).items():
+            if name.startswith(_NOT_RESTORED_PREFIXES):
+                continue
+            if device != "auto" and name in ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES"):
+                continue  # the replay chose its device
+            env[name] = value
+        if run.task:
+            env["FLOR_TASK"] = run.task
+        # Reads of the store from inside the script (flor.dataframe) see the project's store.
+        env["FLORDB_BUILD_DB"] = str(self.config.db_path)
+        env[REPLAY_ENV] = spec.to_json()
+        return env
+
+    def _link_inputs(self, tree: Path) -> None:
+        """Symlink the inputs named by ``replay_links`` (ignored data the snapshot lacks)."""
+        for relative in self.links:
+            source = self.config.root / relative
+            target = tree / relative
+            if source.exists() and not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.symlink_to(source, target_is_directory=source.is_dir())
+
+    def _compare(self, run: RunPlan, replayed_rows: Sequence[Sequence[Any]]) -> tuple[Mismatch, ...]:
+        replayed: dict[tuple[int, str], list[Any]] = {}
+        for ctx, name, stored, kind in replayed_rows:
+            replayed.setdefault((int(ctx), str(name)), []).append(decode_value(stored, int(kind)))
+        if not replayed:
+            return ()
+        recorded, describe = read_recorded(self.config, run.run_id, sorted({name for _c, name in replayed}))
+        return compare_values(run.run_id, recorded, replayed, describe, self.rel_tol)
+
+
+def _read_progress(fd: int, progress: Progress) -> None:
+    with os.fdopen(fd, "rb") as pipe:
+        for line in pipe:
+            parts = line.split()
+            if len(parts) == 2:
+                progress(int(parts[0]), int(parts[1]))
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return "(no output)"
+    return "\n".join(text.rstrip().splitlines()[-lines:]) or "(no output)"
+
+
+def kwargs_tokens(args: Mapping[str, Any]) -> list[str]:
+    """``--kwargs name=value ...`` reproducing the recorded args (JSON for non-strings)."""
+    if not args:
+        return []
+    return ["--kwargs", *(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in args.items())]
+
+
+def replay_links(config: Config) -> tuple[str, ...]:
+    """``[tool.flordb_build] replay_links``: project paths linked into replay directories."""
+    links = config.section.get("replay_links", [])
+    if not isinstance(links, list) or not all(isinstance(x, str) and x and not Path(x).is_absolute() for x in links):
+        raise ConfigError(
+            "'replay_links' in [tool.flordb_build] must be a list of paths relative to the project root, "
+            "e.g. replay_links = [\"data\"]."
+        )
+    return tuple(links)
+
+
+def clear_replayed(config: Config, run_id: str, names: Sequence[str]) -> None:
+    """Delete earlier replayed values of ``names`` in ``run_id`` (a new replay replaces them)."""
+    from ..store import Store, write_transaction
+
+    store = Store.open(config)
+    try:
+        with write_transaction(store.conn):
+            store.conn.executemany(
+                "DELETE FROM logs WHERE run_id = ? AND name = ? AND source = 'replay'", [(run_id, n) for n in names]
+            )
+    finally:
+        store.close()
+
+
+def recorded_env_vars(config: Config, run_id: str) -> dict[str, str]:
+    """The environment variables recorded with the run's environment (none if unknown)."""
+    from ..environment import load_environment
+    from ..store import Store
+
+    store = Store.open(config)
+    try:
+        row = store.conn.execute("SELECT env_id FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        env = load_environment(store, row[0]) if row and row[0] else None
+    finally:
+        store.close()
+    variables = (env or {}).get("env_vars") or {}
+    return {str(k): str(v) for k, v in variables.items()}
+
+
+def read_recorded(
+    config: Config, run_id: str, names: Sequence[str]
+) -> tuple[dict[tuple[int, str], list[Any]], Callable[[int], str]]:
+    """Recorded values of ``names`` by (ctx, name) in log order, and a describer of contexts."""
+    from ..store import Store
+
+    store = Store.open(config)
+    try:
+        recorded: dict[tuple[int, str], list[Any]] = {}
+        for name in names:
+            rows = store.conn.execute(
+                "SELECT ctx_id, value, kind FROM logs WHERE run_id = ? AND name = ? AND source = 'record' ORDER BY seq",
+                (run_id, name),
+            ).fetchall()
+            for ctx, value, kind in rows:
+                recorded.setdefault((int(ctx), name), []).append(decode_value(value, kind))
+        loops = {
+            int(ctx): (int(parent), str(loop), int(iteration))
+            for ctx, parent, loop, iteration in store.conn.execute(
+                "SELECT ctx_id, parent_ctx, name, iteration FROM loops WHERE run_id = ?", (run_id,)
+            )
+        }
+    finally:
+        store.close()
+
+    def describe(ctx: int) -> str:
+        parts = []
+        while ctx in loops:
+            parent, loop, iteration = loops[ctx]
+            parts.append(f"{loop} {iteration}")
+            ctx = parent
+        return ", ".join(reversed(parts)) or "run level"
+
+    return recorded, describe
+
+
+# -- what the user sees ---------------------------------------------------------------------------
+
+
+def format_seconds(seconds: float) -> str:
+    """``0.42s``, ``12.3s``, ``4m05s``."""
+    if seconds < 10:
+        return f"{seconds:.2f}s"
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
+def format_plan(plan: ReplayPlan) -> str:
+    """The plan as a table (run, task, script, version, depth, estimate), notes, and the total."""
+    rows = [
+        [run.run_id, run.task or "-", run.script, run.version, run.depth.value
+         + (f" x{len(run.segments)}" if len(run.segments) > 1 else ""), format_seconds(run.estimate)]
+        for run in plan.runs
+    ]
+    parts = [f"replay {', '.join(plan.names)}: {len(plan.runs)} run(s)"]
+    if rows:
+        parts.append(_table(["run", "task", "script", "version", "depth", "estimate"], rows))
+    for run in plan.runs:
+        for missing in run.not_placed:
+            parts.append(f"note: run {run.run_id} ({run.version}): '{missing.name}' not placed: {missing.reason}")
+    unaffected = [s for s in plan.skipped if s.unaffected]
+    for skipped in plan.skipped:
+        if skipped not in unaffected:
+            parts.append(f"skip: run {skipped.run_id} ({skipped.script}): {skipped.reason}")
+    if unaffected:
+        parts.append(f"({len(unaffected)} selected run(s) not affected: their script does not log these names today)")
+    parts.append(f"total estimate: {format_seconds(plan.estimate)}")
+    return "\n".join(parts)
+
+
+def format_report(report: ReplayReport) -> str:
+    """Estimated vs actual seconds per run, then errors and nondeterminism warnings."""
+    rows = [
+        [o.run_id, "ok" if o.ok else "FAILED", str(o.stored), format_seconds(o.estimate), format_seconds(o.seconds),
+         f"{(o.seconds - o.estimate) / o.estimate:+.0%}" if o.estimate > 0 else "-"]
+        for o in report.outcomes
+    ]
+    parts = [_table(["run", "status", "values", "estimated", "actual", "error"], rows)] if rows else []
+    for outcome in report.outcomes:
+        for error in outcome.errors:
+            parts.append(f"error: run {outcome.run_id}: {error}")
+        for note in outcome.notes:
+            parts.append(f"note: run {outcome.run_id}: {note}")
+    for m in report.mismatches:
+        parts.append(
+            f"warning: nondeterminism in run {m.run_id}: '{m.name}' differs in {m.differing} of {m.compared} "
+            f"values recorded and replayed (first at {m.example})"
+        )
+    return "\n".join(parts)
+
+
+class ProgressLine:
+    """A one-line progress bar per run on a stream (redrawn in place on a terminal)."""
+
+    def __init__(self, stream: IO[str] | None = None, width: int = 24) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.width = width
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._last: dict[str, int] = {}
+        self._started: dict[str, float] = {}
+
+    def __call__(self, run: RunPlan, done: int, total: int) -> None:
+        """Draw ``run``'s progress (on a pipe: only the start and the end)."""
+        now = time.perf_counter()
+        started = self._started.setdefault(run.run_id, now)
+        finished = total > 0 and done >= total or total == 0 and done > 0
+        if not self.tty and self._last.get(run.run_id) is not None and not finished:
+            return
+        if self._last.get(run.run_id) == done and run.run_id in self._last and not finished:
+            return
+        self._last[run.run_id] = done
+        filled = int(self.width * done / total) if total else (self.width if finished else 0)
+        bar = "#" * filled + "-" * (self.width - filled)
+        line = (f"replay {run.run_id} {run.depth.value:<10} [{bar}] {done}/{total} {run.main_loop or 'steps'}"
+                f"  {format_seconds(now - started)} of ~{format_seconds(run.estimate)}")
+        if self.tty:
+            self.stream.write("\r" + line + ("\n" if finished else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()

@@ -1,0 +1,344 @@
+"""Replay mode: the runtime of a script that ``flordb-build replay`` runs on a recorded version.
+
+``Session.start`` builds a :class:`ReplayRun` instead of a recording run when the process's
+environment holds :data:`REPLAY_ENV`. A replay run records nothing new: no run row, no journal,
+no snapshot. It
+
+- answers ``flor.arg`` with the values the run recorded (``device`` as the replay asks);
+- maps each loop iteration to the recorded context of the same (parent, loop, occurrence,
+  index), so replayed values land in the original run's rows, with ``source = 'replay'``;
+- stores only the requested names, and only in the parts of the script this process owns
+  (a range worker owns its segment); every other value goes to the result file, where the
+  parent compares it with what was recorded (the nondeterminism check);
+- drives the main loop by the :class:`Schedule` of the plan::
+
+      SKIP      element consumed, body not run      RESTORE   checkpoint restored, body not run
+      SILENT    body run in full, values dropped     FULL      body run in full, values kept
+      VALIDATE  body run, nested flor.loops yield nothing; the iteration's checkpoint is restored
+                where the first of them ends (the state the record had after the nested loops)
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ..config import Config, read_tool_section
+from ..runtime import _CTX, ROOT_CTX, Run
+from ..store import Store
+from ..values import encode_value, simple_loop_value
+from ._model import REPLAY_ENV, ReplaySpec, Step, StepKind
+
+T = TypeVar("T")
+_NATIVE_TYPES = (int, float, str)
+#: Replay log rows of different workers of one run must not share a ``seq``.
+SEQ_STRIDE = 10**12
+#: Contexts a replay creates (iterations the record does not have) get ids above the recorded ones.
+CTX_STRIDE = 10**9
+
+
+class RecordedContexts:
+    """The recorded loop contexts of a run, looked up by (parent, loop name, occurrence, index)."""
+
+    def __init__(self, rows: Iterable[tuple[int, int, str, int]]) -> None:
+        # rows: (ctx_id, parent_ctx, name, iteration). A loop that runs twice under the same parent
+        # (two `step` loops in one epoch) restarts its index: that starts a new occurrence.
+        self._table: dict[tuple[int, str], list[dict[int, int]]] = {}
+        self.max_ctx = ROOT_CTX
+        for ctx, parent, name, iteration in sorted(rows):
+            occurrences = self._table.setdefault((parent, name), [])
+            if not occurrences or iteration in occurrences[-1]:
+                occurrences.append({})
+            occurrences[-1][iteration] = ctx
+            self.max_ctx = max(self.max_ctx, ctx)
+
+    def find(self, parent: int, name: str, occurrence: int, index: int) -> int | None:
+        """The recorded ctx id, or None when the record has no such iteration."""
+        occurrences = self._table.get((parent, name), [])
+        if occurrence >= len(occurrences):
+            return None
+        return occurrences[occurrence].get(index)
+
+
+class ReplayRun(Run):
+    """A replay of one recorded run (see the module docstring)."""
+
+    def __init__(self, config: Config, store: Store, spec: ReplaySpec, kwargs: dict[str, str]) -> None:
+        super().__init__(config, store, spec.run_id, kwargs, None, spec.filename, spec.task)
+        self.spec = spec
+        self.names = frozenset(spec.names)
+        rows = store.conn.execute(
+            "SELECT ctx_id, parent_ctx, name, iteration FROM loops WHERE run_id = ?", (spec.run_id,)
+        ).fetchall()
+        self.contexts = RecordedContexts(rows)
+        self._seq = itertools.count(spec.worker * SEQ_STRIDE + 1)
+        self._new_ctx = itertools.count(self.contexts.max_ctx + 1 + spec.worker * CTX_STRIDE)
+        self._occurrences: dict[tuple[int, str], int] = {}  # flor.loop runs per (parent, name)
+        self._driven: dict[tuple[int, str], int] = {}  # next index of flor.iteration per (parent, name)
+        self._keeping = spec.schedule.writes_prefix  # store requested names logged now
+        self._compare: list[tuple[int, str, Any, int]] = []
+        self._main_seen = False
+        self._skip_nested = False
+        self._pending_restore: int | None = None
+        self._device: str | None = None
+        self._progress_fd = spec.progress_fd
+        self.notes: list[str] = []
+        self.counters = {"restores": 0, "nested_skipped": 0, "nested_run": 0, "iterations_run": 0,
+                         "iterations_validated": 0, "iterations_skipped": 0, "stored": 0}
+        self._result_lock = threading.Lock()
+
+    # -- values -----------------------------------------------------------------------------
+
+    def log(self, name: str, value: T) -> T:
+        """Keep a requested name for the store, anything else for the comparison, as the schedule says."""
+        if name not in self._value_names:
+            self._admit_value_name(name)
+        if name in self.names:
+            if self._keeping:
+                super().log(name, value)
+                self.counters["stored"] += 1
+        elif name not in self.spec.args:
+            stored: Any = value
+            kind = 0
+            if type(value) not in _NATIVE_TYPES:
+                stored, value_kind = encode_value(value)
+                kind = int(value_kind)
+            self._compare.append((_CTX.get(), name, stored, kind))
+        return value
+
+    def arg(self, name: str, default: Any = None) -> Any:
+        """The value the replayed run recorded for ``name``; ``device`` as the replay asks."""
+        if name in self.args:
+            return self.args[name]
+        if name == "device":
+            value: Any = self.device()
+        elif name in self.spec.args:
+            value = self.spec.args[name]
+            if isinstance(default, tuple) and isinstance(value, list):
+                value = tuple(value)
+        else:
+            return super().arg(name, default)
+        self.args[name] = value
+        return value
+
+    def device(self) -> str:
+        """``cpu`` or ``cuda``: the replay's device (``auto``: cuda when torch sees a GPU)."""
+        if self._device is None:
+            wanted = self.spec.device
+            if wanted == "auto":
+                wanted = "cpu"
+                try:
+                    import torch
+
+                    if torch.cuda.is_available():
+                        wanted = "cuda"
+                except ImportError:
+                    pass
+            self._device = wanted
+        return self._device
+
+    # -- loops ------------------------------------------------------------------------------
+
+    def loop(self, name: str, iterable: Iterable[T]) -> Iterator[T]:
+        """Iterate as the schedule says: the main loop by steps, nested loops skipped in validation."""
+        self._admit_loop_name(name)
+        parent = _CTX.get()
+        if parent == ROOT_CTX and not self._main_seen and name == self.spec.main_loop:
+            self._main_seen = True
+            yield from self._main_loop(name, iterable)
+            return
+        if self._skip_nested and parent != ROOT_CTX:
+            self.counters["nested_skipped"] += 1
+            if self._pending_restore is not None:
+                self._restore(self._pending_restore)
+                self._pending_restore = None
+            return
+        if parent != ROOT_CTX:
+            self.counters["nested_run"] += 1
+        occurrence = self._next_occurrence(parent, name)
+        try:
+            for index, element in enumerate(iterable):
+                _CTX.set(self._context(parent, name, occurrence, index, element))
+                yield element
+                _CTX.set(parent)
+        finally:
+            _CTX.set(parent)
+
+    def iteration(self, name: str, index: int | None = None, value: Any = None) -> Any:
+        """A caller-driven iteration, mapped to the recorded context like loop iterations."""
+        from contextlib import contextmanager
+
+        @contextmanager
+        def scope() -> Iterator[int]:
+            self._admit_loop_name(name)
+            parent = _CTX.get()
+            key = (parent, name)
+            position = index if index is not None else self._driven.get(key, 0)
+            if index is None:
+                self._driven[key] = position + 1
+            token = _CTX.set(self._context(parent, name, 0, position, value))
+            try:
+                yield position
+            finally:
+                _CTX.reset(token)
+
+        return scope()
+
+    def _next_occurrence(self, parent: int, name: str) -> int:
+        key = (parent, name)
+        occurrence = self._occurrences.get(key, 0)
+        self._occurrences[key] = occurrence + 1
+        return occurrence
+
+    def _context(self, parent: int, name: str, occurrence: int, index: int, element: Any) -> int:
+        ctx = self.contexts.find(parent, name, occurrence, index)
+        if ctx is None:  # an iteration the record does not have: give the values a context of their own
+            ctx = next(self._new_ctx)
+            self._loops.append((ctx, parent, name, index, simple_loop_value(element, index)))
+        return ctx
+
+    def _main_loop(self, name: str, iterable: Iterable[T]) -> Iterator[T]:
+        schedule = self.spec.schedule
+        steps = list(schedule.steps)
+        objects = self.checkpointer.objects if self.checkpointer is not None else None
+        if objects is None and any(s.kind in (StepKind.RESTORE, StepKind.VALIDATE, StepKind.SKIP) or s.restore_after
+                                   for s in steps):
+            self.notes.append("no flor.checkpointing block was active at the main loop: ran its iterations in full")
+            steps = [Step(StepKind.FULL if s.kind in (StepKind.FULL, StepKind.VALIDATE) else StepKind.SILENT)
+                     for s in steps]
+        occurrence = self._next_occurrence(ROOT_CTX, name)
+        total = len(steps)
+        self._progress(0, total)
+        iterator = iter(iterable)
+        for index, step in enumerate(steps):
+            try:
+                element = next(iterator)
+            except StopIteration:
+                self.notes.append(f"the main loop '{name}' ended after {index} iterations; the record had {total}")
+                break
+            self._run_step(index, step)
+            if step.kind in (StepKind.SKIP, StepKind.RESTORE):
+                self._progress(index + 1, total)
+                continue
+            self._keeping = step.kind in (StepKind.FULL, StepKind.VALIDATE)
+            self._skip_nested = step.kind is StepKind.VALIDATE
+            self._pending_restore = index if step.kind is StepKind.VALIDATE else None
+            ctx = self._context(ROOT_CTX, name, occurrence, index, element)
+            self._outer_ctx = ctx
+            _CTX.set(ctx)
+            try:
+                yield element
+            finally:
+                _CTX.set(ROOT_CTX)
+                self._outer_ctx = -1
+                self._skip_nested = False
+            if self._pending_restore is not None:  # no nested loop ran: restore at the iteration's end
+                self._restore(index)
+                self._pending_restore = None
+            if step.restore_after:
+                self._restore(index)
+            self._wake.set()
+            self._progress(index + 1, total)
+        if schedule.stop_after:
+            self._end_process()
+        self._keeping = schedule.writes_suffix
+
+    def _run_step(self, index: int, step: Step) -> None:
+        kind = step.kind
+        if kind is StepKind.SKIP:
+            self.counters["iterations_skipped"] += 1
+        elif kind is StepKind.RESTORE:
+            self.counters["iterations_skipped"] += 1
+            self._restore(index)
+        elif kind is StepKind.VALIDATE:
+            self.counters["iterations_validated"] += 1
+        else:
+            self.counters["iterations_run"] += 1
+
+    def _restore(self, iteration: int) -> None:
+        from ..checkpoints import restore_objects
+
+        assert self.checkpointer is not None  # the schedule restores only inside flor.checkpointing
+        map_location = "cuda" if self.device() == "cuda" else "cpu"
+        restore_objects(
+            self.run_id, iteration, self.checkpointer.objects, loop_name=self.spec.main_loop,
+            map_location=map_location, config=self.config,
+        )
+        self.counters["restores"] += 1
+
+    def _end_process(self) -> None:
+        """End the process cleanly: the rest of the script is another process's (or nobody's) work."""
+        self.notes.append("stopped after the planned part of the script")
+        raise SystemExit(0)
+
+    def _progress(self, done: int, total: int) -> None:
+        if self._progress_fd is None:
+            return
+        try:
+            os.write(self._progress_fd, f"{done} {total}\n".encode())
+        except OSError:  # the parent stopped listening; the replay itself goes on
+            self._progress_fd = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def begin(self) -> None:
+        """Start the flusher; a replay adds no run row, journal or lock."""
+        self._thread.start()
+
+    def flush(self) -> None:
+        """Write queued replay values (and contexts the record lacks) into the original run."""
+        with self._flush_lock:
+            n_logs = len(self._logs)
+            loops = [self._loops.popleft() for _ in range(len(self._loops))]
+            logs = [self._logs.popleft() for _ in range(n_logs)]
+            if not loops and not logs:
+                return
+            try:
+                self.store.write_batch(self.run_id, loops, logs, source="replay")
+            except BaseException:
+                self._loops.extendleft(reversed(loops))
+                self._logs.extendleft(reversed(logs))
+                raise
+
+    def close(self, status: str = "ok", exit_code: int = 0, error: str | None = None) -> None:
+        """Flush the replayed values and write the result file for the parent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.failure is not None:
+            status, error = "failed", self.failure[0]
+        if self.checkpointer is not None:
+            checkpointer, self.checkpointer = self.checkpointer, None
+            checkpointer.close(raise_errors=False)
+        self._stop_event_and_join()
+        self.flush()
+        self.store.close()
+        if self.spec.result:
+            result = {
+                "status": status, "error": error, "notes": self.notes, "counters": self.counters,
+                "compare": self._compare, "seconds": time.time() - self.started,
+            }
+            Path(self.spec.result).write_text(json.dumps(result, default=str), encoding="utf-8")
+
+    def _stop_event_and_join(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+def start_replay_run(kwargs: dict[str, str]) -> ReplayRun:
+    """The replay run of this process, from :data:`REPLAY_ENV` (called by ``Session.start``)."""
+    spec = ReplaySpec.from_json(os.environ[REPLAY_ENV])
+    root = Path(spec.root)
+    config = Config(root=root, in_git=True, db_path=Path(spec.db), projid=spec.projid, section=read_tool_section(root))
+    store = Store.open(config)
+    run = ReplayRun(config, store, spec, kwargs)
+    run.begin()
+    return run

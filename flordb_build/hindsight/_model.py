@@ -1,0 +1,245 @@
+"""Value types of replay: what a run recorded, the plan, the per-process spec, and the results.
+
+Everything here is a frozen dataclass or an enum over plain data, so the planner stays pure and
+the spec crosses the process boundary as JSON (environment variable :data:`REPLAY_ENV`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+from ..runtime import REPLAY_ENV as REPLAY_ENV  # the variable that puts a script in replay mode
+
+if TYPE_CHECKING:  # the rewrite package imports libcst; a replaying script never needs it
+    from ..rewrite import NotPlaced, Placed, Position
+
+DEFAULT_REL_TOL = 1e-6
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class StepKind(Enum):
+    """What a replay does with one iteration of the main loop."""
+
+    SKIP = "skip"  # not executed at all: its effects are covered by a later restore
+    RESTORE = "restore"  # not executed; its checkpoint is restored (a pseudoresume point)
+    SILENT = "silent"  # executed in full to rebuild state, its logs dropped (another worker owns them)
+    FULL = "full"  # executed in full, nested loops included, logs kept
+    VALIDATE = "validate"  # executed with nested loops skipped; state restored where they end
+
+
+@dataclass(frozen=True)
+class Step:
+    """One main-loop iteration of a replay schedule."""
+
+    kind: StepKind
+    restore_after: bool = False  # restore this iteration's checkpoint once it ends (exact state next)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A replay process's plan for the main loop: one step per recorded iteration."""
+
+    steps: tuple[Step, ...]
+    stop_after: bool  # exit once the main loop's steps are done (a range segment that is not last)
+    writes_prefix: bool  # logs before the main loop are this process's to keep
+    writes_suffix: bool  # logs after the main loop are this process's to keep
+
+
+@dataclass(frozen=True)
+class RecordedRun:
+    """What the store and the snapshot hold about one selected run: the planner's input."""
+
+    run_id: str
+    task: str | None
+    filename: str
+    snapshot: str | None
+    old_source: str | None  # the script in the snapshot; None when it cannot be read
+    status: str = "ok"
+    args: Mapping[str, Any] = field(default_factory=dict)
+    seconds: float | None = None  # the recorded run's wall time
+    #: ``(ctx_id, name, iteration)`` of the outermost loops' iterations, in ctx order.
+    outer_loops: tuple[tuple[int, str, int], ...] = ()
+    #: ``(ctx_id, kind, seconds)`` rows of ``timings``.
+    timings: tuple[tuple[int, str, float], ...] = ()
+    #: ``(ctx_id, loop_name, iteration, materialize_seconds)``, one per checkpointed iteration.
+    checkpoints: tuple[tuple[int, str, int, float], ...] = ()
+    unavailable: str | None = None  # why the snapshot cannot be used (then old_source is None)
+
+
+@dataclass(frozen=True)
+class SkippedRun:
+    """A selected run the plan leaves out, and why."""
+
+    run_id: str
+    task: str | None
+    script: str
+    reason: str
+    unaffected: bool = False  # today's script does not log the names: nothing to replay, not a problem
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """How one run is replayed: its patched script, scan depth, schedule per worker and estimate."""
+
+    run_id: str
+    task: str | None
+    script: str
+    snapshot: str
+    depth: Position
+    estimate: float  # seconds, wall time (the slowest segment when split across workers)
+    names: tuple[str, ...]  # the names placed in this version: the values this replay stores
+    placed: tuple[Placed, ...]
+    not_placed: tuple[NotPlaced, ...]
+    source: str  # the old version with the new statements
+    args: Mapping[str, Any]
+    main_loop: str | None
+    iterations: int  # recorded iterations of the main loop
+    checkpointed: tuple[int, ...]  # main-loop iterations with a checkpoint
+    segments: tuple[tuple[int, int], ...]  # [start, stop) of main-loop iterations per worker
+    segment_estimates: tuple[float, ...]
+
+    @property
+    def version(self) -> str:
+        """The snapshot commit, short."""
+        return self.snapshot[:8]
+
+
+@dataclass(frozen=True)
+class ReplayPlan:
+    """Every selected run: replayed (``runs``) or left out with a reason (``skipped``)."""
+
+    names: tuple[str, ...]
+    runs: tuple[RunPlan, ...]
+    skipped: tuple[SkippedRun, ...]
+    workers: int = 1
+    device: str = "auto"
+
+    @property
+    def estimate(self) -> float:
+        """Total estimated seconds, runs one after another."""
+        return sum(run.estimate for run in self.runs)
+
+
+@dataclass(frozen=True)
+class ReplayJob:
+    """One replay process: a run and the segment (worker) it covers."""
+
+    run: RunPlan
+    worker: int
+    segment: tuple[int, int] | None  # None: the whole main loop (no split)
+    schedule: Schedule
+    device: str
+    estimate: float
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """Values that both the record and the replay logged, and that differ."""
+
+    run_id: str
+    name: str
+    compared: int
+    differing: int
+    example: str  # the first difference, readable
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What one replay process did."""
+
+    run_id: str
+    worker: int
+    ok: bool
+    seconds: float
+    stored: int = 0  # replayed values written to the store
+    error: str | None = None
+    notes: tuple[str, ...] = ()
+    counters: Mapping[str, int] = field(default_factory=dict)
+    mismatches: tuple[Mismatch, ...] = ()
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """The result of replaying one run (all its workers)."""
+
+    run_id: str
+    estimate: float
+    seconds: float
+    ok: bool
+    stored: int
+    errors: tuple[str, ...]
+    notes: tuple[str, ...]
+    mismatches: tuple[Mismatch, ...]
+    counters: Mapping[str, int]
+
+
+@dataclass(frozen=True)
+class ReplayReport:
+    """Every run's outcome, in plan order."""
+
+    plan: ReplayPlan
+    outcomes: tuple[RunOutcome, ...]
+
+    @property
+    def ok(self) -> bool:
+        """True when every run replayed without error."""
+        return all(outcome.ok for outcome in self.outcomes)
+
+    @property
+    def mismatches(self) -> tuple[Mismatch, ...]:
+        """Nondeterminism found in any run."""
+        return tuple(m for outcome in self.outcomes for m in outcome.mismatches)
+
+
+@dataclass(frozen=True)
+class ReplaySpec:
+    """What a replay process needs to know; travels as JSON in :data:`REPLAY_ENV`."""
+
+    run_id: str
+    depth: str
+    names: tuple[str, ...]
+    main_loop: str | None
+    schedule: Schedule
+    device: str
+    db: str
+    root: str
+    projid: str
+    filename: str
+    task: str | None
+    args: Mapping[str, Any]
+    worker: int = 0
+    result: str | None = None  # where the process writes its result JSON
+    progress_fd: int | None = None
+
+    def to_json(self) -> str:
+        """The spec as the JSON text of :data:`REPLAY_ENV`."""
+        data = {
+            "run_id": self.run_id, "depth": self.depth, "names": list(self.names), "main_loop": self.main_loop,
+            "steps": [[s.kind.value, s.restore_after] for s in self.schedule.steps],
+            "stop_after": self.schedule.stop_after, "writes_prefix": self.schedule.writes_prefix,
+            "writes_suffix": self.schedule.writes_suffix, "device": self.device, "db": self.db,
+            "root": self.root, "projid": self.projid, "filename": self.filename, "task": self.task,
+            "args": dict(self.args), "worker": self.worker, "result": self.result, "progress_fd": self.progress_fd,
+        }
+        return json.dumps(data, default=str)
+
+    @classmethod
+    def from_json(cls, text: str) -> ReplaySpec:
+        """Read the JSON written by :meth:`to_json`."""
+        data = json.loads(text)
+        schedule = Schedule(
+            steps=tuple(Step(StepKind(kind), bool(after)) for kind, after in data["steps"]),
+            stop_after=bool(data["stop_after"]),
+            writes_prefix=bool(data["writes_prefix"]),
+            writes_suffix=bool(data["writes_suffix"]),
+        )
+        return cls(
+            run_id=data["run_id"], depth=data["depth"], names=tuple(data["names"]), main_loop=data["main_loop"],
+            schedule=schedule, device=data["device"], db=data["db"], root=data["root"], projid=data["projid"],
+            filename=data["filename"], task=data["task"], args=data["args"], worker=int(data["worker"]),
+            result=data["result"], progress_fd=data["progress_fd"],
+        )

@@ -1,0 +1,225 @@
+"""Planning a replay: which runs, which scan, what each process does, and how long it takes. Pure.
+
+For each selected run the new statements are propagated into its recorded version; the deepest
+position among those placed is the run's scan. A scan becomes a :class:`Schedule`: one step per
+recorded iteration of the main loop. With checkpoints at ``*`` (state at the END of that
+iteration) and ``n = 8``::
+
+    iteration        0   1*  2   3   4*  5   6   7*
+    suffix           .   .   .   .   .   .   .   R        R restore, then run the tail
+    validation       F   V   F   F   V   F   F   V        V nested loops skipped, state restored
+                                                            where they end; F run in full (no
+                                                            checkpoint to restore)
+    range [5, 8)     .   .   .   .   R   F   F   F        pseudoresume from 4*, then the segment
+    range [0, 5)     F   F   F   F   F   stop             stop after the segment (another worker
+                                                            has the rest)
+    (. skip: never executed; a later restore covers it. S rebuilds state, logs dropped.)
+
+An estimate is the sum of the recorded seconds of the parts a schedule executes: the prefix,
+each executed iteration (minus its nested loops for V), each restore, and the tail.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+from ..errors import ReplayError, RewriteError
+from ..rewrite import Position, analyze_script, propagate
+from ._model import RecordedRun, ReplayPlan, RunPlan, Schedule, SkippedRun, Step, StepKind
+
+#: Restore seconds per materialize second before a run's restores were measured (dissertation 4.3).
+DEFAULT_RESTORE_FACTOR = 1.38
+
+
+def split_segments(n: int, workers: int) -> tuple[tuple[int, int], ...]:
+    """``n`` iterations as at most ``workers`` contiguous ``[start, stop)`` segments of near-equal size."""
+    if n <= 0:
+        return ((0, 0),)
+    parts = max(1, min(workers, n))
+    bounds = [round(i * n / parts) for i in range(parts + 1)]
+    return tuple((bounds[i], bounds[i + 1]) for i in range(parts))
+
+
+def _exact_state_after(last: int, checkpointed: frozenset[int]) -> list[Step]:
+    """Steps for iterations ``0..last`` that leave the state exactly as the record had it after ``last``."""
+    anchor = max((c for c in checkpointed if c <= last), default=-1)
+    steps = [Step(StepKind.SKIP) for _ in range(anchor)]
+    if anchor >= 0:
+        steps.append(Step(StepKind.RESTORE))
+    steps.extend(Step(StepKind.SILENT) for _ in range(anchor + 1, last + 1))
+    return steps
+
+
+def schedule_scan(
+    depth: Position, n: int, checkpointed: Iterable[int], segment: tuple[int, int] | None = None
+) -> Schedule:
+    """The main-loop steps of one replay process (see the module docstring)."""
+    ckpt = frozenset(i for i in checkpointed if 0 <= i < n)
+    if depth is Position.PREFIX:
+        return Schedule(steps=(), stop_after=True, writes_prefix=True, writes_suffix=False)
+    if depth is Position.SUFFIX:
+        return Schedule(tuple(_exact_state_after(n - 1, ckpt)), stop_after=False, writes_prefix=True, writes_suffix=True)
+    if depth is Position.VALIDATION:
+        steps = [
+            # After a restored iteration the next one needs the exact state when it runs in full,
+            # and the tail needs it after the last: restore once more at the iteration's end.
+            Step(StepKind.VALIDATE, restore_after=i + 1 not in ckpt) if i in ckpt else Step(StepKind.FULL)
+            for i in range(n)
+        ]
+        return Schedule(tuple(steps), stop_after=False, writes_prefix=True, writes_suffix=True)
+    start, stop = segment if segment is not None else (0, n)
+    steps = _exact_state_after(start - 1, ckpt) + [Step(StepKind.FULL) for _ in range(start, stop)]
+    return Schedule(tuple(steps), stop_after=stop < n, writes_prefix=start == 0, writes_suffix=stop >= n)
+
+
+class RunCosts:
+    """A run's recorded timings, arranged for estimating schedules."""
+
+    def __init__(self, run: RecordedRun, main_ctxs: Sequence[int]) -> None:
+        by_ctx: dict[tuple[int, str], float] = {(ctx, kind): seconds for ctx, kind, seconds in run.timings}
+        self.known = (0, "prefix") in by_ctx
+        self.total = run.seconds or 0.0
+        self.prefix = by_ctx.get((0, "prefix"), 0.0)
+        self.suffix = by_ctx.get((0, "suffix"), 0.0) + by_ctx.get((0, "between"), 0.0)
+        self.iteration = [by_ctx.get((ctx, "iteration"), 0.0) for ctx in main_ctxs]
+        self.inner = [by_ctx.get((ctx, "inner"), 0.0) for ctx in main_ctxs]
+        restores = [s for (_ctx, kind), s in by_ctx.items() if kind == "restore"]
+        materialized = [m for *_rest, m in run.checkpoints]
+        if restores:
+            self.restore = sum(restores) / len(restores)
+        elif materialized:
+            self.restore = DEFAULT_RESTORE_FACTOR * sum(materialized) / len(materialized)
+        else:
+            self.restore = 0.0
+
+    def estimate(self, schedule: Schedule) -> float:
+        """Seconds a process following ``schedule`` should take."""
+        if not self.known:
+            return self.total  # recorded before timings existed: the whole run is the bound
+        seconds = self.prefix
+        for i, step in enumerate(schedule.steps):
+            if step.kind is StepKind.RESTORE:
+                seconds += self.restore
+            elif step.kind in (StepKind.FULL, StepKind.SILENT):
+                seconds += self.iteration[i]
+            elif step.kind is StepKind.VALIDATE:
+                seconds += max(self.iteration[i] - self.inner[i], 0.0) + self.restore
+            if step.restore_after:
+                seconds += self.restore
+        if not schedule.stop_after:
+            seconds += self.suffix
+        return seconds
+
+
+def main_loop_contexts(outer_loops: Sequence[tuple[int, str, int]], main_loop: str | None) -> list[int]:
+    """The ctx ids of the main loop's iterations: the first run of an outermost loop of that name."""
+    ctxs: list[int] = []
+    for ctx, name, iteration in sorted(outer_loops):
+        if name != main_loop:
+            if ctxs:
+                break  # another outermost loop after the main one
+            continue
+        if iteration == 0 and ctxs:
+            break  # the same loop run a second time
+        ctxs.append(ctx)
+    return ctxs
+
+
+def plan_replay(
+    runs: Sequence[RecordedRun],
+    today: Mapping[str, str | None],
+    names: Sequence[str],
+    *,
+    workers: int = 1,
+    device: str = "auto",
+) -> ReplayPlan:
+    """Plan replaying ``names`` in ``runs``; ``today`` maps each script path to today's source (None: gone).
+
+    :raises ReplayError: no names, bad workers, or a name that no selected script logs today.
+    """
+    wanted = tuple(dict.fromkeys(names))
+    if not wanted:
+        raise ReplayError("Name the values to replay, e.g. flordb-build replay val_acc.")
+    if workers < 1:
+        raise ReplayError(f"--workers must be at least 1, got '{workers}'.")
+    logged_today: dict[str, frozenset[str]] = {}
+    for filename, source in today.items():
+        if source is None:
+            continue
+        try:
+            logged_today[filename] = analyze_script(source).names
+        except RewriteError:
+            logged_today[filename] = frozenset()
+    everywhere = frozenset().union(*logged_today.values()) if logged_today else frozenset()
+    unknown = [n for n in wanted if n not in everywhere]
+    if unknown:
+        scripts = ", ".join(f"'{f}'" for f in sorted(today)) or "none"
+        raise ReplayError(
+            f"Today's version of the selected scripts ({scripts}) does not log {', '.join(repr(n) for n in unknown)}; "
+            "add the flor.log statement to today's script first, or check the spelling."
+        )
+    planned: list[RunPlan] = []
+    skipped: list[SkippedRun] = []
+    for run in runs:
+        outcome = _plan_run(run, today.get(run.filename), logged_today.get(run.filename, frozenset()), wanted, workers)
+        (planned if isinstance(outcome, RunPlan) else skipped).append(outcome)  # type: ignore[arg-type]
+    return ReplayPlan(names=wanted, runs=tuple(planned), skipped=tuple(skipped), workers=workers, device=device)
+
+
+def _plan_run(
+    run: RecordedRun, today_source: str | None, today_names: frozenset[str], wanted: tuple[str, ...], workers: int
+) -> RunPlan | SkippedRun:
+    def skip(reason: str, unaffected: bool = False) -> SkippedRun:
+        return SkippedRun(run.run_id, run.task, run.filename, reason, unaffected)
+
+    requested = [n for n in wanted if n in today_names]
+    if today_source is None:
+        return skip(f"'{run.filename}' is not in the work tree today, so there is no new code to propagate")
+    if not requested:
+        return skip(f"today's '{run.filename}' logs none of {', '.join(repr(n) for n in wanted)}", unaffected=True)
+    if run.status != "ok":
+        return skip(f"the run ended '{run.status}'; only runs that finished are replayed")
+    if run.unavailable is not None or run.old_source is None or run.snapshot is None:
+        return skip(run.unavailable or "the run has no snapshot commit (recorded outside git)")
+    try:
+        result = propagate(today_source, run.old_source, requested)
+    except RewriteError as exc:
+        return skip(str(exc))
+    depth = result.depth
+    if depth is None:
+        reasons = [f"'{p.name}': {p.reason}" for p in result.not_placed]
+        reasons += [f"'{name}': its version logs it already" for name in result.already_logged]
+        return skip("; ".join(reasons) or "nothing to place")
+    main_loop = analyze_script(result.source).main_loop
+    main_name = main_loop.name if main_loop is not None else None
+    main_ctxs = main_loop_contexts(run.outer_loops, main_name)
+    ctx_set = frozenset(main_ctxs)
+    iteration_of = {ctx: i for i, ctx in enumerate(main_ctxs)}
+    checkpointed = tuple(sorted({iteration_of[ctx] for ctx, _loop, _it, _m in run.checkpoints if ctx in ctx_set}))
+    n = len(main_ctxs)
+    segments: tuple[tuple[int, int], ...] = ((0, n),)
+    if depth is Position.RANGE:
+        segments = split_segments(n, workers)
+    costs = RunCosts(run, main_ctxs)
+    estimates = tuple(
+        costs.estimate(schedule_scan(depth, n, checkpointed, segment if len(segments) > 1 else None))
+        for segment in segments
+    )
+    return RunPlan(
+        run_id=run.run_id,
+        task=run.task,
+        script=run.filename,
+        snapshot=run.snapshot,
+        depth=depth,
+        estimate=max(estimates),
+        names=tuple(p.name for p in result.placed),
+        placed=result.placed,
+        not_placed=result.not_placed,
+        source=result.source,
+        args=dict(run.args),
+        main_loop=main_name,
+        iterations=n,
+        checkpointed=checkpointed,
+        segments=segments,
+        segment_estimates=estimates,
+    )

@@ -1,0 +1,127 @@
+"""Reading what a replay plan needs: the selected runs, their snapshots and timings, today's scripts."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..config import Config, load_config
+from ..errors import ReplayError, SnapshotError
+from ..snapshot import run_git
+from ..store import Store
+from ._model import DEVICES, RecordedRun, ReplayPlan
+
+
+def select_run_ids(config: Config, where: str | None, task: str | None) -> list[str]:
+    """Run ids matching ``where`` (over the run-level dataframe) and ``task``, oldest first.
+
+    :raises ReplayError: nothing matches.
+    """
+    from ..query import dataframe
+
+    frame = dataframe(where=where, config=config)
+    ids = [str(r) for r in frame["run_id"].tolist()] if len(frame) else []
+    if task is not None:
+        tasks = frame["task"].tolist() if len(frame) else []
+        ids = [run_id for run_id, t in zip(ids, tasks, strict=True) if t == task]
+    if not ids:
+        what = " and ".join(x for x in (f"where '{where}'" if where else "", f"task '{task}'" if task else "") if x)
+        raise ReplayError(
+            f"No recorded run matches {what or 'the selection'}; list runs with 'flordb-build runs' and adjust it."
+        )
+    return ids
+
+
+def load_recorded_runs(config: Config, run_ids: Sequence[str]) -> list[RecordedRun]:
+    """Each run's row, outermost loop contexts, timings, checkpoints and snapshot source."""
+    store = Store.open_existing(config)
+    if store is None:
+        raise ReplayError(f"No store at '{config.db_path}': record a run before replaying.")
+    try:
+        conn = store.conn
+        runs = []
+        for run_id in run_ids:
+            row = conn.execute(
+                "SELECT run_id, task, filename, snapshot, status, args, seconds FROM runs WHERE run_id = ?", (run_id,)
+            ).fetchone()
+            if row is None:
+                continue
+            rid, task, filename, snapshot, status, args_text, seconds = row
+            outer = conn.execute(
+                "SELECT ctx_id, name, iteration FROM loops WHERE run_id = ? AND parent_ctx = 0 ORDER BY ctx_id",
+                (rid,),
+            ).fetchall()
+            timings = conn.execute("SELECT ctx_id, kind, seconds FROM timings WHERE run_id = ?", (rid,)).fetchall()
+            checkpoints = conn.execute(
+                "SELECT ctx_id, loop_name, iteration, SUM(materialize_seconds) FROM checkpoints WHERE run_id = ? "
+                "GROUP BY ctx_id, loop_name, iteration ORDER BY ctx_id",
+                (rid,),
+            ).fetchall()
+            source, unavailable = _snapshot_source(config.root, snapshot, filename)
+            runs.append(
+                RecordedRun(
+                    run_id=rid, task=task, filename=filename, snapshot=snapshot, old_source=source,
+                    status=status or "unknown", args=_args(args_text), seconds=seconds,
+                    outer_loops=tuple((int(c), str(n), int(i)) for c, n, i in outer),
+                    timings=tuple((int(c), str(k), float(s)) for c, k, s in timings),
+                    checkpoints=tuple((int(c), str(n), int(i), float(m or 0.0)) for c, n, i, m in checkpoints),
+                    unavailable=unavailable,
+                )
+            )
+        return runs
+    finally:
+        store.close()
+
+
+def _args(text: str | None) -> dict[str, Any]:
+    try:
+        value = json.loads(text or "{}")
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _snapshot_source(root: Path, snapshot: str | None, filename: str) -> tuple[str | None, str | None]:
+    """The script as its snapshot holds it, or None and why not."""
+    if not snapshot:
+        return None, "the run has no snapshot commit (recorded outside git, or killed before it ended)"
+    try:
+        return run_git(root, "show", f"{snapshot}:{filename}"), None
+    except SnapshotError:
+        return None, f"snapshot '{snapshot[:12]}' of '{filename}' no longer exists in the repository"
+
+
+def read_today_sources(config: Config, filenames: Sequence[str]) -> dict[str, str | None]:
+    """Today's text of each script in the work tree (read only), None where it is gone."""
+    sources: dict[str, str | None] = {}
+    for filename in dict.fromkeys(filenames):
+        path = config.root / filename
+        sources[filename] = path.read_text(encoding="utf-8") if path.is_file() else None
+    return sources
+
+
+def prepare_replay(
+    names: Sequence[str],
+    *,
+    where: str | None = None,
+    task: str | None = None,
+    workers: int = 1,
+    device: str = "auto",
+    config: Config | None = None,
+) -> ReplayPlan:
+    """Select runs, read their versions and timings, and plan replaying ``names`` (nothing runs).
+
+    :raises ReplayError: unknown names or device, no matching run.
+    :raises ExpressionError: an invalid ``where``.
+    """
+    from ._plan import plan_replay
+
+    if device not in DEVICES:
+        raise ReplayError(f"Unknown device '{device}'; use one of {', '.join(DEVICES)}.")
+    config = config or load_config()
+    run_ids = select_run_ids(config, where, task)
+    runs = load_recorded_runs(config, run_ids)
+    today = read_today_sources(config, [run.filename for run in runs])
+    return plan_replay(runs, today, names, workers=workers, device=device)

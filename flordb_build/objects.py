@@ -1,0 +1,176 @@
+"""The content-addressed object store: ``.flor/objects/<sha256[:2]>/<sha256>``.
+
+An object's name is the sha256 of its bytes, so identical content (the same model state saved
+by two runs, a frozen layer saved every epoch) is stored once, and every read can prove that
+the bytes are the ones that were written. Writes go to a temporary file in the target folder
+and are renamed into place, so a reader (or a process killed mid-write) never sees half an
+object under a real name; stray temporary files are swept by ``flordb-build gc``.
+
+The store lives beside the database (``Config.db_path``'s folder, ``<repo>/.flor`` by default)
+so that a process working in another directory against the same database (a replay in a
+temporary worktree) finds the same objects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Config
+from .errors import ObjectCorruptError, ObjectMissingError, ObjectStoreError
+
+OBJECTS_DIR_NAME = "objects"
+TMP_PREFIX = ".tmp-"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """The result of a put: the object's address, its size, and whether this put created it."""
+
+    sha256: str
+    bytes: int
+    created: bool
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One object file on disk (for garbage collection)."""
+
+    sha256: str
+    bytes: int
+    mtime: float
+
+
+def sha256_of(data: bytes | bytearray | memoryview) -> str:
+    """Hex sha256 of ``data`` (hashlib releases the GIL for large buffers)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def check_sha256(sha256: str) -> str:
+    """Return ``sha256`` if it is 64 lowercase hex digits; refuse anything else (it becomes a path)."""
+    if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256):
+        raise ObjectStoreError(f"'{sha256}' is not a sha256 object address (64 lowercase hex digits).")
+    return sha256
+
+
+class ObjectStore:
+    """A folder of immutable objects named by the sha256 of their content."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @classmethod
+    def for_config(cls, config: Config) -> ObjectStore:
+        """The project's object store, beside its database."""
+        return cls(config.db_path.parent / OBJECTS_DIR_NAME)
+
+    def path_of(self, sha256: str) -> Path:
+        """Where the object ``sha256`` lives (whether or not it exists)."""
+        check_sha256(sha256)
+        return self.root / sha256[:2] / sha256
+
+    def put(self, data: bytes | bytearray | memoryview) -> StoredObject:
+        """Store ``data`` under its sha256 unless an object of that content already exists."""
+        sha256 = sha256_of(data)
+        path = self.path_of(sha256)
+        size = memoryview(data).nbytes
+        try:
+            existing = path.stat().st_size
+        except FileNotFoundError:
+            existing = -1
+        if existing == size:
+            # Refresh the mtime: garbage collection spares recently touched objects, so an
+            # object that a live run just referenced again is not deleted under it.
+            os.utime(path)
+            return StoredObject(sha256, size, created=False)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f"{TMP_PREFIX}{sha256[:16]}-{os.getpid()}-{os.urandom(4).hex()}"
+        try:
+            # No fsync: a killed process leaves the page cache intact, and losing an object to a
+            # power cut is caught by the hash check on read rather than paid for on every write.
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise ObjectStoreError(f"Could not write object '{sha256}' to '{path}': {exc}.") from exc
+        return StoredObject(sha256, size, created=True)
+
+    def get(self, sha256: str) -> bytes:
+        """The bytes of object ``sha256``, verified against their hash.
+
+        :raises ObjectMissingError: no such object file.
+        :raises ObjectCorruptError: the file's content does not hash to ``sha256``.
+        """
+        path = self.path_of(sha256)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise ObjectMissingError(f"object '{sha256}' is missing from '{self.root}'") from None
+        except OSError as exc:
+            raise ObjectStoreError(f"Could not read object '{sha256}' at '{path}': {exc}.") from exc
+        actual = sha256_of(data)
+        if actual != sha256:
+            raise ObjectCorruptError(
+                f"object '{sha256}' at '{path}' is corrupted: its content hashes to '{actual}'"
+            )
+        return data
+
+    def contains(self, sha256: str) -> bool:
+        """True when an object file named ``sha256`` exists (content not verified)."""
+        return self.path_of(sha256).is_file()
+
+    def size_of(self, sha256: str) -> int | None:
+        """Size in bytes of object ``sha256``, or None when it does not exist."""
+        try:
+            return self.path_of(sha256).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def delete(self, sha256: str) -> int:
+        """Remove object ``sha256``; return the bytes freed (0 when it was already gone)."""
+        path = self.path_of(sha256)
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            return 0
+        try:
+            path.parent.rmdir()  # drop the fan-out folder once it is empty
+        except OSError:
+            pass
+        return size
+
+    def iter_objects(self) -> Iterator[ObjectInfo]:
+        """Every object file in the store (temporary files excluded)."""
+        if not self.root.is_dir():
+            return
+        for fan in sorted(self.root.iterdir()):
+            if not fan.is_dir() or len(fan.name) != 2:
+                continue
+            for entry in sorted(fan.iterdir()):
+                if _SHA256.fullmatch(entry.name) and entry.name.startswith(fan.name):
+                    st = entry.stat()
+                    yield ObjectInfo(entry.name, st.st_size, st.st_mtime)
+
+    def sweep_temporary(self, older_than_seconds: float) -> int:
+        """Delete temporary files left by killed writers older than the given age; return bytes freed."""
+        if not self.root.is_dir():
+            return 0
+        cutoff = time.time() - older_than_seconds
+        freed = 0
+        for tmp in self.root.glob(f"*/{TMP_PREFIX}*"):
+            try:
+                st = tmp.stat()
+                if st.st_mtime < cutoff:
+                    tmp.unlink()
+                    freed += st.st_size
+            except FileNotFoundError:
+                continue
+        return freed
