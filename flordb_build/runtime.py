@@ -170,7 +170,9 @@ class Run:
         try:
             for index, element in enumerate(iterable):
                 ctx = next_ctx()
-                queue_loop((ctx, parent, name, index, simple_loop_value(element, index)))
+                # range(n) yields its own index: skip the call for the commonest case.
+                value = None if type(element) is int and element == index else simple_loop_value(element, index)
+                queue_loop((ctx, parent, name, index, value))
                 _CTX.set(ctx)
                 yield element
                 _CTX.set(parent)

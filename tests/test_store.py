@@ -11,7 +11,7 @@ import time
 
 import flordb_build as flor
 from flordb_build.config import load_config
-from flordb_build.store import Store, bump_tstamp
+from flordb_build.store import Store, bump_tstamp, coalesce_loops, loop_contexts
 from tests.conftest import GIT_ENV, Project
 
 WRITER = """
@@ -135,3 +135,56 @@ def test_schema_is_created_once_and_opening_twice_is_harmless(project: Project) 
     assert journal_mode == "wal"
     assert (project.root / ".flor" / ".gitignore").read_text().splitlines()[-1] == "*"
     assert project.git("status", "--porcelain") == ""
+
+
+def test_consecutive_iterations_are_stored_as_blocks(project: Project) -> None:
+    project.write(
+        "nested.py",
+        """
+        import flordb_build as flor
+        for epoch in flor.loop("epoch", range(3)):
+            for step in flor.loop("step", range(1000)):
+                flor.log("loss", epoch * 1000 + step)
+            for doc in flor.loop("doc", ["a", "b"]):
+                flor.log("chars", len(doc))
+        """,
+    )
+    project.run("nested.py")
+    store = Store.open(load_config())
+    (run_id,) = store.conn.execute("SELECT run_id FROM runs").fetchone()
+    blocks = store.conn.execute("SELECT name, count(*), sum(count) FROM loops GROUP BY name ORDER BY name").fetchall()
+    contexts = loop_contexts(store.conn, run_id)
+    store.close()
+    # 3000 steps in a handful of rows (a block may split at a flush), documents keep their values.
+    assert [(name, total) for name, _rows, total in blocks] == [("doc", 6), ("epoch", 3), ("step", 3000)]
+    assert dict((name, rows) for name, rows, _ in blocks)["step"] <= 12
+    assert len(contexts) == 3009 and [c[0] for c in contexts] == sorted({c[0] for c in contexts})
+    steps = [c for c in contexts if c[2] == "step"]
+    assert [c[3] for c in steps] == list(range(1000)) * 3
+    frame = flor.dataframe("loss")
+    assert frame["loss"].tolist() == list(range(3000))
+    assert frame["step"].tolist() == list(range(1000)) * 3 and frame["epoch"].tolist() == [0] * 1000 + [1] * 1000 + [2] * 1000
+    assert flor.dataframe("chars")["doc_value"].tolist() == ["a", "b"] * 3
+
+
+def test_coalesce_loops_merges_only_true_runs() -> None:
+    entries = [
+        (1, 0, "epoch", 0, None),
+        (2, 1, "step", 0, None),
+        (3, 1, "step", 1, None),
+        (4, 1, "step", 2, None),
+        (5, 1, "doc", 0, "a.txt"),  # a value: never merged
+        (6, 1, "doc", 1, "b.txt"),
+        (7, 0, "epoch", 1, None),
+        (8, 7, "step", 0, None),  # another parent: a new block
+        (10, 7, "step", 1, None),  # a gap in ctx ids: a new block
+    ]
+    assert coalesce_loops(entries) == [
+        (1, 0, "epoch", 0, 1, None),
+        (2, 1, "step", 0, 3, None),
+        (5, 1, "doc", 0, 1, "a.txt"),
+        (6, 1, "doc", 1, 1, "b.txt"),
+        (7, 0, "epoch", 1, 1, None),
+        (8, 7, "step", 0, 1, None),
+        (10, 7, "step", 1, 1, None),
+    ]
