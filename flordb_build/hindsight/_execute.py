@@ -379,7 +379,7 @@ def read_recorded(
     config: Config, run_id: str, names: Sequence[str]
 ) -> tuple[dict[tuple[int, str], list[Any]], Callable[[int], str]]:
     """Recorded values of ``names`` by (ctx, name) in log order, and a describer of contexts."""
-    from ..store import Store
+    from ..store import Store, loop_contexts
 
     store = Store.open(config)
     try:
@@ -393,9 +393,7 @@ def read_recorded(
                 recorded.setdefault((int(ctx), name), []).append(decode_value(value, kind))
         loops = {
             int(ctx): (int(parent), str(loop), int(iteration))
-            for ctx, parent, loop, iteration in store.conn.execute(
-                "SELECT ctx_id, parent_ctx, name, iteration FROM loops WHERE run_id = ?", (run_id,)
-            )
+            for ctx, parent, loop, iteration, _value in loop_contexts(store.conn, run_id)
         }
     finally:
         store.close()

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 from ..config import Config, read_tool_section
 from ..runtime import _CTX, ROOT_CTX, Run
-from ..store import Store
+from ..store import Store, coalesce_loops, loop_contexts
 from ..values import encode_value, simple_loop_value
 from ._model import REPLAY_ENV, ReplaySpec, Step, StepKind
 
@@ -73,10 +73,8 @@ class ReplayRun(Run):
         super().__init__(config, store, spec.run_id, kwargs, None, spec.filename, spec.task)
         self.spec = spec
         self.names = frozenset(spec.names)
-        rows = store.conn.execute(
-            "SELECT ctx_id, parent_ctx, name, iteration FROM loops WHERE run_id = ?", (spec.run_id,)
-        ).fetchall()
-        self.contexts = RecordedContexts(rows)
+        rows = loop_contexts(store.conn, spec.run_id)  # loops rows are blocks of contexts
+        self.contexts = RecordedContexts((ctx, parent, name, iteration) for ctx, parent, name, iteration, _v in rows)
         self._seq = itertools.count(spec.worker * SEQ_STRIDE + 1)
         self._new_ctx = itertools.count(self.contexts.max_ctx + 1 + spec.worker * CTX_STRIDE)
         self._occurrences: dict[tuple[int, str], int] = {}  # flor.loop runs per (parent, name)
@@ -295,14 +293,14 @@ class ReplayRun(Run):
         """Write queued replay values (and contexts the record lacks) into the original run."""
         with self._flush_lock:
             n_logs = len(self._logs)
-            loops = [self._loops.popleft() for _ in range(len(self._loops))]
+            contexts = [self._loops.popleft() for _ in range(len(self._loops))]
             logs = [self._logs.popleft() for _ in range(n_logs)]
-            if not loops and not logs:
+            if not contexts and not logs:
                 return
             try:
-                self.store.write_batch(self.run_id, loops, logs, source="replay")
+                self.store.write_batch(self.run_id, coalesce_loops(contexts), logs, source="replay")
             except BaseException:
-                self._loops.extendleft(reversed(loops))
+                self._loops.extendleft(reversed(contexts))
                 self._logs.extendleft(reversed(logs))
                 raise
 

@@ -10,7 +10,7 @@ from typing import Any
 from ..config import Config, load_config
 from ..errors import ReplayError, SnapshotError
 from ..snapshot import run_git
-from ..store import Store
+from ..store import Store, loop_contexts
 from ._model import DEVICES, RecordedRun, ReplayPlan
 
 
@@ -49,10 +49,7 @@ def load_recorded_runs(config: Config, run_ids: Sequence[str]) -> list[RecordedR
             if row is None:
                 continue
             rid, task, filename, snapshot, status, args_text, seconds = row
-            outer = conn.execute(
-                "SELECT ctx_id, name, iteration FROM loops WHERE run_id = ? AND parent_ctx = 0 ORDER BY ctx_id",
-                (rid,),
-            ).fetchall()
+            outer = [(c, n, i) for c, parent, n, i, _v in loop_contexts(conn, rid) if parent == 0]
             timings = conn.execute("SELECT ctx_id, kind, seconds FROM timings WHERE run_id = ?", (rid,)).fetchall()
             checkpoints = conn.execute(
                 "SELECT ctx_id, loop_name, iteration, SUM(materialize_seconds) FROM checkpoints WHERE run_id = ? "

@@ -1,0 +1,220 @@
+"""End-to-end hindsight logging: record old versions, add statements today, replay, query.
+
+Every replay here runs the recorded versions in real subprocesses from their snapshot commits,
+restoring real checkpoints from the project's object store.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import flordb_build as flor
+from flordb_build.errors import ExpressionError, ReplayError
+
+# One script, three recorded versions that update `w` differently. The step body appends to
+# MARKER, so a replay that runs any nested-loop body leaves a trace.
+SCRIPT = """\
+import os
+import time
+import flordb_build as flor
+
+state = {{"w": 0}}
+scale = flor.arg("scale", 1)
+with flor.checkpointing(state=state):
+    for epoch in flor.loop("epoch", range(3)):
+        for step in flor.loop("step", range(4)):
+            {update}
+            time.sleep(0.02)  # epochs slow enough that every one is checkpointed
+            with open(os.environ["MARKER"], "a") as fh:
+                fh.write("x")
+        flor.log("val", state["w"])
+flor.log("final", state["w"])
+"""
+UPDATES = ('state["w"] += 1 * scale', 'state["w"] += 2 * scale', 'state["w"] += step * scale')
+
+TODAY = """\
+import os
+import time
+import flordb_build as flor
+
+state = {"w": 0}
+scale = flor.arg("scale", 1)
+with flor.checkpointing(state=state):
+    for epoch in flor.loop("epoch", range(3)):
+        for step in flor.loop("step", range(4)):
+            state["w"] += 3 * step * scale  # today's update differs from every recorded one
+            time.sleep(0.02)
+            with open(os.environ["MARKER"], "a") as fh:
+                fh.write("x")
+            flor.log("sq", state["w"] * 10 + step)
+        flor.log("w2", state["w"] * 2)
+        flor.log("val", state["w"])
+flor.log("final", state["w"])
+flor.log("fin2", state["w"] + 1)
+"""
+
+
+@pytest.fixture
+def recorded(project: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Three recorded versions of train.py (scale=2 for the last), then today's version written."""
+    marker = tmp_path / "marker"
+    monkeypatch.setenv("MARKER", str(marker))
+    for i, update in enumerate(UPDATES):
+        project.write("train.py", SCRIPT.format(update=update))
+        project.commit_all(f"version {i}")
+        project.run("train.py", *(["--kwargs", "scale=2"] if i == 2 else []))
+    project.write("train.py", TODAY)
+    project.commit_all("today")
+    project.marker = marker
+    return project
+
+
+def _marks(project: Any) -> int:
+    return len(project.marker.read_text()) if project.marker.exists() else 0
+
+
+def test_validation_and_suffix_replay_fill_old_runs_without_running_nested_loops(recorded: Any) -> None:
+    project = recorded
+    assert _marks(project) == 36  # 3 runs x 12 step bodies while recording
+    status_before = project.git("status", "--porcelain")
+    today_before = (project.root / "train.py").read_text()
+    head_before = project.git("rev-parse", "HEAD")
+
+    plan = project.cli("replay", "w2", "fin2", "--dry-run").stdout
+    assert plan.count("validation") == 3 and "total estimate" in plan
+    assert _marks(project) == 36
+
+    done = project.cli("replay", "w2", "fin2", "--yes")
+    assert "estimated" in done.stdout and "actual" in done.stdout and "FAILED" not in done.stdout
+    assert _marks(project) == 36, "a nested loop body ran during a validation replay"
+
+    df = flor.dataframe("val", "w2", "final", "fin2")
+    assert len(df) == 9
+    assert (df["w2"] == 2 * df["val"]).all()
+    assert (df["fin2"] == df["final"] + 1).all()
+    # Each run replayed its own version's code: finals 12 (+1), 24 (+2) and 2*(0+1+2+3)*3 = 36 (+step*2).
+    assert sorted(df.groupby("run_id")["final"].first().tolist()) == [12, 24, 36]
+    conn = sqlite3.connect(project.root / ".flor" / "flor.db")
+    sources = dict(conn.execute("SELECT name, COUNT(*) FROM logs WHERE source = 'replay' GROUP BY name").fetchall())
+    assert sources == {"w2": 9, "fin2": 3}
+    run_rows = conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+    conn.close()
+    assert run_rows == 3  # replay adds no runs
+    assert project.git("status", "--porcelain") == status_before
+    assert (project.root / "train.py").read_text() == today_before
+    assert project.git("rev-parse", "HEAD") == head_before
+
+    # Replaying again replaces the earlier replayed values instead of adding to them.
+    project.cli("replay", "w2", "--yes")
+    conn = sqlite3.connect(project.root / ".flor" / "flor.db")
+    assert conn.execute("SELECT COUNT(*) FROM logs WHERE source = 'replay' AND name = 'w2'").fetchone()[0] == 9
+    conn.close()
+
+
+def test_range_replay_with_two_workers_equals_a_fresh_run_of_each_version(recorded: Any) -> None:
+    project = recorded
+    report = flor.replay("sq", workers=2, quiet=True)
+    assert [len(r.segments) for r in report.plan.runs] == [2, 2, 2]
+    assert {r.depth.value for r in report.plan.runs} == {"range"}
+    assert report.ok and all(o.stored == 12 for o in report.outcomes)
+    replayed = flor.dataframe("sq")
+    # A fresh execution of each old version with the new statement: run the patched source as is.
+    for i, run in enumerate(report.plan.runs):
+        project.write(f"fresh_{i}.py", run.source)
+        project.run(f"fresh_{i}.py", *(["--kwargs", f"scale={run.args['scale']}"]))
+        fresh = flor.dataframe("sq")
+        fresh = fresh[fresh["filename"] == f"fresh_{i}.py"]
+        mine = replayed[replayed["run_id"] == run.run_id]
+        assert fresh[["epoch", "step", "sq"]].values.tolist() == mine[["epoch", "step", "sq"]].values.tolist()
+        assert len(mine) == 12
+
+
+def test_prefix_replay_stops_at_the_main_loop(recorded: Any) -> None:
+    project = recorded
+    today = (project.root / "train.py").read_text().replace(
+        'scale = flor.arg("scale", 1)\n',
+        'scale = flor.arg("scale", 1)\nflor.log("doubled", scale * 2)\nflor.log("dev", flor.arg("device", "meta"))\n',
+    )
+    project.write("train.py", today)
+    report = flor.replay("doubled", "dev", device="cpu", quiet=True)
+    assert {r.depth.value for r in report.plan.runs} == {"prefix"}
+    assert _marks(project) == 36
+    df = flor.dataframe("doubled", "dev")
+    assert sorted(df["doubled"].tolist()) == [2, 2, 4]  # the recorded scale=2 came back as the arg
+    assert df["dev"].tolist() == ["cpu"] * 3  # --device sets the device arg the script declares
+
+
+def test_unknown_names_bad_where_and_missing_snapshots_are_reported(recorded: Any) -> None:
+    project = recorded
+    bad = project.cli("replay", "no_such_name", "--yes", check=False)
+    assert bad.returncode == 1
+    assert bad.stderr.strip().count("\n") == 0 and "'no_such_name'" in bad.stderr
+    where = project.cli("replay", "w2", "--where", "1=1; DROP TABLE runs", "--yes", check=False)
+    assert where.returncode == 1 and where.stderr.strip().count("\n") == 0 and "where" in where.stderr
+    none = project.cli("replay", "w2", "--where", "tstamp < '2000-01-01'", "--yes", check=False)
+    assert none.returncode == 1 and "No recorded run matches" in none.stderr
+    piped = project.cli("replay", "w2", check=False)  # stdin is not a terminal and no --yes
+    assert piped.returncode == 1 and "--yes" in piped.stderr
+
+    with pytest.raises(ExpressionError):
+        flor.replay("w2", where="epoch >", dry_run=True, quiet=True)
+    with pytest.raises(ReplayError, match="does not log 'nope'"):
+        flor.replay("nope", dry_run=True, quiet=True)
+
+    conn = sqlite3.connect(project.root / ".flor" / "flor.db")
+    first = conn.execute("SELECT run_id FROM runs ORDER BY tstamp LIMIT 1").fetchone()[0]
+    conn.execute("UPDATE runs SET snapshot = ? WHERE run_id = ?", ("f" * 40, first))
+    conn.commit()
+    conn.close()
+    out = project.cli("replay", "w2", "--yes")
+    assert f"skip: run {first}" in out.stdout and "no longer exists" in out.stdout
+    df = flor.dataframe("w2")
+    assert df[df["run_id"] == first]["w2"].isna().all()
+    assert df[df["run_id"] != first]["w2"].notna().sum() == 6
+
+
+def test_a_nondeterministic_script_is_reported(project: Any) -> None:
+    project.write(
+        "noisy.py",
+        """\
+        import random
+        import flordb_build as flor
+
+        state = {"w": 0.0}
+        with flor.checkpointing(state=state):
+            for epoch in flor.loop("epoch", range(2)):
+                for step in flor.loop("step", range(2)):
+                    state["w"] += 1.0
+                flor.log("val", state["w"] + random.random())
+        """,
+    )
+    project.commit_all("noisy")
+    project.run("noisy.py")
+    text = (project.root / "noisy.py").read_text().replace(
+        '        flor.log("val"', '        flor.log("half", state["w"] / 2)\n        flor.log("val"'
+    )
+    project.write("noisy.py", text)
+    out = project.cli("replay", "half", "--yes")
+    assert "warning: nondeterminism" in out.stdout and "'val' differs in 2 of 2" in out.stdout
+    assert flor.dataframe("half")["half"].tolist() == [1.0, 2.0]
+
+
+def test_doit_replay_command_after_init(recorded: Any) -> None:
+    project = recorded
+    project.cli("init", "--doit-config", "pyproject.toml")
+    text = (project.root / "pyproject.toml").read_text()
+    assert 'replay = "flordb_build.hindsight:ReplayCommand"' in text
+    project.commit_all("configure doit")
+    out = subprocess.run(
+        [sys.executable, "-m", "doit", "replay", "fin2", "--yes"], cwd=project.root, capture_output=True, text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "suffix" in out.stdout
+    assert sorted(flor.dataframe("fin2")["fin2"].tolist()) == [13, 25, 37]

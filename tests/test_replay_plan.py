@@ -1,0 +1,197 @@
+"""The pure planner: schedules, estimates and skips on tiny inputs; run_replay with an injected executor."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+
+from flordb_build.errors import ReplayError
+from flordb_build.hindsight import (
+    JobResult,
+    Mismatch,
+    RecordedRun,
+    ReplayJob,
+    Step,
+    StepKind,
+    compare_values,
+    format_plan,
+    plan_replay,
+    run_replay,
+    schedule_scan,
+    split_segments,
+    values_match,
+)
+from flordb_build.rewrite import Position
+
+OLD = """\
+import flordb_build as flor
+
+state = {"w": 0}
+with flor.checkpointing(state=state):
+    for epoch in flor.loop("epoch", range(4)):
+        for step in flor.loop("step", range(2)):
+            state["w"] += 1
+        flor.log("val", state["w"])
+flor.log("final", state["w"])
+"""
+TODAY = """\
+import flordb_build as flor
+
+flor.log("setup", 1)
+state = {"w": 0}
+with flor.checkpointing(state=state):
+    for epoch in flor.loop("epoch", range(4)):
+        for step in flor.loop("step", range(2)):
+            state["w"] += 1
+            flor.log("inner", step)
+        flor.log("w2", state["w"] * 2)
+        flor.log("val", state["w"])
+flor.log("final", state["w"])
+flor.log("fin2", state["w"] + 1)
+"""
+S, R, X, F, V = StepKind.SKIP, StepKind.RESTORE, StepKind.SILENT, StepKind.FULL, StepKind.VALIDATE
+
+
+def recorded(run_id: str = "r1", checkpointed: tuple[int, ...] = (0, 1, 2, 3), **changes: Any) -> RecordedRun:
+    """A run of OLD: prefix 1s, epochs of 3s with 2s nested, suffix 0.5s, restores measured at 0.1s."""
+    ctxs = [1, 4, 7, 10]
+    timings = [(0, "prefix", 1.0), (0, "suffix", 0.5)]
+    for ctx in ctxs:
+        timings += [(ctx, "iteration", 3.0), (ctx, "inner", 2.0)]
+    timings.append((ctxs[-1], "restore", 0.1))
+    fields: dict[str, Any] = dict(
+        run_id=run_id, task="train", filename="train.py", snapshot="abcdef0123456789", old_source=OLD,
+        args={"lr": 0.1}, seconds=14.0,
+        outer_loops=tuple((ctx, "epoch", i) for i, ctx in enumerate(ctxs)),
+        timings=tuple(timings),
+        checkpoints=tuple((ctxs[i], "epoch", i, 0.05) for i in checkpointed),
+    )
+    fields.update(changes)
+    return RecordedRun(**fields)
+
+
+def kinds(steps: tuple[Step, ...]) -> list[StepKind]:
+    return [s.kind for s in steps]
+
+
+def test_split_segments_covers_every_iteration_once() -> None:
+    assert split_segments(8, 2) == ((0, 4), (4, 8))
+    assert split_segments(5, 3) == ((0, 2), (2, 3), (3, 5))
+    assert split_segments(2, 4) == ((0, 1), (1, 2))
+    assert split_segments(0, 2) == ((0, 0),)
+
+
+def test_schedules_follow_the_docstring_diagram() -> None:
+    ckpt = (1, 4, 7)
+    suffix = schedule_scan(Position.SUFFIX, 8, ckpt)
+    assert kinds(suffix.steps) == [S] * 7 + [R] and not suffix.stop_after
+    validation = schedule_scan(Position.VALIDATION, 8, ckpt)
+    assert kinds(validation.steps) == [F, V, F, F, V, F, F, V]
+    assert [s.restore_after for s in validation.steps] == [False, True, False, False, True, False, False, True]
+    late = schedule_scan(Position.RANGE, 8, ckpt, (5, 8))
+    assert kinds(late.steps) == [S, S, S, S, R, F, F, F]
+    assert not late.writes_prefix and late.writes_suffix and not late.stop_after
+    early = schedule_scan(Position.RANGE, 8, ckpt, (0, 5))
+    assert kinds(early.steps) == [F] * 5 and early.stop_after and early.writes_prefix and not early.writes_suffix
+    # No checkpoint before the segment: rebuild the state from the start, keeping nothing.
+    assert kinds(schedule_scan(Position.RANGE, 8, (7,), (3, 5)).steps) == [X, X, X, F, F]
+    prefix = schedule_scan(Position.PREFIX, 8, ckpt)
+    assert prefix.steps == () and prefix.stop_after and prefix.writes_prefix
+
+
+def test_plan_picks_depth_per_run_and_estimates_from_timings() -> None:
+    today = {"train.py": TODAY}
+    suffix = plan_replay([recorded()], today, ["fin2"]).runs[0]
+    assert suffix.depth is Position.SUFFIX
+    assert suffix.estimate == pytest.approx(1.0 + 0.1 + 0.5)  # prefix + one restore + suffix
+    validation = plan_replay([recorded()], today, ["w2", "fin2"]).runs[0]
+    assert validation.depth is Position.VALIDATION and validation.names == ("w2", "fin2")
+    # prefix + 4 x (3 - 2 nested + restore) + one extra restore after the last + suffix
+    assert validation.estimate == pytest.approx(1.0 + 4 * 1.1 + 0.1 + 0.5)
+    prefix = plan_replay([recorded()], today, ["setup"]).runs[0]
+    assert prefix.depth is Position.PREFIX and prefix.estimate == pytest.approx(1.0)
+    ranged = plan_replay([recorded()], today, ["inner"], workers=2).runs[0]
+    assert ranged.depth is Position.RANGE and ranged.segments == ((0, 2), (2, 4))
+    # segment 0: prefix + 2 epochs; segment 1: prefix + restore epoch 1 + 2 epochs + suffix
+    assert ranged.segment_estimates == pytest.approx((7.0, 7.6))
+    assert ranged.estimate == pytest.approx(7.6)
+    assert ranged.version == "abcdef01"
+
+
+def test_a_skipped_checkpoint_is_recomputed_and_costed() -> None:
+    plan = plan_replay([recorded(checkpointed=(0, 3))], {"train.py": TODAY}, ["w2"]).runs[0]
+    assert plan.checkpointed == (0, 3)
+    # epochs 1 and 2 run in full (3s each); 0 restores twice (its successor runs in full)
+    assert plan.estimate == pytest.approx(1.0 + (1.0 + 0.2) + 3.0 + 3.0 + (1.0 + 0.2) + 0.5)
+
+
+def test_restore_cost_falls_back_to_materialize_times_1_38() -> None:
+    run = recorded(timings=tuple(t for t in recorded().timings if t[1] != "restore"))
+    plan = plan_replay([run], {"train.py": TODAY}, ["fin2"]).runs[0]
+    assert plan.estimate == pytest.approx(1.0 + 1.38 * 0.05 + 0.5)
+
+
+def test_runs_that_cannot_be_replayed_are_skipped_with_reasons() -> None:
+    runs = [
+        recorded("gone", old_source=None, unavailable="snapshot 'abc' no longer exists in the repository"),
+        recorded("other", filename="infer.py"),
+        recorded("failed", status="failed"),
+        recorded("has_it", old_source=TODAY),
+        recorded("fine"),
+    ]
+    plan = plan_replay(runs, {"train.py": TODAY, "infer.py": "import flordb_build as flor\n"}, ["w2"])
+    assert [r.run_id for r in plan.runs] == ["fine"]
+    reasons = {s.run_id: s.reason for s in plan.skipped}
+    assert "no longer exists" in reasons["gone"]
+    assert reasons["other"].startswith("today's 'infer.py' logs none of")
+    assert "'failed'" in reasons["failed"]
+    assert "logs it already" in reasons["has_it"]
+    text = format_plan(plan)
+    assert "fine" in text and "skip: run gone" in text and "1 selected run(s) not affected" in text
+
+
+def test_unknown_names_and_bad_workers_are_errors() -> None:
+    with pytest.raises(ReplayError, match="does not log 'typo'"):
+        plan_replay([recorded()], {"train.py": TODAY}, ["w2", "typo"])
+    with pytest.raises(ReplayError, match="at least 1"):
+        plan_replay([recorded()], {"train.py": TODAY}, ["w2"], workers=0)
+    with pytest.raises(ReplayError, match="Name the values"):
+        plan_replay([recorded()], {"train.py": TODAY}, [])
+
+
+def test_run_replay_calls_the_executor_once_per_segment_and_reports() -> None:
+    plan = plan_replay([recorded("a"), recorded("b")], {"train.py": TODAY}, ["inner"], workers=2)
+    calls: list[tuple[str, int, tuple[int, int] | None]] = []
+    lock = threading.Lock()
+    seen: list[tuple[str, int, int]] = []
+
+    def executor(job: ReplayJob, progress: Any) -> JobResult:
+        with lock:
+            calls.append((job.run.run_id, job.worker, job.segment))
+        progress(len(job.schedule.steps), len(job.schedule.steps))
+        mismatch = (Mismatch(job.run.run_id, "val", 2, 1, "epoch 3: recorded 1, replayed 2"),) if job.worker else ()
+        return JobResult(job.run.run_id, job.worker, job.run.run_id == "a", 0.5, stored=4,
+                         error=None if job.run.run_id == "a" else "boom", mismatches=mismatch)
+
+    report = run_replay(plan, executor, progress=lambda run, done, total: seen.append((run.run_id, done, total)))
+    assert sorted(calls) == [("a", 0, (0, 2)), ("a", 1, (2, 4)), ("b", 0, (0, 2)), ("b", 1, (2, 4))]
+    assert [o.run_id for o in report.outcomes] == ["a", "b"]
+    assert [o.ok for o in report.outcomes] == [True, False] and not report.ok
+    assert report.outcomes[0].stored == 8 and report.outcomes[1].errors == ("worker 0: boom", "worker 1: boom")
+    assert [(m.run_id, m.differing) for m in report.mismatches] == [("a", 1), ("b", 1)]
+    assert ("a", 6, 6) in seen  # segment 0 has 2 steps, segment 1 has 4 (2 to pseudoresume)
+
+
+def test_values_match_is_exact_for_ints_and_strings_and_tolerant_for_floats() -> None:
+    assert values_match(1, 1) and not values_match(1, 2) and not values_match("a", "b")
+    assert not values_match(1, True) and not values_match("1", 1)
+    assert values_match(1.0, 1.0 + 1e-9) and not values_match(1.0, 1.0 + 1e-3)
+    assert values_match(1.0, 1.0 + 1e-3, rel_tol=1e-2)
+    assert values_match([1, 2.0], [1, 2.0]) and not values_match({"a": 1}, {"a": 2})
+    assert values_match(float("nan"), float("nan"))
+    recorded_values = {(1, "val"): [1.0], (2, "val"): [2.0], (1, "tag"): ["x"], (3, "only_recorded"): [0]}
+    replayed = {(1, "val"): [1.0], (2, "val"): [2.5], (1, "tag"): ["x"], (4, "only_replayed"): [1]}
+    mismatches = compare_values("r", recorded_values, replayed, describe=lambda ctx: f"epoch {ctx - 1}")
+    assert mismatches == (Mismatch("r", "val", 2, 1, "epoch 1: recorded 2.0, replayed 2.5"),)
