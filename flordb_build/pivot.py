@@ -193,6 +193,24 @@ def _closure_complete(wanted: np.ndarray, ctx: np.ndarray, parent: np.ndarray) -
     return True
 
 
+class KeyPositions:
+    """Position of each int64 key in an array of distinct keys: one sort, then binary searches.
+
+    Cheaper than a hash index here: the keys arrive nearly sorted, so the sort is quick.
+    """
+
+    def __init__(self, keys: np.ndarray) -> None:
+        self._order = np.argsort(keys, kind="stable")
+        self._sorted = keys[self._order]
+
+    def find(self, wanted: np.ndarray) -> np.ndarray:
+        """Positions of ``wanted`` in the original keys; -1 where a key is absent."""
+        if self._sorted.size == 0:
+            return np.full(len(wanted), -1, dtype=np.int64)
+        at = np.minimum(np.searchsorted(self._sorted, wanted), self._sorted.size - 1)
+        return np.where(self._sorted[at] == wanted, self._order[at], -1)
+
+
 class ContextPivot:
     """Turns loop contexts and log rows into dataframe columns (numpy over positions).
 
@@ -206,13 +224,13 @@ class ContextPivot:
         self.logs = logs
         self.n_loops = n = len(loops.ctx)
         n_runs = len(runs)
-        index = pd.Index((loops.code << _CTX_SHIFT) | loops.ctx)
-        parent_pos = index.get_indexer(pd.Index((loops.code << _CTX_SHIFT) | loops.parent))
+        positions = KeyPositions((loops.code << _CTX_SHIFT) | loops.ctx)
+        parent_pos = positions.find((loops.code << _CTX_SHIFT) | loops.parent)
         parent_pos = np.where((loops.parent == 0) | (parent_pos < 0), n + loops.code, parent_pos)
         self.parent = np.concatenate([parent_pos, np.full(n_runs, -1, dtype=np.int64)])
         self.pos_code = np.concatenate([loops.code, np.arange(n_runs, dtype=np.int64)])
         self._has_values = np.bincount(loops.name[loops.value != None], minlength=len(loops.names)) > 0  # noqa: E711
-        log_pos = index.get_indexer(pd.Index((logs.code << _CTX_SHIFT) | logs.ctx))
+        log_pos = positions.find((logs.code << _CTX_SHIFT) | logs.ctx)
         self.log_pos = np.where((logs.ctx == 0) | (log_pos < 0), n + logs.code, log_pos)
 
     def columns(self) -> dict[str, Any]:
@@ -263,17 +281,22 @@ class ContextPivot:
         if n_dims == 0:
             return {}
         iters = np.full((n_dims, len(leaves)), -1, dtype=np.int64)
-        values = np.full((n_dims, len(leaves)), None, dtype=object)
+        # Loop values (document names) only for the loops that have any: most have none.
+        values = {d: np.full(len(leaves), None, dtype=object) for d in np.nonzero(self._has_values)[0].tolist()}
         depth_sum = np.zeros(n_dims)
         depth_count = np.zeros(n_dims)
         # Walk up from each leaf; the nearest context of a loop name wins.
         for depth_up, (rows, cur) in enumerate(self._ancestry(leaves)):
             dims = self.loops.name[cur]
             unset = iters[dims, rows] < 0
-            iters[dims[unset], rows[unset]] = self.loops.iteration[cur[unset]]
-            values[dims[unset], rows[unset]] = self.loops.value[cur[unset]]
-            depth_sum -= depth_up * np.bincount(dims, minlength=n_dims)
-            depth_count += np.bincount(dims, minlength=n_dims)
+            dims, rows, cur = dims[unset], rows[unset], cur[unset]
+            iters[dims, rows] = self.loops.iteration[cur]
+            for d, column in values.items():
+                mine = dims == d
+                column[rows[mine]] = self.loops.value[cur[mine]]
+            counts = np.bincount(dims, minlength=n_dims)
+            depth_sum -= depth_up * counts
+            depth_count += counts
         # Outermost loops first: a loop seen further up from the leaves sorts earlier.
         mean_depth = depth_sum / np.maximum(depth_count, 1)
         order = sorted(range(n_dims), key=lambda d: (float(mean_depth[d]), d))
@@ -281,7 +304,7 @@ class ContextPivot:
         for d in order:
             name = self.loops.names[d]
             out[name] = iters[d]
-            if self._has_values[d] and (values[d] != None).any():  # noqa: E711 - elementwise
+            if d in values and (values[d] != None).any():  # noqa: E711 - elementwise
                 out[name + "_value"] = values[d]
         return out
 
