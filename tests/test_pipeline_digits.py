@@ -3,6 +3,7 @@ train -> infer -> review -> train, with doit and with Make, on real data and rea
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -150,9 +151,17 @@ def test_quickstart_demo_closes_the_loop(tmp_path: Path, monkeypatch: pytest.Mon
     assert float(shown.group(1)) == pytest.approx(deployed["model_val_acc"].iloc[0], abs=1e-4)
     assert "corrected" in output and "review_auto" in output
 
-    # The demo's last doit, and a plain `doit` now, execute nothing.
+    # The demo's last doit executes nothing.
     last_block = output.split("nothing changed")[1].split("==")[1]
     assert not re.search(r"^\s*\.  ", last_block, re.MULTILINE), last_block
+
+    assert_hindsight_replayed(demo_dir, output, train)
+
+    # Without the hindsight edit (which doit rightly sees as a change to train.py), a plain
+    # `doit` executes nothing either: the replay wrote nothing into the project's data/.
+    head = subprocess.run(["git", "show", "HEAD:pipelines/digits/train.py"], cwd=demo_dir, env=tool_env(),
+                          capture_output=True, text=True, check=True).stdout
+    (demo_dir / "pipelines" / "digits" / "train.py").write_text(head, encoding="utf-8")
     run_tool(demo_dir, "doit")
     statuses = flor.query(
         "SELECT t.task, t.status FROM tasks t WHERE t.pipeline_id = "
@@ -162,6 +171,43 @@ def test_quickstart_demo_closes_the_loop(tmp_path: Path, monkeypatch: pytest.Mon
         "infer": "up-to-date", "prep": "up-to-date", "train": "up-to-date"
     }
     assert len(train_runs()) == 2
+
+
+def assert_hindsight_replayed(demo_dir: Path, output: str, train: pd.DataFrame) -> None:
+    """The demo's hindsight step: an uncommitted flor.log in train.py, replayed into both rounds."""
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=demo_dir, env=tool_env(),
+                            capture_output=True, text=True, check=True).stdout
+    assert status.splitlines() == [" M pipelines/digits/train.py"]
+    assert "# hindsight: added after both rounds ran" in (demo_dir / "pipelines/digits/train.py").read_text()
+    assert "nondeterminism" not in output and "FAILED" not in output, output
+
+    # One replayed value per training round, in the recorded runs' rows; the replay added no run.
+    f1 = flor.dataframe("val_macro_f1")
+    f1 = f1[f1["val_macro_f1"].notna()].sort_values("tstamp").reset_index(drop=True)
+    assert f1["run_id"].tolist() == train["run_id"].tolist()
+    assert f1["task"].tolist() == ["train", "train"]
+    assert all(0.5 < value <= 1.0 for value in f1["val_macro_f1"]), f1
+    sources = flor.query("SELECT DISTINCT source FROM logs WHERE name = 'val_macro_f1'")
+    assert sources["source"].tolist() == ["replay"]
+    runs = flor.query("SELECT task, count(*) AS n FROM runs GROUP BY task")
+    assert dict(zip(runs["task"], runs["n"], strict=True)) == {"prep": 1, "train": 2, "infer": 2, "review_auto": 1}
+    assert "6 before the replay, 6 after" in output
+
+    # Recompute it independently (sklearn's macro-F1) from each run's final checkpoint.
+    from sklearn.metrics import f1_score
+
+    spec = importlib.util.spec_from_file_location("demo_digits", demo_dir / "pipelines" / "digits" / "digits.py")
+    assert spec is not None and spec.loader is not None
+    digits = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(digits)
+    with np.load(demo_dir / "pipelines" / "digits" / "data" / "split.npz") as npz:
+        x_val = digits.to_tensor(npz["images"][npz["val_ids"]], "cpu")
+        y_val = npz["val_labels"]
+    for row in f1.itertuples():
+        model = digits.build_model()
+        flor.load_checkpoint(row, model=model)  # a run-level row: the run's final checkpoint
+        predicted = model(x_val).argmax(dim=1).numpy()
+        assert row.val_macro_f1 == pytest.approx(f1_score(y_val, predicted, average="macro"), abs=1e-6)
 
 
 def test_make_retrains_only_after_new_labels(project: Project) -> None:

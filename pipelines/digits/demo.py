@@ -11,8 +11,15 @@ record build context (``flordb-build init``), and runs the pipeline with doit:
     check     doit infer         nothing changed: every task is up to date, nothing runs
 
 Then it prints the validation accuracy of each round and a dataframe joining the round-1
-predictions with the labels the reviewer gave. Everything it recorded stays in the project's
-``.flor/flor.db`` for you to query: ``cd DIR && flordb-build dataframe val_acc``.
+predictions with the labels the reviewer gave, and does what a user does in hindsight:
+
+    edit      train.py gains flor.log("val_macro_f1", ...) after its epoch loop (left uncommitted)
+    replay    flordb-build replay val_macro_f1 --task train --yes
+              both recorded training runs replay from their final checkpoints (no retraining)
+    query     flor.dataframe("val_macro_f1", "best_val_acc"): the new metric for both rounds
+
+Everything it recorded stays in the project's ``.flor/flor.db`` for you to query:
+``cd DIR && flordb-build dataframe val_acc``.
 """
 
 from __future__ import annotations
@@ -33,10 +40,29 @@ if TYPE_CHECKING:
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 GIT_IDENTITY = ["-c", "user.name=flordb_build demo", "-c", "user.email=demo@localhost"]
+#: The project's flordb_build settings. A replay runs an old snapshot in a temporary directory,
+#: and the split prep.py wrote is git-ignored data the snapshot lacks: link it in. Only that
+#: input, so that the replayed script's own output (data/train.json) never touches the project's.
+PYPROJECT = """\
+[tool.flordb_build]
+replay_links = ["pipelines/digits/data/split.npz"]
+"""
+#: The name the hindsight statement logs, the line it goes after, and the statement itself.
+HINDSIGHT_NAME = "val_macro_f1"
+HINDSIGHT_ANCHOR = '    flor.log("best_val_acc", best_acc)\n'
+HINDSIGHT_LINES = """\
+    # hindsight: added after both rounds ran -- macro-F1 of the final model on the validation set
+    # (F1 of digit d = 2 TP / (predicted d + labeled d); the model after the last epoch)
+    flor.log("val_macro_f1", float(torch.stack([
+        2 * ((predicted == d) & (y_val == d)).sum() / ((predicted == d).sum() + (y_val == d).sum())
+        for predicted in [model(x_val).argmax(dim=1)]
+        for d in range(N_CLASSES)
+    ]).mean()))
+"""
 
 
 def make_project(directory: Path | None) -> Path:
-    """A new git repository holding this pipeline (dodo.py + pipelines/digits), one commit."""
+    """A new git repository holding this pipeline (dodo.py + pipelines/digits), not committed yet."""
     if directory is None:
         directory = Path(tempfile.mkdtemp(prefix="flordb-digits-"))
     directory = directory.expanduser().resolve()
@@ -46,20 +72,39 @@ def make_project(directory: Path | None) -> Path:
     shutil.copy2(REPO / "dodo.py", directory / "dodo.py")
     shutil.copytree(HERE, directory / "pipelines" / "digits", ignore=shutil.ignore_patterns("data", "__pycache__"))
     (directory / ".gitignore").write_text(".doit.db*\n__pycache__/\n", encoding="utf-8")
-    git = ["git", *GIT_IDENTITY]
-    subprocess.run([*git, "init", "-q", "-b", "main"], cwd=directory, check=True)
-    subprocess.run([*git, "add", "-A"], cwd=directory, check=True)
-    subprocess.run([*git, "commit", "-q", "-m", "digits pipeline"], cwd=directory, check=True)
+    (directory / "pyproject.toml").write_text(PYPROJECT, encoding="utf-8")
+    subprocess.run(["git", *GIT_IDENTITY, "init", "-q", "-b", "main"], cwd=directory, check=True)
     return directory
+
+
+def commit_all(project: Path, message: str) -> None:
+    """Commit everything in the project (the demo's own repository, never the caller's)."""
+    git = ["git", *GIT_IDENTITY]
+    subprocess.run([*git, "add", "-A"], cwd=project, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", message], cwd=project, check=True)
+
+
+def add_hindsight_log(project: Path) -> str:
+    """Insert the hindsight flor.log into the project's train.py (a work-tree edit); return the diff."""
+    train = project / "pipelines" / "digits" / "train.py"
+    source = train.read_text(encoding="utf-8")
+    if source.count(HINDSIGHT_ANCHOR) != 1:
+        raise SystemExit(f"demo: '{train}' does not hold the line {HINDSIGHT_ANCHOR.strip()!r} once; "
+                         "the hindsight edit needs it as its anchor.")
+    train.write_text(source.replace(HINDSIGHT_ANCHOR, HINDSIGHT_ANCHOR + HINDSIGHT_LINES), encoding="utf-8")
+    diff = subprocess.run(["git", "diff", "-U1", "--", "pipelines/digits/train.py"], cwd=project,
+                          capture_output=True, text=True, check=True)
+    return diff.stdout
 
 
 def run_step(project: Path, *args: str) -> str:
     """Run a command in the project with this interpreter's tools; echo and return its output."""
     started = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, *args], cwd=project, capture_output=True, text=True, env=tool_env(), check=False
+    proc = subprocess.run(  # stderr into stdout: progress lines and results in the order they came
+        [sys.executable, *args], cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=tool_env(), check=False,
     )
-    output = proc.stdout + proc.stderr
+    output = proc.stdout
     print(f"$ {' '.join(['python', *args])}   ({time.perf_counter() - started:.1f} s)")
     print("  " + output.strip().replace("\n", "\n  "))
     if proc.returncode != 0:
@@ -104,6 +149,27 @@ def predictions_with_labels() -> pd.DataFrame:
     return joined.sort_values("confidence").reset_index(drop=True)
 
 
+def hindsight(project: Path) -> None:
+    """Add a flor.log that the recorded runs lack, replay it over both rounds, show the values."""
+    import flordb_build as flor
+
+    n_runs = int(flor.query("SELECT count(*) AS n FROM runs")["n"].iloc[0])
+    print(f"\n== hindsight: today's train.py logs {HINDSIGHT_NAME!r}, which neither round recorded ==")
+    print("  " + add_hindsight_log(project).strip().replace("\n", "\n  "))
+    status = subprocess.run(["git", "status", "--short"], cwd=project, capture_output=True, text=True, check=True)
+    print("$ git status --short   (the edit is not committed; replay reads today's work tree)")
+    print("  " + status.stdout.rstrip().replace("\n", "\n  "))
+    print(f"\n== replay {HINDSIGHT_NAME!r} over both training rounds, from their final checkpoints ==")
+    run_step(project, "-m", "flordb_build", "replay", HINDSIGHT_NAME, "--task", "train", "--yes")
+    backfilled = flor.dataframe(HINDSIGHT_NAME, "best_val_acc").sort_values("tstamp")
+    columns = ["run_id", "tstamp", "task", "n_human_labels", HINDSIGHT_NAME, "best_val_acc"]
+    backfilled = backfilled.merge(flor.dataframe("n_human_labels")[["run_id", "n_human_labels"]], on="run_id")
+    n_after = int(flor.query("SELECT count(*) AS n FROM runs")["n"].iloc[0])
+    print(f"\n== flor.dataframe({HINDSIGHT_NAME!r}, 'best_val_acc'): backfilled into the recorded runs "
+          f"(runs in the store: {n_runs} before the replay, {n_after} after) ==")
+    print(backfilled[columns].to_string(index=False))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dir", type=Path, help="where to create the demo project (default: a new temp dir)")
@@ -116,6 +182,7 @@ def main() -> None:
     print(f"demo project: {project}\n")
     doit_vars = [f"{name}={value}" for name, value in (("epochs", options.epochs), ("n", options.n)) if value]
     run_step(project, "-m", "flordb_build", "init")
+    commit_all(project, "digits pipeline")
     print("\n== round 1: prep, train on the seed labels, infer, simulated review ==")
     run_step(project, "-m", "doit", *doit_vars, "review_auto")
     print("\n== round 2: train on seed + reviewed labels, infer ==")
@@ -134,6 +201,7 @@ def main() -> None:
         wrong = int((joined["prediction"] != joined["label"]).sum())
         print(f"\n== round-1 predictions joined with the review labels on item ({wrong} of {len(joined)} corrected) ==")
         print(joined.head(15).to_string(index=False))
+        hindsight(project)
     accuracies = summary["model_val_acc"].tolist()
     print(f"\nvalidation accuracy of the deployed model: round 1 {accuracies[0]:.4f} -> round 2 {accuracies[-1]:.4f}   "
           f"({time.perf_counter() - started:.0f} s)")

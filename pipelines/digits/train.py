@@ -3,7 +3,8 @@
 The label store is ``flor.dataframe("label")``: whatever the review app (task ``run``) or the
 simulated reviewer (task ``review_auto``) logged, newest label per item. Each epoch logs
 ``loss`` per step, ``val_acc`` and per-digit ``recall``; ``flor.checkpointing`` keeps the model
-and optimizer so that infer.py can load the best epoch (the model registry).
+and optimizer so that infer.py can load the best epoch (the model registry), and the best epoch
+so far so that a hindsight replay after the epoch loop starts from what the run ended with.
 
     python pipelines/digits/train.py --kwargs epochs=40 lr=0.003 batch_size=32 seed=0 device=auto
 """
@@ -27,6 +28,7 @@ from digits import (
 from torch import nn
 
 import flordb_build as flor
+from flordb_build.runtime import current_run_id
 
 
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, list[float]]:
@@ -53,7 +55,9 @@ def main() -> None:
 
     torch.manual_seed(seed)
     split = load_split()
-    labels = human_labels()
+    # The labels logged before this run started: a replay of this run (hindsight logging) then
+    # rebuilds the training set it had, whatever was reviewed since.
+    labels = human_labels(before_run=current_run_id())
     # Training set = seed labels + human labels (a human label overrides nothing in the seed set:
     # the review queue only offers pool items).
     train_ids = np.concatenate([split["seed_ids"], labels["item"].to_numpy(dtype=np.int64)])
@@ -72,9 +76,11 @@ def main() -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     loss_fn = nn.CrossEntropyLoss()
     shuffler = torch.Generator().manual_seed(seed)
-    best_acc, best_epoch = -1.0, -1
+    # Checkpointed with the model: a replay that skips the epoch loop (a statement after it)
+    # restores the best epoch from the final checkpoint instead of starting from -1.
+    best = {"val_acc": -1.0, "epoch": -1}
 
-    with flor.checkpointing(model=model, optimizer=optimizer):
+    with flor.checkpointing(model=model, optimizer=optimizer, best=best):
         for epoch in flor.loop("epoch", range(epochs)):
             order = torch.randperm(len(train_ids), generator=shuffler).to(device)
             batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
@@ -88,9 +94,10 @@ def main() -> None:
             flor.log("val_acc", val_acc)
             for digit in flor.loop("digit", range(N_CLASSES)):
                 flor.log("recall", recall[digit])
-            if val_acc > best_acc:
-                best_acc, best_epoch = val_acc, epoch
+            if val_acc > best["val_acc"]:
+                best.update(val_acc=val_acc, epoch=epoch)
 
+    best_acc, best_epoch = best["val_acc"], best["epoch"]
     flor.log("best_val_acc", best_acc)
     # The target doit and Make watch: same content for the same training set and result.
     write_json(
