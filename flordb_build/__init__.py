@@ -18,11 +18,11 @@ from .runtime import arg, commit, iteration, log, loop
 
 if TYPE_CHECKING:
     from .checkpoints import checkpointing, load_checkpoint
-    from .hindsight import ReplayReport
+    from .hindsight import replay
 
-# Checkpointing loads on first use (PEP 562): `import flordb_build` in a training script costs
-# only what recording needs.
-_LAZY = {"checkpointing": "checkpoints", "load_checkpoint": "checkpoints"}
+# Checkpointing and replay load on first use (PEP 562): `import flordb_build` in a training
+# script costs only what recording needs.
+_LAZY = {"checkpointing": "checkpoints", "load_checkpoint": "checkpoints", "replay": "hindsight"}
 
 
 def __getattr__(name: str) -> Any:
@@ -33,25 +33,8 @@ def __getattr__(name: str) -> Any:
     globals()[name] = value
     return value
 
+
 __version__ = "0.1.0"
-
-
-def replay(
-    *names: str,
-    where: str | None = None,
-    task: str | None = None,
-    workers: int = 1,
-    device: str = "auto",
-    dry_run: bool = False,
-    quiet: bool = False,
-    rel_tol: float = 1e-6,
-) -> ReplayReport:
-    """Replay today's new ``flor.log`` statements ``names`` in the recorded runs ``where`` selects."""
-    from .hindsight import replay as replay_runs  # libcst and the planner load only when replaying
-
-    return replay_runs(*names, where=where, task=task, workers=workers, device=device, dry_run=dry_run, quiet=quiet,
-                        rel_tol=rel_tol)
-
 
 __all__ = [
     "FlorBuildError",
