@@ -69,42 +69,43 @@ def read_logs(conn: sqlite3.Connection, run_ids: list[str], names: list[str]) ->
     only text, JSON, bools and replayed rows go through Python tuples.
     """
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("code", "ctx", "name", "value", "kind", "replay")}
-    composition_sql = (
-        "SELECT count(*), sum(kind = 0 AND source = 'record'), sum(typeof(value) = 'real'), "
-        "sum(typeof(value) = 'integer') FROM logs WHERE run_id = ? AND name = ?"
+    count_sql = "SELECT count(*) FROM logs WHERE run_id = ? AND name = ? AND source = 'record'"
+    chunks_sql = (
+        "SELECT count, format, ctx_ids, vals FROM log_columns WHERE run_id = ? AND name = ? ORDER BY first_seq"
     )
-    plain_sql = "SELECT ctx_id, value FROM logs WHERE run_id = ? AND name = ? AND source = 'record'"
-    general_sql = "SELECT ctx_id, value, kind, source = 'replay' FROM logs WHERE run_id = ? AND name = ?"
-    plain_dtypes = {
-        "real": np.dtype([("ctx", np.int64), ("value", np.float64)]),
-        "integer": np.dtype([("ctx", np.int64), ("value", np.int64)]),
-    }
+    record_sql = "SELECT ctx_id, value, kind FROM logs WHERE run_id = ? AND name = ? AND source = 'record'"
+    replay_sql = "SELECT ctx_id, value, kind FROM logs WHERE run_id = ? AND name = ? AND source = 'replay'"
 
-    def add(code: int, name_code: int, ctx: np.ndarray, values: np.ndarray, kind: Any, replay: Any) -> None:
+    def add(code: int, name_code: int, ctx: np.ndarray, values: np.ndarray, kind: Any, replay: bool) -> None:
         n = len(ctx)
         parts["code"].append(np.full(n, code, dtype=np.int64))
         parts["ctx"].append(ctx)
         parts["name"].append(np.full(n, name_code, dtype=np.int64))
         parts["value"].append(values)
         parts["kind"].append(np.broadcast_to(np.asarray(kind, dtype=np.int64), (n,)))
-        parts["replay"].append(np.broadcast_to(np.asarray(replay, dtype=bool), (n,)))
+        parts["replay"].append(np.full(n, replay, dtype=bool))
+
+    def add_rows(code: int, name_code: int, rows: list[tuple[Any, ...]], replay: bool) -> None:
+        ctx, value, kind = zip(*rows, strict=True)
+        values = np.empty(len(rows), dtype=object)
+        values[:] = value
+        add(code, name_code, np.array(ctx, dtype=np.int64), values, kind, replay)
 
     for code, run_id in enumerate(run_ids):
         for name_code, name in enumerate(names):
-            total, plain, reals, ints = conn.execute(composition_sql, (run_id, name)).fetchone()
-            if not total:
-                continue
-            sql_type = "real" if reals == total else "integer" if ints == total else None
-            if plain == total and sql_type is not None:
-                # All recorded plain floats (or ints): stream the cursor into a typed array.
-                block = np.fromiter(conn.execute(plain_sql, (run_id, name)), dtype=plain_dtypes[sql_type])
-                add(code, name_code, block["ctx"], block["value"].astype(object), 0, False)
-                continue
-            rows = conn.execute(general_sql, (run_id, name)).fetchall()
-            ctx, value, kind, replay = zip(*rows, strict=True)
-            values = np.empty(len(rows), dtype=object)
-            values[:] = value
-            add(code, name_code, np.array(ctx, dtype=np.int64), values, kind, replay)
+            packed = _read_packed(conn.execute(chunks_sql, (run_id, name)).fetchall())
+            # The packed copy is used only when it covers every recorded row; anything else
+            # (a store written before it existed, text values) reads the rows themselves.
+            if packed is not None and len(packed[0]) == conn.execute(count_sql, (run_id, name)).fetchone()[0]:
+                if len(packed[0]):
+                    add(code, name_code, packed[0], packed[1].astype(object), 0, False)
+            else:
+                rows = conn.execute(record_sql, (run_id, name)).fetchall()
+                if rows:
+                    add_rows(code, name_code, rows, False)
+            replayed = conn.execute(replay_sql, (run_id, name)).fetchall()
+            if replayed:
+                add_rows(code, name_code, replayed, True)
     return LogArrays(
         code=_concat(parts["code"], np.int64),
         ctx=_concat(parts["ctx"], np.int64),
@@ -113,6 +114,16 @@ def read_logs(conn: sqlite3.Connection, run_ids: list[str], names: list[str]) ->
         kind=_concat(parts["kind"], np.int64),
         replay=_concat(parts["replay"], bool),
     )
+
+
+def _read_packed(chunks: list[tuple[Any, ...]]) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(ctx ids, values)`` from ``log_columns`` chunks; None unless all are packed alike."""
+    if not chunks or len({fmt for _count, fmt, _ctx, _vals in chunks}) != 1 or chunks[0][1] == "rows":
+        return None
+    dtype = np.float64 if chunks[0][1] == "f8" else np.int64
+    ctx = np.concatenate([np.frombuffer(c, dtype=np.int64) for _count, _fmt, c, _vals in chunks])
+    values = np.concatenate([np.frombuffer(v, dtype=dtype) for _count, _fmt, _ctx, v in chunks])
+    return ctx, values
 
 
 _BLOCK = np.dtype([("ctx", np.int64), ("parent", np.int64), ("iteration", np.int64), ("count", np.int64)])

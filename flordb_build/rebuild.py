@@ -20,12 +20,14 @@ from .errors import RebuildError
 from .objects import ObjectStore
 from .store import (
     CHECKPOINT_INSERT,
+    COLUMN_INSERT,
     LOOP_INSERT,
     TABLES,
     TIMING_INSERT,
     Store,
     connect,
     ensure_schema,
+    pack_log_columns,
     validated_columns,
     write_transaction,
 )
@@ -122,6 +124,7 @@ def load_journal(conn: Any, text: str, commit: str, objects: ObjectStore | None 
             "VALUES (?, ?, ?, ?, ?, ?, 'record')",
             [(run_id, *entry) for entry in logs],
         )
+        conn.executemany(COLUMN_INSERT, pack_log_columns(run_id, logs))
         conn.executemany(TIMING_INSERT, [(run_id, *entry) for entry in timings])
         conn.executemany(
             CHECKPOINT_INSERT,

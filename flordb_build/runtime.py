@@ -553,9 +553,10 @@ class Session:
 #: ``sys.argv`` before and after the import took the ``--kwargs`` tokens out. The flordb-build
 #: CLI reads the tokens back: ``flordb-build exec -- python train.py --kwargs lr=0.1`` must hand
 #: them to the command it runs.
-ARGV_BEFORE_KWARGS: list[str] = list(sys.argv) if isinstance(getattr(sys, "argv", None), list) else []
-SESSION = Session(consume_kwargs(sys.argv) if isinstance(getattr(sys, "argv", None), list) else {})
-ARGV_AFTER_KWARGS: list[str] = list(sys.argv) if isinstance(getattr(sys, "argv", None), list) else []
+_ARGV: list[str] = sys.argv if isinstance(getattr(sys, "argv", None), list) else []  # embedded: none
+ARGV_BEFORE_KWARGS: list[str] = list(_ARGV)
+SESSION = Session(consume_kwargs(_ARGV))  # edits sys.argv in place
+ARGV_AFTER_KWARGS: list[str] = list(_ARGV)
 
 
 def _current() -> Run:

@@ -13,16 +13,18 @@ import fcntl
 import os
 import socket
 import sqlite3
+from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from .config import Config
 from .errors import StoreError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 BUSY_TIMEOUT_MS = 60_000
 
 # Column types: ``bytes`` declares BLOB, which in SQLite means "no affinity": an int stays an
@@ -91,6 +93,25 @@ TABLES: dict[str, dict[str, Any]] = {
         "pk": ("run_id", "name", "source", "seq"),
         # No secondary index on name: SQLite would prefer it for (run, name) reads and pay a
         # random lookup per row instead of one range scan.
+        "without_rowid": True,
+        "indexes": [],
+    },
+    "log_columns": {
+        # A columnar copy of recorded logs, one row per (flush batch, name): the batch's ctx ids
+        # and values packed as int64/float64 arrays. The dataframe reads these with
+        # np.frombuffer instead of building a Python tuple per logged value, which is what
+        # makes a million-row frame cheap. `logs` stays the row-level truth for SQL; a name whose
+        # values are not plain floats or ints gets a 'rows' chunk that says "read the rows".
+        "columns": {
+            "run_id": str,
+            "name": str,
+            "first_seq": int,
+            "count": int,
+            "format": str,
+            "ctx_ids": bytes,
+            "vals": bytes,
+        },
+        "pk": ("run_id", "name", "first_seq"),
         "without_rowid": True,
         "indexes": [],
     },
@@ -173,6 +194,47 @@ LOOP_INSERT = (
     "INSERT OR REPLACE INTO loops (run_id, ctx_id, parent_ctx, name, iteration, count, value) "
     "VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
+
+
+COLUMN_INSERT = (
+    "INSERT OR REPLACE INTO log_columns (run_id, name, first_seq, count, format, ctx_ids, vals) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+class ColumnFormat(StrEnum):
+    """How a ``log_columns`` chunk packs its values."""
+
+    FLOAT64 = "f8"
+    INT64 = "i8"
+    ROWS = "rows"  # not packable (text, bools, JSON, None, mixed): read the `logs` rows
+
+
+def pack_log_columns(run_id: str, logs: Iterable[Sequence[Any]]) -> list[tuple[Any, ...]]:
+    """``log_columns`` rows for recorded ``(seq, ctx_id, name, value, kind)`` log rows, per name."""
+    by_name: dict[str, list[Sequence[Any]]] = {}
+    for row in logs:
+        by_name.setdefault(row[2], []).append(row)
+    chunks = []
+    for name, rows in by_name.items():
+        seqs, ctxs, _names, values, kinds = zip(*rows, strict=True)
+        packed = _pack_values(values) if not any(kinds) else None
+        fmt, vals = packed if packed is not None else (ColumnFormat.ROWS, None)
+        chunks.append((run_id, name, seqs[0], len(rows), fmt.value, array("q", ctxs).tobytes(), vals))
+    return chunks
+
+
+def _pack_values(values: Sequence[Any]) -> tuple[ColumnFormat, bytes] | None:
+    """Plain floats as float64, plain ints as int64; None for anything else."""
+    types = set(map(type, values))
+    try:
+        if types == {float}:
+            return ColumnFormat.FLOAT64, array("d", values).tobytes()
+        if types == {int}:
+            return ColumnFormat.INT64, array("q", values).tobytes()
+    except OverflowError:  # an int beyond int64: keep it exact in the rows
+        return None
+    return None
 
 
 def coalesce_loops(entries: Iterable[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
@@ -417,6 +479,8 @@ class Store:
                 self.conn.executemany(LOOP_INSERT, [(run_id, *row) for row in loops])
             if logs:
                 self.conn.executemany(LOG_INSERT, [(run_id, *row, source) for row in logs])
+                if source == "record":
+                    self.conn.executemany(COLUMN_INSERT, pack_log_columns(run_id, logs))
             if timings:
                 self.conn.executemany(TIMING_INSERT, [(run_id, *row) for row in timings])
             if checkpoints:

@@ -11,7 +11,7 @@ import time
 
 import flordb_build as flor
 from flordb_build.config import load_config
-from flordb_build.store import Store, bump_tstamp, coalesce_loops, loop_contexts
+from flordb_build.store import Store, bump_tstamp, coalesce_loops, loop_contexts, write_transaction
 from tests.conftest import GIT_ENV, Project
 
 WRITER = """
@@ -188,3 +188,41 @@ def test_coalesce_loops_merges_only_true_runs() -> None:
         (8, 7, "step", 0, 1, None),
         (10, 7, "step", 1, 1, None),
     ]
+
+
+def test_packed_columns_mirror_the_rows_and_are_used_only_when_complete(project: Project) -> None:
+    project.write(
+        "kinds.py",
+        """
+        import flordb_build as flor
+        for step in flor.loop("step", range(500)):
+            flor.log("loss", step / 7)
+            flor.log("count", step * 3)
+            flor.log("tag", f"s{step}")
+            flor.log("mixed", step if step % 2 else step + 0.5)
+        """,
+    )
+    project.run("kinds.py")
+    names = ("loss", "count", "tag", "mixed")
+    expected = {
+        "loss": [s / 7 for s in range(500)],
+        "count": [s * 3 for s in range(500)],
+        "tag": [f"s{s}" for s in range(500)],
+        "mixed": [s if s % 2 else s + 0.5 for s in range(500)],
+    }
+    frame = flor.dataframe(*names)
+    for name in names:
+        assert frame[name].tolist() == expected[name], name
+    assert frame["count"].dtype == "int64" and frame["loss"].dtype == "float64"
+
+    store = Store.open(load_config())
+    formats = dict(store.conn.execute("SELECT name, group_concat(DISTINCT format) FROM log_columns GROUP BY name"))
+    assert formats == {"loss": "f8", "count": "i8", "tag": "rows", "mixed": "rows"}
+    # A packed copy that misses rows is ignored: the frame is read from the rows instead.
+    with write_transaction(store.conn):
+        store.conn.execute(
+            "DELETE FROM log_columns WHERE name = 'loss' AND first_seq = "
+            "(SELECT max(first_seq) FROM log_columns WHERE name = 'loss')"
+        )
+    store.close()
+    assert flor.dataframe("loss")["loss"].tolist() == expected["loss"]
