@@ -204,7 +204,12 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("bench_checkpoints needs torch: .venv/bin/pip install torch==2.13.0") from None
 
     workdir = Path(tempfile.mkdtemp(prefix="flordb-bench-ckpt-"))
-    env = bench_env()
+    # Fixed glibc malloc thresholds for every variant. With the default dynamic mmap threshold, a
+    # process that frees its big activation tensors each step hands the pages back and faults them
+    # in again (2 s of system time in 13 s here), while a process that holds more heap (the one
+    # keeping checkpoint copies) does not: the plain baseline came out 18% *slower* than flor.
+    # Pinning the thresholds measures the checkpointing itself.
+    env = bench_env({"MALLOC_MMAP_THRESHOLD_": str(256 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**30)})
     try:
         calibration = workdir / "calibrate.py"
         calibration.write_text(CALIBRATE)
