@@ -169,11 +169,11 @@ def _add_build_commands(add: Callable[[str, Callable[[argparse.Namespace], int],
 
     p = add("pipelines", cmd_pipelines, "List recorded doit/make invocations, newest first, with task counts.")
     p.add_argument("--limit", type=int, default=50, help="show at most this many (default 50)")
-    p.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
+    add_format_option(p)
 
     p = add("tasks", cmd_tasks, "List the tasks of a pipeline (default: the latest): status, seconds, why it ran.")
     p.add_argument("--pipeline", metavar="ID", help="a pipeline id or unique prefix (see 'flordb-build pipelines')")
-    p.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
+    add_format_option(p)
 
     p = add(
         "lineage",
@@ -236,6 +236,11 @@ def _add_replay_command(add: Callable[[str, Callable[[argparse.Namespace], int],
                    help="relative tolerance when comparing recorded and replayed floats (default 1e-6)")
 
 
+def add_format_option(parser: argparse.ArgumentParser) -> None:
+    """``--format table|csv|json`` for a command that prints a frame."""
+    parser.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -254,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("runs", cmd_runs, "List recorded runs, newest first: id, time, task, script, status, snapshot commit.")
     p.add_argument("--limit", type=int, default=50, help="show at most this many runs (default 50)")
-    p.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
+    add_format_option(p)
 
     p = add(
         "dataframe",
@@ -265,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="*", metavar="NAME", help="logged names; none: one row per run with its run-level values")
     p.add_argument("--where", metavar="EXPR", help="SQL expression over the frame's columns, e.g. \"epoch >= 1\"")
     p.add_argument("--latest", action="store_true", help="keep only the newest run per (task, filename)")
-    p.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
+    add_format_option(p)
 
     p = add(
         "query",
@@ -275,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("sql", help="a SELECT statement; use ? placeholders with --param")
     p.add_argument("--param", action="append", default=[], metavar="VALUE", help="bind a value to the next ?")
-    p.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
+    add_format_option(p)
 
     add(
         "rebuild",

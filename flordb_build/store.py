@@ -486,19 +486,6 @@ class Store:
             if checkpoints:
                 self.conn.executemany(CHECKPOINT_INSERT, [(run_id, *row) for row in checkpoints])
 
-    def insert_rows(self, table: str, rows: Iterable[dict[str, Any]], *, replace: bool = False) -> None:
-        """Insert dict rows into a declared table through sqlite-utils (low-volume tables)."""
-        if table not in TABLES:
-            raise StoreError(f"Unknown table '{table}'.")
-        rows = list(rows)
-        if not rows:
-            return
-        import sqlite_utils
-
-        db = sqlite_utils.Database(self.conn)
-        with write_transaction(self.conn):
-            db.table(table).insert_all(rows, replace=replace, ignore=not replace)
-
 
 def validated_columns(table: str, columns: Iterable[str]) -> list[str]:
     """Return ``columns`` after checking each is declared for ``table`` (safe to put in SQL)."""

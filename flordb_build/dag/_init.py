@@ -2,9 +2,10 @@
 
 Only what the user asked for is written:
 
-- doit: one entry in ``[tool.doit.plugins.command]`` of pyproject.toml, or in ``[COMMAND]`` of
-  doit.cfg, that makes doit's ``run`` command :class:`~flordb_build.dag.RecordingRun`. The
-  file is edited as text (comments and layout stay), re-parsed, and only then replaced.
+- doit: two entries in ``[tool.doit.plugins.command]`` of pyproject.toml, or in ``[COMMAND]``
+  of doit.cfg: doit's ``run`` command becomes :class:`~flordb_build.dag.RecordingRun` and a
+  ``replay`` command is added (``flordb_build.hindsight``). The file is edited as text (comments
+  and layout stay), re-parsed, and only then replaced.
 - Make: ``templates/Makefile`` copied to the project (never over an existing file).
 """
 
@@ -67,55 +68,79 @@ def init_project(root: Path, doit_config: str | None = None, make: bool = False,
         if choice not in DOIT_CONFIG_FILES:
             raise InitError(f"Unknown doit config file '{choice}'; use 'pyproject.toml' or 'doit.cfg'.")
         path = root / choice
-        step = configure_pyproject(path) if choice == "pyproject.toml" else configure_doit_cfg(path)
-        steps.append(_combine(step, configure_replay_command(path, toml=choice == "pyproject.toml")))
+        fmt = PYPROJECT if choice == "pyproject.toml" else DOIT_CFG
+        run = add_command_entry(path, fmt, "run", PLUGIN_LOCATION)
+        replay = add_command_entry(path, fmt, "replay", REPLAY_PLUGIN_LOCATION)
+        steps.append(run if run.action != "unchanged" else replay)  # one step per file
     if make:
         steps.append(copy_makefile(root / makefile))
     return steps
 
 
-def configure_pyproject(path: Path) -> InitStep:
-    """Add ``run = "flordb_build.dag:RecordingRun"`` under ``[tool.doit.plugins.command]``."""
+@dataclass(frozen=True)
+class ConfigFormat:
+    """How doit's command-plugin table looks in one kind of config file."""
+
+    header: re.Pattern[str]  # the table's header line
+    new_table: str  # what to append when the file has no such table
+    parse: Callable[[str, Path], dict[str, Any]]
+    table_of: Callable[[dict[str, Any]], Any]  # the command table of a parsed file
+    entry: Callable[[str, str], str]  # the line for ``key = location``
+
+
+PYPROJECT = ConfigFormat(
+    header=_TOML_HEADER,
+    new_table="[tool.doit.plugins.command]\n",
+    parse=lambda text, path: _parse_toml(text, path),
+    table_of=lambda data: data.get("tool", {}).get("doit", {}).get("plugins", {}).get("command", {}),
+    entry=lambda key, location: f'{key} = "{location}"  # flordb_build (flordb-build init)\n',
+)
+DOIT_CFG = ConfigFormat(
+    header=_INI_HEADER,
+    new_table="# flordb_build records build context (flordb-build init)\n[COMMAND]\n",
+    parse=lambda text, path: _parse_ini(text, path),
+    table_of=lambda data: data.get("COMMAND", {}),
+    entry=lambda key, location: f"{key} = {location}\n",
+)
+
+
+def add_command_entry(path: Path, fmt: ConfigFormat, key: str, location: str) -> InitStep:
+    """Make doit's ``key`` command ``location`` in ``path``, editing it as text (comments stay).
+
+    The new text is re-parsed and written only when it holds every entry the old one had plus
+    this one, so a file we cannot edit safely (an inline table) is left untouched.
+    """
     text = path.read_text(encoding="utf-8") if path.exists() else ""
-    data = _parse_toml(text, path)
-    command = data.get("tool", {}).get("doit", {}).get("plugins", {}).get("command", {})
-    current = command.get("run") if isinstance(command, dict) else None
-    if current == PLUGIN_LOCATION:
+    old_table = fmt.table_of(fmt.parse(text, path))
+    current = old_table.get(key) if isinstance(old_table, dict) else None
+    if current == location:
         return InitStep(path, "unchanged")
     if current is not None:
         raise InitError(
-            f"'{path}' already makes doit's run command '{current}'; remove that entry or set it to "
-            f"'{PLUGIN_LOCATION}' yourself."
+            f"'{path}' already makes doit's {key} command '{current}'; remove that entry or set it to "
+            f"'{location}' yourself."
         )
-    entry = f'run = "{PLUGIN_LOCATION}"  # flordb_build records build context (flordb-build init)\n'
-    header = _TOML_HEADER.search(text)
+    entry = fmt.entry(key, location)
+    header = fmt.header.search(text)
     if header is not None:
         new_text = text[: header.end()] + "\n" + entry + text[header.end() + 1 :]
     else:
         new_text = text + ("\n" if text and not text.endswith("\n") else "") + ("\n" if text else "")
-        new_text += "[tool.doit.plugins.command]\n" + entry
-    return _replace(path, text, new_text, lambda t: _parse_toml(t, path), _toml_has_entry)
-
-
-def configure_doit_cfg(path: Path) -> InitStep:
-    """Add ``run = flordb_build.dag:RecordingRun`` under ``[COMMAND]`` of doit.cfg."""
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
-    current = _parse_ini(text, path).get("COMMAND", {}).get("run")
-    if current == PLUGIN_LOCATION:
-        return InitStep(path, "unchanged")
-    if current is not None:
+        new_text += fmt.new_table + entry
+    try:
+        new_table = fmt.table_of(fmt.parse(new_text, path))
+        ok = isinstance(new_table, dict) and new_table == {**(old_table if isinstance(old_table, dict) else {}), key: location}
+    except InitError:
+        ok = False
+    if not ok:
         raise InitError(
-            f"'{path}' already makes doit's run command '{current}'; remove that entry or set it to "
-            f"'{PLUGIN_LOCATION}' yourself."
+            f"Could not add the doit plugin entry to '{path}' without breaking it (is the table defined "
+            f"inline?); add it by hand:\n{fmt.new_table}{entry}"
         )
-    entry = f"run = {PLUGIN_LOCATION}\n"
-    header = _INI_HEADER.search(text)
-    if header is not None:
-        new_text = text[: header.end()] + "\n" + entry + text[header.end() + 1 :]
-    else:
-        new_text = text + ("\n" if text and not text.endswith("\n") else "") + ("\n" if text else "")
-        new_text += "# flordb_build records build context (flordb-build init)\n[COMMAND]\n" + entry
-    return _replace(path, text, new_text, lambda t: _parse_ini(t, path), _ini_has_entry)
+    tmp = path.with_name(path.name + ".flor-tmp")
+    tmp.write_text(new_text, encoding="utf-8")
+    os.replace(tmp, path)
+    return InitStep(path, "updated" if text else "created")
 
 
 def copy_makefile(destination: Path) -> InitStep:
@@ -127,14 +152,6 @@ def copy_makefile(destination: Path) -> InitStep:
         )
     shutil.copyfile(template_makefile(), destination)
     return InitStep(destination, "copied")
-
-
-def _toml_has_entry(data: dict[str, Any]) -> bool:
-    return bool(data.get("tool", {}).get("doit", {}).get("plugins", {}).get("command", {}).get("run") == PLUGIN_LOCATION)
-
-
-def _ini_has_entry(data: dict[str, Any]) -> bool:
-    return bool(data.get("COMMAND", {}).get("run") == PLUGIN_LOCATION)
 
 
 def _parse_toml(text: str, path: Path) -> dict[str, Any]:
@@ -153,67 +170,3 @@ def _parse_ini(text: str, path: Path) -> dict[str, Any]:
     except configparser.Error as exc:
         raise InitError(f"Could not parse '{path}': {exc}. Fix the file, then run init again.") from exc
     return {section: dict(parser[section]) for section in parser.sections()}
-
-
-def _replace(
-    path: Path,
-    old_text: str,
-    new_text: str,
-    parse: Callable[[str], dict[str, Any]],
-    has_entry: Callable[[dict[str, Any]], bool],
-) -> InitStep:
-    """Write ``new_text`` over ``path`` atomically, after checking it parses to what we meant."""
-    try:
-        ok = has_entry(parse(new_text))
-    except InitError:
-        ok = False
-    if not ok:
-        raise InitError(
-            f"Could not add the doit plugin entry to '{path}' without breaking it (is the table defined "
-            f"inline?); add it by hand:\n[tool.doit.plugins.command]\nrun = \"{PLUGIN_LOCATION}\""
-        )
-    tmp = path.with_name(path.name + ".flor-tmp")
-    tmp.write_text(new_text, encoding="utf-8")
-    os.replace(tmp, path)
-    return InitStep(path, "updated" if old_text else "created")
-
-
-# -- `doit replay` (hindsight logging, flordb_build/hindsight) ---------------------------------------
-
-
-def configure_replay_command(path: Path, *, toml: bool) -> InitStep:
-    """Add ``replay = "flordb_build.hindsight:ReplayCommand"`` beside the ``run`` entry (after it was added)."""
-    text = path.read_text(encoding="utf-8")
-    data = _parse_toml(text, path) if toml else _parse_ini(text, path)
-    table = data.get("tool", {}).get("doit", {}).get("plugins", {}).get("command", {}) if toml else data.get("COMMAND", {})
-    current = table.get("replay") if isinstance(table, dict) else None
-    if current == REPLAY_PLUGIN_LOCATION:
-        return InitStep(path, "unchanged")
-    if current is not None:
-        raise InitError(
-            f"'{path}' already makes doit's replay command '{current}'; remove that entry or set it to "
-            f"'{REPLAY_PLUGIN_LOCATION}' yourself."
-        )
-    header = (_TOML_HEADER if toml else _INI_HEADER).search(text)
-    if header is None:  # the run entry was just written under this header, so this means an inline table
-        raise InitError(
-            f"Could not find the doit command table in '{path}'; add replay = \"{REPLAY_PLUGIN_LOCATION}\" to it by hand."
-        )
-    entry = f'replay = "{REPLAY_PLUGIN_LOCATION}"\n' if toml else f"replay = {REPLAY_PLUGIN_LOCATION}\n"
-    new_text = text[: header.end()] + "\n" + entry + text[header.end() + 1 :]
-
-    def has_entry(parsed: dict[str, Any]) -> bool:
-        if toml:
-            return bool(parsed.get("tool", {}).get("doit", {}).get("plugins", {}).get("command", {}).get("replay")
-                        == REPLAY_PLUGIN_LOCATION and _toml_has_entry(parsed))
-        return bool(parsed.get("COMMAND", {}).get("replay") == REPLAY_PLUGIN_LOCATION and _ini_has_entry(parsed))
-
-    parse: Callable[[str], dict[str, Any]] = (lambda t: _parse_toml(t, path)) if toml else (lambda t: _parse_ini(t, path))
-    return _replace(path, text, new_text, parse, has_entry)
-
-
-def _combine(first: InitStep, second: InitStep) -> InitStep:
-    """One step per file: 'created' or 'updated' if either edit changed it."""
-    if first.action != "unchanged":
-        return first
-    return second
