@@ -213,7 +213,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return run_replay_command(
         args.names, where=args.where, task=args.task, workers=args.workers, device=args.device,
         dry_run=args.dry_run, yes=args.yes, confirm=confirm_on_terminal(), rel_tol=args.rel_tol,
+        warm=False if args.cold else None,
     )
+
+
+def cmd_warm(args: argparse.Namespace) -> int:
+    from .hindsight import warm_command
+
+    return warm_command(args.action)
 
 
 def _add_replay_command(add: Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]) -> None:
@@ -234,6 +241,19 @@ def _add_replay_command(add: Callable[[str, Callable[[argparse.Namespace], int],
     p.add_argument("--yes", action="store_true", help="run the plan without asking")
     p.add_argument("--rel-tol", type=float, default=1e-6, metavar="TOL",
                    help="relative tolerance when comparing recorded and replayed floats (default 1e-6)")
+    p.add_argument("--cold", action="store_true",
+                   help="start every replay in a fresh interpreter instead of forking it from a warm server that "
+                        "has the script's libraries imported (see 'flordb-build warm --help')")
+    p = add(
+        "warm",
+        cmd_warm,
+        "Warm replay servers: a replay forks its processes from a server that has imported the script's "
+        "libraries (torch alone takes seconds), and the server stays up for replay_keep_warm seconds of idle "
+        "time (default 600; [tool.flordb_build], or $FLORDB_BUILD_REPLAY_KEEP_WARM) so the next replay starts "
+        "warm too. replay_warm = false turns them off. 'status' lists this project's servers; 'stop' ends them.",
+    )
+    p.add_argument("action", choices=("status", "stop"), nargs="?", default="status",
+                   help="status (default) or stop")
 
 
 def add_format_option(parser: argparse.ArgumentParser) -> None:

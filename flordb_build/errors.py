@@ -89,3 +89,7 @@ class DiffError(FlorBuildError):
 
 class ReplayError(FlorBuildError):
     """A replay could not be planned or run (unknown names, no matching runs, a failed replay)."""
+
+
+class WarmStartError(ReplayError):
+    """A warm replay server could not be started, reached or used; the replay then starts cold."""

@@ -84,6 +84,15 @@ class Project:
         return proc
 
 
+@pytest.fixture(autouse=True)
+def no_lingering_warm_servers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replays in tests (and in the scripts they start) stop their warm servers when they end.
+
+    tests/test_warm.py keeps servers up on purpose, and stops them itself.
+    """
+    monkeypatch.setenv("FLORDB_BUILD_REPLAY_KEEP_WARM", "0")
+
+
 @pytest.fixture
 def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Project]:
     """An empty git repository with one commit; the test process's cwd is its root."""

@@ -13,6 +13,7 @@ from flordb_build.hindsight import (
     Mismatch,
     RecordedRun,
     ReplayJob,
+    StartCosts,
     Step,
     StepKind,
     compare_values,
@@ -23,6 +24,7 @@ from flordb_build.hindsight import (
     split_segments,
     values_match,
 )
+from flordb_build.hindsight._model import DEFAULT_OVERHEAD
 from flordb_build.rewrite import Position
 
 OLD = """\
@@ -195,3 +197,28 @@ def test_values_match_is_exact_for_ints_and_strings_and_tolerant_for_floats() ->
     replayed = {(1, "val"): [1.0], (2, "val"): [2.5], (1, "tag"): ["x"], (4, "only_replayed"): [1]}
     mismatches = compare_values("r", recorded_values, replayed, describe=lambda ctx: f"epoch {ctx - 1}")
     assert mismatches == (Mismatch("r", "val", 2, 1, "epoch 1: recorded 2.0, replayed 2.5"),)
+
+
+def test_start_costs_make_later_runs_warm_and_skip_the_recorded_imports() -> None:
+    today = {"train.py": TODAY}
+    runs = [recorded("r1"), recorded("r2"), recorded("r3")]
+    timings_only = 1.0 + 0.1 + 0.5  # prefix + one restore + suffix
+    learned = StartCosts(warm=True, saving={"train.py": 0.8}, overhead={("train.py", True): 0.05})
+    # No server is up: the first run starts it (cold, default overhead); the others fork from it.
+    plan = plan_replay(runs, today, ["fin2"], start=learned)
+    assert [r.warm for r in plan.runs] == [False, True, True]
+    assert [r.estimate for r in plan.runs] == pytest.approx(
+        [timings_only + DEFAULT_OVERHEAD[False], timings_only - 0.8 + 0.05, timings_only - 0.8 + 0.05]
+    )
+    assert plan.runs[0].recorded_prefix == pytest.approx(1.0)
+    # A server already up: every run forks.
+    live = StartCosts(warm=True, live=frozenset({"train.py"}), saving={"train.py": 0.8})
+    assert [r.warm for r in plan_replay(runs, today, ["fin2"], start=live).runs] == [True, True, True]
+    # Warm starts off: every run is cold, nothing is saved.
+    cold = plan_replay(runs, today, ["fin2"], start=StartCosts(warm=False, saving={"train.py": 0.8})).runs
+    assert [r.estimate for r in cold] == pytest.approx([timings_only + DEFAULT_OVERHEAD[False]] * 3)
+    # A warm start never saves more than the recorded prefix.
+    huge = StartCosts(warm=True, live=frozenset({"train.py"}), saving={"train.py": 50.0})
+    assert plan_replay(runs[:1], today, ["fin2"], start=huge).runs[0].estimate == pytest.approx(
+        timings_only - 1.0 + DEFAULT_OVERHEAD[True]
+    )

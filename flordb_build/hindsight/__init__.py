@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ._command import replay, run_replay_command
+from ._command import replay, run_replay_command, warm_command
 from ._execute import (
     ProgressLine,
     ReplayExecutor,
@@ -42,6 +42,7 @@ from ._model import (
     RunPlan,
     Schedule,
     SkippedRun,
+    StartCosts,
     Step,
     StepKind,
 )
@@ -80,6 +81,7 @@ __all__ = [
     "RunPlan",
     "Schedule",
     "SkippedRun",
+    "StartCosts",
     "Step",
     "StepKind",
     "SubprocessExecutor",
@@ -95,4 +97,5 @@ __all__ = [
     "schedule_scan",
     "split_segments",
     "values_match",
+    "warm_command",
 ]

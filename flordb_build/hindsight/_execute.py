@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -26,13 +27,14 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from ..config import Config, load_config
-from ..errors import ConfigError, FlorBuildError
+from ..errors import ConfigError, FlorBuildError, WarmStartError
 from ..values import decode_value
 from ._model import (
     DEFAULT_REL_TOL,
+    PROGRESS_FD_ENV,
     REPLAY_ENV,
     JobResult,
     Mismatch,
@@ -43,6 +45,9 @@ from ._model import (
     RunOutcome,
     RunPlan,
 )
+
+if TYPE_CHECKING:
+    from ._warm import WarmProcess
 
 Progress = Callable[[int, int], None]
 #: Recorded environment variables a replay does not take over (they name this replay's own setup).
@@ -83,16 +88,24 @@ def run_replay(
     config: Config | None = None,
     progress: Callable[[RunPlan, int, int], None] | None = None,
     rel_tol: float = DEFAULT_REL_TOL,
+    warm: bool | None = None,
 ) -> ReplayReport:
     """Execute ``plan``: runs one after another, the segments of a run in parallel processes.
 
     :param executor: runs one job; default :class:`SubprocessExecutor` for the project.
     :param progress: called with (run, iterations done, iterations total) as replays advance.
+    :param warm: fork processes from warm servers (None: the project's setting, on by default).
     """
+    owned = executor is None
     if executor is None:
-        executor = SubprocessExecutor(config or load_config(), rel_tol=rel_tol)
-    outcomes = [_replay_run(run, jobs_of(run, plan.device), executor, progress) for run in plan.runs]
-    return ReplayReport(plan=plan, outcomes=tuple(outcomes))
+        executor = SubprocessExecutor(config or load_config(), rel_tol=rel_tol, warm=warm)
+    notes: tuple[str, ...] = ()
+    try:
+        outcomes = [_replay_run(run, jobs_of(run, plan.device), executor, progress) for run in plan.runs]
+    finally:
+        if owned:
+            notes = executor.close()  # type: ignore[attr-defined]
+    return ReplayReport(plan=plan, outcomes=tuple(outcomes), notes=notes)
 
 
 def _replay_run(
@@ -142,6 +155,7 @@ def _outcome(run: RunPlan, results: Sequence[JobResult], seconds: float) -> RunO
         notes=tuple(dict.fromkeys(note for r in results for note in r.notes)),
         mismatches=merge_mismatches([m for r in results for m in r.mismatches]),
         counters=counters,
+        warm=all(r.warm for r in results),
     )
 
 
@@ -203,15 +217,41 @@ def merge_mismatches(mismatches: Sequence[Mismatch]) -> tuple[Mismatch, ...]:
 
 
 class SubprocessExecutor:
-    """Runs each job as ``sys.executable <patched script>`` in an exported snapshot."""
+    """Runs each job as ``sys.executable <patched script>`` in an exported snapshot.
 
-    def __init__(self, config: Config, *, rel_tol: float = DEFAULT_REL_TOL, keep_dirs: bool = False) -> None:
+    With warm starts on (the default, ``_warm.py``) the process is forked from a server that has
+    imported the script's libraries; where that cannot be done the job starts a fresh interpreter.
+    """
+
+    def __init__(
+        self, config: Config, *, rel_tol: float = DEFAULT_REL_TOL, keep_dirs: bool = False, warm: bool | None = None
+    ) -> None:
+        from ._warm import WarmPool, warm_settings
+
         self.config = config
         self.rel_tol = rel_tol
         self.keep_dirs = keep_dirs
         self.links = replay_links(config)
         self._cleared: set[str] = set()
         self._lock = threading.Lock()
+        enabled, keep_warm = warm_settings(config)
+        self.pool: WarmPool | None = None
+        self._pool_note: str | None = None
+        if enabled if warm is None else warm:
+            try:
+                self.pool = WarmPool(config, keep_warm)
+            except WarmStartError as exc:
+                self._pool_note = f"started cold: {exc}"
+
+    def close(self) -> tuple[str, ...]:
+        """End of the session: let go of the warm servers; a note for each one that stays up."""
+        if self.pool is None:
+            return ()
+        return tuple(
+            f"the warm replay server (pid {server.pid}) stays up for {format_seconds(server.idle)} of idle time "
+            "so the next replay starts warm; 'flordb-build warm stop' ends it now"
+            for server in self.pool.close()
+        )
 
     def __call__(self, job: ReplayJob, progress: Progress) -> JobResult:
         """Replay one job; errors of the script or of the setup come back in the result."""
@@ -248,48 +288,101 @@ class SubprocessExecutor:
             result=str(result_path), progress_fd=write_fd,
         )
         env = self._environment(run, spec, job.device)
-        command = [sys.executable, str(script), *kwargs_tokens(run.args)]
+        argv = [str(script), *kwargs_tokens(run.args)]
+        notes: list[str] = [self._pool_note] if self._pool_note else []
         with open(tmp / "output.log", "wb") as output:
             try:
-                proc = subprocess.Popen(
-                    command, cwd=tree, env=env, stdout=output, stderr=subprocess.STDOUT, pass_fds=(write_fd,)
+                forked, fresh_server = self._start_warm(
+                    run, spec, argv, tree, env, output.fileno(), write_fd, tmp, notes
                 )
+                warm = forked is not None
+                proc: WarmProcess | subprocess.Popen[bytes]
+                if forked is not None:
+                    proc = forked
+                else:
+                    proc = subprocess.Popen(
+                        [sys.executable, *argv], cwd=tree, env=env, stdout=output, stderr=subprocess.STDOUT,
+                        pass_fds=(write_fd,),
+                    )
             finally:
                 os.close(write_fd)
             reader = threading.Thread(target=_read_progress, args=(read_fd, progress), daemon=True)
             reader.start()
-            code = proc.wait()
+            try:
+                code = proc.wait()
+            except BaseException:
+                proc.kill()  # Ctrl-C: a warm child is in another session, so the terminal does not stop it
+                raise
             reader.join()
         seconds = time.perf_counter() - started
         outcome = json.loads(result_path.read_text(encoding="utf-8")) if result_path.exists() else None
+        imported = _read_modules(tmp / "modules.json") if warm else []
+        if warm and self.pool is not None:
+            self.pool.learn(env, imported)
+        if code == 0 and outcome is not None and outcome.get("status") == "ok":
+            self._learn_costs(run, outcome, seconds, warm, fresh_server, imported)
         if code != 0 or outcome is None or outcome.get("status") != "ok":
             tail = _tail(tmp / "output.log")
             reason = (outcome or {}).get("error") or f"exit status {code}"
             return JobResult(
                 run.run_id, job.worker, False, seconds,
                 error=f"the replayed script failed ({reason}); its last output:\n{tail}",
-                notes=tuple((outcome or {}).get("notes", ())),
+                notes=tuple([*notes, *(outcome or {}).get("notes", ())]), warm=warm,
             )
         mismatches = self._compare(run, outcome["compare"])
+        counters = dict(outcome["counters"])
+        if warm:
+            counters["modules_imported"] = len(imported)  # installed modules the server had not preloaded
         return JobResult(
-            run.run_id, job.worker, True, seconds, stored=int(outcome["counters"].get("stored", 0)),
-            notes=tuple(outcome.get("notes", ())), counters=outcome["counters"], mismatches=mismatches,
+            run.run_id, job.worker, True, seconds, stored=int(counters.get("stored", 0)),
+            notes=tuple([*notes, *outcome.get("notes", ())]), counters=counters, mismatches=mismatches, warm=warm,
         )
 
+    def _start_warm(
+        self, run: RunPlan, spec: ReplaySpec, argv: list[str], tree: Path, env: dict[str, str], output: int,
+        progress_fd: int, tmp: Path, notes: list[str],
+    ) -> tuple[WarmProcess | None, bool]:
+        """Fork the job from a warm server: (the process, whether this job waited for the server to start).
+
+        ``(None, False)`` and a note when the job must start a fresh interpreter instead.
+        """
+        if self.pool is None:
+            return None, False
+        # The child finds its progress descriptor in PROGRESS_FD_ENV: a free number there, not ours.
+        child_env = {**env, REPLAY_ENV: dataclasses.replace(spec, progress_fd=None).to_json()}
+        try:
+            server, fresh = self.pool.server_for(env, run.source)
+            process = server.run(
+                argv, tree, child_env, {1: output, 2: output}, {PROGRESS_FD_ENV: progress_fd},
+                preload=self.pool.learned(env), modules_out=tmp / "modules.json", exclude=(self.config.root,),
+            )
+            return process, fresh
+        except (WarmStartError, OSError) as exc:  # a warm start is an optimisation: never fail a replay on it
+            note = f"started cold: {exc}"
+            if note not in notes:
+                notes.append(note)
+            return None, False
+
+    def _learn_costs(
+        self, run: RunPlan, outcome: Mapping[str, Any], seconds: float, warm: bool, fresh_server: bool,
+        imported: Sequence[str],
+    ) -> None:
+        """Feed what this job's start cost into the next plan's estimates (``_costs.py``)."""
+        from ._costs import record_costs
+
+        process = outcome.get("process_seconds")
+        prefix = outcome.get("prefix_seconds")
+        figures: dict[str, float] = {}
+        if isinstance(process, int | float) and process > 0 and not fresh_server:
+            # A job that waited for its server to start measured that start, not a fork.
+            figures["overhead_warm" if warm else "overhead_cold"] = seconds - process
+        if warm and not imported and isinstance(prefix, int | float) and run.recorded_prefix > 0:
+            # Only a fully warm child (it imported nothing the server lacked) shows the whole saving.
+            figures["saving"] = run.recorded_prefix - prefix
+        record_costs(self.config, run.script, figures)
+
     def _environment(self, run: RunPlan, spec: ReplaySpec, device: str) -> dict[str, str]:
-        env = dict(os.environ)
-        for name in ("FLOR_PIPELINE_ID", "FLOR_MAKE_PIPELINE_ID"):
-            env.pop(name, None)
-        for name, value in recorded_env_vars(self.config, run.run_id).items():
-            if name.startswith(_NOT_RESTORED_PREFIXES):
-                continue
-            if device != "auto" and name in ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES"):
-                continue  # the replay chose its device
-            env[name] = value
-        if run.task:
-            env["FLOR_TASK"] = run.task
-        # Reads of the store from inside the script (flor.dataframe) see the project's store.
-        env["FLORDB_BUILD_DB"] = str(self.config.db_path)
+        env = replay_environment(self.config, run.run_id, run.task, device)
         env[REPLAY_ENV] = spec.to_json()
         return env
 
@@ -312,6 +405,15 @@ class SubprocessExecutor:
         return compare_values(run.run_id, recorded, replayed, describe, self.rel_tol)
 
 
+def _read_modules(path: Path) -> list[str]:
+    """The modules a warm-started child reported importing (nothing when it could not say)."""
+    try:
+        names = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+
+
 def _read_progress(fd: int, progress: Progress) -> None:
     with os.fdopen(fd, "rb") as pipe:
         for line in pipe:
@@ -326,6 +428,24 @@ def _tail(path: Path, lines: int = 15) -> str:
     except OSError:
         return "(no output)"
     return "\n".join(text.rstrip().splitlines()[-lines:]) or "(no output)"
+
+
+def replay_environment(config: Config, run_id: str, task: str | None, device: str) -> dict[str, str]:
+    """A replay process's environment, but for its spec: ours, with the run's recorded variables."""
+    env = dict(os.environ)
+    for name in ("FLOR_PIPELINE_ID", "FLOR_MAKE_PIPELINE_ID"):
+        env.pop(name, None)
+    for name, value in recorded_env_vars(config, run_id).items():
+        if name.startswith(_NOT_RESTORED_PREFIXES):
+            continue
+        if device != "auto" and name in ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES"):
+            continue  # the replay chose its device
+        env[name] = value
+    if task:
+        env["FLOR_TASK"] = task
+    # Reads of the store from inside the script (flor.dataframe) see the project's store.
+    env["FLORDB_BUILD_DB"] = str(config.db_path)
+    return env
 
 
 def kwargs_tokens(args: Mapping[str, Any]) -> list[str]:
@@ -454,11 +574,12 @@ def format_plan(plan: ReplayPlan) -> str:
 def format_report(report: ReplayReport) -> str:
     """Estimated vs actual seconds per run, then errors and nondeterminism warnings."""
     rows = [
-        [o.run_id, "ok" if o.ok else "FAILED", str(o.stored), format_seconds(o.estimate), format_seconds(o.seconds),
+        [o.run_id, "ok" if o.ok else "FAILED", "warm" if o.warm else "cold", str(o.stored),
+         format_seconds(o.estimate), format_seconds(o.seconds),
          f"{(o.seconds - o.estimate) / o.estimate:+.0%}" if o.estimate > 0 else "-"]
         for o in report.outcomes
     ]
-    parts = [_table(["run", "status", "values", "estimated", "actual", "error"], rows)] if rows else []
+    parts = [_table(["run", "status", "start", "values", "estimated", "actual", "error"], rows)] if rows else []
     for outcome in report.outcomes:
         for error in outcome.errors:
             parts.append(f"error: run {outcome.run_id}: {error}")
@@ -469,6 +590,7 @@ def format_report(report: ReplayReport) -> str:
             f"warning: nondeterminism in run {m.run_id}: '{m.name}' differs in {m.differing} of {m.compared} "
             f"values recorded and replayed (first at {m.example})"
         )
+    parts.extend(f"note: {note}" for note in report.notes)
     return "\n".join(parts)
 
 

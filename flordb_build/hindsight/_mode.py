@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..config import Config, read_tool_section
-from ..runtime import _CTX, ROOT_CTX, Run
+from ..runtime import _CTX, ROOT_CTX, Run, process_age
 from ..store import Store, coalesce_loops, loop_contexts
 from ..values import encode_value, simple_loop_value
-from ._model import REPLAY_ENV, ReplaySpec, Step, StepKind
+from ._model import PROGRESS_FD_ENV, REPLAY_ENV, ReplaySpec, Step, StepKind
 
 T = TypeVar("T")
 _NATIVE_TYPES = (int, float, str)
@@ -86,6 +86,9 @@ class ReplayRun(Run):
         self._pending_restore: int | None = None
         self._device: str | None = None
         self._progress_fd = spec.progress_fd
+        if self._progress_fd is None and os.environ.get(PROGRESS_FD_ENV, "").isdigit():
+            self._progress_fd = int(os.environ[PROGRESS_FD_ENV])  # a warm start put it at a free number
+        self._prefix_seconds: float | None = None
         self.notes: list[str] = []
         self.counters = {"restores": 0, "nested_skipped": 0, "nested_run": 0, "iterations_run": 0,
                          "iterations_validated": 0, "iterations_skipped": 0, "stored": 0}
@@ -202,6 +205,7 @@ class ReplayRun(Run):
         return ctx
 
     def _main_loop(self, name: str, iterable: Iterable[T]) -> Iterator[T]:
+        self._prefix_seconds = process_age()  # what this process's prefix cost (warm or cold start)
         schedule = self.spec.schedule
         steps = list(schedule.steps)
         objects = self.checkpointer.objects if self.checkpointer is not None else None
@@ -321,6 +325,7 @@ class ReplayRun(Run):
             result = {
                 "status": status, "error": error, "notes": self.notes, "counters": self.counters,
                 "compare": self._compare, "seconds": time.time() - self.started,
+                "prefix_seconds": self._prefix_seconds, "process_seconds": process_age(),
             }
             Path(self.spec.result).write_text(json.dumps(result, default=str), encoding="utf-8")
 

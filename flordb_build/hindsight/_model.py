@@ -17,7 +17,12 @@ from ..runtime import REPLAY_ENV as REPLAY_ENV  # the variable that puts a scrip
 if TYPE_CHECKING:  # the rewrite package imports libcst; a replaying script never needs it
     from ..rewrite import NotPlaced, Placed, Position
 
+#: Set in a warm-started replay process: the descriptor its progress lines go to (see _warm.py).
+PROGRESS_FD_ENV = "FLOR_REPLAY_PROGRESS_FD"
 DEFAULT_REL_TOL = 1e-6
+#: Seconds a replay process costs outside its own lifetime before one was measured: a fork from a
+#: warm server; or a fresh interpreter's spawn and teardown (its start-up is in the recorded prefix).
+DEFAULT_OVERHEAD = {True: 0.02, False: 0.15}
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -71,6 +76,25 @@ class RecordedRun:
 
 
 @dataclass(frozen=True)
+class StartCosts:
+    """What starting a replay process costs beyond the recorded timings (``_costs.py`` learns them)."""
+
+    warm: bool = False  # warm starts are on
+    live: frozenset[str] = frozenset()  # scripts whose warm server is already up
+    saving: Mapping[str, float] = field(default_factory=dict)  # script -> prefix seconds a warm start skips
+    overhead: Mapping[tuple[str, bool], float] = field(default_factory=dict)  # (script, warm) -> seconds
+
+    def seconds(self, script: str, warm: bool, prefix: float) -> float:
+        """Seconds to add to the recorded timings' estimate for one process of ``script``.
+
+        Every start costs its overhead outside the process; a warm start skips the imports of the
+        recorded prefix (never more than the prefix).
+        """
+        overhead = self.overhead.get((script, warm), DEFAULT_OVERHEAD[warm])
+        return overhead - (min(self.saving.get(script, 0.0), prefix) if warm else 0.0)
+
+
+@dataclass(frozen=True)
 class SkippedRun:
     """A selected run the plan leaves out, and why."""
 
@@ -101,6 +125,8 @@ class RunPlan:
     checkpointed: tuple[int, ...]  # main-loop iterations with a checkpoint
     segments: tuple[tuple[int, int], ...]  # [start, stop) of main-loop iterations per worker
     segment_estimates: tuple[float, ...]
+    warm: bool = False  # expected to fork from a warm server that is up by then
+    recorded_prefix: float = 0.0  # the record's prefix seconds (interpreter start to the main loop)
 
     @property
     def version(self) -> str:
@@ -160,6 +186,7 @@ class JobResult:
     notes: tuple[str, ...] = ()
     counters: Mapping[str, int] = field(default_factory=dict)
     mismatches: tuple[Mismatch, ...] = ()
+    warm: bool = False  # forked from a warm server rather than started fresh
 
 
 @dataclass(frozen=True)
@@ -175,6 +202,7 @@ class RunOutcome:
     notes: tuple[str, ...]
     mismatches: tuple[Mismatch, ...]
     counters: Mapping[str, int]
+    warm: bool = False  # every process of the run was forked from a warm server
 
 
 @dataclass(frozen=True)
@@ -183,6 +211,7 @@ class ReplayReport:
 
     plan: ReplayPlan
     outcomes: tuple[RunOutcome, ...]
+    notes: tuple[str, ...] = ()  # about the session as a whole (a warm server kept up)
 
     @property
     def ok(self) -> bool:

@@ -16,7 +16,9 @@ iteration) and ``n = 8``::
     (. skip: never executed; a later restore covers it. S rebuilds state, logs dropped.)
 
 An estimate is the sum of the recorded seconds of the parts a schedule executes: the prefix,
-each executed iteration (minus its nested loops for V), each restore, and the tail.
+each executed iteration (minus its nested loops for V), each restore, and the tail; plus what
+starting the process costs outside those timings, and minus the imports of the prefix when the
+process forks from a warm server (:class:`StartCosts`, learned from earlier replays).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from ..errors import ReplayError, RewriteError
 from ..rewrite import Position, analyze_script, propagate
-from ._model import RecordedRun, ReplayPlan, RunPlan, Schedule, SkippedRun, Step, StepKind
+from ._model import RecordedRun, ReplayPlan, RunPlan, Schedule, SkippedRun, StartCosts, Step, StepKind
 
 #: Restore seconds per materialize second before a run's restores were measured (dissertation 4.3).
 DEFAULT_RESTORE_FACTOR = 1.38
@@ -132,8 +134,13 @@ def plan_replay(
     *,
     workers: int = 1,
     device: str = "auto",
+    start: StartCosts | None = None,
 ) -> ReplayPlan:
     """Plan replaying ``names`` in ``runs``; ``today`` maps each script path to today's source (None: gone).
+
+    :param start: start-up costs learned from earlier replays, and whether processes start warm
+        (the first run of a script starts its server unless one is up; later ones fork from it).
+        None: estimate the recorded timings alone.
 
     :raises ReplayError: no names, bad workers, or a name that no selected script logs today.
     """
@@ -160,14 +167,30 @@ def plan_replay(
         )
     planned: list[RunPlan] = []
     skipped: list[SkippedRun] = []
+    warm_starts = start is not None and start.warm
+    served = set(start.live) if start is not None and warm_starts else set()  # scripts with a server up
     for run in runs:
-        outcome = _plan_run(run, today.get(run.filename), logged_today.get(run.filename, frozenset()), wanted, workers)
-        (planned if isinstance(outcome, RunPlan) else skipped).append(outcome)  # type: ignore[arg-type]
+        outcome = _plan_run(
+            run, today.get(run.filename), logged_today.get(run.filename, frozenset()), wanted, workers, start,
+            warm=run.filename in served,
+        )
+        if isinstance(outcome, RunPlan):
+            planned.append(outcome)
+            if warm_starts:
+                served.add(run.filename)  # the run's first job starts the server; later runs fork from it
+        else:
+            skipped.append(outcome)
     return ReplayPlan(names=wanted, runs=tuple(planned), skipped=tuple(skipped), workers=workers, device=device)
 
 
 def _plan_run(
-    run: RecordedRun, today_source: str | None, today_names: frozenset[str], wanted: tuple[str, ...], workers: int
+    run: RecordedRun,
+    today_source: str | None,
+    today_names: frozenset[str],
+    wanted: tuple[str, ...],
+    workers: int,
+    start: StartCosts | None,
+    warm: bool,
 ) -> RunPlan | SkippedRun:
     def skip(reason: str, unaffected: bool = False) -> SkippedRun:
         return SkippedRun(run.run_id, run.task, run.filename, reason, unaffected)
@@ -201,8 +224,9 @@ def _plan_run(
     if depth is Position.RANGE:
         segments = split_segments(n, workers)
     costs = RunCosts(run, main_ctxs)
+    start_seconds = start.seconds(run.filename, warm, costs.prefix) if start is not None else 0.0
     estimates = tuple(
-        costs.estimate(schedule_scan(depth, n, checkpointed, segment if len(segments) > 1 else None))
+        costs.estimate(schedule_scan(depth, n, checkpointed, segment if len(segments) > 1 else None)) + start_seconds
         for segment in segments
     )
     return RunPlan(
@@ -222,4 +246,6 @@ def _plan_run(
         checkpointed=checkpointed,
         segments=segments,
         segment_estimates=estimates,
+        warm=warm,
+        recorded_prefix=costs.prefix,
     )

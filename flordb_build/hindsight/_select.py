@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config, load_config
-from ..errors import ReplayError, SnapshotError
+from ..errors import ReplayError, SnapshotError, WarmStartError
 from ..snapshot import run_git
 from ..store import Store, loop_contexts
-from ._model import DEVICES, RecordedRun, ReplayPlan
+from ._model import DEVICES, RecordedRun, ReplayPlan, StartCosts
 
 
 def select_run_ids(config: Config, where: str | None, task: str | None) -> list[str]:
@@ -107,8 +107,11 @@ def prepare_replay(
     workers: int = 1,
     device: str = "auto",
     config: Config | None = None,
+    warm: bool | None = None,
 ) -> ReplayPlan:
     """Select runs, read their versions and timings, and plan replaying ``names`` (nothing runs).
+
+    :param warm: whether replay processes will fork from warm servers (None: the project's setting).
 
     :raises ReplayError: unknown names or device, no matching run.
     :raises ExpressionError: an invalid ``where``.
@@ -121,4 +124,26 @@ def prepare_replay(
     run_ids = select_run_ids(config, where, task)
     runs = load_recorded_runs(config, run_ids)
     today = read_today_sources(config, [run.filename for run in runs])
-    return plan_replay(runs, today, names, workers=workers, device=device)
+    start = start_outlook(config, runs, device, warm)
+    return plan_replay(runs, today, names, workers=workers, device=device, start=start)
+
+
+def start_outlook(config: Config, runs: Sequence[RecordedRun], device: str, warm: bool | None = None) -> StartCosts:
+    """Learned start-up costs, and which scripts' first replay forks from a warm server already up."""
+    from ._costs import start_costs
+    from ._execute import replay_environment
+    from ._warm import WarmPool, warm_settings
+
+    enabled, keep_warm = warm_settings(config)
+    enabled = enabled if warm is None else warm
+    live: set[str] = set()
+    if enabled:
+        try:
+            pool = WarmPool(config, keep_warm)
+        except WarmStartError:
+            enabled = False
+        else:
+            for run in {r.filename: r for r in reversed(runs)}.values():  # the first run of each script
+                if pool.is_live(replay_environment(config, run.run_id, run.task, device)):
+                    live.add(run.filename)
+    return start_costs(config, enabled, frozenset(live))

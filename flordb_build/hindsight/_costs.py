@@ -1,0 +1,78 @@
+"""What starting a replay process costs beyond a run's recorded timings, learned from earlier replays.
+
+A recorded run's timings cover its process from interpreter start to the close of the run. A
+replay adds what happens outside that span (exporting the snapshot, starting or forking the
+process, interpreter teardown, reading the result) and, when it is forked from a warm server,
+skips the imports that the recorded prefix paid. Neither can be read from the record, so each
+replay measures them and the next plan uses the latest figures (``.flor/replay_costs.json``,
+per script; losing the file only makes estimates coarser)::
+
+    {"train.py": {"saving": 3.1, "overhead_warm": 0.02, "overhead_cold": 0.21}}
+
+``saving``: recorded prefix minus the prefix of a fully warm replay (no import left to do).
+``overhead_*``: a job's wall time minus its process's own lifetime, warm or cold.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+
+from ..config import Config
+from ._model import StartCosts
+
+FILE_NAME = "replay_costs.json"
+_lock = threading.Lock()
+
+
+def costs_path(config: Config) -> Path:
+    """Where the learned figures live: beside the store's journals."""
+    return config.flor_dir / FILE_NAME
+
+
+def read_costs(config: Config) -> dict[str, dict[str, float]]:
+    """The learned figures per script (empty when none were learned or the file is unreadable)."""
+    try:
+        data = json.loads(costs_path(config).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {
+        str(script): {str(k): float(v) for k, v in figures.items() if isinstance(v, int | float)}
+        for script, figures in data.items()
+        if isinstance(figures, dict)
+    }
+
+
+def record_costs(config: Config, script: str, figures: Mapping[str, float]) -> None:
+    """Replace ``script``'s learned ``figures`` (atomic: a reader sees the old file or the new one)."""
+    if not figures:
+        return
+    with _lock:
+        data = read_costs(config)
+        data.setdefault(script, {}).update({k: round(max(v, 0.0), 4) for k, v in figures.items()})
+        path = costs_path(config)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{FILE_NAME}.{os.getpid()}.{threading.get_ident()}")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, path)
+
+
+def start_costs(config: Config, warm: bool, live: frozenset[str]) -> StartCosts:
+    """The planner's view: learned figures, whether warm starts are on, which scripts have a live server."""
+    learned = read_costs(config)
+    return StartCosts(
+        warm=warm,
+        live=live,
+        saving={script: f["saving"] for script, f in learned.items() if "saving" in f},
+        overhead={
+            (script, is_warm): f[key]
+            for script, f in learned.items()
+            for is_warm, key in ((True, "overhead_warm"), (False, "overhead_cold"))
+            if key in f
+        },
+    )

@@ -1,0 +1,441 @@
+"""Warm starts for replay processes: fork each replay from a server that has imported its libraries.
+
+A replayed script pays its imports on every replay. For a torch training that is ``import torch``
+plus the ``torch._dynamo`` import that building an optimizer triggers: over 3 s on these machines,
+more than restoring the final checkpoint and running a suffix. A warm server (``_warm_server.py``)
+imports those modules once and forks one child per replay job; the child runs the patched script
+with the job's argv, working directory, environment and descriptors.
+
+    WarmPool (one per replay session)
+      server_for(env) -> WarmServer      one per (project, interpreter, environment, installed packages);
+                                         reused across sessions while it lives (replay_keep_warm)
+      WarmServer.run(...) -> WarmProcess started by the server; wait() -> exit status
+
+What a server preloads: the imports of the script (read with ``ast``), then every installed
+module the replayed children imported (reported after each job, remembered in the runtime
+directory for the next server). A module the script's own directory provides is never preloaded,
+and the server refuses a job whose directory shadows a module it has loaded: that job starts cold.
+
+Settings (``[tool.flordb_build]``): ``replay_warm = false`` turns warm starts off;
+``replay_keep_warm = SECONDS`` (default 600; 0: stop with the session) is how long an idle server
+stays; the ``FLORDB_BUILD_REPLAY_KEEP_WARM`` environment variable overrides the latter.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..config import Config
+from ..errors import ConfigError, WarmStartError
+from ._warm_server import PROTOCOL
+
+SERVER_SCRIPT = Path(__file__).with_name("_warm_server.py")
+KEEP_WARM_ENV = "FLORDB_BUILD_REPLAY_KEEP_WARM"
+DEFAULT_KEEP_WARM = 600.0
+#: How long a new server may take to import its preload list before the job starts cold instead.
+START_TIMEOUT = 300.0
+#: Environment variables that change from shell to shell and that no library reads at import.
+_VOLATILE_ENV = frozenset({"_", "OLDPWD", "PWD", "SHLVL"})
+_JOB_ENV_PREFIXES = ("FLOR_",)  # per job (the replay spec, the task): set in the child, not the server
+
+
+def warm_settings(config: Config) -> tuple[bool, float]:
+    """``(enabled, keep-warm seconds)`` from the project's settings and the environment."""
+    section = config.section
+    enabled = section.get("replay_warm", True)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"'replay_warm' in [tool.flordb_build] must be true or false, got '{enabled}'.")
+    keep: Any = os.environ.get(KEEP_WARM_ENV) or section.get("replay_keep_warm", DEFAULT_KEEP_WARM)
+    try:
+        seconds = float(keep)
+    except (TypeError, ValueError):
+        seconds = -1.0
+    if not seconds >= 0 or isinstance(keep, bool):
+        raise ConfigError(
+            f"'replay_keep_warm' (or ${KEEP_WARM_ENV}) must be a number of seconds >= 0, got '{keep}'."
+        )
+    return enabled, seconds
+
+
+def runtime_dir() -> Path:
+    """A directory only this user can use, for server sockets and logs (sockets need short paths)."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    root = Path(base) / "flordb-build" if base and Path(base).is_dir() else (
+        Path(tempfile.gettempdir()) / f"flordb-build-{os.getuid()}"
+    )
+    with contextlib.suppress(FileExistsError):
+        root.mkdir(mode=0o700)
+    info = root.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise WarmStartError(
+            f"'{root}' is not a private directory of this user (a symlink, another owner, or open "
+            "permissions); warm replay starts are off until it is removed."
+        )
+    return root
+
+
+def _installed_fingerprint() -> str:
+    """Names of the installed distributions (a pip install or upgrade changes them)."""
+    import sysconfig
+
+    names: list[str] = []
+    for key in ("purelib", "platlib"):
+        path = sysconfig.get_path(key)
+        with contextlib.suppress(OSError):
+            names.extend(n for n in os.listdir(path) if n.endswith((".dist-info", ".egg-info", ".pth")))
+    return hashlib.sha256("\n".join(sorted(set(names))).encode()).hexdigest()
+
+
+def server_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """The environment a server starts with: the job's, less what is set per job."""
+    return {k: v for k, v in env.items() if not k.startswith(_JOB_ENV_PREFIXES)}
+
+
+def server_key(root: Path, env: Mapping[str, str]) -> str:
+    """Which server a job may fork from: same project, interpreter, environment and installed code."""
+    stable_env = {k: v for k, v in server_environment(env).items() if k not in _VOLATILE_ENV}
+    material = {
+        "server": hashlib.sha256(SERVER_SCRIPT.read_bytes()).hexdigest(),
+        "executable": sys.executable,
+        "root": str(root),
+        "env": sorted(stable_env.items()),
+        "installed": _installed_fingerprint(),
+    }
+    return hashlib.sha256(json.dumps(material).encode()).hexdigest()[:24]
+
+
+def script_imports(source: str) -> list[str]:
+    """Top-level package names that ``source`` imports absolutely, in order of appearance."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return []
+    names: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.extend(alias.name.split(".", 1)[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.append(node.module.split(".", 1)[0])
+    return [n for n in dict.fromkeys(names) if n not in ("flordb_build", "__future__")]
+
+
+def local_modules(script_dir: Path) -> frozenset[str]:
+    """Top-level module names the script's directory provides (it comes first on the script's path)."""
+    names = set()
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(script_dir):
+            if entry.is_dir():
+                names.add(entry.name)
+            elif entry.name.endswith((".py", ".pyc")) or ".cpython-" in entry.name or entry.name.endswith(".so"):
+                names.add(entry.name.split(".", 1)[0])
+    return frozenset(names)
+
+
+class WarmProcess:
+    """A replay process a warm server forked; the connection reports its exit."""
+
+    def __init__(self, conn: socket.socket, pid: int) -> None:
+        self.conn = conn
+        self.pid = pid
+
+    def wait(self) -> int:
+        """Block until the process ends; its exit status (negative: killed by that signal)."""
+        try:
+            reply = _receive(self.conn, None)
+        except (OSError, WarmStartError):
+            reply = {}
+        finally:
+            self.conn.close()
+        if reply.get("op") != "exited":
+            return -int(signal.SIGKILL)  # the server went away: it kills its children when it goes
+        return int(reply["status"])
+
+    def kill(self) -> None:
+        """Kill the process and its group."""
+        for kill in (lambda: os.killpg(self.pid, signal.SIGKILL), lambda: os.kill(self.pid, signal.SIGKILL)):
+            with contextlib.suppress(OSError):
+                kill()
+                return
+
+
+def _receive(conn: socket.socket, timeout: float | None) -> dict[str, Any]:
+    conn.settimeout(timeout)
+    data = conn.recv(1 << 20)
+    if not data:
+        raise WarmStartError("the warm replay server closed the connection")
+    reply = json.loads(data)
+    if not isinstance(reply, dict):
+        raise WarmStartError(f"unexpected reply from the warm replay server: {reply!r}")
+    return reply
+
+
+class WarmServer:
+    """A live server (see the module docstring), held by an open session connection.
+
+    The server does not exit while a connection is open, so it cannot time out between the jobs
+    of a session; its idle time starts when the session lets go (:meth:`release`).
+    """
+
+    def __init__(self, path: Path, hello: Mapping[str, Any], session: socket.socket) -> None:
+        self.path = path
+        self.session: socket.socket | None = session
+        self.pid = int(hello["pid"])
+        self.loaded: dict[str, float] = dict(hello.get("loaded", {}))
+        self.safe = bool(hello.get("safe"))
+        self.reason = hello.get("reason")
+        self.watch = str(hello.get("watch", ""))
+        self.idle = float(hello.get("idle", 0.0))
+        self.rss_bytes = int(hello.get("rss_bytes", 0))
+
+    def release(self) -> None:
+        """Close the session connection: the server's idle countdown starts."""
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+
+    def request(self, message: Mapping[str, Any], timeout: float | None = 30.0) -> dict[str, Any]:
+        """Send one message on a new connection and return the reply."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
+            conn.settimeout(timeout)
+            conn.connect(str(self.path))
+            conn.send(json.dumps(message).encode())
+            return _receive(conn, timeout)
+
+    def run(
+        self,
+        argv: Sequence[str],
+        cwd: Path,
+        env: Mapping[str, str],
+        fds: Mapping[int, int],
+        env_fds: Mapping[str, int] | None = None,
+        preload: Sequence[str] = (),
+        modules_out: Path | None = None,
+        exclude: Sequence[Path] = (),
+    ) -> WarmProcess:
+        """Fork a process running ``argv`` (the script first).
+
+        :param fds: target number in the child -> our descriptor (``{1: log, 2: log}``).
+        :param env_fds: environment variable -> our descriptor; the child gets it at a free number
+            and the variable names that number.
+        :param modules_out: where the child lists the installed modules it imported (for preloading).
+        :param exclude: directories whose modules are never listed there (the project's code).
+        :raises WarmStartError: the server refused (not fork-safe, shadowed modules) or is gone.
+        """
+        env_fds = env_fds or {}
+        order = list(dict.fromkeys([*fds.values(), *env_fds.values()]))
+        local = local_modules(Path(argv[0]).parent)
+        message = {
+            "op": "run", "argv": list(argv), "cwd": str(cwd), "env": dict(env),
+            "fds": {str(target): order.index(fd) for target, fd in fds.items()},
+            "env_fds": {name: order.index(fd) for name, fd in env_fds.items()},
+            "preload": [name for name in preload if name.split(".", 1)[0] not in local],
+            "local_modules": sorted(local), "modules_out": str(modules_out) if modules_out else None,
+            "exclude": [str(path) for path in exclude],
+        }
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            conn.connect(str(self.path))
+            socket.send_fds(conn, [json.dumps(message).encode()], order)
+            # The server imports the preload list before it forks: that may take a while.
+            reply = _receive(conn, START_TIMEOUT)
+        except (OSError, ValueError) as exc:
+            conn.close()
+            raise WarmStartError(f"the warm replay server at '{self.path}' did not answer: {exc}") from exc
+        except WarmStartError:
+            conn.close()
+            raise
+        if reply.get("op") != "started":
+            conn.close()
+            raise WarmStartError(str(reply.get("error") or reply))
+        self.loaded.update({name: 0.0 for name in preload if name not in self.loaded})
+        return WarmProcess(conn, int(reply["pid"]))
+
+    def stop(self) -> None:
+        """Ask the server to exit now (jobs still running are killed)."""
+        with contextlib.suppress(OSError, WarmStartError, ValueError):
+            self.request({"op": "stop"}, timeout=5.0)
+        self.release()
+
+
+def connect(path: Path, timeout: float = 5.0) -> WarmServer | None:
+    """The server listening at ``path``, held by a session connection; None when none answers there."""
+    if not path.exists():
+        return None
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        conn.settimeout(timeout)
+        conn.connect(str(path))
+        conn.send(b'{"op": "hello"}')
+        hello = _receive(conn, timeout)
+    except (OSError, ValueError, WarmStartError):
+        conn.close()
+        return None
+    if hello.get("op") != "hello" or hello.get("protocol") != PROTOCOL:
+        conn.close()
+        return None
+    return WarmServer(path, hello, conn)
+
+
+def project_servers(config: Config) -> list[WarmServer]:
+    """The live servers of this project (each held until released or stopped)."""
+    try:
+        directory = runtime_dir()
+    except WarmStartError:
+        return []
+    servers = []
+    watch = str(config.db_path.parent)
+    for path in sorted(directory.glob("*.sock")):
+        server = connect(path)
+        if server is None:
+            continue
+        if server.watch == watch:
+            servers.append(server)
+        else:
+            server.release()
+    return servers
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class WarmPool:
+    """The warm servers of one replay session, started on first use (see the module docstring)."""
+
+    def __init__(self, config: Config, keep_warm: float) -> None:
+        self.config = config
+        self.keep_warm = keep_warm
+        self.dir = runtime_dir()
+        self._servers: dict[str, WarmServer | None] = {}
+        self._lock = threading.Lock()
+
+    def server_for(self, env: Mapping[str, str], script_source: str) -> tuple[WarmServer, bool]:
+        """The server for jobs with environment ``env``, and whether it was started for this call.
+
+        A server is started (preloading the script's imports and what earlier replays imported)
+        when none lives; concurrent callers wait for the same one.
+
+        :raises WarmStartError: it cannot be started, or it is not fork-safe.
+        """
+        key = server_key(self.config.root, env)
+        with self._lock:
+            if key in self._servers:
+                server = self._servers[key]
+                if server is None:
+                    raise WarmStartError("the warm replay server for this environment could not start earlier")
+                return server, False
+            fresh = False
+            try:
+                server = connect(self.dir / f"{key}.sock")
+                if server is None:
+                    server, fresh = self._start(key, env, script_source), True
+            except WarmStartError:
+                self._servers[key] = None
+                raise
+            if not server.safe:
+                self._servers[key] = None
+                server.stop()
+                raise WarmStartError(f"warm replay starts are off for this environment: {server.reason}")
+            self._servers[key] = server
+            return server, fresh
+
+    def is_live(self, env: Mapping[str, str]) -> bool:
+        """Whether a server for ``env`` is up now (a plan's estimate depends on it)."""
+        server = connect(self.dir / f"{server_key(self.config.root, env)}.sock")
+        if server is None:
+            return False
+        server.release()
+        return True
+
+    def learned(self, key_env: Mapping[str, str]) -> list[str]:
+        """Modules earlier replays in this environment imported (the next server preloads them)."""
+        path = self.dir / f"{server_key(self.config.root, key_env)}.modules.json"
+        try:
+            names = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return []
+        return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+
+    def learn(self, key_env: Mapping[str, str], modules: Sequence[str]) -> None:
+        """Remember ``modules`` (imported by a replayed script) for this environment's next server."""
+        if not modules:
+            return
+        with self._lock:
+            known = self.learned(key_env)
+            merged = list(dict.fromkeys([*known, *modules]))
+            if len(merged) == len(known):
+                return
+            path = self.dir / f"{server_key(self.config.root, key_env)}.modules.json"
+            tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+            tmp.write_text(json.dumps(merged), encoding="utf-8")
+            os.replace(tmp, path)
+
+    def _start(self, key: str, env: Mapping[str, str], script_source: str) -> WarmServer:
+        sock = self.dir / f"{key}.sock"
+        preload_file = self.dir / f"{key}.preload.json"
+        preload = list(dict.fromkeys([*script_imports(script_source), *self.learned(env)]))
+        preload_file.write_text(json.dumps(preload), encoding="utf-8")
+        watch = self.config.db_path.parent
+        watch.mkdir(parents=True, exist_ok=True)
+        log = self.dir / f"{key}.log"
+        command = [
+            sys.executable, str(SERVER_SCRIPT), "--socket", str(sock), "--watch", str(watch),
+            "--idle", str(self.keep_warm), "--preload-file", str(preload_file), "--log", str(log),
+        ]
+        # The starter forks the server off, prints its pid and exits: the server outlives this
+        # process without being a child anyone must reap. A new session: Ctrl-C here is not for it.
+        started = subprocess.run(
+            command, cwd=self.dir, env=server_environment(env), stdin=subprocess.DEVNULL, capture_output=True,
+            text=True, start_new_session=True, check=False,
+        )
+        if started.returncode != 0 or not started.stdout.strip().isdigit():
+            raise WarmStartError(
+                f"the warm replay server did not start (status {started.returncode}): {started.stderr.strip()[-300:]}"
+            )
+        pid = int(started.stdout.strip())
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            server = connect(sock)
+            if server is not None and server.pid == pid:
+                return server
+            if server is not None:
+                server.release()  # an older server still had the name: ours takes it when ready
+            if not _alive(pid):
+                raise WarmStartError(f"the warm replay server exited while it was importing; see '{log}'")
+            time.sleep(0.02)
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+        raise WarmStartError(f"the warm replay server did not start within {START_TIMEOUT:.0f}s; see '{log}'")
+
+    def close(self) -> list[WarmServer]:
+        """End of the session: let go of the servers (they stay ``keep_warm`` idle seconds); those kept."""
+        with self._lock:
+            servers = [s for s in self._servers.values() if s is not None]
+            self._servers.clear()
+        for server in servers:
+            if self.keep_warm <= 0:
+                server.stop()
+            else:
+                server.release()
+        return servers if self.keep_warm > 0 else []

@@ -1,0 +1,229 @@
+"""Warm replay starts: processes forked from a server that has the script's libraries imported.
+
+Real servers (``_warm_server.py`` processes), real forks, real recorded runs. Each test checks
+what a wrong warm start would get wrong: stale code, another version's module, a value that
+differs from a fresh interpreter's, a process or server left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import flordb_build as flor
+from flordb_build.config import load_config
+from flordb_build.hindsight._warm import WarmPool, project_servers, runtime_dir, server_key
+
+SCRIPT = """\
+import importlib
+import flordb_build as flor
+
+state = {{"w": 0}}
+with flor.checkpointing(state=state):
+    for epoch in flor.loop("epoch", range(3)):
+        state["w"] += {step}
+        flor.log("val", state["w"])
+flor.log("final", state["w"])
+"""
+# Today's version imports `fractions` where no static scan sees it: only a replayed child's
+# report teaches the server to preload it.
+TODAY = SCRIPT.replace('flor.log("final", state["w"])', '''flor.log("final", state["w"])
+flor.log("half", str(importlib.import_module("fractions").Fraction(state["w"], 2)))''')
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _wait_for(condition: Callable[[], bool], seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+@pytest.fixture
+def kept_warm(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Servers stay up between replays (60 s); every server of the test's project is stopped at the end."""
+    monkeypatch.setenv("FLORDB_BUILD_REPLAY_KEEP_WARM", "60")
+    yield
+    for server in project_servers(load_config()):
+        server.stop()
+
+
+def _record(project: Any, steps: tuple[int, ...] = (1, 2)) -> None:
+    for step in steps:
+        project.write("train.py", SCRIPT.format(step=step))
+        project.commit_all(f"step {step}")
+        project.run("train.py")
+    project.write("train.py", TODAY.format(step=9))
+    project.commit_all("today")
+
+
+def test_a_kept_server_serves_the_next_replay_with_what_the_last_one_imported(project: Any, kept_warm: Any) -> None:
+    _record(project)
+    first = flor.replay("half", quiet=True)
+    assert [o.warm for o in first.outcomes] == [True, True]
+    # The first child imported `fractions` itself; the second forked after the server preloaded it.
+    assert first.outcomes[0].counters["modules_imported"] > 0
+    assert first.outcomes[1].counters["modules_imported"] == 0
+    assert any("stays up" in note for note in first.notes)
+    df = flor.dataframe("final", "half")
+    assert df["half"].tolist() == ["3/2", "3"]  # final 3 and 6, each from its own version's code
+
+    (server,) = project_servers(load_config())
+    server.release()
+    second = flor.replay("half", quiet=True)
+    (again,) = project_servers(load_config())
+    again.release()
+    assert again.pid == server.pid, "the second replay started a new server instead of reusing the warm one"
+    assert [o.warm for o in second.outcomes] == [True, True]
+    assert [o.counters["modules_imported"] for o in second.outcomes] == [0, 0]
+    assert flor.dataframe("final", "half")["half"].tolist() == ["3/2", "3"]
+
+    # What the warm replays measured now shapes the plan: a warm start skips the recorded imports.
+    costs = json.loads((project.root / ".flor" / "replay_costs.json").read_text())
+    assert costs["train.py"]["overhead_warm"] >= 0 and "saving" in costs["train.py"]
+
+    cold = flor.replay("half", quiet=True, warm=False)
+    assert [o.warm for o in cold.outcomes] == [False, False]
+    assert flor.dataframe("final", "half")["half"].tolist() == ["3/2", "3"]
+
+    status = project.cli("warm", "status").stdout
+    assert f"pid {server.pid}" in status and "modules preloaded" in status
+    assert f"pid {server.pid}" in project.cli("warm", "stop").stdout
+    assert _wait_for(lambda: not _alive(server.pid)), "'warm stop' left the server running"
+    assert "no warm replay server" in project.cli("warm").stdout
+
+
+def test_each_run_gets_its_own_versions_local_modules(project: Any) -> None:
+    # helper.py is the project's own code: a server never preloads it, so each forked child imports
+    # the version in its run's snapshot.
+    project.write("train.py", SCRIPT.format(step="helper.STEP").replace("import importlib", "import importlib\nimport helper"))
+    for step in (1, 5):
+        project.write("helper.py", f"STEP = {step}\n")
+        project.commit_all(f"helper {step}")
+        project.run("train.py")
+    project.write("train.py", TODAY.format(step="helper.STEP").replace("import importlib", "import importlib\nimport helper"))
+    project.commit_all("today")
+
+    report = flor.replay("half", quiet=True)
+    assert [o.warm for o in report.outcomes] == [True, True]
+    assert flor.dataframe("final", "half")["half"].tolist() == ["3/2", "15/2"]
+
+
+def test_a_script_directory_that_shadows_a_preloaded_module_starts_cold(project: Any) -> None:
+    # Run 1 uses the standard library's statistics; run 2's directory has its own statistics.py,
+    # which a fresh interpreter imports instead. The server has the stdlib one loaded by then.
+    body = SCRIPT.replace("import importlib", "import importlib\nimport statistics")
+    project.write("train.py", body.format(step=1))
+    project.commit_all("v1")
+    project.run("train.py")
+    project.write("statistics.py", "def mean(values):\n    return 42\n")
+    project.commit_all("v2: a local statistics module")
+    project.run("train.py")
+    today = body.format(step=1) + 'flor.log("avg", statistics.mean([1, 2, 3]))\n'
+    project.write("train.py", today)
+    project.commit_all("today")
+
+    report = flor.replay("avg", quiet=True)
+    assert [o.warm for o in report.outcomes] == [True, False]
+    assert any("shadows the preloaded module(s) statistics" in n for n in report.outcomes[1].notes)
+    assert flor.dataframe("avg")["avg"].tolist() == [2, 42]
+
+
+def test_a_preloaded_module_that_starts_threads_turns_warm_starts_off(
+    project: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Forking a process with other Python threads gives a child whose locks may be held forever.
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "threadlib.py").write_text(
+        "import threading, time\nthreading.Thread(target=time.sleep, args=(3600,), daemon=True).start()\nVALUE = 7\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", str(lib))
+    body = SCRIPT.replace("import importlib", "import importlib\nimport threadlib")
+    project.write("train.py", body.format(step=1))
+    project.commit_all("v1")
+    project.run("train.py")
+    project.write("train.py", body.format(step=1) + 'flor.log("seven", threadlib.VALUE + state["w"])\n')
+    project.commit_all("today")
+
+    report = flor.replay("seven", quiet=True)
+    (outcome,) = report.outcomes
+    assert outcome.ok and not outcome.warm
+    assert any("started Python threads" in note for note in outcome.notes)
+    assert flor.dataframe("seven")["seven"].tolist() == [10]
+
+
+def _pool_and_server(project: Any, keep_warm: float) -> tuple[WarmPool, Any]:
+    config = load_config()
+    (project.root / ".flor").mkdir(exist_ok=True)
+    pool = WarmPool(config, keep_warm)
+    server, fresh = pool.server_for(dict(os.environ), "import fractions\n")
+    assert fresh
+    return pool, server
+
+
+def test_a_child_dies_with_its_connection_and_a_server_with_its_project(project: Any, tmp_path: Path) -> None:
+    script = project.write("sleeper.py", "import os, time\nprint(os.getpid(), flush=True)\ntime.sleep(120)\n")
+    pool, server = _pool_and_server(project, keep_warm=60)
+    out = (tmp_path / "out.log").open("wb")
+    child = server.run([str(script)], project.root, dict(os.environ), {1: out.fileno(), 2: out.fileno()})
+    assert _wait_for(lambda: (tmp_path / "out.log").read_text().strip() == str(child.pid))
+    child.conn.close()  # the replaying process went away (Ctrl-C, crash): its child must not live on
+    assert _wait_for(lambda: not _alive(child.pid)), "the forked replay outlived its client"
+    out.close()
+
+    pool.close()  # kept warm: the server stays ...
+    assert _alive(server.pid)
+    import shutil
+
+    shutil.rmtree(project.root / ".flor")  # ... until its project's store is gone
+    assert _wait_for(lambda: not _alive(server.pid)), "the server outlived its project's store"
+    assert not server.path.exists()
+
+
+def test_an_idle_server_exits_after_keep_warm_seconds(project: Any) -> None:
+    pool, server = _pool_and_server(project, keep_warm=1)
+    assert "fractions" in server.loaded  # the script's import, preloaded
+    pool.close()
+    assert _alive(server.pid)
+    assert _wait_for(lambda: not _alive(server.pid), seconds=10), "the idle server did not exit"
+    assert not server.path.exists()
+
+
+def test_servers_are_keyed_by_environment_and_kept_in_a_private_directory(project: Any) -> None:
+    directory = runtime_dir()
+    assert directory.stat().st_mode & 0o077 == 0 and directory.stat().st_uid == os.getuid()
+    root = project.root
+    base = {"PATH": "/usr/bin", "OMP_NUM_THREADS": "1"}
+    assert server_key(root, base) == server_key(root, {**base, "FLOR_TASK": "train", "OLDPWD": "/x"})
+    assert server_key(root, base) != server_key(root, {**base, "OMP_NUM_THREADS": "4"})
+    assert server_key(root, base) != server_key(root / "other", base)
+
+
+def test_a_killed_child_reports_its_signal(project: Any, tmp_path: Path) -> None:
+    script = project.write("sleeper.py", "import time\ntime.sleep(120)\n")
+    pool, server = _pool_and_server(project, keep_warm=0)
+    try:
+        with (tmp_path / "out.log").open("wb") as out:
+            child = server.run([str(script)], project.root, dict(os.environ), {1: out.fileno(), 2: out.fileno()})
+        os.kill(child.pid, signal.SIGTERM)
+        assert child.wait() == -signal.SIGTERM
+    finally:
+        pool.close()
+    assert _wait_for(lambda: not _alive(server.pid))
