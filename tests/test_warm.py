@@ -227,3 +227,52 @@ def test_a_killed_child_reports_its_signal(project: Any, tmp_path: Path) -> None
     finally:
         pool.close()
     assert _wait_for(lambda: not _alive(server.pid))
+
+
+SLOW = """\
+import os
+import time
+import flordb_build as flor
+
+state = {"w": 0}
+with flor.checkpointing(state=state):
+    for epoch in flor.loop("epoch", range(2)):
+        for step in flor.loop("step", range(40)):
+            state["w"] += 1
+            time.sleep(float(os.environ.get("STEP_SLEEP", "0")))
+        flor.log("val", state["w"])
+"""
+
+
+def test_ctrl_c_ends_a_replay_and_its_forked_processes(
+    project: Any, kept_warm: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+    import sys
+
+    project.write("train.py", SLOW)
+    project.commit_all("recorded")
+    project.run("train.py")  # no STEP_SLEEP: recorded in a moment
+    project.write("train.py", SLOW.replace('state["w"] += 1', 'state["w"] += 1\n            flor.log("tick", step)'))
+    project.commit_all("today: a statement in the nested loop")
+    monkeypatch.setenv("STEP_SLEEP", "1")  # the replay's steps take a second each: 40 s per segment
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flordb_build", "replay", "tick", "--workers", "2", "--yes"],
+        cwd=project.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        def both_running() -> bool:
+            servers = project_servers(load_config())
+            for server in servers:
+                server.release()
+            return any(server.children == 2 for server in servers)
+
+        assert _wait_for(both_running, seconds=60), "the two replay processes never started"
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=15)  # without the cancel, exit waits for both segments
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "interrupted" in err
+    (server,) = project_servers(load_config())
+    server.release()
+    assert server.children == 0, "the forked replay processes outlived the interrupted replay"

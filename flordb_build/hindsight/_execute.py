@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -136,7 +137,15 @@ def _replay_run(
     else:
         with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
             futures = [pool.submit(executor, job, reporter(i)) for i, job in enumerate(jobs)]
-            results = [future.result() for future in futures]
+            try:
+                results = [future.result() for future in futures]
+            except BaseException:
+                # Ctrl-C reaches this thread only: end the processes the worker threads wait on,
+                # or the pool's shutdown would wait for whole replays.
+                cancel = getattr(executor, "cancel", None)
+                if cancel is not None:
+                    cancel()
+                raise
     return _outcome(run, results, time.perf_counter() - started)
 
 
@@ -234,6 +243,7 @@ class SubprocessExecutor:
         self.links = replay_links(config)
         self._cleared: set[str] = set()
         self._lock = threading.Lock()
+        self._running: set[WarmProcess | subprocess.Popen[bytes]] = set()
         enabled, keep_warm = warm_settings(config)
         self.pool: WarmPool | None = None
         self._pool_note: str | None = None
@@ -242,6 +252,14 @@ class SubprocessExecutor:
                 self.pool = WarmPool(config, keep_warm)
             except WarmStartError as exc:
                 self._pool_note = f"started cold: {exc}"
+
+    def cancel(self) -> None:
+        """Kill every replay process still running (an interrupted session)."""
+        with self._lock:
+            running = list(self._running)
+        for proc in running:
+            with contextlib.suppress(OSError):
+                proc.kill()
 
     def close(self) -> tuple[str, ...]:
         """End of the session: let go of the warm servers; a note for each one that stays up."""
@@ -308,11 +326,16 @@ class SubprocessExecutor:
                 os.close(write_fd)
             reader = threading.Thread(target=_read_progress, args=(read_fd, progress), daemon=True)
             reader.start()
+            with self._lock:
+                self._running.add(proc)
             try:
                 code = proc.wait()
             except BaseException:
                 proc.kill()  # Ctrl-C: a warm child is in another session, so the terminal does not stop it
                 raise
+            finally:
+                with self._lock:
+                    self._running.discard(proc)
             reader.join()
         seconds = time.perf_counter() - started
         outcome = json.loads(result_path.read_text(encoding="utf-8")) if result_path.exists() else None

@@ -201,6 +201,7 @@ class WarmServer:
         self.watch = str(hello.get("watch", ""))
         self.idle = float(hello.get("idle", 0.0))
         self.rss_bytes = int(hello.get("rss_bytes", 0))
+        self.children = int(hello.get("children", 0))  # replay processes running when it said hello
 
     def release(self) -> None:
         """Close the session connection: the server's idle countdown starts."""
