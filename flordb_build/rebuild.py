@@ -1,8 +1,10 @@
 """Recreate ``.flor/flor.db`` from the run journals that the snapshot commits carry.
 
 The database is a cache of the shadow branch: each snapshot commit holds its run's journal
-(``.flor/runs/<run_id>.jsonl``: a ``run`` header, ``loops``/``logs`` batches, an ``end``
-footer). Replaying those lines into a fresh database gives back every recorded run. The new
+(``.flor/runs/<run_id>.jsonl``: a ``run`` header, its ``env``, ``loops``/``logs`` batches, an
+``end`` footer), and each replay commits the run's replayed values (``.flor/replays/``,
+hindsight/_journal.py). Replaying those lines into a fresh database gives back every recorded
+run, its environment and what replays added. The new
 database is built beside the old one and swapped in only when complete.
 """
 
@@ -17,6 +19,7 @@ from typing import Any
 from . import snapshot
 from .config import Config
 from .errors import RebuildError
+from .hindsight._journal import load_replay_journal, replays_dir_in_tree
 from .objects import ObjectStore
 from .store import (
     CHECKPOINT_INSERT,
@@ -63,6 +66,9 @@ def rebuild_store(config: Config) -> RebuildResult:
         for commit, text in snapshot.iter_snapshot_journals(config.root, journal_dir):
             counts = load_journal(conn, text, commit, objects=ObjectStore.for_config(config))
             totals = [a + b for a, b in zip(totals, counts, strict=True)]
+        # Replayed values come after every run is back; a newer replay journal replaces an older one.
+        for _commit, text in snapshot.iter_snapshot_journals(config.root, replays_dir_in_tree(config)):
+            totals[2] += load_replay_journal(conn, text)
     except (ValueError, KeyError) as exc:
         conn.close()
         _remove_database(tmp_path)
@@ -83,6 +89,7 @@ def load_journal(conn: Any, text: str, commit: str, objects: ObjectStore | None 
     (``flordb-build gc`` may have evicted the others since).
     """
     run: dict[str, Any] | None = None
+    env: dict[str, Any] | None = None
     end: dict[str, Any] = {}
     loops: list[list[Any]] = []
     logs: list[list[Any]] = []
@@ -94,6 +101,8 @@ def load_journal(conn: Any, text: str, commit: str, objects: ObjectStore | None 
         entry = json.loads(line)
         if "run" in entry:
             run = entry["run"]
+        elif "env" in entry:
+            env = entry["env"]
         elif "end" in entry:
             end = entry["end"]
         else:
@@ -110,6 +119,11 @@ def load_journal(conn: Any, text: str, commit: str, objects: ObjectStore | None 
     columns = validated_columns("runs", row)
     run_id = row["run_id"]
     with write_transaction(conn):
+        if env is not None:
+            conn.execute(
+                "INSERT OR IGNORE INTO envs (env_id, env, created) VALUES (?, ?, ?)",
+                (env["env_id"], env["env"], run.get("started") or 0.0),
+            )
         conn.execute(
             "INSERT OR REPLACE INTO runs (" + ", ".join(columns) + ") VALUES ("  # noqa: S608 - validated
             + ", ".join("?" for _ in columns) + ")",

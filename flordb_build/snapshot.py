@@ -101,11 +101,27 @@ def capture_code(root: Path) -> CodeState:
 def commit_snapshot(root: Path, code_tree: str, journal: Path, journal_path_in_tree: str, message: str) -> str:
     """Commit ``code_tree`` plus the run's journal onto the shadow branch; return the commit sha."""
     blob = run_git(root, "hash-object", "-w", "--", str(journal))
+    return _append_to_shadow(root, _tree_with(root, code_tree, blob, journal_path_in_tree), message)
+
+
+def commit_file(root: Path, content: bytes, path_in_tree: str, message: str) -> str:
+    """Commit a tree holding only ``content`` at ``path_in_tree`` onto the shadow branch (a replay journal)."""
+    blob = run_git(root, "hash-object", "-w", "--stdin", input=content)
+    return _append_to_shadow(root, _tree_with(root, None, blob, path_in_tree), message)
+
+
+def _tree_with(root: Path, base_tree: str | None, blob: str, path_in_tree: str) -> str:
+    """``base_tree`` (or an empty tree) plus ``blob`` at ``path_in_tree``, written with a private index."""
     with tempfile.TemporaryDirectory(prefix="flor-index-") as tmp:
         env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
-        run_git(root, "read-tree", code_tree, env=env)
-        run_git(root, "update-index", "--add", "--cacheinfo", f"100644,{blob},{journal_path_in_tree}", env=env)
-        tree = run_git(root, "write-tree", env=env)
+        if base_tree is not None:
+            run_git(root, "read-tree", base_tree, env=env)
+        run_git(root, "update-index", "--add", "--cacheinfo", f"100644,{blob},{path_in_tree}", env=env)
+        return run_git(root, "write-tree", env=env)
+
+
+def _append_to_shadow(root: Path, tree: str, message: str) -> str:
+    """Commit ``tree`` on the shadow tip and move the branch to it (compare-and-swap); the commit sha."""
     for attempt in range(100):
         parent = resolve(root, SHADOW_REF)
         parent_args = ["-p", parent] if parent else []
@@ -127,15 +143,16 @@ def snapshot_message(run_id: str, filename: str, task: str | None, args: Mapping
 
 
 def iter_snapshot_journals(root: Path, journal_dir_in_tree: str) -> Iterator[tuple[str, str]]:
-    """Yield ``(commit, journal text)`` for every run journal on the shadow branch, oldest first."""
+    """Yield ``(commit, journal text)`` for every journal under ``journal_dir_in_tree`` on the shadow
+    branch, oldest first (commits without that directory, e.g. replay journals for run journals, hold none)."""
     if resolve(root, SHADOW_REF) is None:
         return
     commits = run_git(root, "rev-list", "--reverse", SHADOW_REF).split()
     for commit in commits:
-        listing = run_git(root, "ls-tree", "--name-only", f"{commit}:{journal_dir_in_tree}")
-        for name in listing.split("\n"):
-            if name.endswith(".jsonl"):
-                yield commit, run_git(root, "cat-file", "blob", f"{commit}:{journal_dir_in_tree}/{name}")
+        listing = run_git(root, "ls-tree", "--name-only", commit, "--", journal_dir_in_tree.rstrip("/") + "/")
+        for path in listing.split("\n"):
+            if path.endswith(".jsonl"):
+                yield commit, run_git(root, "cat-file", "blob", f"{commit}:{path}")
 
 
 def export_snapshot(root: Path, commit: str, destination: Path) -> None:

@@ -56,7 +56,12 @@ _NOT_RESTORED_PREFIXES = ("FLOR_", "VIRTUAL_ENV", "CONDA_")
 
 
 class ReplayExecutor(Protocol):
-    """Runs one replay job; ``progress(done, total)`` reports main-loop iterations."""
+    """Runs one replay job; ``progress(done, total)`` reports main-loop iterations.
+
+    An executor may also have ``cancel()`` (kill what runs: the session was interrupted) and
+    ``finish_run(outcome) -> notes`` (after all jobs of a run: :class:`SubprocessExecutor` commits
+    the run's replay journal there).
+    """
 
     def __call__(self, job: ReplayJob, progress: Progress) -> JobResult: ...
 
@@ -146,7 +151,11 @@ def _replay_run(
                 if cancel is not None:
                     cancel()
                 raise
-    return _outcome(run, results, time.perf_counter() - started)
+    outcome = _outcome(run, results, time.perf_counter() - started)
+    finish = getattr(executor, "finish_run", None)
+    if finish is not None:
+        outcome = dataclasses.replace(outcome, notes=outcome.notes + tuple(finish(run, outcome)))
+    return outcome
 
 
 def _outcome(run: RunPlan, results: Sequence[JobResult], seconds: float) -> RunOutcome:
@@ -260,6 +269,18 @@ class SubprocessExecutor:
         for proc in running:
             with contextlib.suppress(OSError):
                 proc.kill()
+
+    def finish_run(self, run: RunPlan, outcome: RunOutcome) -> tuple[str, ...]:
+        """Commit the run's replayed values to the shadow branch (``rebuild`` restores them); notes."""
+        from ._journal import commit_replay_journal
+
+        if not outcome.ok or not outcome.stored:
+            return ()
+        try:
+            commit_replay_journal(self.config, run.run_id, run.names)
+        except FlorBuildError as exc:  # the values are in the store; only a rebuild would miss them
+            return (f"the replayed values are stored but not journaled, so 'rebuild' would lose them: {exc}",)
+        return ()
 
     def close(self) -> tuple[str, ...]:
         """End of the session: let go of the warm servers; a note for each one that stays up."""
