@@ -152,7 +152,7 @@ def _add_build_commands(add: Callable[[str, Callable[[argparse.Namespace], int],
         choices=("auto", "pyproject.toml", "doit.cfg"),
         help="where to put the doit entry (default: pyproject.toml if it exists, else doit.cfg)",
     )
-    p.add_argument("--make", action="store_true", help="copy templates/Makefile (alone, unless --doit-config is given too)")
+    p.add_argument("--make", action="store_true", help="copy flordb_build's Makefile template (alone, unless --doit-config is given too)")
     p.add_argument("--makefile", default="Makefile", help="file name for the copied template (default Makefile)")
 
     p = add(

@@ -500,6 +500,15 @@ def test_init_writes_doit_cfg_and_make_only_what_was_asked(tmp_path: Path) -> No
     assert "flordb-build exec" in (make_only / "Makefile").read_text()
     with pytest.raises(InitError, match="already exists"):
         init_project(make_only, make=True)
+    # The template is package data, so a wheel install (not only a source checkout) has it.
+    import tomllib
+
+    import flordb_build
+    from flordb_build.dag._init import template_makefile
+
+    assert template_makefile() == Path(flordb_build.__file__).resolve().parent / "templates" / "Makefile"
+    pyproject = tomllib.loads((Path(flordb_build.__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert "templates/Makefile" in pyproject["tool"]["setuptools"]["package-data"]["flordb_build"]
 
 
 # -- recording helpers ------------------------------------------------------------------------

@@ -6,7 +6,7 @@ Only what the user asked for is written:
   of doit.cfg: doit's ``run`` command becomes :class:`~flordb_build.dag.RecordingRun` and a
   ``replay`` command is added (``flordb_build.hindsight``). The file is edited as text (comments
   and layout stay), re-parsed, and only then replaced.
-- Make: ``templates/Makefile`` copied to the project (never over an existing file).
+- Make: ``flordb_build/templates/Makefile`` copied to the project (never over an existing file).
 """
 
 from __future__ import annotations
@@ -39,17 +39,12 @@ class InitStep:
 
 
 def template_makefile() -> Path:
-    """The Makefile template shipped with flordb_build (``templates/Makefile``)."""
-    candidates = [
-        Path(__file__).resolve().parents[2] / "templates" / "Makefile",  # source checkout / editable install
-        Path(__file__).resolve().parents[1] / "templates" / "Makefile",  # packaged as package data
-    ]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
+    """The Makefile template shipped with flordb_build (package data: ``flordb_build/templates/Makefile``)."""
+    template = Path(__file__).resolve().parents[1] / "templates" / "Makefile"
+    if template.is_file():
+        return template
     raise InitError(
-        f"Could not find the Makefile template (looked in {', '.join(repr(str(c)) for c in candidates)}); "
-        "reinstall flordb_build."
+        f"Could not find the Makefile template at '{template}'; reinstall flordb_build."
     )
 
 
