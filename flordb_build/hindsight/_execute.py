@@ -253,6 +253,7 @@ class SubprocessExecutor:
         self._cleared: set[str] = set()
         self._lock = threading.Lock()
         self._running: set[WarmProcess | subprocess.Popen[bytes]] = set()
+        self._cancelled = False
         enabled, keep_warm = warm_settings(config)
         self.pool: WarmPool | None = None
         self._pool_note: str | None = None
@@ -263,8 +264,9 @@ class SubprocessExecutor:
                 self._pool_note = f"started cold: {exc}"
 
     def cancel(self) -> None:
-        """Kill every replay process still running (an interrupted session)."""
+        """Kill every replay process still running, and any that starts from now on (an interrupted session)."""
         with self._lock:
+            self._cancelled = True
             running = list(self._running)
         for proc in running:
             with contextlib.suppress(OSError):
@@ -349,6 +351,8 @@ class SubprocessExecutor:
             reader.start()
             with self._lock:
                 self._running.add(proc)
+                if self._cancelled:  # cancelled while this job was starting: it must not run on
+                    proc.kill()
             try:
                 code = proc.wait()
             except BaseException:
