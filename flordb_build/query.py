@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .asof import as_of_replay
 from .config import Config, load_config
 from .errors import QueryError
 from .expression import WhereExpression, filter_rows, parse_where
@@ -65,6 +66,7 @@ def dataframe(*names: str, where: str | None = None, config: Config | None = Non
     if store is None:
         return _empty_frame(list(names))
     try:
+        as_of_replay(store.conn)  # a replayed script reads what its run read (asof.py)
         runs = _read_runs(store.conn)
         if expression is not None and _reads_run_columns_only(expression):
             # The filter reads run columns only: apply it before reading any log row.
@@ -206,6 +208,7 @@ def query(sql: str, params: Sequence[Any] | dict[str, Any] = (), config: Config 
     conn = store.conn
     guard = _ReadOnlyGuard()
     try:
+        as_of_replay(conn)  # a replayed script reads what its run read (asof.py)
         conn.execute("PRAGMA query_only = ON")
         conn.set_authorizer(guard)
         try:

@@ -218,3 +218,38 @@ def test_doit_replay_command_after_init(recorded: Any) -> None:
     assert out.returncode == 0, out.stderr
     assert "suffix" in out.stdout
     assert sorted(flor.dataframe("fin2")["fin2"].tolist()) == [13, 25, 37]
+
+
+ASOF_TRAIN = """\
+import flordb_build as flor
+
+labels = len(flor.dataframe("label"))
+runs = int(flor.query("SELECT COUNT(*) AS n FROM runs")["n"][0])
+state = {"w": 0}
+with flor.checkpointing(state=state):
+    for epoch in flor.loop("epoch", range(2)):
+        state["w"] += labels
+        flor.log("val", state["w"])
+flor.log("seen", labels)
+"""
+
+
+def test_a_replayed_script_reads_the_store_as_its_run_did(project: Any) -> None:
+    # Round 1 trains on one label run, round 2 on two. Replayed today (both label runs recorded),
+    # each training must still see only what existed when it started.
+    project.write("labels.py", 'import flordb_build as flor\nflor.log("label", 1)\n')
+    project.write("train.py", ASOF_TRAIN)
+    project.commit_all("pipeline")
+    for script in ("labels.py", "train.py", "labels.py", "train.py"):
+        project.run(script)
+    project.write("train.py", ASOF_TRAIN + 'flor.log("labels_now", labels)\nflor.log("runs_now", runs)\n')
+    project.commit_all("today")
+
+    report = flor.replay("labels_now", "runs_now", where="filename = 'train.py'", quiet=True)
+    assert report.ok and len(report.outcomes) == 2
+    assert report.mismatches == (), "the replay saw labels the recorded run could not have seen"
+    df = flor.dataframe("seen", "labels_now", "runs_now")
+    assert df["seen"].tolist() == [1, 2] and df["labels_now"].tolist() == [1, 2]
+    assert df["runs_now"].tolist() == [1, 3]  # runs that had ended: L1; then L1, T1, L2
+    # Outside a replay the store reads as it is.
+    assert len(flor.dataframe("label")) == 2 and len(flor.query("SELECT run_id FROM runs")) == 4

@@ -108,7 +108,7 @@ def newest_run(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[frame["tstamp"] == frame["tstamp"].max()].reset_index(drop=True)
 
 
-def human_labels(before_run: str | None = None) -> pd.DataFrame:
+def human_labels() -> pd.DataFrame:
     """Every reviewed label so far, the newest per item: columns ``item``, ``label``, ``task``,
     ``filename``, ``tstamp``, ``run_id``.
 
@@ -116,10 +116,8 @@ def human_labels(before_run: str | None = None) -> pd.DataFrame:
     logged it (the review app, the simulated reviewer, a notebook). When an item was labeled
     twice, the later label wins: a person's correction overrides an earlier answer.
 
-    ``before_run``: only labels of runs that started before that run, i.e. the label store as
-    that run saw it. train.py passes its own run id, so that a hindsight replay of an old
-    training run (which writes into the original run) trains on the labels it had then, not
-    on the ones reviewed since.
+    In a hindsight replay of a run, ``flor.dataframe`` reads the store as that run saw it, so
+    a replayed training gets the labels it had then, not the ones reviewed since.
     """
     import pandas as pd
 
@@ -131,10 +129,6 @@ def human_labels(before_run: str | None = None) -> pd.DataFrame:
         return pd.DataFrame({column: pd.Series(dtype="int64" if column in ("item", "label") else object)
                              for column in columns})
     frame = frame[frame["label"].notna() & frame["item"].notna()]
-    if before_run is not None:
-        started = flor.query("SELECT tstamp FROM runs WHERE run_id = ?", [before_run])["tstamp"]
-        if len(started):  # always, unless the run's row is gone: then every label counts
-            frame = frame[pd.to_datetime(frame["tstamp"]) < pd.to_datetime(started.iloc[0])]
     frame = frame.sort_values("tstamp").drop_duplicates("item", keep="last")
     frame = frame.astype({"item": "int64", "label": "int64"})
     return frame[columns].reset_index(drop=True)

@@ -28,7 +28,6 @@ from digits import (
 from torch import nn
 
 import flordb_build as flor
-from flordb_build.runtime import current_run_id
 
 
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, list[float]]:
@@ -55,9 +54,9 @@ def main() -> None:
 
     torch.manual_seed(seed)
     split = load_split()
-    # The labels logged before this run started: a replay of this run (hindsight logging) then
-    # rebuilds the training set it had, whatever was reviewed since.
-    labels = human_labels(before_run=current_run_id())
+    # Every label so far. A hindsight replay of this run reads the store as the run saw it
+    # (flordb_build's as-of view), so it rebuilds the training set it had, whatever was reviewed since.
+    labels = human_labels()
     # Training set = seed labels + human labels (a human label overrides nothing in the seed set:
     # the review queue only offers pool items).
     train_ids = np.concatenate([split["seed_ids"], labels["item"].to_numpy(dtype=np.int64)])

@@ -1,0 +1,79 @@
+"""What a replayed script reads: the store as its recorded run saw it, not as it is today.
+
+A training script that reads the store (human labels from ``flor.dataframe``, the best
+checkpoint of an earlier run) read what existed when it ran. Replayed today, the same call would
+see runs recorded since (the next round's labels) and values that replays added later, so it
+would compute something the run never computed. In replay mode (``FLOR_REPLAY`` set), every
+read connection of :mod:`flordb_build.query` gets TEMP views named like the tables, which SQLite
+resolves before the real ones::
+
+    runs, loops, logs, log_columns, timings, checkpoints   runs that ended before the replayed run
+                                                           started (its own rows excluded); logs
+                                                           as recorded (no replayed values)
+    tasks, files                                           tasks that ended before it started
+    pipelines                                              pipelines started before it started
+    envs                                                   all (content-addressed)
+
+The views are plain SQL over the real tables (no user text in them); the set of visible runs
+sits in a TEMP table filled with bound parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+
+from .runtime import REPLAY_ENV
+
+_RUN_TABLES = ("loops", "log_columns", "timings", "checkpoints")
+
+
+def replayed_run_id() -> str | None:
+    """The run this process replays (None outside replay mode)."""
+    text = os.environ.get(REPLAY_ENV)
+    if not text:
+        return None
+    try:
+        run_id = json.loads(text).get("run_id")
+    except (ValueError, AttributeError):
+        return None
+    return run_id if isinstance(run_id, str) else None
+
+
+def apply_as_of(conn: sqlite3.Connection, run_id: str) -> bool:
+    """Shadow the tables of ``conn`` with views of the store as of ``run_id``'s start; False if unknown."""
+    row = conn.execute("SELECT started FROM main.runs WHERE run_id = ?", (run_id,)).fetchone()
+    if row is None or row[0] is None:
+        return False
+    started = float(row[0])
+    conn.execute("CREATE TEMP TABLE as_of (started REAL)")
+    conn.execute("INSERT INTO temp.as_of VALUES (?)", (started,))
+    conn.execute("CREATE TEMP TABLE as_of_runs (run_id TEXT PRIMARY KEY)")
+    conn.execute(
+        "INSERT INTO temp.as_of_runs SELECT run_id FROM main.runs "
+        "WHERE ended IS NOT NULL AND ended <= ? AND run_id != ?",
+        (started, run_id),
+    )
+    visible = "run_id IN (SELECT run_id FROM temp.as_of_runs)"
+    before = "(SELECT started FROM temp.as_of)"
+    conn.execute(f"CREATE TEMP VIEW runs AS SELECT * FROM main.runs WHERE {visible}")  # noqa: S608 - constant SQL
+    conn.execute(f"CREATE TEMP VIEW logs AS SELECT * FROM main.logs WHERE {visible} AND source = 'record'")  # noqa: S608
+    for table in _RUN_TABLES:
+        conn.execute(f"CREATE TEMP VIEW {table} AS SELECT * FROM main.{table} WHERE {visible}")  # noqa: S608
+    conn.execute(
+        f"CREATE TEMP VIEW tasks AS SELECT * FROM main.tasks WHERE ended IS NOT NULL AND ended <= {before}"  # noqa: S608
+    )
+    conn.execute(
+        "CREATE TEMP VIEW files AS SELECT * FROM main.files WHERE (pipeline_id, task) IN "
+        "(SELECT pipeline_id, task FROM temp.tasks)"
+    )
+    conn.execute(f"CREATE TEMP VIEW pipelines AS SELECT * FROM main.pipelines WHERE started <= {before}")  # noqa: S608
+    return True
+
+
+def as_of_replay(conn: sqlite3.Connection) -> None:
+    """In replay mode, make ``conn`` read the store as the replayed run saw it (see the module docstring)."""
+    run_id = replayed_run_id()
+    if run_id is not None:
+        apply_as_of(conn, run_id)
