@@ -102,7 +102,10 @@ class Run:
         # boundaries only, checkpoint rows by the materializer thread once their objects exist;
         # the flusher writes both in the same transactions as the loops and logs, so a killed
         # process leaves whole iterations. Timing kinds (``timings.kind``), in seconds:
-        #   prefix     run start -> first outermost loop (the whole run when it has none)
+        #   prefix     run start -> first outermost loop (the whole run when it has none); the
+        #              process's first run starts at the process start
+        #   startup    (that first run only) process start -> the run's first flor call: the
+        #              interpreter and the imports before it, which a warm replay start skips
         #   iteration  one outermost iteration          inner  its nested loops' wall time
         #   between    gaps between outermost loops      suffix last outermost loop -> close
         #   restore    restoring that iteration's checkpoint (written by checkpoints.py)
@@ -467,6 +470,8 @@ class Session:
         with self._start_lock:
             if self.run is not None:
                 return self.run
+            # Before the snapshot capture: a replay captures nothing, so its prefix must not count it.
+            startup = process_age()
             if os.environ.get(REPLAY_ENV):
                 # `flordb-build replay` started this process on a recorded version: replay mode
                 # (flordb_build/hindsight/_mode.py) writes into the original run instead of a new one.
@@ -502,9 +507,11 @@ class Session:
             )
             if not self._process_prefix_taken:
                 # The process's first run times its prefix from the process start: interpreter
-                # start-up and imports are part of what replaying that prefix costs.
+                # start-up and imports are part of what replaying that prefix costs (the snapshot
+                # capture between the first flor call and now is not).
                 self._process_prefix_taken = True
-                run._t0 -= process_age()
+                run._t0 -= startup
+                run._timings.append((ROOT_CTX, "startup", startup))
             run.begin()
             self._install_hooks()
             self.run = run

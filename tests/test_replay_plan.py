@@ -217,6 +217,12 @@ def test_start_costs_make_later_runs_warm_and_skip_the_recorded_imports() -> Non
     # Warm starts off: every run is cold, nothing is saved.
     cold = plan_replay(runs, today, ["fin2"], start=StartCosts(warm=False, saving={"train.py": 0.8})).runs
     assert [r.estimate for r in cold] == pytest.approx([timings_only + DEFAULT_OVERHEAD[False]] * 3)
+    # Before a replay measured the saving, a warm start is expected to skip the recorded start-up.
+    unmeasured = StartCosts(warm=True, live=frozenset({"train.py"}))
+    started = recorded(timings=(*recorded().timings, (0, "startup", 0.6)))
+    assert plan_replay([started], today, ["fin2"], start=unmeasured).runs[0].estimate == pytest.approx(
+        timings_only - 0.6 + DEFAULT_OVERHEAD[True]
+    )
     # A warm start never saves more than the recorded prefix.
     huge = StartCosts(warm=True, live=frozenset({"train.py"}), saving={"train.py": 50.0})
     assert plan_replay(runs[:1], today, ["fin2"], start=huge).runs[0].estimate == pytest.approx(

@@ -84,14 +84,17 @@ class StartCosts:
     saving: Mapping[str, float] = field(default_factory=dict)  # script -> prefix seconds a warm start skips
     overhead: Mapping[tuple[str, bool], float] = field(default_factory=dict)  # (script, warm) -> seconds
 
-    def seconds(self, script: str, warm: bool, prefix: float) -> float:
+    def seconds(self, script: str, warm: bool, prefix: float, startup: float = 0.0) -> float:
         """Seconds to add to the recorded timings' estimate for one process of ``script``.
 
         Every start costs its overhead outside the process; a warm start skips the imports of the
-        recorded prefix (never more than the prefix).
+        recorded prefix (never more than the prefix): as a replay measured them, or before any did,
+        the recorded ``startup`` (interpreter and imports before the run's first flor call).
         """
         overhead = self.overhead.get((script, warm), DEFAULT_OVERHEAD[warm])
-        return overhead - (min(self.saving.get(script, 0.0), prefix) if warm else 0.0)
+        if not warm:
+            return overhead
+        return overhead - min(self.saving.get(script, startup), prefix)
 
 
 @dataclass(frozen=True)

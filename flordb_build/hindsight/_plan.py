@@ -82,6 +82,7 @@ class RunCosts:
         self.known = (0, "prefix") in by_ctx
         self.total = run.seconds or 0.0
         self.prefix = by_ctx.get((0, "prefix"), 0.0)
+        self.startup = by_ctx.get((0, "startup"), 0.0)  # interpreter + imports before the first flor call
         self.suffix = by_ctx.get((0, "suffix"), 0.0) + by_ctx.get((0, "between"), 0.0)
         self.iteration = [by_ctx.get((ctx, "iteration"), 0.0) for ctx in main_ctxs]
         self.inner = [by_ctx.get((ctx, "inner"), 0.0) for ctx in main_ctxs]
@@ -224,7 +225,7 @@ def _plan_run(
     if depth is Position.RANGE:
         segments = split_segments(n, workers)
     costs = RunCosts(run, main_ctxs)
-    start_seconds = start.seconds(run.filename, warm, costs.prefix) if start is not None else 0.0
+    start_seconds = start.seconds(run.filename, warm, costs.prefix, costs.startup) if start is not None else 0.0
     estimates = tuple(
         costs.estimate(schedule_scan(depth, n, checkpointed, segment if len(segments) > 1 else None)) + start_seconds
         for segment in segments
