@@ -8,7 +8,7 @@ once. Today's version of the script then adds three statements, one per scan dep
 ``suffix``     ``flor.log("test_loss2", ...)`` after the training loop: restore the final checkpoint,
                run the tail
 ``validation`` ``flor.log("weight_norm", ...)`` after the step loop: every epoch restored from its
-               checkpoint, the step loops skipped
+               checkpoint, the step loops skipped (also with ``--workers 2``: two segments)
 ``range``      ``flor.log("grad_norm", ...)`` inside the step loop: the step loops run; with
                ``--workers 2`` the epochs are split in two segments run as parallel processes
 ``rerun``      the peer: running today's script again from scratch (what one does without replay)
@@ -177,7 +177,7 @@ def main() -> int:
         print(f"bench: recorded {args.epochs} epochs x {args.steps} steps (hidden {hidden}) in {record:.1f}s",
               flush=True)
 
-        keys = ("rerun", "suffix", "validation", "range1", "range2", "cold_suffix", "cold_validation")
+        keys = ("rerun", "suffix", "validation", "validation2", "range1", "range2", "cold_suffix", "cold_validation")
         times: dict[str, list[float]] = {k: [] for k in keys}
         plans: list[float] = []
         errors: list[float] = []
@@ -205,6 +205,7 @@ def main() -> int:
         for repeat in range(max(1, args.repeats - 2)):  # the range scans are as long as the training
             for label, workers in (("range1", 1), ("range2", 2)):
                 measure(label, "grad_norm", workers)
+            measure("validation2", "weight_norm", 2)
             print(f"bench: range repeat {repeat + 1}: 1 worker {times['range1'][-1]:.1f}s, "
                   f"2 workers {times['range2'][-1]:.1f}s", flush=True)
 
@@ -233,6 +234,8 @@ def main() -> int:
                  "reported", ""],
                 ["  --cold (fresh interpreter)", f"{median(times['cold_validation']):.2f}s",
                  f"{rerun / median(times['cold_validation']):.1f}x vs re-run", "", ""],
+                ["  2 workers", f"{median(times['validation2']):.2f}s",
+                 f"{rerun / median(times['validation2']):.1f}x vs re-run", "", ""],
                 ["range scan, 1 worker", f"{median(times['range1']):.2f}s", "", "", ""],
                 ["range scan, 2 workers", f"{median(times['range2']):.2f}s", f"{workers_ratio:.2f}x vs 1 worker",
                  f">= {WORKERS_TARGET}x", verdict(workers_ratio >= WORKERS_TARGET)],

@@ -234,7 +234,7 @@ def _add_replay_command(add: Callable[[str, Callable[[argparse.Namespace], int],
     p.add_argument("names", nargs="+", metavar="NAME", help="names that today's scripts log and old versions lack")
     p.add_argument("--where", metavar="EXPR", help="SQL expression over the run-level dataframe, e.g. \"tstamp >= '2026-06-23'\"")
     p.add_argument("--task", metavar="T", help="only runs of this task")
-    p.add_argument("--workers", type=int, default=1, metavar="N", help="parallel segments for range scans (default 1)")
+    p.add_argument("--workers", type=int, default=1, metavar="N", help="split range and validation scans into N segments replayed in parallel processes (default 1)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where to replay: cuda restores checkpoints onto the GPU (default auto: cuda if torch sees one)")
     p.add_argument("--dry-run", action="store_true", help="show the plan and stop")

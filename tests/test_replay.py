@@ -135,6 +135,17 @@ def test_range_replay_with_two_workers_equals_a_fresh_run_of_each_version(record
         assert len(mine) == 12
 
 
+def test_validation_replay_with_two_workers_fills_every_epoch_without_nested_loops(recorded: Any) -> None:
+    project = recorded
+    report = flor.replay("w2", workers=2, quiet=True)
+    assert [len(r.segments) for r in report.plan.runs] == [2, 2, 2]
+    assert {r.depth.value for r in report.plan.runs} == {"validation"}
+    assert report.ok and report.mismatches == ()
+    assert _marks(project) == 36, "a nested loop body ran during a validation replay"
+    df = flor.dataframe("val", "w2")
+    assert len(df) == 9 and (df["w2"] == 2 * df["val"]).all()
+
+
 def test_prefix_replay_stops_at_the_main_loop(recorded: Any) -> None:
     project = recorded
     today = (project.root / "train.py").read_text().replace(

@@ -99,6 +99,15 @@ def test_schedules_follow_the_docstring_diagram() -> None:
     assert kinds(early.steps) == [F] * 5 and early.stop_after and early.writes_prefix and not early.writes_suffix
     # No checkpoint before the segment: rebuild the state from the start, keeping nothing.
     assert kinds(schedule_scan(Position.RANGE, 8, (7,), (3, 5)).steps) == [X, X, X, F, F]
+    # A validation scan split across workers: the late segment pseudoresumes to the exact state
+    # after iteration 3 (restore 1, rebuild 2 and 3), the early one stops without a final restore.
+    late_validation = schedule_scan(Position.VALIDATION, 8, ckpt, (4, 8))
+    assert kinds(late_validation.steps) == [S, R, X, X, V, F, F, V]
+    assert [s.restore_after for s in late_validation.steps][4:] == [True, False, False, True]
+    assert not late_validation.writes_prefix and late_validation.writes_suffix and not late_validation.stop_after
+    early_validation = schedule_scan(Position.VALIDATION, 8, ckpt, (0, 5))
+    assert kinds(early_validation.steps) == [F, V, F, F, V] and early_validation.stop_after
+    assert early_validation.steps[-1].restore_after is False  # the next worker rebuilds iteration 5 itself
     prefix = schedule_scan(Position.PREFIX, 8, ckpt)
     assert prefix.steps == () and prefix.stop_after and prefix.writes_prefix
 

@@ -70,7 +70,7 @@ class ReplayExecutor(Protocol):
 
 
 def jobs_of(run: RunPlan, device: str) -> list[ReplayJob]:
-    """One job per segment of ``run`` (one job unless a range scan is split across workers)."""
+    """One job per segment of ``run`` (one job unless a range or validation scan is split across workers)."""
     from ._plan import schedule_scan
 
     split = len(run.segments) > 1

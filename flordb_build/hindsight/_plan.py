@@ -10,6 +10,7 @@ iteration) and ``n = 8``::
     validation       F   V   F   F   V   F   F   V        V nested loops skipped, state restored
                                                             where they end; F run in full (no
                                                             checkpoint to restore)
+    validation [4,8) .   R   S   S   V   F   F   V        with workers: segments like a range scan
     range [5, 8)     .   .   .   .   R   F   F   F        pseudoresume from 4*, then the segment
     range [0, 5)     F   F   F   F   F   stop             stop after the segment (another worker
                                                             has the rest)
@@ -61,16 +62,20 @@ def schedule_scan(
         return Schedule(steps=(), stop_after=True, writes_prefix=True, writes_suffix=False)
     if depth is Position.SUFFIX:
         return Schedule(tuple(_exact_state_after(n - 1, ckpt)), stop_after=False, writes_prefix=True, writes_suffix=True)
-    if depth is Position.VALIDATION:
-        steps = [
-            # After a restored iteration the next one needs the exact state when it runs in full,
-            # and the tail needs it after the last: restore once more at the iteration's end.
-            Step(StepKind.VALIDATE, restore_after=i + 1 not in ckpt) if i in ckpt else Step(StepKind.FULL)
-            for i in range(n)
-        ]
-        return Schedule(tuple(steps), stop_after=False, writes_prefix=True, writes_suffix=True)
     start, stop = segment if segment is not None else (0, n)
-    steps = _exact_state_after(start - 1, ckpt) + [Step(StepKind.FULL) for _ in range(start, stop)]
+    if depth is Position.VALIDATION:
+        scan = [
+            # After a restored iteration the next one needs the exact state when it runs in full,
+            # and the tail needs it after the last: restore once more at the iteration's end
+            # (not at the end of a segment that another worker continues).
+            Step(StepKind.VALIDATE, restore_after=i + 1 not in ckpt and (i + 1 < stop or stop >= n))
+            if i in ckpt
+            else Step(StepKind.FULL)
+            for i in range(start, stop)
+        ]
+    else:
+        scan = [Step(StepKind.FULL) for _ in range(start, stop)]
+    steps = _exact_state_after(start - 1, ckpt) + scan
     return Schedule(tuple(steps), stop_after=stop < n, writes_prefix=start == 0, writes_suffix=stop >= n)
 
 
@@ -222,7 +227,7 @@ def _plan_run(
     checkpointed = tuple(sorted({iteration_of[ctx] for ctx, _loop, _it, _m in run.checkpoints if ctx in ctx_set}))
     n = len(main_ctxs)
     segments: tuple[tuple[int, int], ...] = ((0, n),)
-    if depth is Position.RANGE:
+    if depth in (Position.RANGE, Position.VALIDATION):  # scans of the main loop split across workers
         segments = split_segments(n, workers)
     costs = RunCosts(run, main_ctxs)
     start_seconds = start.seconds(run.filename, warm, costs.prefix, costs.startup) if start is not None else 0.0
