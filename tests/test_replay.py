@@ -223,11 +223,13 @@ def test_doit_replay_command_after_init(recorded: Any) -> None:
     assert 'replay = "flordb_build.hindsight:ReplayCommand"' in text
     project.commit_all("configure doit")
     out = subprocess.run(
-        [sys.executable, "-m", "doit", "replay", "fin2", "--yes"], cwd=project.root, capture_output=True, text=True,
-        timeout=300,
+        [sys.executable, "-m", "doit", "replay", "fin2", "--yes", "--cold"], cwd=project.root, capture_output=True,
+        text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr
     assert "suffix" in out.stdout
+    starts = [line.split()[2] for line in out.stdout.splitlines() if line.split()[1:2] == ["ok"]]
+    assert starts == ["cold"] * 3  # --cold: three fresh interpreters, no warm server
     assert sorted(flor.dataframe("fin2")["fin2"].tolist()) == [13, 25, 37]
 
 

@@ -21,19 +21,21 @@ _OPTIONS: tuple[dict[str, Any], ...] = (
      "help": "SQL expression over the run-level dataframe selecting runs, e.g. \"tstamp >= '2026-06-23'\""},
     {"name": "task", "long": "task", "type": str, "default": "", "help": "replay only runs of this task"},
     {"name": "workers", "long": "workers", "type": int, "default": 1,
-     "help": "split range scans into this many parallel segments (default 1)"},
+     "help": "split range and validation scans into this many parallel segments (default 1)"},
     {"name": "device", "long": "device", "type": str, "default": "auto", "help": "auto, cpu or cuda (default auto)"},
     {"name": "dry_run", "long": "dry-run", "type": bool, "default": False, "help": "show the plan, run nothing"},
     {"name": "yes", "long": "yes", "type": bool, "default": False, "help": "run the plan without asking"},
+    {"name": "cold", "long": "cold", "type": bool, "default": False,
+     "help": "start every replay in a fresh interpreter, not forked from a warm server"},
 )
 
 
 class ReplayCommand(Command):
-    """``doit replay NAME... [--where EXPR] [--task T] [--workers N] [--device D] [--dry-run] [--yes]``."""
+    """``doit replay NAME... [--where EXPR] [--task T] [--workers N] [--device D] [--dry-run] [--yes] [--cold]``."""
 
     name = "replay"
     doc_purpose = "replay new flor.log statements in recorded runs (flordb_build hindsight logging)"
-    doc_usage = "NAME... [--where EXPR] [--task T] [--workers N] [--device auto|cpu|cuda] [--dry-run] [--yes]"
+    doc_usage = "NAME... [--where EXPR] [--task T] [--workers N] [--device auto|cpu|cuda] [--dry-run] [--yes] [--cold]"
     doc_description = None
     cmd_options = _OPTIONS
 
@@ -61,6 +63,7 @@ class ReplayCommand(Command):
                 dry_run=bool(option("dry_run", False)),
                 yes=bool(option("yes", False)),
                 confirm=confirm_on_terminal(),
+                warm=False if option("cold", False) else None,
             )
         except FlorBuildError as exc:
             print(f"doit replay: error: {exc}", file=sys.stderr)
