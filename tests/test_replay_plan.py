@@ -24,7 +24,7 @@ from flordb_build.hindsight import (
     split_segments,
     values_match,
 )
-from flordb_build.hindsight._model import DEFAULT_OVERHEAD
+from flordb_build.hindsight._model import DEFAULT_JOURNAL, DEFAULT_OVERHEAD
 from flordb_build.rewrite import Position
 
 OLD = """\
@@ -212,12 +212,16 @@ def test_start_costs_make_later_runs_warm_and_skip_the_recorded_imports() -> Non
     today = {"train.py": TODAY}
     runs = [recorded("r1"), recorded("r2"), recorded("r3")]
     timings_only = 1.0 + 0.1 + 0.5  # prefix + one restore + suffix
-    learned = StartCosts(warm=True, saving={"train.py": 0.8}, overhead={("train.py", True): 0.05})
+    learned = StartCosts(
+        warm=True, saving={"train.py": 0.8}, overhead={("train.py", True): 0.05}, journal={"train.py": 0.07}
+    )
     # No server is up: the first run starts it (cold, default overhead); the others fork from it.
+    # Every run then commits its replay journal.
     plan = plan_replay(runs, today, ["fin2"], start=learned)
     assert [r.warm for r in plan.runs] == [False, True, True]
     assert [r.estimate for r in plan.runs] == pytest.approx(
-        [timings_only + DEFAULT_OVERHEAD[False], timings_only - 0.8 + 0.05, timings_only - 0.8 + 0.05]
+        [timings_only + DEFAULT_OVERHEAD[False] + 0.07, timings_only - 0.8 + 0.05 + 0.07,
+         timings_only - 0.8 + 0.05 + 0.07]
     )
     assert plan.runs[0].recorded_prefix == pytest.approx(1.0)
     # A server already up: every run forks.
@@ -225,15 +229,15 @@ def test_start_costs_make_later_runs_warm_and_skip_the_recorded_imports() -> Non
     assert [r.warm for r in plan_replay(runs, today, ["fin2"], start=live).runs] == [True, True, True]
     # Warm starts off: every run is cold, nothing is saved.
     cold = plan_replay(runs, today, ["fin2"], start=StartCosts(warm=False, saving={"train.py": 0.8})).runs
-    assert [r.estimate for r in cold] == pytest.approx([timings_only + DEFAULT_OVERHEAD[False]] * 3)
+    assert [r.estimate for r in cold] == pytest.approx([timings_only + DEFAULT_OVERHEAD[False] + DEFAULT_JOURNAL] * 3)
     # Before a replay measured the saving, a warm start is expected to skip the recorded start-up.
     unmeasured = StartCosts(warm=True, live=frozenset({"train.py"}))
     started = recorded(timings=(*recorded().timings, (0, "startup", 0.6)))
     assert plan_replay([started], today, ["fin2"], start=unmeasured).runs[0].estimate == pytest.approx(
-        timings_only - 0.6 + DEFAULT_OVERHEAD[True]
+        timings_only - 0.6 + DEFAULT_OVERHEAD[True] + DEFAULT_JOURNAL
     )
     # A warm start never saves more than the recorded prefix.
     huge = StartCosts(warm=True, live=frozenset({"train.py"}), saving={"train.py": 50.0})
     assert plan_replay(runs[:1], today, ["fin2"], start=huge).runs[0].estimate == pytest.approx(
-        timings_only - 1.0 + DEFAULT_OVERHEAD[True]
+        timings_only - 1.0 + DEFAULT_OVERHEAD[True] + DEFAULT_JOURNAL
     )

@@ -97,6 +97,7 @@ def test_a_kept_server_serves_the_next_replay_with_what_the_last_one_imported(pr
     # What the warm replays measured now shapes the plan: a warm start skips the recorded imports.
     costs = json.loads((project.root / ".flor" / "replay_costs.json").read_text())
     assert costs["train.py"]["overhead_warm"] >= 0 and "saving" in costs["train.py"]
+    assert costs["train.py"]["journal"] > 0  # committing each run's replay journal was measured too
 
     cold = flor.replay("half", quiet=True, warm=False)
     assert [o.warm for o in cold.outcomes] == [False, False]

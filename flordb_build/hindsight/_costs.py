@@ -7,10 +7,11 @@ skips the imports that the recorded prefix paid. Neither can be read from the re
 replay measures them and the next plan uses the latest figures (``.flor/replay_costs.json``,
 per script; losing the file only makes estimates coarser)::
 
-    {"train.py": {"saving": 3.1, "overhead_warm": 0.02, "overhead_cold": 0.21}}
+    {"train.py": {"saving": 3.1, "overhead_warm": 0.02, "overhead_cold": 0.21, "journal": 0.05}}
 
 ``saving``: recorded prefix minus the prefix of a fully warm replay (no import left to do).
 ``overhead_*``: a job's wall time minus its process's own lifetime, warm or cold.
+``journal``: committing the run's replay journal once its processes are done.
 """
 
 from __future__ import annotations
@@ -75,4 +76,5 @@ def start_costs(config: Config, warm: bool, live: frozenset[str]) -> StartCosts:
             for is_warm, key in ((True, "overhead_warm"), (False, "overhead_cold"))
             if key in f
         },
+        journal={script: f["journal"] for script, f in learned.items() if "journal" in f},
     )

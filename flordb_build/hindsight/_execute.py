@@ -153,8 +153,9 @@ def _replay_run(
                 raise
     outcome = _outcome(run, results, time.perf_counter() - started)
     finish = getattr(executor, "finish_run", None)
-    if finish is not None:
-        outcome = dataclasses.replace(outcome, notes=outcome.notes + tuple(finish(run, outcome)))
+    if finish is not None:  # the run's bookkeeping (its journal commit) is part of what it cost
+        notes = tuple(finish(run, outcome))
+        outcome = dataclasses.replace(outcome, notes=outcome.notes + notes, seconds=time.perf_counter() - started)
     return outcome
 
 
@@ -274,14 +275,17 @@ class SubprocessExecutor:
 
     def finish_run(self, run: RunPlan, outcome: RunOutcome) -> tuple[str, ...]:
         """Commit the run's replayed values to the shadow branch (``rebuild`` restores them); notes."""
+        from ._costs import record_costs
         from ._journal import commit_replay_journal
 
         if not outcome.ok or not outcome.stored:
             return ()
+        started = time.perf_counter()
         try:
             commit_replay_journal(self.config, run.run_id, run.names)
         except FlorBuildError as exc:  # the values are in the store; only a rebuild would miss them
             return (f"the replayed values are stored but not journaled, so 'rebuild' would lose them: {exc}",)
+        record_costs(self.config, run.script, {"journal": time.perf_counter() - started})
         return ()
 
     def close(self) -> tuple[str, ...]:

@@ -23,6 +23,8 @@ DEFAULT_REL_TOL = 1e-6
 #: Seconds a replay process costs outside its own lifetime before one was measured: a fork from a
 #: warm server; or a fresh interpreter's spawn and teardown (its start-up is in the recorded prefix).
 DEFAULT_OVERHEAD = {True: 0.02, False: 0.15}
+#: Seconds to commit a run's replay journal (hindsight/_journal.py) before one was measured.
+DEFAULT_JOURNAL = 0.05
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -83,6 +85,11 @@ class StartCosts:
     live: frozenset[str] = frozenset()  # scripts whose warm server is already up
     saving: Mapping[str, float] = field(default_factory=dict)  # script -> prefix seconds a warm start skips
     overhead: Mapping[tuple[str, bool], float] = field(default_factory=dict)  # (script, warm) -> seconds
+    journal: Mapping[str, float] = field(default_factory=dict)  # script -> seconds to commit a replay journal
+
+    def bookkeeping(self, script: str) -> float:
+        """Seconds a replayed run of ``script`` spends after its processes: committing its journal."""
+        return self.journal.get(script, DEFAULT_JOURNAL)
 
     def seconds(self, script: str, warm: bool, prefix: float, startup: float = 0.0) -> float:
         """Seconds to add to the recorded timings' estimate for one process of ``script``.
@@ -117,7 +124,7 @@ class RunPlan:
     script: str
     snapshot: str
     depth: Position
-    estimate: float  # seconds, wall time (the slowest segment when split across workers)
+    estimate: float  # seconds, wall time: the slowest segment, plus the run's bookkeeping
     names: tuple[str, ...]  # the names placed in this version: the values this replay stores
     placed: tuple[Placed, ...]
     not_placed: tuple[NotPlaced, ...]

@@ -241,7 +241,7 @@ def _plan_run(
         script=run.filename,
         snapshot=run.snapshot,
         depth=depth,
-        estimate=max(estimates),
+        estimate=max(estimates) + (start.bookkeeping(run.filename) if start is not None else 0.0),
         names=tuple(p.name for p in result.placed),
         placed=result.placed,
         not_placed=result.not_placed,
