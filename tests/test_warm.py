@@ -260,6 +260,9 @@ def test_ctrl_c_ends_a_replay_and_its_forked_processes(
     proc = subprocess.Popen(
         [sys.executable, "-m", "flordb_build", "replay", "tick", "--workers", "2", "--yes"],
         cwd=project.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # A shell starts background jobs with SIGINT ignored, and a child inherits that: give the
+        # command the disposition a terminal's foreground process has, whoever runs the tests.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         def both_running() -> bool:
@@ -272,7 +275,9 @@ def test_ctrl_c_ends_a_replay_and_its_forked_processes(
         proc.send_signal(signal.SIGINT)
         _out, err = proc.communicate(timeout=15)  # without the cancel, exit waits for both segments
     finally:
-        proc.kill()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()  # reap it and close its pipes
     assert proc.returncode == 130 and "interrupted" in err
     (server,) = project_servers(load_config())
     server.release()
