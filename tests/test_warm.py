@@ -104,7 +104,7 @@ def test_a_kept_server_serves_the_next_replay_with_what_the_last_one_imported(pr
     assert flor.dataframe("final", "half")["half"].tolist() == ["3/2", "3"]
 
     status = project.cli("warm", "status").stdout
-    assert f"pid {server.pid}" in status and "modules preloaded" in status
+    assert f"pid {server.pid}" in status and "modules imported" in status
     assert f"pid {server.pid}" in project.cli("warm", "stop").stdout
     assert _wait_for(lambda: not _alive(server.pid)), "'warm stop' left the server running"
     assert "no warm replay server" in project.cli("warm").stdout

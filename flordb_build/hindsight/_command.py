@@ -117,7 +117,7 @@ def warm_command(action: str, out: IO[str] | None = None, config: Config | None 
             print(f"stopped the warm replay server (pid {server.pid})", file=out)
         else:
             print(
-                f"pid {server.pid}: {len(server.loaded)} modules preloaded, {server.rss_bytes / 2**20:.0f} MiB "
+                f"pid {server.pid}: {server.modules} modules imported, {server.rss_bytes / 2**20:.0f} MiB "
                 f"resident, exits after {format_seconds(server.idle)} idle; socket {server.path}",
                 file=out,
             )

@@ -202,6 +202,7 @@ class WarmServer:
         self.idle = float(hello.get("idle", 0.0))
         self.rss_bytes = int(hello.get("rss_bytes", 0))
         self.children = int(hello.get("children", 0))  # replay processes running when it said hello
+        self.modules = int(hello.get("modules", 0))  # imported in all, preloads and what they import
 
     def release(self) -> None:
         """Close the session connection: the server's idle countdown starts."""

@@ -208,7 +208,8 @@ class Server:
         return {
             "op": "hello", "protocol": PROTOCOL, "pid": os.getpid(), "executable": sys.executable,
             "safe": self.fork_safety() is None, "reason": self.fork_safety(), "loaded": self.loaded,
-            "failed": self.failed, "watch": self.watch, "idle": self.idle, "children": len(self.children),
+            "failed": self.failed, "modules": len(sys.modules), "watch": self.watch, "idle": self.idle,
+            "children": len(self.children),
             "rss_bytes": resident_bytes(),
         }
 
