@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -156,6 +157,7 @@ def test_a_preloaded_module_that_starts_threads_turns_warm_starts_off(
         "import threading, time\nthreading.Thread(target=time.sleep, args=(3600,), daemon=True).start()\nVALUE = 7\n"
     )
     monkeypatch.setenv("PYTHONPATH", str(lib))
+    monkeypatch.setattr(sys, "path", [*sys.path, str(lib)])  # the replaying process sees it too
     body = SCRIPT.replace("import importlib", "import importlib\nimport threadlib")
     project.write("train.py", body.format(step=1))
     project.commit_all("v1")
@@ -249,7 +251,6 @@ def test_ctrl_c_ends_a_replay_and_its_forked_processes(
     project: Any, kept_warm: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import subprocess
-    import sys
 
     project.write("train.py", SLOW)
     project.commit_all("recorded")
@@ -282,3 +283,28 @@ def test_ctrl_c_ends_a_replay_and_its_forked_processes(
     (server,) = project_servers(load_config())
     server.release()
     assert server.children == 0, "the forked replay processes outlived the interrupted replay"
+
+
+@pytest.mark.parametrize("warm", [True, False], ids=["warm", "cold"])
+def test_the_projects_own_package_comes_from_each_runs_snapshot(
+    project: Any, monkeypatch: pytest.MonkeyPatch, warm: bool
+) -> None:
+    # src/mypkg is importable through an absolute path into the work tree, as an editable install's
+    # .pth file (or an absolute PYTHONPATH) makes it: a replay must still run each run's version.
+    monkeypatch.setenv("PYTHONPATH", str(project.root / "src"))
+    # This process replays with the same path, where the interpreter puts PYTHONPATH: after sys.path[0].
+    monkeypatch.setattr(sys, "path", [*sys.path, str(project.root / "src")])
+    body = SCRIPT.replace("import importlib", "import importlib\nimport mypkg")
+    project.write("scripts/train.py", body.format(step="mypkg.STEP"))
+    for step in (1, 5):
+        project.write("src/mypkg/__init__.py", f"STEP = {step}\n")
+        project.commit_all(f"mypkg {step}")
+        project.run("scripts/train.py")
+    project.write("scripts/train.py", body.format(step="mypkg.STEP") + 'flor.log("pkg", mypkg.STEP)\n')
+    project.write("src/mypkg/__init__.py", "STEP = 100\n")  # today's package differs from both
+    project.commit_all("today")
+
+    report = flor.replay("pkg", quiet=True, warm=warm)
+    assert [o.warm for o in report.outcomes] == [warm, warm]
+    assert report.mismatches == ()
+    assert flor.dataframe("final", "pkg")[["final", "pkg"]].values.tolist() == [[3, 1], [15, 5]]

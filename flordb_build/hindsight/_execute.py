@@ -251,6 +251,7 @@ class SubprocessExecutor:
         self.rel_tol = rel_tol
         self.keep_dirs = keep_dirs
         self.links = replay_links(config)
+        self.import_paths = project_import_paths(config.root)
         self._cleared: set[str] = set()
         self._lock = threading.Lock()
         self._running: set[WarmProcess | subprocess.Popen[bytes]] = set()
@@ -333,12 +334,15 @@ class SubprocessExecutor:
             result=str(result_path), progress_fd=write_fd,
         )
         env = self._environment(run, spec, job.device)
+        # The project's own packages import from the snapshot (an editable install points at today's tree).
+        snapshot_paths = [tree / p for p in self.import_paths]
+        child_env = with_snapshot_paths(env, tree, self.import_paths)
         argv = [str(script), *kwargs_tokens(run.args)]
         notes: list[str] = [self._pool_note] if self._pool_note else []
         with open(tmp / "output.log", "wb") as output:
             try:
                 forked, fresh_server = self._start_warm(
-                    run, spec, argv, tree, env, output.fileno(), write_fd, tmp, notes
+                    run, spec, argv, tree, env, child_env, snapshot_paths, output.fileno(), write_fd, tmp, notes
                 )
                 warm = forked is not None
                 proc: WarmProcess | subprocess.Popen[bytes]
@@ -346,7 +350,7 @@ class SubprocessExecutor:
                     proc = forked
                 else:
                     proc = subprocess.Popen(
-                        [sys.executable, *argv], cwd=tree, env=env, stdout=output, stderr=subprocess.STDOUT,
+                        [sys.executable, *argv], cwd=tree, env=child_env, stdout=output, stderr=subprocess.STDOUT,
                         pass_fds=(write_fd,),
                     )
             finally:
@@ -391,22 +395,26 @@ class SubprocessExecutor:
         )
 
     def _start_warm(
-        self, run: RunPlan, spec: ReplaySpec, argv: list[str], tree: Path, env: dict[str, str], output: int,
-        progress_fd: int, tmp: Path, notes: list[str],
+        self, run: RunPlan, spec: ReplaySpec, argv: list[str], tree: Path, env: dict[str, str],
+        child_env: dict[str, str], snapshot_paths: Sequence[Path], output: int, progress_fd: int, tmp: Path,
+        notes: list[str],
     ) -> tuple[WarmProcess | None, bool]:
         """Fork the job from a warm server: (the process, whether this job waited for the server to start).
 
-        ``(None, False)`` and a note when the job must start a fresh interpreter instead.
+        ``env`` picks the server (it holds nothing of this job's temporary tree); the child gets
+        ``child_env`` and ``snapshot_paths`` on its ``sys.path``. ``(None, False)`` and a note when
+        the job must start a fresh interpreter instead.
         """
         if self.pool is None:
             return None, False
         # The child finds its progress descriptor in PROGRESS_FD_ENV: a free number there, not ours.
-        child_env = {**env, REPLAY_ENV: dataclasses.replace(spec, progress_fd=None).to_json()}
+        child_env = {**child_env, REPLAY_ENV: dataclasses.replace(spec, progress_fd=None).to_json()}
         try:
             server, fresh = self.pool.server_for(env, run.source)
             process = server.run(
                 argv, tree, child_env, {1: output, 2: output}, {PROGRESS_FD_ENV: progress_fd},
                 preload=self.pool.learned(env), modules_out=tmp / "modules.json", exclude=(self.config.root,),
+                path_prepend=snapshot_paths,
             )
             return process, fresh
         except (WarmStartError, OSError) as exc:  # a warm start is an optimisation: never fail a replay on it
@@ -498,6 +506,33 @@ def replay_environment(config: Config, run_id: str, task: str | None, device: st
     # Reads of the store from inside the script (flor.dataframe) see the project's store.
     env["FLORDB_BUILD_DB"] = str(config.db_path)
     return env
+
+
+def project_import_paths(root: Path) -> list[Path]:
+    """``sys.path`` entries inside the project, relative to its root, in order (not the script's own dir).
+
+    They come from ``PYTHONPATH`` or from the ``.pth`` file of an editable install of the project's
+    own package: a replay must import that code from the run's snapshot, not from today's tree.
+    """
+    root = root.resolve()
+    found: list[Path] = []
+    for entry in sys.path[1:]:  # [0] is this process's own script or working directory
+        try:
+            relative = Path(entry).resolve().relative_to(root)
+        except (ValueError, OSError):
+            continue
+        if relative not in found:
+            found.append(relative)
+    return found
+
+
+def with_snapshot_paths(env: Mapping[str, str], tree: Path, paths: Sequence[Path]) -> dict[str, str]:
+    """``env`` with the snapshot's counterparts of ``paths`` first on ``PYTHONPATH``."""
+    mapped = [str(tree / p) for p in paths]
+    if not mapped:
+        return dict(env)
+    existing = [e for e in env.get("PYTHONPATH", "").split(os.pathsep) if e]
+    return {**env, "PYTHONPATH": os.pathsep.join([*mapped, *existing])}
 
 
 def kwargs_tokens(args: Mapping[str, Any]) -> list[str]:

@@ -134,6 +134,23 @@ def script_imports(source: str) -> list[str]:
     return [n for n in dict.fromkeys(names) if n not in ("flordb_build", "__future__")]
 
 
+def installed_module(name: str, root: Path) -> bool:
+    """Whether top-level module ``name`` resolves here to installed code, not to the project's own."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return False
+    if spec is None:
+        return False
+    locations = list(spec.submodule_search_locations or [])
+    if spec.origin and spec.has_location:
+        locations.append(spec.origin)
+    project = root.resolve()
+    return not any(Path(location).resolve().is_relative_to(project) for location in locations)
+
+
 def local_modules(script_dir: Path) -> frozenset[str]:
     """Top-level module names the script's directory provides (it comes first on the script's path)."""
     names = set()
@@ -228,6 +245,7 @@ class WarmServer:
         preload: Sequence[str] = (),
         modules_out: Path | None = None,
         exclude: Sequence[Path] = (),
+        path_prepend: Sequence[Path] = (),
     ) -> WarmProcess:
         """Fork a process running ``argv`` (the script first).
 
@@ -236,6 +254,7 @@ class WarmServer:
             and the variable names that number.
         :param modules_out: where the child lists the installed modules it imported (for preloading).
         :param exclude: directories whose modules are never listed there (the project's code).
+        :param path_prepend: directories the child puts on ``sys.path`` right after the script's own.
         :raises WarmStartError: the server refused (not fork-safe, shadowed modules) or is gone.
         """
         env_fds = env_fds or {}
@@ -247,7 +266,7 @@ class WarmServer:
             "env_fds": {name: order.index(fd) for name, fd in env_fds.items()},
             "preload": [name for name in preload if name.split(".", 1)[0] not in local],
             "local_modules": sorted(local), "modules_out": str(modules_out) if modules_out else None,
-            "exclude": [str(path) for path in exclude],
+            "exclude": [str(path) for path in exclude], "path_prepend": [str(path) for path in path_prepend],
         }
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
@@ -396,7 +415,8 @@ class WarmPool:
     def _start(self, key: str, env: Mapping[str, str], script_source: str) -> WarmServer:
         sock = self.dir / f"{key}.sock"
         preload_file = self.dir / f"{key}.preload.json"
-        preload = list(dict.fromkeys([*script_imports(script_source), *self.learned(env)]))
+        imports = [name for name in script_imports(script_source) if installed_module(name, self.config.root)]
+        preload = list(dict.fromkeys([*imports, *self.learned(env)]))
         preload_file.write_text(json.dumps(preload), encoding="utf-8")
         watch = self.config.db_path.parent
         watch.mkdir(parents=True, exist_ok=True)

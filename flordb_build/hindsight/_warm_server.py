@@ -11,7 +11,7 @@ their boundaries and carry file descriptors)::
     -> {"op": "preload", "modules": [...]}      <- {"op": "preloaded", "loaded": {name: seconds}}
     -> {"op": "run", "argv", "cwd", "env",      <- {"op": "started", "pid"}  or {"op": "error", "error"}
         "fds": {target: index}, "env_fds",      <- {"op": "exited", "status"}   (the connection then closes)
-        "preload", "local_modules", "exclude", "modules_out"}
+        "preload", "local_modules", "exclude", "path_prepend", "modules_out"}
         + descriptors
     -> {"op": "stop"}                           <- {"op": "stopping"}
 
@@ -342,7 +342,9 @@ def become_script(server: Server, request: dict[str, Any]) -> int:
     os.environ.update(exported)
     script = request["argv"][0]
     sys.argv = list(request["argv"])
-    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+    # As `python script.py` with the job's PYTHONPATH: the script's directory, then the project's
+    # own import paths in the snapshot (see hindsight/_execute.py), then the rest.
+    sys.path[0:0] = [os.path.dirname(os.path.abspath(script)), *request.get("path_prepend", [])]
     numpy_random = sys.modules.get("numpy.random")
     if numpy_random is not None:
         numpy_random.seed()  # a fresh interpreter seeds it from the OS; siblings must not share a stream
