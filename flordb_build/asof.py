@@ -26,7 +26,24 @@ import sqlite3
 
 from .runtime import REPLAY_ENV
 
-_RUN_TABLES = ("loops", "log_columns", "timings", "checkpoints")
+#: Constant SQL, written out: the visible runs and the start time are rows of the TEMP tables
+#: ``as_of_runs`` and ``as_of`` (filled with bound parameters), never text in these statements.
+_AS_OF_VIEWS = (
+    "CREATE TEMP VIEW runs AS SELECT * FROM main.runs WHERE run_id IN (SELECT run_id FROM temp.as_of_runs)",
+    "CREATE TEMP VIEW logs AS SELECT * FROM main.logs WHERE run_id IN (SELECT run_id FROM temp.as_of_runs) "
+    "AND source = 'record'",
+    "CREATE TEMP VIEW loops AS SELECT * FROM main.loops WHERE run_id IN (SELECT run_id FROM temp.as_of_runs)",
+    "CREATE TEMP VIEW log_columns AS SELECT * FROM main.log_columns "
+    "WHERE run_id IN (SELECT run_id FROM temp.as_of_runs)",
+    "CREATE TEMP VIEW timings AS SELECT * FROM main.timings WHERE run_id IN (SELECT run_id FROM temp.as_of_runs)",
+    "CREATE TEMP VIEW checkpoints AS SELECT * FROM main.checkpoints "
+    "WHERE run_id IN (SELECT run_id FROM temp.as_of_runs)",
+    "CREATE TEMP VIEW tasks AS SELECT * FROM main.tasks "
+    "WHERE ended IS NOT NULL AND ended <= (SELECT started FROM temp.as_of)",
+    "CREATE TEMP VIEW files AS SELECT * FROM main.files "
+    "WHERE (pipeline_id, task) IN (SELECT pipeline_id, task FROM temp.tasks)",
+    "CREATE TEMP VIEW pipelines AS SELECT * FROM main.pipelines WHERE started <= (SELECT started FROM temp.as_of)",
+)
 
 
 def replayed_run_id() -> str | None:
@@ -55,20 +72,8 @@ def apply_as_of(conn: sqlite3.Connection, run_id: str) -> bool:
         "WHERE ended IS NOT NULL AND ended <= ? AND run_id != ?",
         (started, run_id),
     )
-    visible = "run_id IN (SELECT run_id FROM temp.as_of_runs)"
-    before = "(SELECT started FROM temp.as_of)"
-    conn.execute(f"CREATE TEMP VIEW runs AS SELECT * FROM main.runs WHERE {visible}")  # noqa: S608 - constant SQL
-    conn.execute(f"CREATE TEMP VIEW logs AS SELECT * FROM main.logs WHERE {visible} AND source = 'record'")  # noqa: S608
-    for table in _RUN_TABLES:
-        conn.execute(f"CREATE TEMP VIEW {table} AS SELECT * FROM main.{table} WHERE {visible}")  # noqa: S608
-    conn.execute(
-        f"CREATE TEMP VIEW tasks AS SELECT * FROM main.tasks WHERE ended IS NOT NULL AND ended <= {before}"  # noqa: S608
-    )
-    conn.execute(
-        "CREATE TEMP VIEW files AS SELECT * FROM main.files WHERE (pipeline_id, task) IN "
-        "(SELECT pipeline_id, task FROM temp.tasks)"
-    )
-    conn.execute(f"CREATE TEMP VIEW pipelines AS SELECT * FROM main.pipelines WHERE started <= {before}")  # noqa: S608
+    for statement in _AS_OF_VIEWS:
+        conn.execute(statement)
     return True
 
 
