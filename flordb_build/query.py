@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .asof import as_of_replay
+from .compat import add_flordb_views
 from .config import Config, load_config
 from .errors import QueryError
 from .expression import WhereExpression, filter_rows, parse_where
@@ -209,6 +210,7 @@ def query(sql: str, params: Sequence[Any] | dict[str, Any] = (), config: Config 
     guard = _ReadOnlyGuard()
     try:
         as_of_replay(conn)  # a replayed script reads what its run read (asof.py)
+        add_flordb_views(conn)  # FlorDB's column names beside ours (compat.py)
         conn.execute("PRAGMA query_only = ON")
         conn.set_authorizer(guard)
         try:
