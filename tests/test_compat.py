@@ -7,14 +7,18 @@ repository, real replays of their recorded versions.
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 import flordb_build as flor
-from flordb_build.errors import IterationArgumentError
-from tests.conftest import Project
+from flordb_build.errors import ExpressionError, IterationArgumentError, ReplayError
+from flordb_build.hindsight import read_replay_arguments
+from tests.conftest import GIT_ENV, Project
 
 # -- flor.utils.latest, flor.HOMEDIR ---------------------------------------------------------
 
@@ -180,3 +184,174 @@ def test_flordb_columns_in_a_replay_read_the_store_as_the_run_did(project: Proje
     assert df["seen"].tolist() == [1, 2]
     assert df["seen_now"].tolist() == [1, 2] and df["shaped_now"].tolist() == [1, 2]
     assert len(flor.query("SELECT value FROM logs WHERE value_name = 'label'")) == 2
+
+
+# -- replay: FlorDB's command line and Python forms ----------------------------------------------
+
+TRAIN = """\
+import time
+import flordb_build as flor
+
+epochs = flor.arg("epochs", 2)
+state = {"w": 0.0}
+with flor.checkpointing(state=state):
+    for epoch in flor.loop("epoch", range(epochs)):
+        for step in flor.loop("step", range(3)):
+            state["w"] += 0.5
+            time.sleep(0.02)  # epochs slow enough that every one is checkpointed
+            flor.log("loss", state["w"])
+        flor.log("acc", state["w"] * 2)
+"""
+# Today's version adds hindsight statements at the start of each epoch, as FlorDB's tutorial does.
+TODAY = TRAIN.replace(
+    '        for step in flor.loop("step", range(3)):\n',
+    '        flor.log("gradient_norm", state["w"] / 10)\n'
+    '        flor.log("weight", state["w"])\n'
+    '        for step in flor.loop("step", range(3)):\n',
+)
+
+
+# The tests below record two runs and replay them (~20 s each on a loaded 2-core machine): marked slow.
+@pytest.fixture
+def tutorial(project: Project) -> Project:
+    """FlorDB's tutorial: ``python train.py``, then ``python train.py --kwargs epochs=3 ...``; then the new log."""
+    project.write("train.py", TRAIN)
+    project.commit_all("train")
+    project.run("train.py")
+    project.run("train.py", "--kwargs", "epochs=3")
+    project.write("train.py", TODAY)
+    project.commit_all("hindsight logging: gradient norm")
+    return project
+
+
+def replay_cli(project: Project, *args: str, stdin: str = "", module: str = "flordb_build") -> subprocess.CompletedProcess[str]:
+    """``python -m MODULE replay ARGS`` with ``stdin`` piped in (not a terminal)."""
+    return subprocess.run(
+        [sys.executable, "-m", module, "replay", *args],
+        cwd=project.root, env={**os.environ, **GIT_ENV}, input=stdin, capture_output=True, text=True, timeout=300,
+    )
+
+
+def replayed(name: str) -> dict[int, list[float]]:
+    """``{epochs arg: the values of name}`` per recorded run, from the dataframe."""
+    df = flor.dataframe("epochs", name)
+    return {int(e): df[(df["epochs"] == e) & df[name].notna()][name].tolist() for e in sorted(set(df["epochs"]))}
+
+
+@pytest.mark.slow
+def test_replay_takes_an_answer_piped_to_stdin(tutorial: Project) -> None:
+    """FlorDB's tutorial answers the replay's ``input()`` question::
+
+    python -m flor replay gradient_norm
+    ...
+    Continue replay estimated to finish in under 2 minutes [y/N]? y
+    """
+    refused = replay_cli(tutorial, "gradient_norm", stdin="")  # stdin ends: no answer
+    assert refused.returncode == 1 and "--yes" in refused.stderr and "stdin ended" in refused.stderr
+    declined = replay_cli(tutorial, "gradient_norm", stdin="n\n")
+    assert declined.returncode == 0 and "not replayed" in declined.stdout
+    assert replayed("gradient_norm") == {2: [], 3: []}
+
+    done = replay_cli(tutorial, "gradient_norm", stdin="y\n")
+    assert done.returncode == 0, done.stderr
+    assert "[y/N]" in done.stdout and "not replayed" not in done.stdout
+    assert replayed("gradient_norm") == {2: [0.0, 0.15], 3: [0.0, 0.15, 0.3]}
+
+
+@pytest.mark.slow
+def test_replay_takes_comma_separated_names(tutorial: Project) -> None:
+    """FlorDB's tutorial: "the name of the (comma-separated) variable(s) we want to hindsight log"::
+
+    python -m flor replay gradient_norm,weight
+    """
+    done = replay_cli(tutorial, "gradient_norm,weight", "--yes")
+    assert done.returncode == 0, done.stderr
+    assert replayed("gradient_norm") == {2: [0.0, 0.15], 3: [0.0, 0.15, 0.3]}
+    assert replayed("weight") == {2: [0.0, 1.5], 3: [0.0, 1.5, 3.0]}
+
+
+@pytest.mark.slow
+def test_replay_takes_flordbs_positional_where_clause(tutorial: Project) -> None:
+    """FlorDB's command line, ``replay apply_vars [where_clause]``::
+
+    python -m flor replay gradient_norm "epochs = 2"
+    """
+    plan = replay_cli(tutorial, "gradient_norm", "epochs = 2", "--dry-run")
+    assert plan.returncode == 0, plan.stderr
+    assert "does not log" not in plan.stderr and plan.stdout.count("validation") == 1
+    done = replay_cli(tutorial, "gradient_norm", "epochs = 2", stdin="y\n")
+    assert done.returncode == 0, done.stderr
+    assert replayed("gradient_norm") == {2: [0.0, 0.15], 3: []}
+    both = replay_cli(tutorial, "gradient_norm", "epochs = 2", "--where", "epochs = 3", "--yes")
+    assert both.returncode == 1 and "Two where clauses" in both.stderr
+
+
+@pytest.mark.slow
+def test_doit_replay_takes_flordbs_forms(tutorial: Project) -> None:
+    """The same FlorDB command line through ``doit replay``: ``replay gradient_norm,weight "epochs = 3"``.
+
+    doit takes arguments with ``=`` as its own ``name=value`` variables; a where clause is one.
+    """
+    tutorial.cli("init", "--doit-config", "pyproject.toml")
+    tutorial.commit_all("configure doit")
+    plan = replay_cli(tutorial, "gradient_norm", "--where", "epochs = 2", "--dry-run", module="doit")
+    assert plan.returncode == 0, plan.stderr
+    assert plan.stdout.count("validation") == 1
+    done = replay_cli(tutorial, "gradient_norm,weight", "epochs = 3", stdin="y\n", module="doit")
+    assert done.returncode == 0, done.stderr
+    assert replayed("gradient_norm") == {2: [], 3: [0.0, 0.15, 0.3]}
+    assert replayed("weight") == {2: [], 3: [0.0, 1.5, 3.0]}
+
+
+@pytest.mark.slow
+def test_flor_replay_takes_flordbs_apply_vars_list(tutorial: Project) -> None:
+    """FlorDB's Python API, ``replay(apply_vars: List[str], where_clause: Optional[str] = None)``::
+
+    flor.replay(["gradient_norm"])
+    flor.replay(["gradient_norm", "weight"], "epochs = 3")
+    """
+    report = flor.replay(["gradient_norm"], quiet=True)
+    assert report.ok and len(report.outcomes) == 2
+    assert replayed("gradient_norm") == {2: [0.0, 0.15], 3: [0.0, 0.15, 0.3]}
+    report = flor.replay(["gradient_norm", "weight"], "epochs = 3", quiet=True)
+    assert report.ok and len(report.outcomes) == 1
+    assert replayed("weight") == {2: [], 3: [0.0, 1.5, 3.0]}
+    # Our own form keeps working beside it.
+    assert flor.replay("weight", where="epochs = 2", dry_run=True, quiet=True).plan.runs[0].args == {"epochs": 2}
+    with pytest.raises(ReplayError, match="Two where clauses"):
+        flor.replay(["weight"], "epochs = 2", where="epochs = 3", quiet=True)
+    with pytest.raises(ReplayError, match="non-empty strings"):
+        flor.replay([3], quiet=True)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "where", "names", "expected_where"),
+    [
+        (["a"], None, ("a",), None),
+        (["a", "b"], None, ("a", "b"), None),
+        (["a,b"], None, ("a", "b"), None),
+        (["a, b,", "c", "a"], None, ("a", "b", "c"), None),
+        (["a", "epochs = 2"], None, ("a",), "epochs = 2"),
+        (["a,b", "epochs=2"], None, ("a", "b"), "epochs=2"),
+        (["a", "epoch IN (1, 2)"], None, ("a",), "epoch IN (1, 2)"),  # its commas are not name separators
+        (["a", "lr IS NULL"], None, ("a",), "lr IS NULL"),
+        (["a", "b"], "epochs = 2", ("a", "b"), "epochs = 2"),
+        (["epochs=2"], None, ("epochs=2",), None),  # no name before it: a name (that nothing logs)
+    ],
+)
+def test_replay_arguments_in_our_form_and_flordbs(
+    arguments: list[str], where: str | None, names: tuple[str, ...], expected_where: str | None
+) -> None:
+    """How ``replay`` arguments read: comma-separated names, FlorDB's trailing where clause."""
+    parsed = read_replay_arguments(arguments, where)
+    assert parsed.names == names and parsed.where == expected_where
+
+
+def test_replay_arguments_that_cannot_be_read_are_refused() -> None:
+    """A positional where clause beside ``--where``, one that is not an expression, or no name at all."""
+    with pytest.raises(ReplayError, match="Two where clauses"):
+        read_replay_arguments(["a", "epochs = 2"], "epochs = 3")
+    with pytest.raises(ExpressionError):
+        read_replay_arguments(["a", "1=1; DROP TABLE runs"], None)
+    with pytest.raises(ReplayError, match="No name to replay"):
+        read_replay_arguments([",", " "], None)
