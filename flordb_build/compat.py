@@ -76,3 +76,15 @@ def add_flordb_views(conn: sqlite3.Connection) -> None:
     else:
         conn.execute(_LOGS_OVER_STORE)
     conn.execute(_FLORDB_LOGS)
+
+
+#: SQLite's own refusals to change a view, raised before the query's authorizer is asked.
+_VIEW_WRITE_ERRORS = ("because it is a view", "column to a view", "views may not be indexed")
+
+
+def refused_view_write(exc: sqlite3.Error) -> str | None:
+    """What a statement tried on one of these read-only views, from SQLite's error; None for other errors."""
+    text = str(exc)
+    if any(fragment in text.lower() for fragment in _VIEW_WRITE_ERRORS):
+        return f"change a read-only view ({text})"
+    return None

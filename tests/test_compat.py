@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import flordb_build as flor
-from flordb_build.errors import ExpressionError, IterationArgumentError, ReplayError
+from flordb_build.errors import ExpressionError, IterationArgumentError, QueryError, ReplayError
 from flordb_build.hindsight import read_replay_arguments
 from tests.conftest import GIT_ENV, Project
 
@@ -142,6 +142,9 @@ def test_query_reads_flordbs_column_names_beside_ours(project: Project) -> None:
     assert shaped["projid"].tolist() == ["proj"] * 3 and shaped["filename"].tolist() == ["train.py"] * 3
     assert shaped["ctx_id"].isna().tolist() == [True, False, False]  # run level: NULL, as in FlorDB
     assert shaped["value_name"].tolist() == ["lr", "loss", "loss"]
+    for write in ("DELETE FROM logs", "UPDATE flordb_logs SET value = 1"):
+        with pytest.raises(QueryError, match="read-only"):
+            flor.query(write)
     # The views live on the query's connection only: the store's schema is unchanged.
     conn = sqlite3.connect(project.root / ".flor" / "flor.db")
     views = conn.execute("SELECT name FROM sqlite_master WHERE type = 'view'").fetchall()
