@@ -21,7 +21,7 @@ _WHERE_MARKS = frozenset("=<>!")
 
 @dataclass(frozen=True)
 class ReplayArguments:
-    """What a replay command line asks for: the names, and the where clause that selects runs."""
+    """What a replay asks for: the names to replay, and the where clause that selects the runs."""
 
     names: tuple[str, ...]
     where: str | None
@@ -162,7 +162,8 @@ def run_replay_command(
         print("nothing to replay", file=out)
         return 0
     if not yes:
-        answer = confirm(f"Replay {len(plan.runs)} run(s), about {plan.estimate:.1f}s? [y/N] ") if confirm else None
+        question = f"Replay {len(plan.runs)} run(s), about {plan.estimate:.1f}s? [y/N] "
+        answer = confirm(question) if confirm is not None else None
         if answer is None:
             raise ReplayError(
                 "No answer to confirm the plan (stdin ended or cannot be read); pass --yes to run it, "
