@@ -9,6 +9,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
+from .compat import FlorDBUtils
 from .errors import FlorBuildError
 
 # `query` (the function) must be bound here, eagerly: importing the submodule of the same name
@@ -16,9 +17,17 @@ from .errors import FlorBuildError
 from .query import dataframe, latest, query
 from .runtime import arg, commit, iteration, log, loop
 
+#: FlorDB's ``flor.utils.latest(df)``. A namespace, not a module: ``utils`` is a grab-bag name
+#: this project gives no module, so it re-exports ``latest`` and nothing else (compat.py).
+utils = FlorDBUtils(latest=latest)
+
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from .checkpoints import checkpointing, load_checkpoint
     from .hindsight import replay
+
+    HOMEDIR: Path
 
 # Checkpointing and replay load on first use (PEP 562): `import flordb_build` in a training
 # script costs only what recording needs.
@@ -26,6 +35,12 @@ _LAZY = {"checkpointing": "checkpoints", "load_checkpoint": "checkpoints", "repl
 
 
 def __getattr__(name: str) -> Any:
+    if name == "HOMEDIR":
+        # FlorDB's store directory; here the project's `.flor` (compat.py). Resolved on each use,
+        # never at import: finding the project reads the file system.
+        from .compat import flordb_home
+
+        return flordb_home()
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'flordb_build' has no attribute '{name}'")
@@ -50,4 +65,6 @@ __all__ = [
     "loop",
     "query",
     "replay",
+    "utils",
 ]
+# HOMEDIR stays out of __all__: `from flordb_build import *` must not create a directory.

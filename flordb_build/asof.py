@@ -30,8 +30,11 @@ from .runtime import REPLAY_ENV
 #: ``as_of_runs`` and ``as_of`` (filled with bound parameters), never text in these statements.
 _AS_OF_VIEWS = (
     "CREATE TEMP VIEW runs AS SELECT * FROM main.runs WHERE run_id IN (SELECT run_id FROM temp.as_of_runs)",
-    "CREATE TEMP VIEW logs AS SELECT * FROM main.logs WHERE run_id IN (SELECT run_id FROM temp.as_of_runs) "
+    # `logs` reads through `as_of_logs`, so that a view reshaping `logs` (compat.py's FlorDB column
+    # names) can replace `logs` and still read only these rows.
+    "CREATE TEMP VIEW as_of_logs AS SELECT * FROM main.logs WHERE run_id IN (SELECT run_id FROM temp.as_of_runs) "
     "AND source = 'record'",
+    "CREATE TEMP VIEW logs AS SELECT * FROM temp.as_of_logs",
     "CREATE TEMP VIEW loops AS SELECT * FROM main.loops WHERE run_id IN (SELECT run_id FROM temp.as_of_runs)",
     "CREATE TEMP VIEW log_columns AS SELECT * FROM main.log_columns "
     "WHERE run_id IN (SELECT run_id FROM temp.as_of_runs)",

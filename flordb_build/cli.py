@@ -193,16 +193,19 @@ def _add_build_commands(add: Callable[[str, Callable[[argparse.Namespace], int],
 # -- hindsight logging (replay/) ---------------------------------------------------------------
 
 
-def confirm_on_terminal() -> Callable[[str], bool] | None:
-    """A yes/no question on the terminal; None when stdin is not one (then --yes is required)."""
-    if not sys.stdin.isatty():
-        return None
+def confirm_on_stdin() -> Callable[[str], bool | None]:
+    """A yes/no question read from stdin, terminal or pipe; None when stdin ends before an answer."""
 
-    def ask(question: str) -> bool:
+    # A pipe answers too: FlorDB asks with input(), so `echo y | python -m flordb replay x` runs.
+    def ask(question: str) -> bool | None:
+        if sys.stdin is None:  # the process was started with stdin closed
+            return None
         try:
-            return input(question).strip().lower() in ("y", "yes")
-        except EOFError:
-            return False
+            answer = input(question)
+        except (EOFError, OSError):
+            print()  # end the question's line before the error message
+            return None
+        return answer.strip().lower() in ("y", "yes")
 
     return ask
 
@@ -212,7 +215,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     return run_replay_command(
         args.names, where=args.where, task=args.task, workers=args.workers, device=args.device,
-        dry_run=args.dry_run, yes=args.yes, confirm=confirm_on_terminal(), rel_tol=args.rel_tol,
+        dry_run=args.dry_run, yes=args.yes, confirm=confirm_on_stdin(), rel_tol=args.rel_tol,
         warm=False if args.cold else None,
     )
 
@@ -231,7 +234,9 @@ def _add_replay_command(add: Callable[[str, Callable[[argparse.Namespace], int],
         "selected runs and replay them from checkpoints; the values land in those runs' rows. Shows the plan "
         "(scan depth and estimated seconds per run) and asks before running.",
     )
-    p.add_argument("names", nargs="+", metavar="NAME", help="names that today's scripts log and old versions lack")
+    p.add_argument("names", nargs="+", metavar="NAME",
+                   help="names that today's scripts log and old versions lack, also comma-separated (a,b); a last "
+                        "argument with a comparison or a space is a where clause, as in FlorDB: replay NAME \"epochs = 2\"")
     p.add_argument("--where", metavar="EXPR", help="SQL expression over the run-level dataframe, e.g. \"tstamp >= '2026-06-23'\"")
     p.add_argument("--task", metavar="T", help="only runs of this task")
     p.add_argument("--workers", type=int, default=1, metavar="N", help="split range and validation scans into N segments replayed in parallel processes (default 1)")

@@ -35,6 +35,10 @@ class ArgError(FlorBuildError):
     """A ``flor.arg`` value is missing or cannot be cast to the default's type."""
 
 
+class IterationArgumentError(FlorBuildError, TypeError):
+    """``flor.iteration`` got its index twice: as ``index`` and as FlorDB's ``idx``."""
+
+
 class SnapshotError(FlorBuildError):
     """A snapshot commit on the shadow branch could not be made or read."""
 

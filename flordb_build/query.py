@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .asof import as_of_replay
+from .compat import add_flordb_views, refused_view_write
 from .config import Config, load_config
 from .errors import QueryError
 from .expression import WhereExpression, filter_rows, parse_where
@@ -209,15 +210,17 @@ def query(sql: str, params: Sequence[Any] | dict[str, Any] = (), config: Config 
     guard = _ReadOnlyGuard()
     try:
         as_of_replay(conn)  # a replayed script reads what its run read (asof.py)
+        add_flordb_views(conn)  # FlorDB's column names beside ours (compat.py)
         conn.execute("PRAGMA query_only = ON")
         conn.set_authorizer(guard)
         try:
             cursor = conn.execute(sql, params)
             rows = cursor.fetchall()
         except sqlite3.Error as exc:
-            if guard.refused:
+            refused = guard.refused or refused_view_write(exc)
+            if refused:
                 raise QueryError(
-                    f"query() is read-only: the statement tries to {guard.refused} ('{sql.strip()[:80]}'). "
+                    f"query() is read-only: the statement tries to {refused} ('{sql.strip()[:80]}'). "
                     "Use SELECT; record data with flor.log."
                 ) from exc
             raise QueryError(f"query failed: {exc} in '{sql.strip()[:200]}'.") from exc

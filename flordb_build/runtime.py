@@ -589,8 +589,19 @@ def loop(name: str, iterable: Iterable[T]) -> Iterator[T]:
     return _current().loop(name, iterable)
 
 
-def iteration(name: str, index: int | None = None, value: Any = None) -> Any:
-    """Context manager for one iteration of a loop the caller drives; yields the index."""
+def iteration(name: str, index: int | None = None, value: Any = None, *, idx: int | None = None) -> Any:
+    """Context manager for one iteration of a loop the caller drives; yields the index.
+
+    :param idx: FlorDB's name for ``index`` (``flor.iteration("document", idx=None, value=...)``).
+    """
+    if idx is not None:
+        if index is not None:
+            from .errors import IterationArgumentError
+
+            raise IterationArgumentError(
+                f"flor.iteration('{name}') got both index={index!r} and idx={idx!r}; pass one of them."
+            )
+        index = idx
     return _current().iteration(name, index, value)
 
 

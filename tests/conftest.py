@@ -75,6 +75,7 @@ class Project:
             [sys.executable, "-m", "flordb_build", *args],
             cwd=self.root,
             env={**os.environ, **GIT_ENV},
+            stdin=subprocess.DEVNULL,  # `replay` reads its confirmation from stdin, a pipe too: give it none
             capture_output=True,
             text=True,
             timeout=300,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ._command import replay, run_replay_command, warm_command
+from ._command import ReplayArguments, read_replay_arguments, replay, run_replay_command, warm_command
 from ._execute import (
     ProgressLine,
     ReplayExecutor,
@@ -71,6 +71,7 @@ __all__ = [
     "Mismatch",
     "ProgressLine",
     "RecordedRun",
+    "ReplayArguments",
     "ReplayCommand",
     "ReplayExecutor",
     "ReplayJob",
@@ -91,6 +92,7 @@ __all__ = [
     "jobs_of",
     "plan_replay",
     "prepare_replay",
+    "read_replay_arguments",
     "replay",
     "run_replay",
     "run_replay_command",

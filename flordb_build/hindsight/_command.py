@@ -4,18 +4,84 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import IO
 
 from ..config import Config
 from ..errors import ReplayError
+from ..expression import parse_where
 from ._model import DEFAULT_REL_TOL, ReplayPlan, ReplayReport
 
-#: Asks the user whether to run the plan; None when nobody can answer (not a terminal).
-Confirm = Callable[[str], bool]
+#: Asks the user whether to run the plan: True or False, or None when no answer came (end of input).
+Confirm = Callable[[str], bool | None]
+
+#: Comparison characters: a where clause has one of them (or whitespace), a log name typed at a shell neither.
+_WHERE_MARKS = frozenset("=<>!")
+
+
+@dataclass(frozen=True)
+class ReplayArguments:
+    """What a replay asks for: the names to replay, and the where clause that selects the runs."""
+
+    names: tuple[str, ...]
+    where: str | None
+
+
+def read_replay_arguments(arguments: Sequence[str], where: str | None) -> ReplayArguments:
+    """Read ``replay`` arguments in our form (``a b --where EXPR``) and FlorDB's (``a,b "epochs = 2"``).
+
+    Names may be comma-separated, as FlorDB's command line takes them. The last argument is
+    FlorDB's positional where clause when at least one name comes before it and it contains a
+    comparison (``=``, ``<``, ``>``, ``!``) or whitespace, which no name in a ``flor.log``
+    statement typed at a shell has; it must then parse as a where expression.
+
+    :raises ReplayError: no names, or a positional where clause beside ``--where``.
+    :raises ExpressionError: a positional where clause that is not one SQL expression.
+    """
+    rest = list(arguments)
+    if len(rest) >= 2 and _reads_as_where(rest[-1]):
+        clause = rest.pop()
+        if where is not None:
+            raise ReplayError(f"Two where clauses, --where '{where}' and '{clause}'; pass only one of them.")
+        where = parse_where(clause).text
+    names = [piece.strip() for argument in rest for piece in argument.split(",") if piece.strip()]
+    if not names:
+        raise ReplayError(
+            f"No name to replay in {' '.join(repr(a) for a in arguments) or 'the arguments'}; "
+            "name what today's scripts log, e.g. 'replay val_loss' or 'replay val_loss,grad_norm'."
+        )
+    return ReplayArguments(names=tuple(dict.fromkeys(names)), where=where)
+
+
+def _reads_as_where(argument: str) -> bool:
+    text = argument.strip()
+    return any(c in _WHERE_MARKS or c.isspace() for c in text)
+
+
+def _read_call(names: Sequence[str | Sequence[str]], where: str | None) -> ReplayArguments:
+    """``replay("a", "b", where=...)``, or FlorDB's ``replay(["a", "b"], where_clause=None)``."""
+    if names and not isinstance(names[0], str):
+        apply_vars, *rest = names
+        clause = rest[0] if rest else None
+        if len(rest) > 1 or not (clause is None or isinstance(clause, str)):
+            raise ReplayError(
+                f"replay() takes names, or FlorDB's (apply_vars, where_clause): got {len(names)} positional "
+                "arguments; e.g. flor.replay(['loss'], \"epochs = 2\") or flor.replay('loss', where=\"epochs = 2\")."
+            )
+        if clause is not None and where is not None:
+            raise ReplayError(f"Two where clauses, where='{where}' and '{clause}'; pass only one of them.")
+        names, where = tuple(apply_vars), clause if clause is not None else where
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise ReplayError(
+                f"replay() takes names as non-empty strings, got {name!r}; e.g. flor.replay('loss') or "
+                "flor.replay(['loss', 'acc'])."
+            )
+    return ReplayArguments(names=tuple(str(n) for n in names), where=where)
 
 
 def replay(
-    *names: str,
+    *names: str | Sequence[str],
     where: str | None = None,
     task: str | None = None,
     workers: int = 1,
@@ -28,6 +94,7 @@ def replay(
 ) -> ReplayReport:
     """Replay today's new ``flor.log`` statements ``names`` in the recorded runs ``where`` selects.
 
+    Also FlorDB's form: ``replay(["a", "b"], "epochs = 2")`` (``apply_vars``, ``where_clause``).
     Prints the plan, a progress line per run and the estimated-vs-actual table to stderr (unless
     ``quiet``); with ``dry_run`` it stops after the plan (the report then has no outcomes).
     ``warm=False`` starts every replay process fresh instead of forking it from a warm server.
@@ -37,7 +104,10 @@ def replay(
     from ._execute import ProgressLine, format_plan, format_report, run_replay
     from ._select import prepare_replay
 
-    plan = prepare_replay(names, where=where, task=task, workers=workers, device=device, config=config, warm=warm)
+    call = _read_call(names, where)
+    plan = prepare_replay(
+        call.names, where=call.where, task=task, workers=workers, device=device, config=config, warm=warm
+    )
     stream = None if quiet else sys.stderr
     if stream is not None:
         print(format_plan(plan), file=stream)
@@ -71,7 +141,8 @@ def run_replay_command(
 ) -> int:
     """Plan, show, confirm and run a replay for a command line; returns the exit code.
 
-    :param confirm: asks "run it?"; None when stdin is not interactive (then ``yes`` is required).
+    :param names: the command's positional arguments, read by :func:`read_replay_arguments`.
+    :param confirm: asks "run it?"; None when nobody can answer (then ``yes`` is required).
     """
     from ._execute import ProgressLine, format_plan, format_report, run_replay
     from ._select import prepare_replay
@@ -79,7 +150,10 @@ def run_replay_command(
     out = out if out is not None else sys.stdout
     if not rel_tol >= 0:
         raise ReplayError(f"--rel-tol must be a number >= 0, got '{rel_tol}'.")
-    plan: ReplayPlan = prepare_replay(names, where=where, task=task, workers=workers, device=device, warm=warm)
+    arguments = read_replay_arguments(names, where)
+    plan: ReplayPlan = prepare_replay(
+        arguments.names, where=arguments.where, task=task, workers=workers, device=device, warm=warm
+    )
     print(format_plan(plan), file=out)
     out.flush()
     if dry_run:
@@ -88,11 +162,14 @@ def run_replay_command(
         print("nothing to replay", file=out)
         return 0
     if not yes:
-        if confirm is None:
+        question = f"Replay {len(plan.runs)} run(s), about {plan.estimate:.1f}s? [y/N] "
+        answer = confirm(question) if confirm is not None else None
+        if answer is None:
             raise ReplayError(
-                "stdin is not a terminal, so the plan cannot be confirmed; pass --yes to run it, or --dry-run to only plan."
+                "No answer to confirm the plan (stdin ended or cannot be read); pass --yes to run it, "
+                "or --dry-run to only plan."
             )
-        if not confirm(f"Replay {len(plan.runs)} run(s), about {plan.estimate:.1f}s? [y/N] "):
+        if not answer:
             print("not replayed", file=out)
             return 0
     report = run_replay(plan, progress=ProgressLine(sys.stderr), rel_tol=rel_tol, warm=warm)
