@@ -122,11 +122,11 @@ def rebuild_store(config: Config, wait: bool = False) -> RebuildResult:
         ``wait`` is false), or when a committed journal cannot be read.
     """
     has_shadow = config.in_git and snapshot.resolve(config.root, snapshot.SHADOW_REF) is not None
-    if not has_shadow and not any(_disk_run_journals(config)):
+    if not has_shadow and not any(_disk_run_journals(config)) and not any(iter_disk_journals(config)):
         if not config.in_git:
             raise RebuildError(
-                f"'{config.root}' is not a git repository and '{config.runs_dir}' holds no run journal, "
-                "so there is nothing to rebuild from."
+                f"'{config.root}' is not a git repository and '{config.flor_dir}' holds no run or pipeline "
+                "journal, so there is nothing to rebuild from."
             )
         raise RebuildError(f"No '{snapshot.SHADOW_BRANCH}' branch in '{config.root}': no run was ever snapshotted.")
     config.db_path.parent.mkdir(parents=True, exist_ok=True)
@@ -367,8 +367,8 @@ def parse_run_journal(text: str, tolerant: bool) -> RunJournal:
         else:
             for kind, rows in batches.items():
                 rows.extend(entry.get(kind, ()))
-    if run is None:
-        raise ValueError("it has no run header")
+    if not isinstance(run, dict) or not run.get("run_id"):
+        raise ValueError("it has no run header with a run_id")
     return RunJournal(run, env, end, batches["loops"], batches["logs"], batches["timings"], batches["checkpoints"], skipped)
 
 

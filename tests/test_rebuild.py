@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -367,3 +368,37 @@ def test_a_rebuild_killed_at_any_step_of_the_swap_leaves_a_usable_store(
         assert len(flor.dataframe("val")) == 6, step
     assert "2 runs" in project.cli("rebuild").stdout  # and a rebuild after all that completes
     assert store_rows(project) == before
+
+
+def test_rebuild_keeps_a_doit_pipeline_killed_before_its_commit(project: Project, reaped: list[subprocess.Popen[str]]) -> None:
+    project.write(
+        "dodo.py",
+        f"""
+        PY = {sys.executable!r}
+
+        def task_quick():
+            return {{"actions": [PY + " -c 'open(\\"quick.txt\\", \\"w\\").write(\\"q\\")'"], "targets": ["quick.txt"]}}
+
+        def task_stuck():
+            return {{"actions": [PY + " -c 'import time; time.sleep(600)'"], "task_dep": ["quick"]}}
+        """,
+    )
+    project.commit_all("pipeline")
+    init_project(project.root)
+    doit_proc = subprocess.Popen(
+        [sys.executable, "-m", "doit"], cwd=project.root, env={**os.environ, **GIT_ENV}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    reaped.append(doit_proc)
+    journals = project.root / ".flor" / "pipelines"
+    wait_until(lambda: any('"quick"' in p.read_text() for p in journals.glob("*.jsonl")), doit_proc)
+    os.killpg(doit_proc.pid, signal.SIGKILL)  # doit and its stuck task: no end, no commit
+    finish(doit_proc)
+    before = store_rows(project)
+    assert [r[1] for r in before["tasks"]] == ["quick"] and len(before["pipelines"]) == 1
+    assert "flor.shadow" not in project.git("branch", "--list")  # nothing was committed
+
+    remove(project, ".flor/flor.db")
+    out = project.cli("rebuild").stdout
+    assert store_rows(project) == before
+    assert "1 pipelines, 1 tasks" in out
