@@ -590,6 +590,18 @@ def spawn(project: Project, *argv: str) -> subprocess.Popen[str]:
     )
 
 
+def stop_session(proc: subprocess.Popen[str]) -> None:
+    """If ``proc`` (a session leader) still runs, say what its session is doing, then kill all of it."""
+    if proc.poll() is not None:
+        return
+    listing = subprocess.run(
+        ["ps", "-o", "pid,stat,wchan:32,args", "-s", str(proc.pid)], capture_output=True, text=True
+    ).stdout
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    raise AssertionError(f"{proc.args} did not exit; its session was:\n{listing}")
+
+
 def serving_pid(project: Project, proc: subprocess.Popen[str]) -> int:
     pid_file = project.root / "serve.pid"
     wait_for(pid_file.exists, "the recipe's command started", proc)
@@ -623,6 +635,7 @@ def test_exec_passes_the_signal_on_and_records_the_interrupted_task(project: Pro
     finally:
         if not gone(pid):
             os.kill(pid, signal.SIGKILL)
+        stop_session(proc)
     (task, status, error), = rows(project, "SELECT task, status, error FROM tasks")
     assert (task, status) == ("serve", "interrupted") and f"interrupted by {sig.name}" in error
     assert rows(project, "SELECT tool, status, exit_code FROM pipelines") == [
@@ -642,6 +655,7 @@ def test_exec_under_timeout_is_recorded_as_run_by_timeout(project: Project) -> N
     finally:
         if not gone(pid):
             os.kill(pid, signal.SIGKILL)
+        stop_session(proc)
     (tool, argv, status), = rows(project, "SELECT tool, argv, status FROM pipelines")
     assert (tool, status) == ("timeout", "interrupted")
     assert json.loads(argv)[:2] == ["timeout", "600"]  # what really ran exec, not a make that never was
@@ -664,6 +678,7 @@ def test_ctrl_c_under_make_records_the_interrupted_recipe(project: Project) -> N
     finally:
         if not gone(pid):
             os.kill(pid, signal.SIGKILL)
+        stop_session(proc)
     (tool, status, exit_code), = rows(project, "SELECT tool, status, exit_code FROM pipelines")
     assert (tool, status, exit_code) == ("make", "interrupted", 128 + signal.SIGINT)
     (status, error), = rows(project, "SELECT status, error FROM tasks WHERE task = 'serve'")
@@ -693,9 +708,12 @@ def test_ctrl_c_under_doit_n4_records_every_started_task(project: Project) -> No
     project.commit_all("slow tasks")
     init_project(project.root)
     proc = spawn(project, PY, "-m", "doit", "-n", "4")
-    wait_for(lambda: len(list(project.root.glob("started-?"))) == 4, "all four tasks started", proc)
-    os.killpg(proc.pid, signal.SIGINT)
-    proc.communicate(timeout=120)
+    try:
+        wait_for(lambda: len(list(project.root.glob("started-?"))) == 4, "all four tasks started", proc)
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.communicate(timeout=300)
+    finally:
+        stop_session(proc)
     assert proc.returncode != 0
     (pipeline_id, status), = rows(project, "SELECT pipeline_id, status FROM pipelines")
     assert status == "interrupted"

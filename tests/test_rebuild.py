@@ -402,3 +402,32 @@ def test_rebuild_keeps_a_doit_pipeline_killed_before_its_commit(project: Project
     out = project.cli("rebuild").stdout
     assert store_rows(project) == before
     assert "1 pipelines, 1 tasks" in out
+
+
+def test_rebuild_journals_build_context_an_older_store_holds_without_a_journal(project: Project) -> None:
+    project.write("small.py", SMALL)
+    project.commit_all("small")
+    project.run("small.py")
+    # A pipeline as a store recorded before build context had journals holds it: rows only.
+    conn = sqlite3.connect(project.root / ".flor" / "flor.db")
+    with conn:
+        conn.execute(
+            "INSERT INTO pipelines (pipeline_id, tool, argv, dag, started, ended, status, exit_code, cwd) "
+            "VALUES ('old1', 'doit', '[\"doit\"]', '{\"tasks\": []}', 1.0, 2.0, 'ok', 0, '/x')"
+        )
+        conn.execute(
+            "INSERT INTO tasks (pipeline_id, task, status, reason, started, ended, seconds, actions, error) "
+            "VALUES ('old1', 'prep', 'executed', 'always runs', 1.0, 2.0, 1.0, '[]', NULL)"
+        )
+        conn.execute(
+            "INSERT INTO files (pipeline_id, task, path, role, sha256, size, mtime_ns) "
+            "VALUES ('old1', 'prep', 'raw.csv', 'dep', 'ab', 2, NULL)"
+        )
+    conn.close()
+    before = store_rows(project)
+
+    assert "journaled 1 pipeline(s)" in project.cli("rebuild").stdout
+    assert store_rows(project) == before
+    remove(project, ".flor/flor.db", ".flor/runs", ".flor/pipelines")  # and from git alone, later
+    project.cli("rebuild")
+    assert store_rows(project) == before
