@@ -66,8 +66,13 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     from .config import load_config
     from .rebuild import rebuild_store
 
-    result = rebuild_store(load_config())
-    print(f"rebuilt '{result.db_path}': {result.runs} runs, {result.loops} loop contexts, {result.logs} logs")
+    result = rebuild_store(load_config(), wait=args.wait)
+    for note in result.notes:
+        print(f"note: {note}")
+    print(
+        f"rebuilt '{result.db_path}': {result.runs} runs ({result.killed} killed), {result.loops} loop contexts, "
+        f"{result.logs} logs, {result.pipelines} pipelines, {result.tasks} tasks"
+    )
     return 0
 
 
@@ -307,12 +312,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--param", action="append", default=[], metavar="VALUE", help="bind a value to the next ?")
     add_format_option(p)
 
-    add(
+    p = add(
         "rebuild",
         cmd_rebuild,
-        "Recreate .flor/flor.db from the run journals in the snapshot commits on 'flor.shadow' "
-        "(after the database was deleted or damaged).",
+        "Recreate .flor/flor.db from the run, pipeline and replay journals in the snapshot commits on "
+        "'flor.shadow' and in .flor (after the database was deleted or damaged). Refuses while runs or "
+        "other processes have the store open.",
     )
+    p.add_argument("--wait", action="store_true", help="wait until every process has closed the store, then rebuild")
     p = add(
         "gc",
         cmd_gc,

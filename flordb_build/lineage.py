@@ -1,7 +1,9 @@
-"""Lineage of a file's exact content, traced by sha256 through the recorded DAG.
+"""Lineage of a file's exact content at its path, traced by (path, sha256) through the recorded DAG.
 
-``files`` rows name every dep and target of every recorded task with its sha256, so content,
-not path, is the key. For a file on disk::
+``files`` rows name every dep and target of every recorded task with its sha256. A content is
+identified by its path *and* its hash: two files with identical bytes (a model and a copy of
+it, an empty marker and an empty log) are different things, so a task that wrote the bytes
+elsewhere is not this file's producer, only a note. For a file on disk::
 
                  upstream (producer + its inputs, recursively)
     prep.py ─┐
@@ -9,10 +11,11 @@ not path, is the key. For a file on disk::
                            train.py ──┴─> [train] ─> model.pkl ─> [infer] ─> predictions.csv
                                                     downstream (consumers + their outputs)
 
-The producer of a content is the most recent *executed* task that listed it as a target
-(an up-to-date skip re-records the same hash without making it; it is the fallback when the
-making predates recording). Consumers are executed tasks that listed it as a dep. A content
-already expanded in the same direction is shown once and then marked ``repeated``.
+The producer of a content is the most recent *executed* task that listed that path with that
+hash as a target (an up-to-date skip re-records the same hash without making it; it is the
+fallback when the making predates recording). Consumers are executed tasks that listed that
+path with that hash as a dep. A content already expanded in the same direction is shown once
+and then marked ``repeated``.
 """
 
 from __future__ import annotations
@@ -83,16 +86,16 @@ class LineageTracer:
     def __init__(self, store: Store, max_depth: int = 50) -> None:
         self.conn = store.conn
         self.max_depth = max_depth
-        self._seen_up: set[str] = set()
-        self._seen_down: set[str] = set()
+        self._seen_up: set[tuple[str, str]] = set()
+        self._seen_down: set[tuple[str, str]] = set()
 
     def trace(self, path: str, sha256: str, size: int | None) -> LineageNode:
         """The full lineage of a content: producer chain upstream and consumer chain downstream."""
         up = self.upstream(path, sha256, size, 0)
         down = self.downstream(path, sha256, size, 0)
-        note = None
+        note = up.note
         if up.producer is None and not down.consumers:
-            note = self._unrecorded_note(path, sha256)
+            note = "; ".join(n for n in (self._unrecorded_note(path, sha256), up.note) if n)
         return LineageNode(path, sha256, size, up.producer, down.consumers, note=note)
 
     # -- upstream ------------------------------------------------------------------------
@@ -101,12 +104,12 @@ class LineageTracer:
         """``path`` with the task that produced its content and, recursively, that task's inputs."""
         if sha256 is None:
             return LineageNode(path, None, size, note="missing when recorded")
-        if sha256 in self._seen_up:
+        if (path, sha256) in self._seen_up:
             return LineageNode(path, sha256, size, repeated=True)
-        self._seen_up.add(sha256)
-        task = self._producer(sha256)
+        self._seen_up.add((path, sha256))
+        task = self._producer(path, sha256)
         if task is None:
-            return LineageNode(path, sha256, size)
+            return LineageNode(path, sha256, size, note=self._same_content_note(path, sha256))
         inputs: tuple[LineageNode, ...] = ()
         if depth < self.max_depth:
             rows = self.conn.execute(
@@ -116,21 +119,35 @@ class LineageTracer:
             inputs = tuple(self.upstream(p, s, z, depth + 1) for p, s, z in rows)
         return LineageNode(path, sha256, size, producer=Producer(task, inputs))
 
-    def _producer(self, sha256: str) -> TaskRef | None:
-        # An executed task made this content; failing that, the newest task that found it present.
+    def _producer(self, path: str, sha256: str) -> TaskRef | None:
+        # An executed task wrote this content at this path; failing that, the newest task that found it there.
         row = None
         for executed in (1, 0):
             row = self.conn.execute(
                 "SELECT f.pipeline_id, f.task, t.status, t.started, p.tool FROM files f "
                 "JOIN tasks t ON t.pipeline_id = f.pipeline_id AND t.task = f.task "
                 "LEFT JOIN pipelines p ON p.pipeline_id = f.pipeline_id "
-                "WHERE f.sha256 = ? AND f.role = 'target' AND (t.status = 'executed') = ? "
+                "WHERE f.path = ? AND f.sha256 = ? AND f.role = 'target' AND (t.status = 'executed') = ? "
                 "ORDER BY t.started DESC LIMIT 1",
-                (sha256, executed),
+                (path, sha256, executed),
             ).fetchone()
             if row is not None:
                 return self._task_ref(*row)
         return None
+
+    def _same_content_note(self, path: str, sha256: str) -> str | None:
+        """A note naming where else a task wrote these exact bytes (not this path's producer)."""
+        row = self.conn.execute(
+            "SELECT f.path, f.task, f.pipeline_id FROM files f "
+            "JOIN tasks t ON t.pipeline_id = f.pipeline_id AND t.task = f.task "
+            "WHERE f.sha256 = ? AND f.role = 'target' AND f.path != ? AND t.status = 'executed' "
+            "ORDER BY t.started DESC LIMIT 1",
+            (sha256, path),
+        ).fetchone()
+        if row is None:
+            return None
+        other, task, pipeline_id = row
+        return f"the same bytes were written to '{other}' by task '{task}' (pipeline {pipeline_id}): a different file"
 
     # -- downstream ----------------------------------------------------------------------
 
@@ -138,15 +155,15 @@ class LineageTracer:
         """``path`` with the tasks that consumed its content and, recursively, what they made."""
         if sha256 is None:
             return LineageNode(path, None, size, note="missing when recorded")
-        if sha256 in self._seen_down:
+        if (path, sha256) in self._seen_down:
             return LineageNode(path, sha256, size, repeated=True)
-        self._seen_down.add(sha256)
+        self._seen_down.add((path, sha256))
         rows = self.conn.execute(
             "SELECT DISTINCT f.pipeline_id, f.task, t.status, t.started, p.tool FROM files f "
             "JOIN tasks t ON t.pipeline_id = f.pipeline_id AND t.task = f.task "
             "LEFT JOIN pipelines p ON p.pipeline_id = f.pipeline_id "
-            "WHERE f.sha256 = ? AND f.role = 'dep' AND t.status = 'executed' ORDER BY t.started",
-            (sha256,),
+            "WHERE f.path = ? AND f.sha256 = ? AND f.role = 'dep' AND t.status = 'executed' ORDER BY t.started",
+            (path, sha256),
         ).fetchall()
         consumers = []
         for row in rows:
@@ -179,10 +196,10 @@ class LineageTracer:
             (path,),
         ).fetchone()
         if row is None:
-            return "no recorded task read or wrote this content"
+            return "no recorded task read or wrote this content at this path"
         task, role, recorded = row
         return (
-            f"this content was never recorded; task '{task}' last recorded '{path}' (as {role}) with sha256 "
+            f"this content was never recorded at this path; task '{task}' last recorded '{path}' (as {role}) with sha256 "
             f"{(recorded or '?')[:12]}: the file changed since"
         )
 
@@ -215,13 +232,13 @@ def render_lineage(node: LineageNode) -> str:
     if node.producer is not None:
         lines.append("  produced by:")
         _render_producer(node.producer, lines, "    ")
-    elif not node.note:
+    elif node.consumers or not node.note:  # else the note says why nothing is known
         lines.append("  produced by: no recorded task (a source file, or made before recording)")
     if node.consumers:
         lines.append("  consumed by:")
         for consumer in node.consumers:
             _render_consumer(consumer, lines, "    ")
-    elif not node.note:
+    elif node.producer is not None or not node.note:
         lines.append("  consumed by: no recorded task yet")
     return "\n".join(lines)
 

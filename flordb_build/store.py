@@ -26,6 +26,8 @@ from .errors import StoreError
 
 SCHEMA_VERSION = 4
 BUSY_TIMEOUT_MS = 60_000
+#: ``runs.error`` of a run whose process died without closing it (status ``killed``).
+DEAD_RUN_ERROR = "the process died without closing its run"
 
 # Column types: ``bytes`` declares BLOB, which in SQLite means "no affinity": an int stays an
 # int, a float a float and a str a str, exactly as logged. (A column declared ANY would get
@@ -373,24 +375,127 @@ def is_run_alive(locks_dir: Path, run_id: str) -> bool:
     return False
 
 
+def store_lock_path(db_path: Path) -> Path:
+    """The lock file beside the database (``flor.db.lock``) that every connection holds shared."""
+    return db_path.with_name(db_path.name + ".lock")
+
+
+@dataclass(frozen=True)
+class StoreLock:
+    """An ``flock`` on the store's lock file: shared by every open :class:`Store`, exclusive for ``rebuild``.
+
+    ``rebuild`` swaps a new database file in and removes the old ``-wal``/``-shm`` files, which a
+    connection still open on the old file would need (a reader too). So every connection holds
+    the lock shared for its lifetime, ``rebuild`` takes it exclusively, and an open that comes
+    while a rebuild holds it waits and then sees the new file. The kernel drops the lock with
+    the process, however it dies; forked children share their parent's lock until they exit.
+    """
+
+    path: Path
+    fd: int
+
+    @classmethod
+    def shared(cls, db_path: Path) -> StoreLock | None:
+        """Take the lock shared, waiting while a rebuild holds it; None where the file cannot be
+        opened (a read-only ``.flor``: then there is no rebuild to wait for either)."""
+        path = store_lock_path(db_path)
+        fd = _open_lock_file(path, create=True)
+        if fd is None:
+            return None
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        return cls(path, fd)
+
+    @classmethod
+    def exclusive(cls, db_path: Path, wait: bool) -> StoreLock | None:
+        """Take the lock exclusively; None when another process holds it and ``wait`` is false.
+
+        :raises StoreError: when the lock file cannot be created.
+        """
+        path = store_lock_path(db_path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StoreError(f"Could not create the store lock '{path}': {exc}.") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return cls(path, fd)
+
+    def release(self) -> None:
+        """Drop the lock (the file stays: unlinking it would let two processes lock different files)."""
+        os.close(self.fd)
+
+
+def _open_lock_file(path: Path, create: bool) -> int | None:
+    flags = os.O_RDWR | os.O_CREAT if create else os.O_RDONLY
+    try:
+        return os.open(path, flags, 0o644)
+    except FileNotFoundError:
+        return None
+    except OSError:  # read-only directory or file: a shared lock works on a read-only descriptor
+        return _open_lock_file(path, create=False) if create else None
+
+
+def lock_holders(db_path: Path) -> list[tuple[int, str]]:
+    """``(pid, process name)`` of the other processes holding the store lock (Linux ``/proc/locks``).
+
+    Best effort: empty where ``/proc`` cannot tell (another OS, a pid namespace that hides them).
+    """
+    try:
+        st = os.stat(store_lock_path(db_path))
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        return []
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    holders: dict[int, str] = {}
+    for line in table.splitlines():
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  READ 1234 00:2c:5678 0 EOF"; waiters have "->" after the number
+        if "->" in fields or len(fields) < 6 or fields[1] != "FLOCK" or fields[5] != device:
+            continue
+        pid = int(fields[4])
+        if pid != os.getpid() and pid > 0:
+            holders[pid] = process_name(pid)
+    return sorted(holders.items())
+
+
+def process_name(pid: int) -> str:
+    """The command name of a process (``/proc/<pid>/comm``), '?' when it is gone or hidden."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip() or "?"
+    except OSError:
+        return "?"
+
+
 class Store:
     """A connection to one project's store, with the writes a recording process needs."""
 
-    def __init__(self, config: Config, conn: sqlite3.Connection) -> None:
+    def __init__(self, config: Config, conn: sqlite3.Connection, lock: StoreLock | None = None) -> None:
         self.config = config
         self.conn = conn
+        self.lock = lock
 
     @classmethod
     def open(cls, config: Config) -> Store:
-        """Open (creating if needed) the store, migrate it and mark runs whose process died."""
+        """Open (creating if needed) the store, migrate it and mark runs whose process died.
+
+        Holds the store lock shared until :meth:`close`; waits while a ``rebuild`` swaps the file.
+        """
+        lock = None
         try:
             config.db_path.parent.mkdir(parents=True, exist_ok=True)
             ignore_flor_dir(config)
+            lock = StoreLock.shared(config.db_path)
             conn = connect(config.db_path)
             ensure_schema(conn)
         except (OSError, sqlite3.Error) as exc:
+            if lock is not None:
+                lock.release()
             raise StoreError(f"Could not open the store '{config.db_path}': {exc}.") from exc
-        store = cls(config, conn)
+        store = cls(config, conn, lock)
         store.mark_dead_runs()
         return store
 
@@ -406,7 +511,13 @@ class Store:
         return self.config.flor_dir / "locks"
 
     def close(self) -> None:
-        self.conn.close()
+        """Close the connection, then drop the store lock."""
+        try:
+            self.conn.close()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+                self.lock = None
 
     # -- runs ---------------------------------------------------------------------------------
 
@@ -445,9 +556,8 @@ class Store:
         if dead:
             with write_transaction(self.conn):
                 self.conn.executemany(
-                    "UPDATE runs SET status = 'killed', error = 'the process died without closing its run' "
-                    "WHERE run_id = ? AND status = 'running'",
-                    [(run_id,) for run_id in dead],
+                    "UPDATE runs SET status = 'killed', error = ? WHERE run_id = ? AND status = 'running'",
+                    [(DEAD_RUN_ERROR, run_id) for run_id in dead],
                 )
         return dead
 

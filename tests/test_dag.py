@@ -10,10 +10,12 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -546,3 +548,177 @@ def test_redact_argv_hides_secret_assignments() -> None:
     assert redact_argv(["doit", "API_TOKEN=abc", "lr=0.1", "--db-password=x", "train"]) == [
         "doit", "API_TOKEN=***", "lr=0.1", "--db-password=***", "train"
     ]
+
+
+# -- signals: exec passes them on, doit and make record what they stopped ---------------------
+
+SERVE = """
+    import os, signal, sys
+
+    def stop(signum, frame):
+        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(s, signal.SIG_IGN)  # a second copy (a group kill) changes nothing
+        open("got-" + signal.Signals(signum).name, "w").close()
+        sys.exit(128 + signum)
+
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, stop)
+    with open("serve.tmp", "w") as handle:
+        handle.write(str(os.getpid()))
+    os.replace("serve.tmp", "serve.pid")  # serving, with the handlers in place
+    while True:
+        signal.pause()
+    """
+
+
+def wait_for(condition: Callable[[], bool], what: str, proc: subprocess.Popen[str] | None = None) -> None:
+    """Wait (generously) until ``condition()`` holds; fail at once if ``proc`` exits first."""
+    deadline = time.monotonic() + 120
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"exited {proc.returncode} before {what}\n{out}\n{err}")
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def spawn(project: Project, *argv: str) -> subprocess.Popen[str]:
+    """Start ``argv`` in the project in a session of its own (its own process group, no terminal)."""
+    return subprocess.Popen(
+        list(argv), cwd=project.root, env={**os.environ, **GIT_ENV}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )
+
+
+def stop_session(proc: subprocess.Popen[str]) -> None:
+    """If ``proc`` (a session leader) still runs, say what its session is doing, then kill all of it."""
+    if proc.poll() is not None:
+        return
+    listing = subprocess.run(
+        ["ps", "-o", "pid,stat,wchan:32,args", "-s", str(proc.pid)], capture_output=True, text=True
+    ).stdout
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    raise AssertionError(f"{proc.args} did not exit; its session was:\n{listing}")
+
+
+def serving_pid(project: Project, proc: subprocess.Popen[str]) -> int:
+    pid_file = project.root / "serve.pid"
+    wait_for(pid_file.exists, "the recipe's command started", proc)
+    return int(pid_file.read_text())
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def this_process_name() -> str:
+    """What ``exec`` started directly by this test records as its tool: this process's argv[0]."""
+    return os.path.basename(Path("/proc/self/cmdline").read_bytes().split(b"\0")[0].decode())
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_exec_passes_the_signal_on_and_records_the_interrupted_task(project: Project, sig: signal.Signals) -> None:
+    project.write("serve.py", SERVE)
+    proc = spawn(project, PY, "-m", "flordb_build", "exec", "--task", "serve", "--", PY, "serve.py")
+    pid = serving_pid(project, proc)
+    try:
+        proc.send_signal(sig)  # to exec alone, as `kill -TERM <pid>` does
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 128 + sig, err  # the command's status, not exec's death
+        assert (project.root / f"got-{sig.name}").exists()  # the command got the signal ...
+        assert gone(pid)  # ... and exec waited for it to end
+    finally:
+        if not gone(pid):
+            os.kill(pid, signal.SIGKILL)
+        stop_session(proc)
+    (task, status, error), = rows(project, "SELECT task, status, error FROM tasks")
+    assert (task, status) == ("serve", "interrupted") and f"interrupted by {sig.name}" in error
+    assert rows(project, "SELECT tool, status, exit_code FROM pipelines") == [
+        (this_process_name(), "interrupted", 128 + sig)
+    ]
+
+
+@pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils timeout")
+def test_exec_under_timeout_is_recorded_as_run_by_timeout(project: Project) -> None:
+    project.write("serve.py", SERVE)
+    proc = spawn(project, "timeout", "600", PY, "-m", "flordb_build", "exec", "--task", "serve", "--", PY, "serve.py")
+    pid = serving_pid(project, proc)
+    try:
+        proc.send_signal(signal.SIGTERM)  # timeout passes it to exec and to its process group
+        proc.communicate(timeout=120)
+        assert gone(pid) and (project.root / "got-SIGTERM").exists()
+    finally:
+        if not gone(pid):
+            os.kill(pid, signal.SIGKILL)
+        stop_session(proc)
+    (tool, argv, status), = rows(project, "SELECT tool, argv, status FROM pipelines")
+    assert (tool, status) == ("timeout", "interrupted")
+    assert json.loads(argv)[:2] == ["timeout", "600"]  # what really ran exec, not a make that never was
+    assert rows(project, "SELECT task, status FROM tasks") == [("serve", "interrupted")]
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+def test_ctrl_c_under_make_records_the_interrupted_recipe(project: Project) -> None:
+    project.write("serve.py", SERVE)
+    project.write(
+        "Makefile",
+        f"FLOR_EXEC = {PY} -m flordb_build exec\nserved.txt: serve.py\n\t$(FLOR_EXEC) --task serve --deps $^ --targets $@ -- {PY} serve.py\n",
+    )
+    proc = spawn(project, "make")
+    pid = serving_pid(project, proc)
+    try:
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground group
+        proc.communicate(timeout=120)
+        assert proc.returncode != 0 and gone(pid) and (project.root / "got-SIGINT").exists()
+    finally:
+        if not gone(pid):
+            os.kill(pid, signal.SIGKILL)
+        stop_session(proc)
+    (tool, status, exit_code), = rows(project, "SELECT tool, status, exit_code FROM pipelines")
+    assert (tool, status, exit_code) == ("make", "interrupted", 128 + signal.SIGINT)
+    (status, error), = rows(project, "SELECT status, error FROM tasks WHERE task = 'serve'")
+    assert status == "interrupted" and "interrupted by SIGINT" in error
+
+
+def test_ctrl_c_under_doit_n4_records_every_started_task(project: Project) -> None:
+    project.write(
+        "dodo.py",
+        f"""
+        PY = {PY!r}
+
+        def task_slow():
+            for i in range(4):
+                yield {{"name": str(i), "actions": [PY + " slow.py " + str(i)], "file_dep": ["slow.py"]}}
+        """,
+    )
+    project.write(
+        "slow.py",
+        """
+        import os, sys, time
+        open(f"started-{sys.argv[1]}.tmp", "w").close()
+        os.replace(f"started-{sys.argv[1]}.tmp", f"started-{sys.argv[1]}")
+        time.sleep(600)
+        """,
+    )
+    project.commit_all("slow tasks")
+    init_project(project.root)
+    proc = spawn(project, PY, "-m", "doit", "-n", "4")
+    try:
+        wait_for(lambda: len(list(project.root.glob("started-?"))) == 4, "all four tasks started", proc)
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.communicate(timeout=300)
+    finally:
+        stop_session(proc)
+    assert proc.returncode != 0
+    (pipeline_id, status), = rows(project, "SELECT pipeline_id, status FROM pipelines")
+    assert status == "interrupted"
+    tasks = task_rows(project, pipeline_id)
+    assert {name: row[0] for name, row in tasks.items()} == {f"slow:{i}": "interrupted" for i in range(4)}
+    assert all("Ctrl-C" in row[1] for row in tasks.values())
+    # Their inputs are recorded, their (half-written) targets are not.
+    assert rows(project, "SELECT DISTINCT path, role FROM files") == [("slow.py", "dep")]

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 import flordb_build as flor
 from flordb_build.config import load_config
 from flordb_build.store import Store, bump_tstamp, coalesce_loops, loop_contexts, write_transaction
@@ -226,3 +228,43 @@ def test_packed_columns_mirror_the_rows_and_are_used_only_when_complete(project:
         )
     store.close()
     assert flor.dataframe("loss")["loss"].tolist() == expected["loss"]
+
+
+def test_an_open_store_holds_the_store_lock_shared_until_closed(project: Project) -> None:
+    from flordb_build.store import StoreLock
+
+    config = load_config()
+    first, second = Store.open(config), Store.open(config)  # shared: any number of connections at once
+    assert StoreLock.exclusive(config.db_path, wait=False) is None  # a rebuild is refused meanwhile
+    first.close()
+    assert StoreLock.exclusive(config.db_path, wait=False) is None
+    second.close()
+    lock = StoreLock.exclusive(config.db_path, wait=False)
+    assert lock is not None
+    lock.release()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a read-only bind mount needs root")
+def test_a_read_only_store_directory_gets_no_lock_and_no_error(project: Project) -> None:
+    from flordb_build.store import StoreLock, store_lock_path
+
+    project.write("one.py", "import flordb_build as flor\nflor.log('x', 1)\n")
+    project.run("one.py")
+    flor_dir = project.root / ".flor"
+    lock_path = store_lock_path(load_config().db_path)
+    lock_path.unlink()
+    subprocess.run(["mount", "--bind", str(flor_dir), str(flor_dir)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(flor_dir)], check=True)
+        assert StoreLock.shared(load_config().db_path) is None  # cannot create it: go on without
+    finally:
+        subprocess.run(["umount", str(flor_dir)], check=True)
+    lock_path.touch()
+    subprocess.run(["mount", "--bind", str(flor_dir), str(flor_dir)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(flor_dir)], check=True)
+        shared = StoreLock.shared(load_config().db_path)  # it exists: a read-only descriptor locks it
+        assert shared is not None
+        shared.release()
+    finally:
+        subprocess.run(["umount", str(flor_dir)], check=True)

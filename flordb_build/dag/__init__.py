@@ -14,13 +14,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ._init import PLUGIN_LOCATION, InitStep, init_project, template_makefile
-from ._make import RecipeResult, find_make_process, make_pipeline, run_recipe
+from ._make import PipelineOrigin, RecipeResult, find_make_process, make_pipeline, run_recipe
 from ._record import (
     BuildRecorder,
     DagNode,
     FileFact,
     FileHasher,
     FileRole,
+    PipelineStatus,
     TaskRecord,
     TaskStatus,
     sha256_file,
@@ -49,6 +50,8 @@ __all__ = [
     "FileRole",
     "FlorTask",
     "InitStep",
+    "PipelineOrigin",
+    "PipelineStatus",
     "RecipeResult",
     "RecordingReporter",
     "RecordingRun",

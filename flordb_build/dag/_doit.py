@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from doit.action import CmdAction, PythonAction
@@ -42,9 +43,10 @@ from doit.exceptions import BaseFail
 from doit.task import Task
 
 from ..config import load_config
-from ..errors import FlorBuildError
+from ..errors import FlorBuildError, SnapshotError
 from ..store import Store
 from ._record import (
+    INTERRUPTED_EXIT,
     BuildRecorder,
     DagNode,
     TaskRecord,
@@ -235,7 +237,7 @@ class RecordingReporter:
         self.argv = argv
         self._lock = threading.Lock()
         self._checked: dict[str, tuple[float, list[str]]] = {}
-        self._started: dict[str, float] = {}
+        self._started: dict[str, tuple[float, Task]] = {}
 
     # Reporter attributes a caller might read (ConsoleReporter.failures, outstream, ...).
     def __getattr__(self, name: str) -> Any:
@@ -283,7 +285,7 @@ class RecordingReporter:
 
     def execute_task(self, task: Task) -> None:
         with self._lock:
-            self._started[task.name] = time.time()
+            self._started[task.name] = (time.time(), task)
         self.inner.execute_task(task)
 
     def add_success(self, task: Task) -> None:
@@ -317,6 +319,49 @@ class RecordingReporter:
             self._guard(recorder.flush)
         self.inner.complete_run()
 
+    def record_interrupted(self) -> None:
+        """A ``tasks`` row (``interrupted``) for every task that started and never finished.
+
+        Under ``doit -n N`` a Ctrl-C stops the workers before they report; the main process
+        still knows which tasks had started (doit reports ``execute_task`` to it first).
+        """
+        recorder = self.recorder
+        if recorder is None:
+            return
+        now = time.time()
+        with self._lock:
+            started, self._started = self._started, {}
+        for name, (began, task) in sorted(started.items(), key=lambda item: item[1][0]):
+            record = TaskRecord(
+                name,
+                TaskStatus.INTERRUPTED,
+                began,
+                now,
+                "interrupted: Ctrl-C (SIGINT) stopped doit while the task ran",
+                [action_text(a) for a in task._actions],
+                "KeyboardInterrupt: the task was running when doit was interrupted",
+            )
+            # Its targets may be half-written: its inputs only, as for a failed task.
+            self._guard(partial(_queue_inputs_only, recorder, record, sorted(task.file_dep)))
+        self._guard(recorder.flush)
+
+    def finish(self, exit_code: int) -> None:
+        """Close the pipeline: its status and exit code, its journal committed, the store closed."""
+        recorder = self.recorder
+        if recorder is None:
+            return
+        self._guard(lambda: recorder.finish_pipeline(pipeline_status(exit_code), exit_code))
+        if self.recorder is not None:
+            try:
+                recorder.commit_journal()
+            except SnapshotError as exc:
+                # The journal stays in .flor/pipelines, where rebuild finds it too.
+                print(f"flordb_build: pipeline {recorder.pipeline_id} recorded without a snapshot commit: {exc}",
+                      file=sys.stderr)
+            except (FlorBuildError, sqlite3.Error, OSError) as exc:
+                print(f"flordb_build: pipeline {recorder.pipeline_id} was not journaled: {exc}", file=sys.stderr)
+        self._guard(recorder.close)
+
     # -- recording -------------------------------------------------------------------------
 
     def _skipped(self, task: Task, status: TaskStatus) -> None:
@@ -341,7 +386,7 @@ class RecordingReporter:
         now = time.time()
         with self._lock:
             checked, missing = self._checked.pop(task.name, (now, []))
-            started = self._started.pop(task.name, checked)
+            started = self._started.pop(task.name, (checked, task))[0]
         executed = bool(getattr(task, "executed", False)) or status is TaskStatus.EXECUTED
         reason = explain_run(task, missing, self.forced) if executed else None
         error = None
@@ -359,6 +404,10 @@ class RecordingReporter:
             recorder.record_task(record, recorder.hasher.facts(sorted(task.file_dep), targets))
 
         self._guard(write)
+
+
+def _queue_inputs_only(recorder: BuildRecorder, record: TaskRecord, deps: list[str]) -> None:
+    recorder.queue_task(record, recorder.hasher.facts(deps, []))
 
 
 # -- the command ---------------------------------------------------------------------------
@@ -416,13 +465,11 @@ class RecordingRun(Run):
                     )
                 )
             except KeyboardInterrupt:
-                exit_code = 130
+                exit_code = INTERRUPTED_EXIT
+                wrapper.record_interrupted()
                 raise
             finally:
-                if wrapper.recorder is not None:
-                    rec = wrapper.recorder
-                    wrapper._guard(lambda: rec.finish_pipeline(pipeline_status(exit_code), exit_code))
-                    wrapper._guard(rec.close)
+                wrapper.finish(exit_code)
             return exit_code
         finally:
             if opened is not None:

@@ -2,7 +2,8 @@
 
 Both front ends write through :class:`BuildRecorder`: the doit reporter (one recorder for the
 whole invocation, in doit's main process) and ``flordb-build exec`` (one short-lived recorder
-per Make recipe, all recipes of one ``make`` sharing a pipeline id).
+per Make recipe, all recipes of one ``make`` sharing a pipeline id). Every row it writes to the
+store also goes to the pipeline's journal (``_journal.py``), which ``rebuild`` reads back.
 
 File hashes are computed once per content. :class:`FileHasher` looks a file up by
 ``(path, size, mtime_ns)`` first in memory, then among the ``files`` rows already stored, and
@@ -33,6 +34,7 @@ from typing import Any
 
 from ..environment import is_secret_name
 from ..store import Store, write_transaction
+from ._journal import PIPELINE_COLUMNS, PipelineJournal, commit_message, merge_dag_node
 
 RACY_SECONDS = 2.0
 _SECRET_ASSIGNMENT = re.compile(r"^(-{0,2}[A-Za-z_][A-Za-z0-9_.-]*)=(.*)$", re.DOTALL)
@@ -45,6 +47,17 @@ class TaskStatus(StrEnum):
     UP_TO_DATE = "up-to-date"
     FAILED = "failed"
     IGNORED = "ignored"
+    INTERRUPTED = "interrupted"  # started, then stopped by a signal (Ctrl-C, SIGTERM, SIGHUP)
+
+
+class PipelineStatus(StrEnum):
+    """How a pipeline invocation ended (the ``pipelines.status`` column)."""
+
+    RUNNING = "running"
+    OK = "ok"
+    FAILED = "failed"  # a task failed
+    ERROR = "error"  # the tool itself failed (doit's exit status 2 or 3)
+    INTERRUPTED = "interrupted"  # a signal stopped it
 
 
 class FileRole(StrEnum):
@@ -176,6 +189,7 @@ class BuildRecorder:
         self.store = store
         self.pipeline_id = pipeline_id
         self.hasher = FileHasher(store)
+        self.journal = PipelineJournal(store.config, pipeline_id)
         self._lock = threading.Lock()
         self._pending: list[tuple[TaskRecord, list[FileFact]]] = []
 
@@ -183,31 +197,45 @@ class BuildRecorder:
         self, tool: str, argv: Sequence[str], dag: Mapping[str, Any], started: float | None = None
     ) -> None:
         """Insert the ``pipelines`` row (status ``running``); a no-op when it exists already."""
-        with self._lock, write_transaction(self.store.conn):
-            self.store.conn.execute(
-                "INSERT OR IGNORE INTO pipelines (pipeline_id, tool, argv, dag, started, status, cwd) "
-                "VALUES (?, ?, ?, ?, ?, 'running', ?)",
-                (
-                    self.pipeline_id,
-                    tool,
-                    json.dumps(redact_argv(argv)),
-                    json.dumps(dag),
-                    time.time() if started is None else started,
-                    os.getcwd(),
-                ),
-            )
+        with self._lock, self.journal.locked():
+            with write_transaction(self.store.conn):
+                inserted = self.store.conn.execute(
+                    "INSERT OR IGNORE INTO pipelines (pipeline_id, tool, argv, dag, started, status, cwd) "
+                    "VALUES (?, ?, ?, ?, ?, 'running', ?)",
+                    (
+                        self.pipeline_id,
+                        tool,
+                        json.dumps(redact_argv(argv)),
+                        json.dumps(dag),
+                        time.time() if started is None else started,
+                        os.getcwd(),
+                    ),
+                ).rowcount
+            # A later recipe of the same make journals the row without its DAG: the DAG grows
+            # one node at a time (add_dag_node), and rewriting all of it per recipe would not scale.
+            self.journal.append_pipeline(self.pipeline_row(), with_dag=bool(inserted))
 
     def add_dag_node(self, node: DagNode) -> None:
         """Add (or replace) one task of the pipeline's DAG JSON (Make learns its DAG one recipe at a time)."""
-        with self._lock, write_transaction(self.store.conn):
-            row = self.store.conn.execute(
-                "SELECT dag FROM pipelines WHERE pipeline_id = ?", (self.pipeline_id,)
-            ).fetchone()
-            dag = json.loads(row[0]) if row and row[0] else {"tasks": []}
-            dag["tasks"] = [t for t in dag.get("tasks", []) if t.get("name") != node.name] + [node.to_json()]
-            self.store.conn.execute(
-                "UPDATE pipelines SET dag = ? WHERE pipeline_id = ?", (json.dumps(dag), self.pipeline_id)
-            )
+        # Under the journal's lock: the store and the journal see the nodes of a make -j in one order.
+        with self._lock, self.journal.locked():
+            with write_transaction(self.store.conn):
+                row = self.store.conn.execute(
+                    "SELECT dag FROM pipelines WHERE pipeline_id = ?", (self.pipeline_id,)
+                ).fetchone()
+                self.store.conn.execute(
+                    "UPDATE pipelines SET dag = ? WHERE pipeline_id = ?",
+                    (merge_dag_node(row[0] if row else None, node.to_json()), self.pipeline_id),
+                )
+            self.journal.append_dag_node(node.to_json())
+
+    def pipeline_row(self) -> dict[str, Any]:
+        """The pipeline's ``pipelines`` row as the store holds it now."""
+        row = self.store.conn.execute(
+            "SELECT " + ", ".join(PIPELINE_COLUMNS) + " FROM pipelines WHERE pipeline_id = ?",  # noqa: S608
+            (self.pipeline_id,),
+        ).fetchone()
+        return dict(zip(PIPELINE_COLUMNS, row, strict=True)) if row else {"pipeline_id": self.pipeline_id}
 
     def queue_task(self, record: TaskRecord, files: list[FileFact]) -> None:
         """Keep a task's rows for the next :meth:`flush` (cheap rows of skipped tasks)."""
@@ -255,15 +283,35 @@ class BuildRecorder:
                     "VALUES (?, ?, ?, ?, ?, ?, ?)",
                     file_rows,
                 )
+            # One append per batch, after the store has it: a pipeline killed before its commit
+            # leaves these lines for rebuild (an up-to-date doit run writes one line in all).
+            self.journal.append_tasks([list(r[1:]) for r in task_rows], [list(r[1:]) for r in file_rows])
 
     def finish_pipeline(self, status: str, exit_code: int | None) -> None:
-        """Flush and set the pipeline's end time, status and exit code."""
+        """Flush and set the pipeline's end time, status and exit code (then :meth:`commit_journal`)."""
         self.flush()
         with self._lock, write_transaction(self.store.conn):
             self.store.conn.execute(
                 "UPDATE pipelines SET ended = ?, status = ?, exit_code = ? WHERE pipeline_id = ?",
                 (time.time(), status, exit_code, self.pipeline_id),
             )
+
+    def commit_journal(self) -> str | None:
+        """Journal the pipeline's row as it is now and commit the journal to ``flor.shadow``.
+
+        Returns the commit (None outside git). Under the journal's lock, so that the commits of
+        the recipes of one make land in the order of what they hold: the newest is the fullest.
+
+        :raises SnapshotError: when git refuses (the journal stays on disk for ``rebuild``).
+        """
+        self.flush()
+        with self._lock, self.journal.locked():
+            row = self.pipeline_row()
+            self.journal.append_pipeline(row, with_dag=False)
+            (n_tasks,) = self.store.conn.execute(
+                "SELECT count(*) FROM tasks WHERE pipeline_id = ?", (self.pipeline_id,)
+            ).fetchone()
+            return self.journal.commit(commit_message(self.pipeline_id, row.get("tool"), row.get("status"), n_tasks))
 
     def close(self) -> None:
         """Flush what is queued and close the store connection."""
@@ -273,8 +321,14 @@ class BuildRecorder:
             self.store.close()
 
 
-def pipeline_status(exit_code: int) -> str:
-    """The ``pipelines.status`` for a tool's exit code: ``ok``, ``failed`` or ``error``."""
+def pipeline_status(exit_code: int) -> PipelineStatus:
+    """The ``pipelines.status`` for doit's exit code: ``ok``, ``failed``, ``error`` or ``interrupted``."""
     if exit_code == 0:
-        return "ok"
-    return "failed" if exit_code == 1 else "error"
+        return PipelineStatus.OK
+    if exit_code == 1:
+        return PipelineStatus.FAILED
+    return PipelineStatus.INTERRUPTED if exit_code == INTERRUPTED_EXIT else PipelineStatus.ERROR
+
+
+#: The exit status of a process stopped by Ctrl-C, as a shell reports it (128 + SIGINT).
+INTERRUPTED_EXIT = 130
