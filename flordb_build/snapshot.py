@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SnapshotError
+from .redaction import redact_mapping
 
 SHADOW_BRANCH = "flor.shadow"
 SHADOW_REF = "refs/heads/" + SHADOW_BRANCH
@@ -136,8 +137,8 @@ def _append_to_shadow(root: Path, tree: str, message: str) -> str:
 
 
 def snapshot_message(run_id: str, filename: str, task: str | None, args: Mapping[str, object]) -> str:
-    """A commit message naming the run, its script, its task and its args, with a parseable trailer."""
-    arg_text = " ".join(f"{k}={v}" for k, v in args.items()) or "(no args)"
+    """A commit message naming the run, its script, its task and its args (secrets masked), with a trailer."""
+    arg_text = " ".join(f"{k}={v}" for k, v in redact_mapping(args).items()) or "(no args)"
     task_text = f" task {task}" if task else ""
     return f"flor run {run_id}: {filename}{task_text} {arg_text}\n\n{RUN_TRAILER}: {run_id}\n"
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import stat
 import threading
 import time
@@ -31,11 +30,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from ..environment import is_secret_name
+from ..redaction import redact_argv, redact_command
 from ..store import Store, write_transaction
 
 RACY_SECONDS = 2.0
-_SECRET_ASSIGNMENT = re.compile(r"^(-{0,2}[A-Za-z_][A-Za-z0-9_.-]*)=(.*)$", re.DOTALL)
 
 
 class TaskStatus(StrEnum):
@@ -95,7 +93,7 @@ class DagNode:
             "task_dep": self.task_dep,
             "file_dep": self.file_dep,
             "targets": self.targets,
-            "actions": self.actions,
+            "actions": [redact_command(action) for action in self.actions],  # no secret reaches the DAG JSON
             "doc": self.doc,
         }
 
@@ -103,17 +101,6 @@ class DagNode:
 def new_pipeline_id() -> str:
     """A fresh pipeline id (same shape as run ids)."""
     return uuid.uuid4().hex[:16]
-
-
-def redact_argv(argv: Iterable[str]) -> list[str]:
-    """``argv`` with the value of every ``NAME=value`` whose name looks like a secret replaced."""
-    redacted = []
-    for arg in argv:
-        match = _SECRET_ASSIGNMENT.match(arg)
-        if match and is_secret_name(match.group(1)):
-            arg = match.group(1) + "=***"
-        redacted.append(arg)
-    return redacted
 
 
 def relative_path(path: str | os.PathLike[str], root: Path) -> str:
@@ -234,7 +221,7 @@ class BuildRecorder:
                     r.started,
                     r.ended,
                     r.ended - r.started,
-                    json.dumps(list(r.actions)),
+                    json.dumps([redact_command(action) for action in r.actions]),
                     r.error,
                 )
                 for r, _ in pending
