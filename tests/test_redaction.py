@@ -125,7 +125,8 @@ def test_pipeline_argv_and_task_actions_are_masked(project: Project) -> None:
     node = DagNode("train", actions=[command])
     recorder.start_pipeline("doit", ["doit", "--db-password", "hunter2"], {"tasks": [node.to_json()]})
     recorder.add_dag_node(node)
-    recorder.record_task(TaskRecord("train", TaskStatus.EXECUTED, 0.0, 1.0, actions=[command]), [])
+    error = f"command '{command}' exited with status 1"
+    recorder.record_task(TaskRecord("train", TaskStatus.FAILED, 0.0, 1.0, actions=[command], error=error), [])
     recorder.close()
     dump = "\n".join(sqlite3.connect(load_config().db_path).iterdump())
     assert not [secret for secret in SECRETS if secret in dump]

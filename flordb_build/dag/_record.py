@@ -222,7 +222,7 @@ class BuildRecorder:
                     r.ended,
                     r.ended - r.started,
                     json.dumps([redact_command(action) for action in r.actions]),
-                    r.error,
+                    redact_command(r.error) if r.error else r.error,  # it may quote the command line
                 )
                 for r, _ in pending
             ]
