@@ -16,8 +16,9 @@ matches from the project root (``data/raw``, ``configs/*.json``).
 
 from __future__ import annotations
 
-import fnmatch
+import functools
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -83,10 +84,10 @@ class SnapshotPolicy:
 
     def check(self, path: str, size: int) -> LeftOut | None:
         """None when the untracked file ``path`` (posix, relative to the root) of ``size`` bytes goes in."""
-        if self.include and matches_any(path, self.include):
+        if self.include and self._include.search(path):
             return None
-        pattern = first_match(path, self.exclude)
-        if pattern is not None:
+        if self._exclude.search(path):
+            pattern = first_match(path, self.exclude)
             return LeftOut(path, LeftOutReason.SECRET, f"matches the secret-file pattern '{pattern}'")
         if size > self.max_file_bytes:
             return LeftOut(
@@ -95,6 +96,15 @@ class SnapshotPolicy:
                 f"{format_size(size)}, over snapshot_max_file_bytes = {self.max_file_bytes}",
             )
         return None
+
+
+    @functools.cached_property
+    def _include(self) -> re.Pattern[str]:
+        return combined_regex(self.include)
+
+    @functools.cached_property
+    def _exclude(self) -> re.Pattern[str]:
+        return combined_regex(self.exclude)
 
 
 def _patterns(section: Mapping[str, Any], key: str) -> tuple[str, ...]:
@@ -106,29 +116,73 @@ def _patterns(section: Mapping[str, Any], key: str) -> tuple[str, ...]:
 
 def first_match(path: str, patterns: Iterable[str]) -> str | None:
     """The first of ``patterns`` that ``path`` matches (see the module docstring), else None."""
-    parts = path.lower().split("/")
     for pattern in patterns:
-        if _matches(parts, pattern.lower()):
+        if pattern_regex(pattern).search(path):
             return pattern
     return None
 
 
-def matches_any(path: str, patterns: Iterable[str]) -> bool:
-    """True when ``path`` matches one of ``patterns``."""
-    return first_match(path, patterns) is not None
+def matches_any(path: str, patterns: Sequence[str]) -> bool:
+    """True when ``path`` matches one of ``patterns`` (one regex search for all of them)."""
+    return bool(patterns) and combined_regex(tuple(patterns)).search(path) is not None
 
 
-def _matches(parts: Sequence[str], pattern: str) -> bool:
-    directory_only = pattern.endswith("/")
-    pattern = pattern.strip("/")
-    if "/" in pattern:  # anchored at the root: the path or one of its leading directories
-        depth = pattern.count("/") + 1
-        if len(parts) < depth:
-            return False
-        prefix = "/".join(parts[:depth])
-        return fnmatch.fnmatchcase(prefix, pattern) and (len(parts) > depth or not directory_only)
-    candidates = parts[:-1] if directory_only else parts
-    return any(fnmatch.fnmatchcase(part, pattern) for part in candidates)
+@functools.lru_cache(maxsize=256)
+def pattern_regex(pattern: str) -> re.Pattern[str]:
+    """One pattern as a regex over a whole posix path, ignoring case."""
+    return re.compile(_pattern_source(pattern), re.IGNORECASE)
+
+
+@functools.lru_cache(maxsize=16)
+def combined_regex(patterns: tuple[str, ...]) -> re.Pattern[str]:
+    """All ``patterns`` as one regex: a path is searched once, whatever their number.
+
+    The patterns for any directory level share one ``(?:^|/)`` prefix, so the search tries their
+    alternatives only where a path component starts.
+    """
+    anchored = [_pattern_source(p) for p in patterns if _is_anchored(p)]
+    anywhere = [_component_source(p) for p in patterns if not _is_anchored(p)]
+    parts = []
+    if anywhere:
+        parts.append("(?:^|/)(?:" + "|".join(anywhere) + ")")
+    parts.extend(f"(?:{source})" for source in anchored)
+    return re.compile("|".join(parts), re.IGNORECASE)
+
+
+def _is_anchored(pattern: str) -> bool:
+    return "/" in pattern.strip("/")
+
+
+def _component_source(pattern: str) -> str:
+    """The regex of a pattern for one path component and what follows it (``/``, or the end)."""
+    return _glob_source(pattern.strip("/")) + ("/" if pattern.endswith("/") else "(?:/|$)")
+
+
+def _pattern_source(pattern: str) -> str:
+    if _is_anchored(pattern):  # anchored at the root: the path, or a directory leading to it
+        return "^" + _component_source(pattern)
+    return "(?:^|/)" + _component_source(pattern)
+
+
+def _glob_source(glob: str) -> str:
+    """A glob as a regex where ``*`` and ``?`` never cross a ``/`` (``[...]`` classes kept)."""
+    out: list[str] = []
+    i = 0
+    while i < len(glob):
+        char = glob[i]
+        if char == "*":
+            out.append("[^/]*")
+        elif char == "?":
+            out.append("[^/]")
+        elif char == "[" and "]" in glob[i + 2 :]:
+            end = glob.index("]", i + 2)
+            inner = glob[i + 1 : end]
+            out.append("[" + ("^" + inner[1:] if inner.startswith("!") else inner).replace("\\", "\\\\") + "]")
+            i = end
+        else:
+            out.append(re.escape(char))
+        i += 1
+    return "".join(out)
 
 
 def format_size(size: int) -> str:
