@@ -284,7 +284,7 @@ def run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def assert_reads_work(cwd: Path, run_ids: list[str]) -> None:
-    for args in READ_COMMANDS:
+    for args in (*READ_COMMANDS, ("diff", run_ids[0], run_ids[-1])):
         proc = run_cli(cwd, *args)
         assert proc.returncode == 0 and "Traceback" not in proc.stderr, (args, proc.stderr)
     runs = run_cli(cwd, "runs", "--format", "csv").stdout
