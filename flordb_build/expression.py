@@ -4,8 +4,8 @@ The expression never reaches the store's query. It is tokenized and refused unle
 single expression (no statement separators, no comments, no parentheses that close what they
 did not open, no statement keywords), then evaluated in a private in-memory SQLite database
 that holds only the frame's referenced columns, under sqlguard.py's guard: nothing but reading
-that one table with SQLite's ordinary functions, for a bounded time. ``where="1=1; DROP TABLE runs"`` is refused before it runs, and could
-not reach the store if it did run.
+that one table with SQLite's ordinary functions, for a bounded time. ``where="1=1; DROP TABLE
+runs"`` is refused before it runs, and could not reach the store if it did run.
 """
 
 from __future__ import annotations

@@ -2,11 +2,11 @@
 
 Nothing here touches the user's HEAD, branch, index or work tree. The trick is a private index:
 
-    user's .git/index --copy--> tmp index --git add -A--> code tree   (at run start)
-    code tree + run journal --read-tree/update-index--> snapshot tree (at run end)
+    user's .git/index --copy--> tmp index --add -u, allowed untracked--> code tree   (at run start)
+    code tree + run journal --read-tree/update-index--> snapshot tree             (at run end)
     commit-tree(snapshot tree, parent = shadow tip) --update-ref CAS--> refs/heads/flor.shadow
 
-Copying the user's index keeps its stat cache, so ``git add -A`` re-hashes only changed files.
+Copying the user's index keeps its stat cache, so ``git add -u`` re-hashes only changed files.
 The ref update is a compare-and-swap: when a concurrent run moved the tip first, we rebuild the
 commit on the new tip and try again, so parallel tasks never lose a snapshot.
 
