@@ -23,7 +23,7 @@ from typing import Any
 
 from .config import Config
 from .errors import StoreError
-from .storefile import cannot_write, check_store_file, connect_read_only, create_store_file
+from .storefile import cannot_write, check_store_file, connect_read_only, create_store_file, not_a_store
 
 SCHEMA_VERSION = 4
 BUSY_TIMEOUT_MS = 60_000
@@ -404,7 +404,11 @@ class Store:
                 create_store_file(config.db_path, _build_store)
             conn = connect(config.db_path)
             ensure_schema(conn)
-        except (OSError, sqlite3.Error) as exc:
+        except sqlite3.Error as exc:
+            raise not_a_store(config.db_path, exc) or StoreError(
+                f"Could not open the store '{config.db_path}': {exc}."
+            ) from exc
+        except OSError as exc:
             raise StoreError(f"Could not open the store '{config.db_path}': {exc}.") from exc
         store = cls(config, conn)
         store.mark_dead_runs()
@@ -430,7 +434,7 @@ class Store:
                     raise
                 conn = connect_read_only(path, BUSY_TIMEOUT_MS / 1000)
         except sqlite3.Error as exc:
-            raise StoreError(f"Could not open the store '{path}': {exc}.") from exc
+            raise not_a_store(path, exc) or StoreError(f"Could not open the store '{path}': {exc}.") from exc
         store = cls(config, conn)
         store._prepare_to_read()
         return store

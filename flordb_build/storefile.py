@@ -4,9 +4,10 @@ disk that cannot be written.
 SQLite reads a zero-length file as an empty database, so a ``flor.db`` cut to nothing (a full
 disk, a crash while it was being copied) would silently look like a store with no runs, and a
 recording run would start a fresh one on top of it. :func:`check_store_file` refuses such a file
-instead, naming it and ``flordb-build rebuild``. For that to be safe, no process may ever see a
-store file that is empty because it is being created: :func:`create_store_file` builds it under
-a temporary name and links it into place complete.
+instead, naming it and ``flordb-build rebuild`` (and :func:`not_a_store` a file that is not
+SQLite). For that to be safe, no process may ever see a store file that is empty because it is
+being created: :func:`create_store_file` builds it under a temporary name and links it into
+place complete.
 
 Readers open the store read-write when they can (they mark runs whose process died). On a full
 or read-only disk they fall back to read-only connections (:func:`connect_read_only`), so
@@ -23,7 +24,6 @@ from urllib.parse import quote
 
 from .errors import NotAStoreError, StoreError
 
-SQLITE_HEADER = b"SQLite format 3\x00"
 REBUILD_HINT = (
     "recreate it from the snapshot commits with 'flordb-build rebuild' (or move it away to start an empty store)"
 )
@@ -32,27 +32,36 @@ _CANNOT_WRITE = ("SQLITE_FULL", "SQLITE_READONLY", "SQLITE_IOERR", "SQLITE_CANTO
 
 
 def check_store_file(path: Path) -> None:
-    """Refuse a store file that exists but is empty or not an SQLite database.
+    """Refuse a store file that exists but is empty (SQLite itself refuses one that is not SQLite:
+    :func:`not_a_store` turns its error into the same message).
+
+    Only ``stat``: opening and closing the file here would drop every POSIX lock this process's
+    SQLite connections hold on it (closing any descriptor of a file does), and let another
+    process write under them: the way SQLite documents to corrupt a database.
 
     :raises NotAStoreError: naming the file and ``flordb-build rebuild``.
     """
     try:
-        with open(path, "rb") as handle:
-            head = handle.read(len(SQLITE_HEADER))
+        size = os.stat(path).st_size
     except FileNotFoundError:
         return
     except OSError as exc:
         raise StoreError(f"Could not read the store '{path}': {exc}.") from exc
-    if not head:
+    if size == 0:
         raise NotAStoreError(
             f"The store '{path}' is empty (0 bytes), so it holds no runs: a full disk or a crash cut it "
             f"short. Nothing was read or written; {REBUILD_HINT}."
         )
-    if head != SQLITE_HEADER:
-        raise NotAStoreError(
-            f"'{path}' is not an SQLite database (it starts with {head[:8]!r}), so it is not a flordb_build "
-            f"store. Nothing was read or written; {REBUILD_HINT}."
-        )
+
+
+def not_a_store(path: Path, exc: sqlite3.Error) -> NotAStoreError | None:
+    """The error for a store file that SQLite says is not a database; None for any other error."""
+    if getattr(exc, "sqlite_errorname", None) != "SQLITE_NOTADB":
+        return None
+    return NotAStoreError(
+        f"'{path}' is not an SQLite database, so it is not a flordb_build store. Nothing was read or "
+        f"written; {REBUILD_HINT}."
+    )
 
 
 def create_store_file(path: Path, build: Callable[[Path], None]) -> None:

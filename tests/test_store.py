@@ -361,3 +361,30 @@ def test_read_commands_work_on_a_full_disk(tmp_path: Path, monkeypatch: pytest.M
             holder.communicate()
         monkeypatch.chdir(tmp_path)
         subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_read_in_a_process_that_writes_keeps_its_locks(project: Project) -> None:
+    # Closing any descriptor of a file drops every POSIX lock the process holds on it, SQLite's
+    # too. A reader that opened flor.db itself (a doit uptodate check calling flor.query while the
+    # reporter writes) dropped the writer's shared lock: the next process to close its connection
+    # then took itself for the last one and deleted the WAL the writer was still appending to.
+    project.write("train.py", TRAIN)
+    project.run("train.py")
+    db = load_config().db_path
+    store = Store.open(load_config())
+    count = "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); print(c.execute(sys.argv[2]).fetchone()[0]); c.close()"
+    envs = "SELECT count(*) FROM envs WHERE env_id LIKE 'test-%'"
+    try:
+        with write_transaction(store.conn):
+            store.conn.execute("INSERT INTO envs (env_id, env, created) VALUES ('test-1', '{}', 0)")
+        flor.query("SELECT count(*) FROM runs")  # reads in the writing process
+        flor.dataframe("loss")
+        subprocess.run([sys.executable, "-c", count, str(db), envs], check=True, capture_output=True, timeout=60)
+        assert Path(str(db) + "-wal").exists(), "another process deleted the WAL this one writes to"
+        with write_transaction(store.conn):
+            store.conn.execute("INSERT INTO envs (env_id, env, created) VALUES ('test-2', '{}', 0)")
+        seen = subprocess.run([sys.executable, "-c", count, str(db), envs], check=True, capture_output=True,
+                              text=True, timeout=60)
+        assert seen.stdout.strip() == "2"
+    finally:
+        store.close()
