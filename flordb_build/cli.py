@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from .errors import FlorBuildError
+from .sqlguard import DEFAULT_TIMEOUT_S
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -20,6 +21,7 @@ FORMATS = ("table", "csv", "json")
 
 
 def _print_frame(frame: pd.DataFrame, fmt: str, empty_note: str) -> None:
+    frame = blobs_as_hex(frame)
     if fmt == "csv":
         sys.stdout.write(frame.to_csv(index=False))
     elif fmt == "json":
@@ -31,6 +33,23 @@ def _print_frame(frame: pd.DataFrame, fmt: str, empty_note: str) -> None:
 
         with pd.option_context("display.max_rows", None, "display.max_columns", None, "display.width", 200):
             print(frame.to_string(index=False))
+
+
+def blobs_as_hex(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with BLOB cells (bytes) as upper-case hex text, as SQL's ``hex()`` writes them.
+
+    A BLOB need not be UTF-8, so no output format can print it as it is.
+    """
+    blob_columns = [
+        name for name in frame.columns
+        if frame[name].dtype == object and frame[name].map(lambda v: isinstance(v, bytes | bytearray)).any()
+    ]
+    if not blob_columns:
+        return frame
+    frame = frame.copy()
+    for name in blob_columns:
+        frame[name] = frame[name].map(lambda v: v.hex().upper() if isinstance(v, bytes | bytearray) else v)
+    return frame
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
@@ -48,7 +67,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 def cmd_dataframe(args: argparse.Namespace) -> int:
     from .query import dataframe, latest
 
-    frame = dataframe(*args.names, where=args.where)
+    frame = dataframe(*args.names, where=args.where, timeout=args.timeout or None)
     if args.latest:
         frame = latest(frame)
     _print_frame(frame, args.format, "(no rows)")
@@ -58,7 +77,7 @@ def cmd_dataframe(args: argparse.Namespace) -> int:
 def cmd_query(args: argparse.Namespace) -> int:
     from .query import query
 
-    _print_frame(query(args.sql, args.param), args.format, "(no rows)")
+    _print_frame(query(args.sql, args.param, timeout=args.timeout or None), args.format, "(no rows)")
     return 0
 
 
@@ -268,7 +287,27 @@ def _add_replay_command(add: Callable[[str, Callable[[argparse.Namespace], int],
 
 def add_format_option(parser: argparse.ArgumentParser) -> None:
     """``--format table|csv|json`` for a command that prints a frame."""
-    parser.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
+    parser.add_argument(
+        "--format", choices=FORMATS, default="table", help="output format (default table; BLOBs print as hex)"
+    )
+
+
+def add_timeout_option(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--timeout SECONDS`` for a command that runs SQL the user wrote."""
+    parser.add_argument(
+        "--timeout", type=_seconds, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+        help=f"stop {what} after this many seconds (default {DEFAULT_TIMEOUT_S:g}; 0: no limit)",
+    )
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of seconds") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of seconds >= 0")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -300,16 +339,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="*", metavar="NAME", help="logged names; none: one row per run with its run-level values")
     p.add_argument("--where", metavar="EXPR", help="SQL expression over the frame's columns, e.g. \"epoch >= 1\"")
     p.add_argument("--latest", action="store_true", help="keep only the newest run per (task, filename)")
+    add_timeout_option(p, "the --where filter")
     add_format_option(p)
 
     p = add(
         "query",
         cmd_query,
         "Run one read-only SQL statement over the store (tables: runs, loops, logs, pipelines, tasks, "
-        "files, envs, checkpoints, timings). Writes are refused.",
+        "files, envs, checkpoints, timings). Writes and functions other than SQLite's ordinary ones are "
+        "refused; Ctrl-C stops it.",
     )
     p.add_argument("sql", help="a SELECT statement; use ? placeholders with --param")
     p.add_argument("--param", action="append", default=[], metavar="VALUE", help="bind a value to the next ?")
+    add_timeout_option(p, "the query")
     add_format_option(p)
 
     p = add(

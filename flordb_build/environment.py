@@ -13,7 +13,8 @@ milliseconds, too much for every run's start, so the *machine* part is cached in
 
 The *variable* part (an allow-list of environment variables plus ``FLOR_*``) is read on every
 call, because it differs between runs of the same interpreter. Names that look like secrets are
-dropped before anything is hashed or written, and the full environment is never stored.
+dropped and passwords in URL values masked (redaction.py) before anything is hashed or written, and
+the full environment is never stored.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from .redaction import is_secret_name, mask_url_secrets
 
 if TYPE_CHECKING:
     from .config import Config
@@ -69,28 +72,21 @@ ALLOWED_ENV_VARS = frozenset(
     }
 )
 ALLOWED_PREFIXES = ("FLOR_",)
-#: A name containing any of these is never recorded, whatever list it is on.
-SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASS", "CREDENTIAL")
 #: Per-invocation identifiers already stored in ``runs.task``/``runs.pipeline_id``; keeping them
 #: out of the environment lets every task of every pipeline share one ``envs`` row.
 PER_RUN_VARS = frozenset({"FLOR_TASK", "FLOR_PIPELINE_ID", "FLOR_MAKE_PIPELINE_ID"})
 
 
-def is_secret_name(name: str) -> bool:
-    """True when a variable's name suggests it holds a credential."""
-    upper = name.upper()
-    return any(marker in upper for marker in SECRET_MARKERS)
-
-
 def select_env_vars(environ: Mapping[str, str], extra_names: Iterable[str] = ()) -> dict[str, str]:
-    """The allow-listed variables of ``environ`` (plus ``FLOR_*`` and ``extra_names``), secrets dropped."""
+    """The allow-listed variables of ``environ`` (plus ``FLOR_*`` and ``extra_names``): secret-named ones
+    dropped, whatever list they are on, and URL passwords in the values masked."""
     allowed = ALLOWED_ENV_VARS | frozenset(extra_names)
     selected = {}
     for name, value in environ.items():
         if name in PER_RUN_VARS or is_secret_name(name):
             continue
         if name in allowed or name.startswith(ALLOWED_PREFIXES):
-            selected[name] = value
+            selected[name] = mask_url_secrets(value)
     return dict(sorted(selected.items()))
 
 

@@ -11,12 +11,20 @@ class FlorBuildError(Exception):
     """Base class of every error flordb_build raises on purpose."""
 
 
+class FlorBuildWarning(UserWarning):
+    """Something flordb_build did on purpose that the user should know about (the category of its warnings)."""
+
+
 class ConfigError(FlorBuildError):
     """``[tool.flordb_build]`` or an environment override holds a value we cannot use."""
 
 
 class StoreError(FlorBuildError):
     """The SQLite store could not be opened, migrated or written."""
+
+
+class NotAStoreError(StoreError):
+    """The store's file exists but is empty or not an SQLite database, so it holds no runs to read."""
 
 
 class QueryError(FlorBuildError):

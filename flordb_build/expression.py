@@ -3,9 +3,9 @@
 The expression never reaches the store's query. It is tokenized and refused unless it is a
 single expression (no statement separators, no comments, no parentheses that close what they
 did not open, no statement keywords), then evaluated in a private in-memory SQLite database
-that holds only the frame's referenced columns, under an authorizer that allows nothing but
-reading that one table. ``where="1=1; DROP TABLE runs"`` is refused before it runs, and could
-not reach the store if it did run.
+that holds only the frame's referenced columns, under sqlguard.py's guard: nothing but reading
+that one table with SQLite's ordinary functions, for a bounded time. ``where="1=1; DROP TABLE
+runs"`` is refused before it runs, and could not reach the store if it did run.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import ExpressionError
+from .sqlguard import DEFAULT_TIMEOUT_S, WHERE_PROGRESS_OPS, StatementGuard
 
 _TOKEN = re.compile(
     r"""
@@ -44,6 +45,7 @@ HINT = "write one SQL expression over the dataframe's columns, e.g. \"epoch >= 1
 
 FRAME_TABLE = "frame"
 ROW_COLUMN = "__flor_row__"
+_NO_SUCH_COLUMN = re.compile(r"no such column: (.+)$")
 
 
 @dataclass(frozen=True)
@@ -126,19 +128,23 @@ def sql_value(value: Any) -> Any:
     return str(value)
 
 
-def _read_only_authorizer(action: int, arg1: str | None, arg2: str | None, db: str | None, trigger: str | None) -> int:
-    if action == sqlite3.SQLITE_SELECT or action == sqlite3.SQLITE_FUNCTION:
-        return sqlite3.SQLITE_OK
-    if action == sqlite3.SQLITE_READ and arg1 == FRAME_TABLE:
-        return sqlite3.SQLITE_OK
-    return sqlite3.SQLITE_DENY
-
-
-def filter_rows(expression: WhereExpression, columns: Mapping[str, Sequence[Any]], n_rows: int) -> list[int]:
+def filter_rows(
+    expression: WhereExpression,
+    columns: Mapping[str, Sequence[Any]],
+    n_rows: int,
+    *,
+    frame_columns: Sequence[str] | None = None,
+    timeout: float | None = DEFAULT_TIMEOUT_S,
+) -> list[int]:
     """Evaluate ``expression`` over the given columns; return the positions of the matching rows.
 
-    :param columns: every frame column by name (only those the expression reads are loaded).
+    It runs under the same guard as ``flor.query`` (sqlguard.py): it reads the frame only, calls
+    SQLite's ordinary functions only, stops at ``timeout`` seconds and on Ctrl-C.
+
+    :param columns: frame columns by name; those the expression reads must be among them.
+    :param frame_columns: every column of the frame, for messages (default: ``columns``).
     """
+    guard = StatementGuard(timeout, readable=frozenset({FRAME_TABLE}), progress_ops=WHERE_PROGRESS_OPS)
     used = expression.columns_used(columns)
     conn = sqlite3.connect(":memory:")
     try:
@@ -150,14 +156,38 @@ def filter_rows(expression: WhereExpression, columns: Mapping[str, Sequence[Any]
             "INSERT INTO " + FRAME_TABLE + " VALUES (" + placeholders + ")",  # noqa: S608 - constants
             ((i, *(sql_value(col[i]) for col in data)) for i in range(n_rows)),
         )
-        conn.set_authorizer(_read_only_authorizer)
         sql = "SELECT " + ROW_COLUMN + " FROM " + FRAME_TABLE + " WHERE (" + expression.text + ")"  # noqa: S608
-        try:
-            return [row for (row,) in conn.execute(sql)]
-        except sqlite3.Error as exc:
-            known = ", ".join(columns) or "(none)"
-            raise ExpressionError(
-                f"where= '{expression.text}' could not be evaluated: {exc}. Columns: {known}."
-            ) from exc
+        with guard.installed(conn):
+            try:
+                return [row for (row,) in conn.execute(sql)]
+            except sqlite3.Error as exc:
+                known = list(frame_columns if frame_columns is not None else columns)
+                raise evaluation_error(expression, exc, guard, known) from exc
     finally:
         conn.close()
+
+
+def evaluation_error(
+    expression: WhereExpression, exc: sqlite3.Error, guard: StatementGuard, frame_columns: Sequence[str]
+) -> ExpressionError:
+    """The message for a ``where=`` that SQLite refused or stopped: what, and what to write instead."""
+    text = expression.text
+    listed = ", ".join(frame_columns) or "(none)"
+    if guard.stopped(exc):
+        return ExpressionError(
+            f"where= '{text}' stopped after its timeout of {guard.timeout:g} s; simplify it, or allow more "
+            "time with timeout=... (--timeout SECONDS)."
+        )
+    if guard.refused:
+        return ExpressionError(f"where= '{text}' may not {guard.refused}; {HINT}.")
+    missing = _NO_SUCH_COLUMN.match(str(exc))
+    if missing:
+        import difflib
+
+        name = missing.group(1)
+        close = difflib.get_close_matches(name, frame_columns, n=1) or difflib.get_close_matches(
+            name.lower(), [c.lower() for c in frame_columns], n=1
+        )
+        guess = f"did you mean '{close[0]}'? " if close else ""
+        return ExpressionError(f"where= '{text}': no such column '{name}'; {guess}Columns: {listed}.")
+    return ExpressionError(f"where= '{text}' could not be evaluated: {exc}. Columns: {listed}.")

@@ -25,6 +25,7 @@ from .compat import add_flordb_views, refused_view_write
 from .config import Config, load_config
 from .errors import QueryError
 from .expression import WhereExpression, filter_rows, parse_where
+from .sqlguard import DEFAULT_TIMEOUT_S, StatementGuard
 from .store import Store
 from .values import decode_value
 
@@ -51,10 +52,13 @@ class RunTable:
         return RunTable({k: [v[i] for i in positions] for k, v in self.columns.items()})
 
 
-def dataframe(*names: str, where: str | None = None, config: Config | None = None) -> pd.DataFrame:
+def dataframe(
+    *names: str, where: str | None = None, config: Config | None = None, timeout: float | None = DEFAULT_TIMEOUT_S
+) -> pd.DataFrame:
     """One row per distinct context of the requested names (see the module docstring).
 
     :param where: a SQL expression over the frame's columns, evaluated read-only.
+    :param timeout: seconds the ``where`` filter may run (default 60; None: no limit).
     """
     for name in names:
         if not isinstance(name, str) or not name:
@@ -71,7 +75,7 @@ def dataframe(*names: str, where: str | None = None, config: Config | None = Non
         runs = _read_runs(store.conn)
         if expression is not None and _reads_run_columns_only(expression):
             # The filter reads run columns only: apply it before reading any log row.
-            runs = runs.take(filter_rows(expression, runs.columns, len(runs)))
+            runs = runs.take(filter_rows(expression, runs.columns, len(runs), timeout=timeout))
             expression = None
         if names:
             columns = _pivot(store.conn, runs, list(dict.fromkeys(names)))
@@ -82,7 +86,10 @@ def dataframe(*names: str, where: str | None = None, config: Config | None = Non
     frame = _to_frame(columns)
     if expression is not None and len(frame):
         used = expression.columns_used(frame.columns)
-        keep = filter_rows(expression, {c: frame[c].tolist() for c in used}, len(frame))
+        keep = filter_rows(
+            expression, {c: frame[c].tolist() for c in used}, len(frame), frame_columns=list(frame.columns),
+            timeout=timeout,
+        )
         frame = frame.iloc[keep].reset_index(drop=True)
     return frame
 
@@ -168,64 +175,66 @@ def latest(df: pd.DataFrame) -> pd.DataFrame:
 # -- read-only SQL ------------------------------------------------------------------------------
 
 _SAFE_PRAGMAS = frozenset({"table_info", "table_xinfo", "index_list", "index_info", "table_list"})
+#: The most rows one query returns: a runaway query fills memory faster than its timeout ends it.
+MAX_QUERY_ROWS = 10_000_000
+_FETCH_ROWS = 50_000
 
 
-class _ReadOnlyGuard:
-    """A SQLite authorizer that allows reads only, remembering what it refused (for the message)."""
-
-    def __init__(self) -> None:
-        self.refused: str | None = None
-
-    def __call__(self, action: int, arg1: str | None, arg2: str | None, db: str | None, trigger: str | None) -> int:
-        if action in (sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE):
-            return sqlite3.SQLITE_OK
-        if action == sqlite3.SQLITE_PRAGMA and arg1 in _SAFE_PRAGMAS and arg2 is None or action == 32:
-            return sqlite3.SQLITE_OK  # 32 = SQLITE_RECURSIVE on old Pythons lacking the constant
-        self.refused = _ACTION_NAMES.get(action, f"action {action}")
-        return sqlite3.SQLITE_DENY
-
-
-_ACTION_NAMES = {
-    getattr(sqlite3, name): name.removeprefix("SQLITE_").lower().replace("_", " ")
-    for name in dir(sqlite3)
-    if name.startswith("SQLITE_") and name not in ("SQLITE_OK", "SQLITE_DENY", "SQLITE_IGNORE")
-    and isinstance(getattr(sqlite3, name), int)
-}
-
-
-def query(sql: str, params: Sequence[Any] | dict[str, Any] = (), config: Config | None = None) -> pd.DataFrame:
+def query(
+    sql: str,
+    params: Sequence[Any] | dict[str, Any] = (),
+    config: Config | None = None,
+    *,
+    timeout: float | None = DEFAULT_TIMEOUT_S,
+) -> pd.DataFrame:
     """Run one read-only SQL statement over the store with bound ``params``; return a dataframe.
 
-    :raises QueryError: when the statement would write, or SQLite rejects it.
+    The statement may read and call SQLite's ordinary functions only (sqlguard.py); Ctrl-C stops it.
+
+    :param timeout: seconds it may run (default 60; None: no limit).
+    :raises QueryError: when the statement would write, calls another function, runs past
+        ``timeout``, returns more than :data:`MAX_QUERY_ROWS` rows, or SQLite rejects it.
     """
     import pandas as pd
 
     if not isinstance(sql, str) or not sql.strip():
         raise QueryError("query() needs a SQL SELECT statement.")
+    guard = StatementGuard(timeout, pragmas=_SAFE_PRAGMAS)
     config = config or load_config()
     store = Store.open_existing(config)
     if store is None:
         raise QueryError(f"No flordb_build store at '{config.db_path}' yet; record a run first.")
     conn = store.conn
-    guard = _ReadOnlyGuard()
+    shown = sql.strip()[:80]
     try:
         as_of_replay(conn)  # a replayed script reads what its run read (asof.py)
         add_flordb_views(conn)  # FlorDB's column names beside ours (compat.py)
         conn.execute("PRAGMA query_only = ON")
-        conn.set_authorizer(guard)
-        try:
-            cursor = conn.execute(sql, params)
-            rows = cursor.fetchall()
-        except sqlite3.Error as exc:
-            refused = guard.refused or refused_view_write(exc)
-            if refused:
-                raise QueryError(
-                    f"query() is read-only: the statement tries to {refused} ('{sql.strip()[:80]}'). "
-                    "Use SELECT; record data with flor.log."
-                ) from exc
-            raise QueryError(f"query failed: {exc} in '{sql.strip()[:200]}'.") from exc
-        except (ValueError, sqlite3.Warning) as exc:
-            raise QueryError(f"query failed: {exc}.") from exc
+        with guard.installed(conn):
+            try:
+                cursor = conn.execute(sql, params)
+                rows: list[Any] = []
+                while chunk := cursor.fetchmany(_FETCH_ROWS):
+                    rows.extend(chunk)
+                    if len(rows) > MAX_QUERY_ROWS:
+                        raise QueryError(
+                            f"query returned more than {MAX_QUERY_ROWS:,} rows ('{shown}'); add a LIMIT or aggregate."
+                        )
+            except sqlite3.Error as exc:
+                if guard.stopped(exc):
+                    raise QueryError(
+                        f"query stopped after its timeout of {guard.timeout:g} s ('{shown}'); narrow it, or allow "
+                        "more time with timeout=... (flordb-build query --timeout SECONDS)."
+                    ) from exc
+                refused = guard.refused or refused_view_write(exc)
+                if refused:
+                    raise QueryError(
+                        f"query() is read-only: the statement tries to {refused} ('{shown}'). "
+                        "Use SELECT with SQLite's ordinary functions; record data with flor.log."
+                    ) from exc
+                raise QueryError(f"query failed: {exc} in '{sql.strip()[:200]}'.") from exc
+            except (ValueError, sqlite3.Warning) as exc:
+                raise QueryError(f"query failed: {exc}.") from exc
     finally:
         store.close()
     columns = [d[0] for d in cursor.description or ()]

@@ -34,6 +34,7 @@ from typing import IO, TYPE_CHECKING, Any, TypeVar
 from .args import cast_arg, consume_kwargs
 from .config import Config, load_config
 from .errors import ArgError, FlorBuildError, LogNameError, SnapshotError
+from .redaction import redact_mapping, redact_value
 from .store import RunLock, Store, coalesce_loops, now_tstamp
 from .values import ValueKind, encode_value, simple_loop_value
 
@@ -152,7 +153,7 @@ class Run:
         self.args[name] = value
         token = _CTX.set(ROOT_CTX)  # args describe the whole run, wherever they are read
         try:
-            self.log(name, value)
+            self.log(name, redact_value(name, value))  # the script gets the value; the store a mask
         finally:
             _CTX.reset(token)
         return value
@@ -375,7 +376,7 @@ class Run:
             "error": error,
             "ended": ended,
             "seconds": ended - self.started,
-            "args": json.dumps(self.args, default=str),
+            "args": json.dumps(redact_mapping(self.args), default=str),
         }
         self.store.update_run(self.run_id, **end)
         if self._journal is not None:

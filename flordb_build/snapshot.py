@@ -2,37 +2,56 @@
 
 Nothing here touches the user's HEAD, branch, index or work tree. The trick is a private index:
 
-    user's .git/index --copy--> tmp index --git add -A--> code tree   (at run start)
-    code tree + run journal --read-tree/update-index--> snapshot tree (at run end)
+    user's .git/index --copy--> tmp index --add -u, allowed untracked--> code tree   (at run start)
+    code tree + run journal --read-tree/update-index--> snapshot tree             (at run end)
     commit-tree(snapshot tree, parent = shadow tip) --update-ref CAS--> refs/heads/flor.shadow
 
-Copying the user's index keeps its stat cache, so ``git add -A`` re-hashes only changed files.
+Copying the user's index keeps its stat cache, so ``git add -u`` re-hashes only changed files.
 The ref update is a compare-and-swap: when a concurrent run moved the tip first, we rebuild the
 commit on the new tip and try again, so parallel tasks never lose a snapshot.
 
 Plumbing runs through ``git`` itself rather than GitPython: every call needs its own
 environment (``GIT_INDEX_FILE``), which is plain subprocess work, and importing GitPython would
-add its import time to every recorded run.
+add its import time to every recorded run. Every call runs with the user's hooks and fsmonitor
+off: a ``post-index-change`` or ``reference-transaction`` hook is written for the user's own git
+commands, and one that edits the work tree must not run because a script logged a value.
+
+Which untracked files go in is untracked.py's business (no secrets, no huge data files). A ref
+lock that a killed git left behind (``refs/heads/flor.shadow.lock``) is removed once it is
+clearly stale; one that a live git process holds is never touched (see
+:func:`clear_stale_lock`).
 """
 
 from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import subprocess
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import SnapshotError
+from .config import read_tool_section
+from .errors import FlorBuildWarning, SnapshotError
+from .redaction import redact_mapping
+from .untracked import SnapshotPolicy, left_out_message, select_untracked
 
 SHADOW_BRANCH = "flor.shadow"
 SHADOW_REF = "refs/heads/" + SHADOW_BRANCH
 ZERO_SHA = "0" * 40
 RUN_TRAILER = "Flor-Run"
+#: Options of every git call: no user hooks, no fsmonitor daemon/hook (see the module docstring).
+#: ``core.hooksPath=/dev/null`` makes every hook path ``/dev/null/<name>``, which cannot exist.
+GIT_OPTIONS = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false")
+#: git holds a ref lock for milliseconds; an older one that no git process could hold was left
+#: behind by a git that was killed (e.g. with its process group) and blocks every later update.
+STALE_LOCK_SECONDS = 5.0
+_LOCK_IN_MESSAGE = re.compile(r"Unable to create '([^']+\.lock)': File exists")
 IDENTITY = {
     "GIT_AUTHOR_NAME": "flordb_build",
     "GIT_AUTHOR_EMAIL": "flordb_build@localhost",
@@ -51,19 +70,35 @@ class CodeState:
     dirty: bool
 
 
-def run_git(root: Path, *args: str, env: Mapping[str, str] | None = None, input: bytes | None = None) -> str:
-    """Run ``git args`` in ``root`` and return stdout; raise :class:`SnapshotError` on failure.
+def _git(
+    root: Path, args: tuple[str, ...], env: Mapping[str, str] | None = None, input: bytes | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    """``git args`` in ``root`` with :data:`GIT_OPTIONS`; the finished process, whatever its status.
 
     ``GIT_OPTIONAL_LOCKS=0`` stops git from refreshing the user's index as a side effect.
     """
     full_env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0", **(env or {})}
-    proc = subprocess.run(
-        ["git", *args], cwd=root, env=full_env, input=input, capture_output=True, check=False
+    return subprocess.run(
+        ["git", *GIT_OPTIONS, *args], cwd=root, env=full_env, input=input, capture_output=True, check=False
     )
+
+
+def _failure(root: Path, args: tuple[str, ...], proc: subprocess.CompletedProcess[bytes]) -> SnapshotError:
+    message = proc.stderr.decode(errors="replace").strip() or f"exit status {proc.returncode}"
+    return SnapshotError(f"'git {' '.join(args[:2])}' failed in '{root}': {message}")
+
+
+def run_git_bytes(root: Path, *args: str, env: Mapping[str, str] | None = None, input: bytes | None = None) -> bytes:
+    """Run ``git args`` in ``root`` and return its stdout as bytes (``-z`` listings); raise :class:`SnapshotError`."""
+    proc = _git(root, args, env, input)
     if proc.returncode != 0:
-        message = proc.stderr.decode(errors="replace").strip() or f"exit status {proc.returncode}"
-        raise SnapshotError(f"'git {' '.join(args[:2])}' failed in '{root}': {message}")
-    return proc.stdout.decode(errors="replace").strip()
+        raise _failure(root, args, proc)
+    return proc.stdout
+
+
+def run_git(root: Path, *args: str, env: Mapping[str, str] | None = None, input: bytes | None = None) -> str:
+    """Run ``git args`` in ``root`` and return stdout as text; raise :class:`SnapshotError` on failure."""
+    return run_git_bytes(root, *args, env=env, input=input).decode(errors="replace").strip()
 
 
 def git_dir(root: Path) -> Path:
@@ -79,8 +114,14 @@ def resolve(root: Path, rev: str) -> str | None:
         return None
 
 
-def capture_code(root: Path) -> CodeState:
-    """Write the tree of the work tree as it is now (tracked + untracked-not-ignored files)."""
+def capture_code(root: Path, policy: SnapshotPolicy | None = None) -> CodeState:
+    """Write the tree of the work tree as it is now: tracked files, and the untracked, not ignored
+    files that ``policy`` allows (default: ``[tool.flordb_build]`` of ``root``).
+
+    Warns once (:class:`FlorBuildWarning`) naming the untracked files it left out.
+    """
+    if policy is None:
+        policy = SnapshotPolicy.from_section(read_tool_section(root))
     head = resolve(root, "HEAD")
     try:
         branch: str | None = run_git(root, "symbolic-ref", "--quiet", "--short", "HEAD")
@@ -92,8 +133,16 @@ def capture_code(root: Path) -> CodeState:
         if user_index.exists():
             shutil.copyfile(user_index, index)
         env = {"GIT_INDEX_FILE": str(index)}
-        run_git(root, "add", "--all", "--", ".", env=env)
+        run_git(root, "add", "--update", "--", ".", env=env)  # tracked files: changes and deletions
+        # Untracked files: listed once, stat-ed, and only the allowed ones hashed into the index.
+        listing = run_git_bytes(root, "ls-files", "--others", "--exclude-standard", "-z", env=env)
+        taken, left_out = select_untracked(os.fsencode(root), listing.split(b"\0"), policy)
+        if taken:
+            run_git(root, "update-index", "--add", "-z", "--stdin", env=env, input=b"\0".join(taken) + b"\0")
         tree = run_git(root, "write-tree", env=env)
+    if left_out:
+        # stacklevel 4: capture_code <- Session.start <- flor.log <- the user's line
+        warnings.warn(left_out_message(left_out), FlorBuildWarning, stacklevel=4)
     head_tree = run_git(root, "rev-parse", head + "^{tree}") if head else None
     return CodeState(head=head, branch=branch, code_tree=tree, dirty=tree != head_tree)
 
@@ -121,23 +170,135 @@ def _tree_with(root: Path, base_tree: str | None, blob: str, path_in_tree: str) 
 
 
 def _append_to_shadow(root: Path, tree: str, message: str) -> str:
-    """Commit ``tree`` on the shadow tip and move the branch to it (compare-and-swap); the commit sha."""
+    """Commit ``tree`` on the shadow tip and move the branch to it (compare-and-swap); the commit sha.
+
+    Two failures are retried: another run moved the tip between our read and our write (rebuild
+    on the new tip), and a ref lock that exists (wait while it is young, remove it once stale).
+    Anything else fails at once.
+    """
     for attempt in range(100):
         parent = resolve(root, SHADOW_REF)
         parent_args = ["-p", parent] if parent else []
         commit = run_git(root, "commit-tree", tree, *parent_args, env=IDENTITY, input=message.encode())
-        try:
-            run_git(root, "update-ref", "-m", "flordb_build snapshot", SHADOW_REF, commit, parent or ZERO_SHA)
+        args = ("update-ref", "-m", "flordb_build snapshot", SHADOW_REF, commit, parent or ZERO_SHA)
+        proc = _git(root, args, env={"LC_ALL": "C", "LANGUAGE": "C"})  # English messages to read below
+        if proc.returncode == 0:
             return commit
-        except SnapshotError:
-            # Another run moved the tip between our read and our write: rebuild on the new tip.
-            time.sleep(random.uniform(0.001, 0.02) * (attempt + 1))
+        stderr = proc.stderr.decode(errors="replace")
+        lock = _LOCK_IN_MESSAGE.search(stderr)
+        if lock is not None:
+            clear_stale_lock(root, Path(lock.group(1)))
+        elif "but expected" not in stderr and "reference already exists" not in stderr:
+            raise _failure(root, args, proc)
+        time.sleep(random.uniform(0.001, 0.02) * (attempt + 1))
     raise SnapshotError(f"Could not update '{SHADOW_BRANCH}' after 100 attempts; is another tool rewriting it?")
 
 
+def clear_stale_lock(root: Path, lock: Path) -> None:
+    """Remove ``lock`` when it is stale; return to retry, or raise :class:`SnapshotError` naming it.
+
+    Stale means older than :data:`STALE_LOCK_SECONDS` with no live git process that could hold it
+    (one with the lock file open, or working in this repository). A younger lock is left alone so
+    the caller retries. Only the file examined is removed (:func:`_remove_examined`).
+
+    :raises SnapshotError: when a live git process may hold the lock, or holders cannot be told.
+    """
+    try:
+        examined = os.lstat(lock)
+    except FileNotFoundError:
+        return  # released meanwhile: retry
+    age = time.time() - examined.st_mtime
+    if age < STALE_LOCK_SECONDS:
+        return
+    holders = live_git_processes(root, lock)
+    if holders is None or holders:
+        who = "a process that cannot be inspected here" if holders is None else f"running git process(es) {holders}"
+        raise SnapshotError(
+            f"'{lock}' is locked ({age:.0f} s old) and {who} may hold it, so this run's snapshot was not "
+            "committed. Let that git command finish; if no git command is running in this repository, "
+            "delete the lock file. Later runs snapshot as usual."
+        )
+    if _remove_examined(lock, examined):
+        warnings.warn(
+            f"Removed the stale git lock '{lock}' ({age:.0f} s old, no git process holds it), left by a git "
+            "command that was killed; the snapshot went ahead.",
+            FlorBuildWarning,
+            stacklevel=2,
+        )
+
+
+def _remove_examined(lock: Path, examined: os.stat_result) -> bool:
+    """Unlink ``lock`` only if it is still the file examined; True when removed.
+
+    The lock is first renamed aside (atomic), so a lock git created after the examination is
+    never unlinked: it is put back under its name instead.
+    """
+    aside = lock.with_name(f"{lock.name}.stale-{os.getpid()}")
+    try:
+        os.rename(lock, aside)
+    except FileNotFoundError:
+        return False
+    moved = os.lstat(aside)
+    if (moved.st_dev, moved.st_ino) != (examined.st_dev, examined.st_ino):
+        try:
+            os.link(aside, lock)  # a new lock took the name meanwhile: give it back
+        except FileExistsError:
+            pass  # yet another lock holds the name now; the one we moved was never committed
+        aside.unlink()
+        return False
+    aside.unlink()
+    return True
+
+
+def live_git_processes(root: Path, lock: Path) -> list[int] | None:
+    """Pids of live processes that may hold ``lock``: any with it open, and git processes working in
+    this repository (git keeps no pid in its lock files). None where ``/proc`` cannot tell."""
+    proc = Path("/proc")
+    if not (proc / "self" / "fd").is_dir():
+        return None
+    common = run_git(root, "rev-parse", "--path-format=absolute", "--git-common-dir")
+    places = {root.resolve(), git_dir(root).resolve(), Path(common).resolve()}
+    lock_text = str(lock.resolve())
+    holders = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        is_git = False
+        try:
+            is_git = (entry / "comm").read_text(errors="replace").startswith("git")
+            if _has_open(entry, lock_text) or (is_git and _works_in(entry, places)):
+                holders.append(int(entry.name))
+        except PermissionError:
+            if is_git:
+                return None  # another user's git: it might hold the lock
+        except (FileNotFoundError, ProcessLookupError, NotADirectoryError):
+            continue  # it exited while we looked
+    return sorted(holders)
+
+
+def _has_open(process: Path, path: str) -> bool:
+    for fd in (process / "fd").iterdir():
+        try:
+            if os.readlink(fd) == path:
+                return True
+        except FileNotFoundError:
+            continue
+    return False
+
+
+def _works_in(process: Path, places: set[Path]) -> bool:
+    """True when the process's working directory or ``GIT_DIR`` is in the repository."""
+    cwd = Path(os.readlink(process / "cwd"))
+    if any(cwd == place or place in cwd.parents for place in places):
+        return True
+    environ = (process / "environ").read_bytes().split(b"\0")
+    git_dirs = [Path(os.fsdecode(v.split(b"=", 1)[1])) for v in environ if v.startswith(b"GIT_DIR=")]
+    return any(Path(cwd, d).resolve() in places for d in git_dirs)
+
+
 def snapshot_message(run_id: str, filename: str, task: str | None, args: Mapping[str, object]) -> str:
-    """A commit message naming the run, its script, its task and its args, with a parseable trailer."""
-    arg_text = " ".join(f"{k}={v}" for k, v in args.items()) or "(no args)"
+    """A commit message naming the run, its script, its task and its args (secrets masked), with a trailer."""
+    arg_text = " ".join(f"{k}={v}" for k, v in redact_mapping(args).items()) or "(no args)"
     task_text = f" task {task}" if task else ""
     return f"flor run {run_id}: {filename}{task_text} {arg_text}\n\n{RUN_TRAILER}: {run_id}\n"
 
@@ -159,7 +320,7 @@ def export_snapshot(root: Path, commit: str, destination: Path) -> None:
     """Write the files of a snapshot commit into ``destination`` (never the user's work tree)."""
     destination.mkdir(parents=True, exist_ok=True)
     archive = subprocess.run(
-        ["git", "archive", "--format=tar", commit], cwd=root, capture_output=True, check=False
+        ["git", *GIT_OPTIONS, "archive", "--format=tar", commit], cwd=root, capture_output=True, check=False
     )
     if archive.returncode != 0:
         raise SnapshotError(

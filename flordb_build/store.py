@@ -23,6 +23,7 @@ from typing import Any
 
 from .config import Config
 from .errors import StoreError
+from .storefile import cannot_write, check_store_file, connect_read_only, create_store_file, not_a_store
 
 SCHEMA_VERSION = 4
 BUSY_TIMEOUT_MS = 60_000
@@ -324,6 +325,15 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
         conn.execute("PRAGMA user_version = " + str(int(SCHEMA_VERSION)))
 
 
+def _build_store(path: Path) -> None:
+    """A new store at ``path`` with every table, closed (storefile.create_store_file links it in)."""
+    conn = connect(path)
+    try:
+        ensure_schema(conn)
+    finally:
+        conn.close()
+
+
 def without_rowid_ddl(name: str, spec: dict[str, Any]) -> str:
     """``CREATE TABLE ... WITHOUT ROWID`` for a declared table (sqlite-utils cannot say that).
 
@@ -483,17 +493,30 @@ class Store:
         """Open (creating if needed) the store, migrate it and mark runs whose process died.
 
         Holds the store lock shared until :meth:`close`; waits while a ``rebuild`` swaps the file.
+
+        :raises NotAStoreError: when the file is empty or not SQLite (storefile.py), never overwritten.
         """
         lock = None
         try:
             config.db_path.parent.mkdir(parents=True, exist_ok=True)
             ignore_flor_dir(config)
             lock = StoreLock.shared(config.db_path)
+            check_store_file(config.db_path)
+            if not config.db_path.exists():
+                create_store_file(config.db_path, _build_store)
             conn = connect(config.db_path)
             ensure_schema(conn)
-        except (OSError, sqlite3.Error) as exc:
+        except sqlite3.Error as exc:
             if lock is not None:
                 lock.release()
+            raise not_a_store(config.db_path, exc) or StoreError(
+                f"Could not open the store '{config.db_path}': {exc}."
+            ) from exc
+        except (OSError, StoreError) as exc:
+            if lock is not None:
+                lock.release()
+            if isinstance(exc, StoreError):
+                raise
             raise StoreError(f"Could not open the store '{config.db_path}': {exc}.") from exc
         store = cls(config, conn, lock)
         store.mark_dead_runs()
@@ -501,10 +524,48 @@ class Store:
 
     @classmethod
     def open_existing(cls, config: Config) -> Store | None:
-        """Open the store for reading; None when no run was ever recorded (nothing to create)."""
-        if not config.db_path.exists():
+        """Open the store for reading; None when no run was ever recorded (nothing to create).
+
+        Works on a full or read-only disk: it reads without marking dead runs there.
+
+        :raises NotAStoreError: when the file is empty or not SQLite (storefile.py).
+        """
+        path = config.db_path
+        if not path.exists():
             return None
-        return cls.open(config)
+        check_store_file(path)
+        # Readers hold the store lock too: a rebuild's swap removes the -wal/-shm they read through.
+        lock = StoreLock.shared(path)
+        try:
+            try:
+                conn = connect(path)  # read-write, so that this reader can mark runs that died
+            except sqlite3.OperationalError as exc:
+                if not cannot_write(exc):
+                    raise
+                conn = connect_read_only(path, BUSY_TIMEOUT_MS / 1000)
+        except sqlite3.Error as exc:
+            if lock is not None:
+                lock.release()
+            raise not_a_store(path, exc) or StoreError(f"Could not open the store '{path}': {exc}.") from exc
+        store = cls(config, conn, lock)
+        store._prepare_to_read()
+        return store
+
+    def _prepare_to_read(self) -> None:
+        """Migrate and mark dead runs where the disk allows; reading goes on where it does not."""
+        try:
+            ensure_schema(self.conn)
+            self.mark_dead_runs()
+        except sqlite3.OperationalError as exc:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            current = self.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+            if not cannot_write(exc) or not current:
+                self.close()
+                raise StoreError(
+                    f"Could not prepare the store '{self.config.db_path}' for reading: {exc}. Free space on "
+                    "its disk (or make it writable) and retry."
+                ) from exc
 
     @property
     def locks_dir(self) -> Path:

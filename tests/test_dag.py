@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 
 from flordb_build.dag import FileHasher, FileRole, init_project
-from flordb_build.dag._record import redact_argv
 from flordb_build.errors import InitError
+from flordb_build.redaction import redact_argv
 from tests.conftest import GIT_ENV, Project
 
 PY = sys.executable

@@ -18,9 +18,9 @@ from flordb_build.environment import (
     env_id_of,
     gpu_info,
     installed_packages,
-    is_secret_name,
     select_env_vars,
 )
+from flordb_build.redaction import is_secret_name
 from tests.conftest import Project
 
 

@@ -151,3 +151,71 @@ def test_latest_keeps_the_newest_run_per_task_and_filename(recorded: Project) ->
     recorded.run("train.py", "--kwargs", "lr=0.3")
     newest = flor.latest(flor.dataframe("lr", "val_acc"))
     assert sorted(newest["lr"].unique().tolist()) == [0.2, 0.3]
+
+
+# -- guarded SQL: time limits, ordinary functions only, messages that name the action -------------
+
+RUNAWAY = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c"
+
+
+def test_a_runaway_query_stops_at_its_timeout(recorded: Project) -> None:
+    with pytest.raises(QueryError, match=r"stopped after its timeout of 0\.2 s .*--timeout"):
+        flor.query(RUNAWAY, timeout=0.2)
+    with pytest.raises(QueryError, match="timeout must be a positive number"):
+        flor.query("SELECT 1", timeout=0)
+
+
+def test_a_heavy_where_stops_at_its_timeout(recorded: Project) -> None:
+    # Each row builds and rewrites a 20 MB string: far more than a millisecond before the first check.
+    heavy = "length(replace(printf('%.*c', 20000000 + epoch, 'x'), 'x', 'y')) > epoch"
+    with pytest.raises(ExpressionError, match=r"stopped after its timeout of 0\.001 s"):
+        flor.dataframe("loss", where=heavy, timeout=0.001)
+
+
+def test_query_calls_ordinary_functions_only(recorded: Project) -> None:
+    for sql, function in [
+        ("SELECT fts3_tokenizer('simple')", "fts3_tokenizer"),  # would return a native memory address
+        ("SELECT length(randomblob(100000000))", "randomblob"),
+        ("SELECT load_extension('x')", "load_extension"),
+        ("SELECT zeroblob(10)", "zeroblob"),
+    ]:
+        with pytest.raises(QueryError, match=f"call the function '{function}\\(\\)'"):
+            flor.query(sql)
+    # SQLite's ordinary scalar, date, JSON, aggregate and window functions still work.
+    frame = flor.query(
+        "SELECT json_extract('{\"a\": 1}', '$.a') AS j, datetime(0, 'unixepoch') AS d, round(2.5) AS r, "
+        "lower('A') || upper('b') AS s, '{\"b\": 2}' ->> '$.b' AS arrow, count(*) AS n FROM runs"
+    )
+    assert frame.iloc[0].tolist() == [1, "1970-01-01 00:00:00", 3.0, "aB", 2, 2]
+    assert flor.query("SELECT row_number() OVER (ORDER BY tstamp) AS w FROM runs")["w"].tolist() == [1, 2]
+    assert len(flor.dataframe("loss", where="abs(epoch - 1) = 0 AND lower(task) IS NULL")) == 2
+
+
+def test_strings_and_blobs_are_bounded(recorded: Project) -> None:
+    with pytest.raises(QueryError, match="too big"):
+        flor.query("SELECT length(replace(printf('%.*c', 60000000, 'x'), 'x', 'yy'))")
+    with pytest.raises(ExpressionError, match="randomblob"):
+        flor.dataframe("loss", where="length(randomblob(1e8)) > 0 AND epoch >= 0")
+
+
+def test_refusals_name_what_the_statement_tries(recorded: Project) -> None:
+    for sql, action in [
+        ("delete from runs", "delete rows from 'runs'"),  # was "limit variable number"
+        ("INSERT INTO runs (run_id) VALUES ('x')", "insert rows into 'runs'"),  # was "toobig"
+        ("UPDATE runs SET status = 'x'", "update 'status' of 'runs'"),
+        ("ATTACH DATABASE ':memory:' AS other", "attach the database ':memory:'"),  # was "format"
+        ("DROP TABLE runs", "change the database schema"),
+        ("PRAGMA query_only = OFF", "run 'PRAGMA query_only'"),
+        ("SAVEPOINT sp", "begin the savepoint 'sp'"),  # allowed before, as if it were a recursive CTE
+    ]:
+        with pytest.raises(QueryError) as info:
+            flor.query(sql)
+        assert f"the statement tries to {action} " in str(info.value)
+
+
+def test_a_misspelled_where_column_names_the_closest_one(recorded: Project) -> None:
+    with pytest.raises(ExpressionError) as info:
+        flor.dataframe("loss", where="epoh >= 1")
+    message = str(info.value)
+    assert "no such column 'epoh'; did you mean 'epoch'?" in message
+    assert "Columns: projid, run_id, tstamp, task, filename, epoch, step, loss." in message

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import sqlite3
+import subprocess
+import time
 from pathlib import Path
 
+import pytest
+
 from flordb_build import snapshot
+from flordb_build.errors import SnapshotError
 from tests.conftest import Project
 
 TRAIN = """
@@ -111,3 +117,159 @@ def test_repository_without_commits_still_snapshots(tmp_path: Path, monkeypatch)
     project.run("train.py")
     assert project.git("ls-tree", "--name-only", "flor.shadow").split()[-1] == "train.py"
     assert project.git("status", "--porcelain") == "?? train.py\n"
+
+
+# -- hooks, untracked files, stale locks ---------------------------------------------------------
+
+HOOKS = ("post-index-change", "reference-transaction", "pre-commit", "post-commit", "post-checkout", "pre-push")
+
+
+def test_user_hooks_never_run_for_snapshots(project: Project, tmp_path: Path) -> None:
+    marker = tmp_path / "hooks-ran.txt"
+    for hook in HOOKS:
+        # Each hook notes that it ran, and one edits the work tree as a real hook once did.
+        path = project.root / ".git" / "hooks" / hook
+        path.write_text(f"#!/bin/sh\necho {hook} >> '{marker}'\necho touched > '{project.root}/hook-output.txt'\n")
+        path.chmod(0o755)
+    project.write("train.py", TRAIN)
+    project.commit_all("add training")
+    marker.unlink(missing_ok=True)  # the commit above ran the user's hooks, as it should
+    (project.root / "hook-output.txt").unlink(missing_ok=True)
+    project.write("notes.txt", "untracked\n")
+
+    project.run("train.py")
+
+    assert not marker.exists(), marker.read_text()
+    assert not (project.root / "hook-output.txt").exists()
+    assert "notes.txt" in project.git("ls-tree", "--name-only", "flor.shadow")
+
+
+SECRET_FILES = {
+    ".env": "API_KEY=sk-live\n",
+    ".env.production": "DB_PASSWORD=x\n",
+    ".ssh/id_rsa": "-----BEGIN OPENSSH PRIVATE KEY-----\n",
+    "credentials.json": "{}\n",
+    "conf/server.pem": "pem\n",
+    "conf/secrets.yaml": "token: x\n",
+    ".aws/config": "[default]\n",
+}
+
+
+def test_secret_looking_and_large_untracked_files_stay_out_with_one_warning(project: Project) -> None:
+    project.write("train.py", TRAIN)
+    project.write("deploy.key", "tracked on purpose\n")  # tracked files are the user's repository
+    project.write("gone.py", "x = 1\n")
+    project.commit_all("add training")
+    (project.root / "gone.py").unlink()  # a tracked deletion is part of the code as it ran
+    for path, text in SECRET_FILES.items():
+        project.write(path, text)
+    project.write("notes.txt", "untracked, small, goes in\n")
+    project.write("with space [1].py", "x = 2\n")  # names git would quote or read as a pattern
+    project.write("naïve.py", "x = 3\n")
+    big = project.root / "data" / "big.bin"
+    big.parent.mkdir()
+    with open(big, "wb") as fh:
+        fh.truncate(6 * 1024 * 1024)  # over the default 5 MiB limit (sparse: cheap to make)
+
+    proc = project.run("train.py")
+
+    tree = set(project.git("-c", "core.quotePath=false", "ls-tree", "-r", "--name-only", "flor.shadow").splitlines())
+    assert {"train.py", "deploy.key", "notes.txt", "with space [1].py", "naïve.py"} <= tree
+    assert not tree & {*SECRET_FILES, "data/big.bin", "gone.py"}
+    warnings = [line for line in proc.stderr.splitlines() if "FlorBuildWarning" in line]
+    assert len(warnings) == 1
+    for path in [*SECRET_FILES, "data/big.bin"]:
+        assert f"'{path}'" in warnings[0]
+    assert "snapshot_include" in warnings[0] and "6.3 MB" in warnings[0]
+
+
+def test_snapshot_include_exclude_and_size_limit_are_configurable(project: Project) -> None:
+    project.write(
+        "pyproject.toml",
+        """
+        [tool.flordb_build]
+        snapshot_include = [".env.example", "data/small.bin"]
+        snapshot_exclude = ["scratch/"]
+        snapshot_max_file_bytes = 100
+        """,
+    )
+    project.write("train.py", TRAIN)
+    project.commit_all("add training")
+    project.write(".env.example", "API_KEY=\n")
+    project.write("data/small.bin", "x" * 500)  # over the limit, but included by name
+    project.write("data/other.bin", "x" * 500)
+    project.write("scratch/try.py", "print(1)\n")
+    project.write("notes.txt", "ok\n")
+
+    proc = project.run("train.py")
+
+    tree = set(project.git("ls-tree", "-r", "--name-only", "flor.shadow").split())
+    assert {".env.example", "data/small.bin", "notes.txt"} <= tree
+    assert not tree & {"data/other.bin", "scratch/try.py"}
+    assert "'scratch/try.py' (matches the secret-file pattern 'scratch/')" in proc.stderr
+    assert "'data/other.bin' (500 bytes, over snapshot_max_file_bytes = 100)" in proc.stderr
+
+
+def write_journal(project: Project) -> Path:
+    journal = project.root / ".flor" / "runs" / "manual.jsonl"
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    journal.write_text('{"run": {}}\n')
+    return journal
+
+
+def test_a_stale_shadow_lock_is_removed_and_the_run_snapshots(project: Project) -> None:
+    project.write("train.py", TRAIN)
+    project.commit_all("add training")
+    project.run("train.py")  # flor.shadow exists
+    lock = project.root / ".git" / "refs" / "heads" / "flor.shadow.lock"
+    lock.write_text(project.git("rev-parse", "HEAD"))  # what a git killed between lock and rename leaves
+    os.utime(lock, (time.time() - 3600, time.time() - 3600))
+
+    proc = project.run("train.py")
+
+    assert not lock.exists()
+    assert f"Removed the stale git lock '{lock}'" in proc.stderr
+    conn = sqlite3.connect(project.root / ".flor" / "flor.db")
+    snapshots = [row[0] for row in conn.execute("SELECT snapshot FROM runs ORDER BY tstamp")]
+    conn.close()
+    assert None not in snapshots and snapshots[-1] == project.git("rev-parse", "flor.shadow").strip()
+
+
+def test_a_lock_a_live_git_holds_is_left_alone_and_named(project: Project) -> None:
+    project.write("train.py", TRAIN)
+    project.commit_all("add training")
+    code = snapshot.capture_code(project.root)
+    head = project.git("rev-parse", "HEAD").strip()
+    # A live git transaction holds the shadow ref's lock until it is told to commit or abort.
+    holder = subprocess.Popen(
+        ["git", "update-ref", "--stdin"], cwd=project.root, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdin is not None and holder.stdout is not None
+    holder.stdin.write(f"start\nupdate {snapshot.SHADOW_REF} {head}\nprepare\n")
+    holder.stdin.flush()
+    assert holder.stdout.readline() == "start: ok\n" and holder.stdout.readline() == "prepare: ok\n"
+    lock = project.root / ".git" / "refs" / "heads" / "flor.shadow.lock"
+    os.utime(lock, (time.time() - 3600, time.time() - 3600))  # old, but its owner is alive
+    inode = lock.stat().st_ino
+    try:
+        with pytest.raises(SnapshotError) as caught:
+            snapshot.commit_snapshot(project.root, code.code_tree, write_journal(project), "j.jsonl", "m\n")
+        assert f"'{lock}'" in str(caught.value) and str(holder.pid) in str(caught.value)
+        assert lock.stat().st_ino == inode  # never removed
+    finally:
+        holder.stdin.write("abort\n")
+        holder.stdin.close()
+        assert holder.stdout.read() == "abort: ok\n"  # read to the end: git may not write to a closed pipe
+        holder.stdout.close()
+        assert holder.wait(timeout=60) == 0
+    commit = snapshot.commit_snapshot(project.root, code.code_tree, write_journal(project), "j.jsonl", "m\n")
+    assert commit == project.git("rev-parse", "flor.shadow").strip()
+
+
+def test_other_update_failures_fail_at_once(project: Project) -> None:
+    code = snapshot.capture_code(project.root)
+    # A directory where the ref's lock would go: not a lock, not a race; retrying cannot help.
+    (project.root / ".git" / "refs" / "heads" / "flor.shadow").mkdir(parents=True)
+    (project.root / ".git" / "refs" / "heads" / "flor.shadow" / "x").write_text("")
+    with pytest.raises(SnapshotError, match="update-ref"):
+        snapshot.commit_snapshot(project.root, code.code_tree, write_journal(project), "j.jsonl", "m\n")

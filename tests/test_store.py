@@ -8,11 +8,13 @@ import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 import flordb_build as flor
 from flordb_build.config import load_config
+from flordb_build.errors import NotAStoreError
 from flordb_build.store import Store, bump_tstamp, coalesce_loops, loop_contexts, write_transaction
 from tests.conftest import GIT_ENV, Project
 
@@ -268,3 +270,161 @@ def test_a_read_only_store_directory_gets_no_lock_and_no_error(project: Project)
         shared.release()
     finally:
         subprocess.run(["umount", str(flor_dir)], check=True)
+
+
+# -- a store file that is not a store; reading on a full or read-only disk ------------------------
+
+TRAIN = """
+import flordb_build as flor
+for epoch in flor.loop("epoch", range(2)):
+    flor.log("loss", 1.0 / (epoch + 1))
+"""
+READ_COMMANDS = (("runs",), ("dataframe", "loss"), ("query", "SELECT count(*) AS n FROM runs"), ("pipelines",),
+                 ("lineage", "train.py"))
+
+
+def test_an_empty_or_foreign_store_file_is_refused_naming_it_and_rebuild(project: Project) -> None:
+    project.write("train.py", TRAIN)
+    project.run("train.py")
+    db = project.root / ".flor" / "flor.db"
+    for content in (b"", b"not a database, just some text\n"):  # what a full disk or a bad copy leaves
+        for suffix in ("", "-wal", "-shm"):
+            Path(str(db) + suffix).unlink(missing_ok=True)
+        db.write_bytes(content)
+        for read in (lambda: flor.dataframe("loss"), lambda: flor.query("SELECT 1"), lambda: Store.open(load_config())):
+            with pytest.raises(NotAStoreError) as caught:
+                read()
+            assert f"'{db}'" in str(caught.value) and "flordb-build rebuild" in str(caught.value)
+        proc = project.cli("runs", check=False)
+        assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1 and str(db) in proc.stderr
+        assert db.read_bytes() == content  # never treated as an empty store, never written
+        project.cli("rebuild")
+        assert flor.dataframe("loss")["loss"].tolist() == [1.0, 0.5]
+
+    # Refusing empty files is safe only if no run ever sees the store half-created: runs of a fresh
+    # project that all create it at once must all record.
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(db) + suffix).unlink(missing_ok=True)
+    procs = [
+        subprocess.Popen([sys.executable, "train.py"], cwd=project.root, env={**os.environ, **GIT_ENV},
+                         stderr=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    errors = [proc.communicate(timeout=300)[1] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0, 0, 0], errors
+    assert len(flor.query("SELECT run_id FROM runs")) == 4
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs or a read-only bind needs root")
+
+
+def run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "flordb_build", *args], cwd=cwd, env={**os.environ, **GIT_ENV},
+                          capture_output=True, text=True, timeout=300)
+
+
+def assert_reads_work(cwd: Path, run_ids: list[str]) -> None:
+    for args in (*READ_COMMANDS, ("diff", run_ids[0], run_ids[-1])):
+        proc = run_cli(cwd, *args)
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, (args, proc.stderr)
+    runs = run_cli(cwd, "runs", "--format", "csv").stdout
+    assert all(run_id in runs for run_id in run_ids)
+
+
+@needs_root
+def test_read_commands_work_on_a_read_only_disk(project: Project, tmp_path: Path) -> None:
+    project.write("train.py", TRAIN)
+    project.run("train.py")
+    run_ids = flor.query("SELECT run_id FROM runs")["run_id"].tolist()
+    view = tmp_path / "read-only"
+    view.mkdir()
+    subprocess.run(["mount", "--bind", str(project.root), str(view)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(view)], check=True)
+        assert_reads_work(view, run_ids)
+    finally:
+        subprocess.run(["umount", str(view)], check=True)
+
+
+KILLED = """
+import os, signal
+import flordb_build as flor
+flor.log("x", 1)
+flor.commit()
+flor.log("y", 2)
+os.kill(os.getpid(), signal.SIGKILL)  # leaves a run 'running' that the next reader wants to mark
+"""
+HOLDER = """
+import sqlite3, sys
+conn = sqlite3.connect(".flor/flor.db")
+conn.execute("SELECT count(*) FROM runs").fetchone()
+print("open", flush=True)
+sys.stdin.read()
+"""
+
+
+@needs_root
+def test_read_commands_work_on_a_full_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], check=True)
+    holder: subprocess.Popen[str] | None = None
+    try:
+        project = Project(disk / "proj")
+        project.root.mkdir()
+        project.git("init", "-q", "-b", "main")
+        project.write("train.py", TRAIN)
+        project.write("killed.py", KILLED)
+        project.commit_all("initial")
+        monkeypatch.chdir(project.root)
+        project.run("train.py")
+        assert project.run("killed.py", check=False).returncode == -signal.SIGKILL
+        conn = sqlite3.connect(project.root / ".flor" / "flor.db")
+        run_ids = [row[0] for row in conn.execute("SELECT run_id FROM runs")]
+        conn.close()
+        # Another process keeps the store open (its -wal and -shm stay), then the disk fills up.
+        holder = subprocess.Popen([sys.executable, "-c", HOLDER], cwd=project.root, stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)
+        assert holder.stdout is not None and holder.stdout.readline() == "open\n"
+        with open(disk / "filler", "wb", buffering=0) as filler:
+            with pytest.raises(OSError):
+                while True:
+                    filler.write(b"\0" * 65536)
+
+        assert_reads_work(project.root, run_ids)  # a reader would mark the killed run: a write
+        holder.communicate("")
+        holder = None
+        assert_reads_work(project.root, run_ids)  # no -shm left, and none can be created
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.communicate()
+        monkeypatch.chdir(tmp_path)
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_read_in_a_process_that_writes_keeps_its_locks(project: Project) -> None:
+    # Closing any descriptor of a file drops every POSIX lock the process holds on it, SQLite's
+    # too. A reader that opened flor.db itself (a doit uptodate check calling flor.query while the
+    # reporter writes) dropped the writer's shared lock: the next process to close its connection
+    # then took itself for the last one and deleted the WAL the writer was still appending to.
+    project.write("train.py", TRAIN)
+    project.run("train.py")
+    db = load_config().db_path
+    store = Store.open(load_config())
+    count = "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); print(c.execute(sys.argv[2]).fetchone()[0]); c.close()"
+    envs = "SELECT count(*) FROM envs WHERE env_id LIKE 'test-%'"
+    try:
+        with write_transaction(store.conn):
+            store.conn.execute("INSERT INTO envs (env_id, env, created) VALUES ('test-1', '{}', 0)")
+        flor.query("SELECT count(*) FROM runs")  # reads in the writing process
+        flor.dataframe("loss")
+        subprocess.run([sys.executable, "-c", count, str(db), envs], check=True, capture_output=True, timeout=60)
+        assert Path(str(db) + "-wal").exists(), "another process deleted the WAL this one writes to"
+        with write_transaction(store.conn):
+            store.conn.execute("INSERT INTO envs (env_id, env, created) VALUES ('test-2', '{}', 0)")
+        seen = subprocess.run([sys.executable, "-c", count, str(db), envs], check=True, capture_output=True,
+                              text=True, timeout=60)
+        assert seen.stdout.strip() == "2"
+    finally:
+        store.close()

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import stat
 import threading
 import time
@@ -32,12 +31,11 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from ..environment import is_secret_name
+from ..redaction import redact_argv, redact_command
 from ..store import Store, write_transaction
 from ._journal import PIPELINE_COLUMNS, PipelineJournal, commit_message, merge_dag_node
 
 RACY_SECONDS = 2.0
-_SECRET_ASSIGNMENT = re.compile(r"^(-{0,2}[A-Za-z_][A-Za-z0-9_.-]*)=(.*)$", re.DOTALL)
 
 
 class TaskStatus(StrEnum):
@@ -108,7 +106,7 @@ class DagNode:
             "task_dep": self.task_dep,
             "file_dep": self.file_dep,
             "targets": self.targets,
-            "actions": self.actions,
+            "actions": [redact_command(action) for action in self.actions],  # no secret reaches the DAG JSON
             "doc": self.doc,
         }
 
@@ -116,17 +114,6 @@ class DagNode:
 def new_pipeline_id() -> str:
     """A fresh pipeline id (same shape as run ids)."""
     return uuid.uuid4().hex[:16]
-
-
-def redact_argv(argv: Iterable[str]) -> list[str]:
-    """``argv`` with the value of every ``NAME=value`` whose name looks like a secret replaced."""
-    redacted = []
-    for arg in argv:
-        match = _SECRET_ASSIGNMENT.match(arg)
-        if match and is_secret_name(match.group(1)):
-            arg = match.group(1) + "=***"
-        redacted.append(arg)
-    return redacted
 
 
 def relative_path(path: str | os.PathLike[str], root: Path) -> str:
@@ -262,8 +249,8 @@ class BuildRecorder:
                     r.started,
                     r.ended,
                     r.ended - r.started,
-                    json.dumps(list(r.actions)),
-                    r.error,
+                    json.dumps([redact_command(action) for action in r.actions]),
+                    redact_command(r.error) if r.error else r.error,  # it may quote the command line
                 )
                 for r, _ in pending
             ]

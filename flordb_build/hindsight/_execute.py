@@ -32,6 +32,7 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from ..config import Config, load_config
 from ..errors import ConfigError, FlorBuildError, WarmStartError
+from ..redaction import contains_mask
 from ..values import decode_value
 from ._model import (
     DEFAULT_REL_TOL,
@@ -500,6 +501,8 @@ def replay_environment(config: Config, run_id: str, task: str | None, device: st
             continue
         if device != "auto" and name in ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES"):
             continue  # the replay chose its device
+        if contains_mask(value):
+            continue  # recorded with a password masked: the replaying command's own value stays
         env[name] = value
     if task:
         env["FLOR_TASK"] = task

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..config import Config, read_tool_section
+from ..redaction import contains_mask
 from ..runtime import _CTX, ROOT_CTX, Run, process_age
 from ..store import Store, coalesce_loops, loop_contexts
 from ..values import encode_value, simple_loop_value
@@ -119,6 +120,8 @@ class ReplayRun(Run):
             return self.args[name]
         if name == "device":
             value: Any = self.device()
+        elif name in self.spec.args and contains_mask(self.spec.args[name]):
+            value = self._masked_arg(name, default)
         elif name in self.spec.args:
             value = self.spec.args[name]
             if isinstance(default, tuple) and isinstance(value, list):
@@ -127,6 +130,19 @@ class ReplayRun(Run):
             return super().arg(name, default)
         self.args[name] = value
         return value
+
+    def _masked_arg(self, name: str, default: Any) -> Any:
+        """A secret arg is recorded masked (redaction.py): the replay takes the script's default, which
+        the replaying process evaluates (e.g. from its own environment), and says so; never the mask."""
+        if default is None:
+            message = (
+                f"arg '{name}' was recorded masked (it looks like a secret) and the script gives it no default; "
+                f"give it one to replay this run, e.g. flor.arg('{name}', os.environ.get('...'))"
+            )
+            self.failure = (message, 2)
+            raise SystemExit(f"flordb_build: {message}")
+        self.notes.append(f"arg '{name}' was recorded masked (a secret): the replay used the script's default")
+        return default
 
     def device(self) -> str:
         """``cpu`` or ``cuda``: the replay's device (``auto``: cuda when torch sees a GPU)."""

@@ -1,0 +1,229 @@
+"""Which untracked files a run's snapshot takes: not secrets, not huge data files.
+
+Tracked files are the user's repository and always go in. Untracked files that ``.gitignore``
+does not ignore go in too (a run's code is often not committed yet), except
+
+* files matching the deny list of secret-looking names (:data:`DEFAULT_EXCLUDE` plus
+  ``snapshot_exclude``): ``flor.shadow`` is an ordinary branch, and ``git push --all`` uploads it;
+* files over ``snapshot_max_file_bytes`` (:data:`DEFAULT_MAX_FILE_BYTES`): a 500 MB data file
+  next to the script would be copied into ``.git`` on every run's first capture.
+
+``snapshot_include`` patterns override both. Patterns follow ``.gitignore``'s shape, matched
+without regard to case: ``name`` or ``*.pem`` matches that name in any directory, ``dir/``
+matches a directory anywhere (and everything below it), and a pattern with a ``/`` inside
+matches from the project root (``data/raw``, ``configs/*.json``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from .errors import ConfigError
+
+#: Secret-looking files that never go into a snapshot unless ``snapshot_include`` names them.
+DEFAULT_EXCLUDE = (
+    ".env", ".env.*", "*.env", ".envrc", "*.pem", "*.key", "*.p12", "*.pfx", "*.jks", "*.keystore", "*.kdbx",
+    "id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25519*", ".ssh/", ".gnupg/", ".aws/", ".azure/", ".kube/",
+    ".docker/", "credentials*.json", "credentials", "client_secret*.json", "service-account*.json", ".netrc",
+    "_netrc", ".pgpass", ".pypirc", ".npmrc", ".git-credentials", "secrets.*", "secret.*", "*.secret",
+)
+#: Untracked files larger than this stay out of snapshots unless ``snapshot_include`` names them.
+DEFAULT_MAX_FILE_BYTES = 5 * 1024 * 1024
+_MAX_NAMED = 10  # files a warning names before it says "and N more"
+
+
+class LeftOutReason(StrEnum):
+    """Why an untracked file stayed out of a snapshot."""
+
+    SECRET = "secret"
+    TOO_LARGE = "too-large"
+
+
+@dataclass(frozen=True)
+class LeftOut:
+    """One untracked file a snapshot did not take, and why."""
+
+    path: str
+    reason: LeftOutReason
+    detail: str  # the pattern it matched, or its size
+
+    def describe(self) -> str:
+        """``'path' (why)`` for a warning."""
+        return f"'{self.path}' ({self.detail})"
+
+
+@dataclass(frozen=True)
+class SnapshotPolicy:
+    """``[tool.flordb_build]``'s ``snapshot_exclude``, ``snapshot_include`` and ``snapshot_max_file_bytes``."""
+
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    include: tuple[str, ...] = ()
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+
+    @classmethod
+    def from_section(cls, section: Mapping[str, Any]) -> SnapshotPolicy:
+        """The policy a project's ``[tool.flordb_build]`` asks for (the defaults where it says nothing).
+
+        :raises ConfigError: for a value of the wrong type.
+        """
+        extra = _patterns(section, "snapshot_exclude")
+        include = _patterns(section, "snapshot_include")
+        max_bytes = section.get("snapshot_max_file_bytes", DEFAULT_MAX_FILE_BYTES)
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+            raise ConfigError(
+                f"'snapshot_max_file_bytes' in [tool.flordb_build] must be a whole number of bytes >= 0, "
+                f"got '{max_bytes}'."
+            )
+        return cls(exclude=DEFAULT_EXCLUDE + extra, include=include, max_file_bytes=max_bytes)
+
+    def check(self, path: str, size: int) -> LeftOut | None:
+        """None when the untracked file ``path`` (posix, relative to the root) of ``size`` bytes goes in."""
+        if self.include and self._include.search(path):
+            return None
+        if self._exclude.search(path):
+            pattern = first_match(path, self.exclude)
+            return LeftOut(path, LeftOutReason.SECRET, f"matches the secret-file pattern '{pattern}'")
+        if size > self.max_file_bytes:
+            return LeftOut(
+                path,
+                LeftOutReason.TOO_LARGE,
+                f"{format_size(size)}, over snapshot_max_file_bytes = {self.max_file_bytes}",
+            )
+        return None
+
+
+    @functools.cached_property
+    def _include(self) -> re.Pattern[str]:
+        return combined_regex(self.include)
+
+    @functools.cached_property
+    def _exclude(self) -> re.Pattern[str]:
+        return combined_regex(self.exclude)
+
+
+def _patterns(section: Mapping[str, Any], key: str) -> tuple[str, ...]:
+    value = section.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(p, str) and p.strip("/") for p in value):
+        raise ConfigError(f"'{key}' in [tool.flordb_build] must be a list of path patterns like \".env\" or \"data/\".")
+    return tuple(value)
+
+
+def first_match(path: str, patterns: Iterable[str]) -> str | None:
+    """The first of ``patterns`` that ``path`` matches (see the module docstring), else None."""
+    for pattern in patterns:
+        if pattern_regex(pattern).search(path):
+            return pattern
+    return None
+
+
+def matches_any(path: str, patterns: Sequence[str]) -> bool:
+    """True when ``path`` matches one of ``patterns`` (one regex search for all of them)."""
+    return bool(patterns) and combined_regex(tuple(patterns)).search(path) is not None
+
+
+@functools.lru_cache(maxsize=256)
+def pattern_regex(pattern: str) -> re.Pattern[str]:
+    """One pattern as a regex over a whole posix path, ignoring case."""
+    return re.compile(_pattern_source(pattern), re.IGNORECASE)
+
+
+@functools.lru_cache(maxsize=16)
+def combined_regex(patterns: tuple[str, ...]) -> re.Pattern[str]:
+    """All ``patterns`` as one regex: a path is searched once, whatever their number.
+
+    The patterns for any directory level share one ``(?:^|/)`` prefix, so the search tries their
+    alternatives only where a path component starts.
+    """
+    anchored = [_pattern_source(p) for p in patterns if _is_anchored(p)]
+    anywhere = [_component_source(p) for p in patterns if not _is_anchored(p)]
+    parts = []
+    if anywhere:
+        parts.append("(?:^|/)(?:" + "|".join(anywhere) + ")")
+    parts.extend(f"(?:{source})" for source in anchored)
+    return re.compile("|".join(parts), re.IGNORECASE)
+
+
+def _is_anchored(pattern: str) -> bool:
+    return "/" in pattern.strip("/")
+
+
+def _component_source(pattern: str) -> str:
+    """The regex of a pattern for one path component and what follows it (``/``, or the end)."""
+    return _glob_source(pattern.strip("/")) + ("/" if pattern.endswith("/") else "(?:/|$)")
+
+
+def _pattern_source(pattern: str) -> str:
+    if _is_anchored(pattern):  # anchored at the root: the path, or a directory leading to it
+        return "^" + _component_source(pattern)
+    return "(?:^|/)" + _component_source(pattern)
+
+
+def _glob_source(glob: str) -> str:
+    """A glob as a regex where ``*`` and ``?`` never cross a ``/`` (``[...]`` classes kept)."""
+    out: list[str] = []
+    i = 0
+    while i < len(glob):
+        char = glob[i]
+        if char == "*":
+            out.append("[^/]*")
+        elif char == "?":
+            out.append("[^/]")
+        elif char == "[" and "]" in glob[i + 2 :]:
+            end = glob.index("]", i + 2)
+            inner = glob[i + 1 : end]
+            out.append("[" + ("^" + inner[1:] if inner.startswith("!") else inner).replace("\\", "\\\\") + "]")
+            i = end
+        else:
+            out.append(re.escape(char))
+        i += 1
+    return "".join(out)
+
+
+def format_size(size: int) -> str:
+    """``5.2 MB`` style sizes for messages."""
+    value = float(size)
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{int(value)} {unit}" if unit == "bytes" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{size} bytes"
+
+
+def select_untracked(root: bytes, paths: Iterable[bytes], policy: SnapshotPolicy) -> tuple[list[bytes], list[LeftOut]]:
+    """Split untracked ``paths`` (as ``git ls-files -z`` prints them) into those to take and those left out.
+
+    A directory entry (``sub/``: git lists a nested repository that way) is skipped: its gitlink
+    would hold only a commit id of another repository, no content of this one.
+    """
+    taken: list[bytes] = []
+    left_out: list[LeftOut] = []
+    for path in paths:
+        if not path or path.endswith(b"/"):
+            continue
+        try:
+            size = os.lstat(os.path.join(root, path)).st_size
+        except FileNotFoundError:
+            continue  # deleted since git listed it
+        verdict = policy.check(os.fsdecode(path), size)
+        if verdict is None:
+            taken.append(path)
+        else:
+            left_out.append(verdict)
+    return taken, left_out
+
+
+def left_out_message(left_out: Sequence[LeftOut]) -> str:
+    """One warning naming what a snapshot left out and how to include it."""
+    named = ", ".join(item.describe() for item in left_out[:_MAX_NAMED])
+    more = f" and {len(left_out) - _MAX_NAMED} more" if len(left_out) > _MAX_NAMED else ""
+    return (
+        f"The run's snapshot left out {len(left_out)} untracked file(s): {named}{more}. To include a file, "
+        "add its path to snapshot_include = [...] in [tool.flordb_build] of pyproject.toml, or track it with "
+        "'git add'; to leave it out silently, add it to .gitignore."
+    )
