@@ -81,7 +81,7 @@ def test_every_page_renders_and_the_store_is_not_written(recorded: UiProject, cl
     try:
         run = recorded.pipeline_run
         pages = [
-            "/", "/runs?sort=final_acc&desc=0", f"/runs?where=lr%20%3E%200.2", "/runs?task=train", "/runs?status=ok",
+            "/", "/runs?sort=final_acc&desc=0", "/runs?where=lr%20%3E%200.2", "/runs?task=train", "/runs?status=ok",
             f"/run/{run}", f"/run/{run[:6]}", f"/api/run/{run}/figures",
             f"/compare?run={recorded.direct_runs[0]}&run={recorded.direct_runs[1]}&name=val_acc",
             "/pipelines", f"/pipeline/{recorded.pipelines[1]}", "/lineage", "/lineage?path=model.txt",
