@@ -84,8 +84,11 @@ def doit(project: Project) -> subprocess.CompletedProcess[str]:
     )
 
 
-def build_ui_project(project: Project) -> UiProject:
-    """Record the runs, the replay and the pipelines described in the module docstring."""
+def record_pipelines(project: Project, *, direct_runs: bool = True) -> list[str]:
+    """Write the project, record the direct runs (when asked) and the two doit invocations.
+
+    :returns: the pipeline ids, oldest first.
+    """
     import flordb_build as flor
 
     project.write("train.py", TRAIN)
@@ -97,8 +100,9 @@ def build_ui_project(project: Project) -> UiProject:
     project.write(".gitignore", ".doit.db*\n__pycache__/\nclean.txt\nmodel.txt\nreport.txt\nfail.flag\n")
     project.cli("init")
     project.commit_all("pipeline")
-    project.run("train.py", "--kwargs", "lr=0.1")
-    project.run("train.py", "--kwargs", "lr=0.3")
+    if direct_runs:
+        project.run("train.py", "--kwargs", "lr=0.1")
+        project.run("train.py", "--kwargs", "lr=0.3")
     first = doit(project)
     assert first.returncode == 0, first.stdout + first.stderr
     project.write("report.py", REPORT.replace("'model '", "'model: '"))
@@ -106,12 +110,19 @@ def build_ui_project(project: Project) -> UiProject:
     project.commit_all("report v2")
     second = doit(project)
     assert second.returncode != 0, "audit should fail in the second pipeline"
+    return list(flor.query("SELECT pipeline_id FROM pipelines ORDER BY started")["pipeline_id"])
+
+
+def build_ui_project(project: Project) -> UiProject:
+    """Record the runs, the replay and the pipelines described in the module docstring."""
+    import flordb_build as flor
+
+    pipelines = record_pipelines(project)
     project.write("train.py", TODAY)
     project.commit_all("today: val_loss")
     replay = project.cli("replay", "val_loss", "--yes")
     assert "FAILED" not in replay.stdout, replay.stdout
     runs = flor.query("SELECT run_id, task FROM runs ORDER BY tstamp")
-    pipelines = flor.query("SELECT pipeline_id FROM pipelines ORDER BY started")["pipeline_id"].tolist()
     direct = runs[runs["task"].isna()]["run_id"].tolist()
     piped = runs[runs["task"] == "train"]["run_id"].tolist()
     assert len(direct) == 2 and len(piped) == 1 and len(pipelines) == 2
