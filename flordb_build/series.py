@@ -115,7 +115,8 @@ def read_series(store: Store, run_id: str, name: str) -> Series:
     if isinstance(run_value, np.generic):
         run_value = run_value.item()
     leaves = _leaf_mask(ctx, at, blocks)
-    ctx, at, values, replayed = ctx[leaves], at[leaves], values[leaves], replayed[leaves]
+    if not leaves.all():
+        ctx, at, values, replayed = ctx[leaves], at[leaves], values[leaves], replayed[leaves]
     dims, index = blocks.dimensions(ctx, at)
     return Series(run_id, name, dims, index, values, replayed, run_value)
 
@@ -157,6 +158,8 @@ def _concat_values(parts: list[np.ndarray]) -> np.ndarray:
 
 
 def _last_per_context(ctx: np.ndarray, values: np.ndarray, replayed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if ctx.size and bool(np.all(ctx[1:] > ctx[:-1])):  # one value per context, in order: the common case
+        return ctx, values, replayed
     order = np.argsort(ctx, kind="stable")
     ctx = ctx[order]
     last = np.append(ctx[1:] != ctx[:-1], True) if ctx.size else np.zeros(0, dtype=bool)
@@ -168,7 +171,7 @@ def _decoded(rows: list[tuple[int, object, int]]) -> np.ndarray:
 
 
 def _packed_record(conn: sqlite3.Connection, run_id: str, name: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """Recorded ``(ctx ids, values)`` from ``log_columns`` when its chunks cover every recorded row."""
+    """Recorded ``(ctx ids, values)`` from ``log_columns`` when its chunks hold every recorded row."""
     chunks = conn.execute(
         "SELECT count, format, ctx_ids, vals FROM log_columns WHERE run_id = ? AND name = ? ORDER BY first_seq",
         (run_id, name),
@@ -176,13 +179,21 @@ def _packed_record(conn: sqlite3.Connection, run_id: str, name: str) -> tuple[np
     formats = {c[1] for c in chunks}
     if len(formats) != 1 or formats & {"rows"}:
         return None
+    # Every writer (the flusher, rebuild) stores a batch's chunks in the transaction of its rows,
+    # so a run's chunks cover all its recorded rows, or, in a store older than log_columns, none.
+    # Rows logged before the first chunk would mean the latter: one index seek tells, where
+    # counting a million rows would read them all.
+    first_seq = conn.execute(
+        "SELECT min(first_seq) FROM log_columns WHERE run_id = ? AND name = ?", (run_id, name)
+    ).fetchone()[0]
+    earlier = conn.execute(
+        "SELECT 1 FROM logs WHERE run_id = ? AND name = ? AND source = 'record' AND seq < ? LIMIT 1",
+        (run_id, name, first_seq),
+    ).fetchone()
+    if earlier is not None:
+        return None
     dtype = np.float64 if chunks[0][1] == "f8" else np.int64
     ctx = np.concatenate([np.frombuffer(c[2], dtype=np.int64) for c in chunks])
-    recorded = conn.execute(
-        "SELECT count(*) FROM logs WHERE run_id = ? AND name = ? AND source = 'record'", (run_id, name)
-    ).fetchone()[0]
-    if len(ctx) != recorded:
-        return None
     values = np.concatenate([np.frombuffer(c[3], dtype=dtype) for c in chunks])
     return ctx, values
 
@@ -223,11 +234,22 @@ class _LoopBlocks:
         depth_sum = np.zeros(n_names)
         depth_count = np.zeros(n_names)
         inside = at >= 0
-        rows, own = np.nonzero(inside)[0], at[inside]
-        index[self.name_code[own], rows] = self.iteration[own] + ctx[inside] - self.start[own]
-        depth_count += np.bincount(self.name_code[own], minlength=n_names)
+        everywhere = bool(inside.all())
+        rows, own = (slice(None), at) if everywhere else (np.nonzero(inside)[0], at[inside])
+        codes = self.name_code[own]
+        iterations = self.iteration[own] + ctx[rows] - self.start[own]
+        counts = np.bincount(codes, minlength=n_names)
+        present = np.flatnonzero(counts).tolist()
+        for d in present:  # the points' own loops: usually one name
+            if everywhere and len(present) == 1:
+                index[d] = iterations
+            else:
+                mine = codes == d
+                index[d][np.arange(len(ctx))[rows][mine]] = iterations[mine]
+        depth_count += counts
         # Ancestors, per distinct block: `above[:, b]` is block b's ancestry, broadcast to its points.
         blocks, inverse = _runs_of(own)
+        weights = np.bincount(inverse, minlength=len(blocks))
         above = np.full((n_names, len(blocks)), -1, dtype=np.int64)
         cols = np.arange(len(blocks))
         cur = self.parent[blocks]
@@ -237,15 +259,14 @@ class _LoopBlocks:
             cols, cur, up = cols[known], cur[known], up[known]
             if cols.size == 0:
                 break
-            codes = self.name_code[up]
-            unset = (above[codes, cols] < 0) & (codes != self.name_code[blocks[cols]])
-            above[codes[unset], cols[unset]] = self.iteration[up[unset]] + cur[unset] - self.start[up[unset]]
-            weights = np.bincount(inverse, minlength=len(blocks))[cols[unset]]
-            np.add.at(depth_sum, codes[unset], -depth * weights)
-            np.add.at(depth_count, codes[unset], weights)
+            up_codes = self.name_code[up]
+            unset = (above[up_codes, cols] < 0) & (up_codes != self.name_code[blocks[cols]])
+            above[up_codes[unset], cols[unset]] = self.iteration[up[unset]] + cur[unset] - self.start[up[unset]]
+            np.add.at(depth_sum, up_codes[unset], -depth * weights[cols[unset]])
+            np.add.at(depth_count, up_codes[unset], weights[cols[unset]])
             cur = self.parent[up]
         for d in range(n_names) if len(blocks) else ():
-            if (above[d] >= 0).any():
+            if (above[d] >= 0).any():  # the nearest loop of a name wins: fill only what is unset
                 column = index[d]
                 spread = above[d][inverse]
                 column[rows] = np.where(column[rows] < 0, spread, column[rows])

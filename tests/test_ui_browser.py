@@ -104,12 +104,15 @@ def chart_points(page: Any, name: str, run_id: str) -> tuple[list[tuple[float, f
     return points, {t["meta"]["source"] for t in mine}
 
 
+# Resolved at import, before the project fixture changes the working directory.
+SCREENSHOTS = Path(os.environ["FLORDB_BUILD_SCREENSHOTS"]).resolve() if os.environ.get("FLORDB_BUILD_SCREENSHOTS") else None
+
+
 def shoot(page: Any, tmp_path: Path, name: str) -> None:
     page.screenshot(path=str(tmp_path / name), full_page=True)
-    target = os.environ.get("FLORDB_BUILD_SCREENSHOTS")
-    if target:
-        Path(target).mkdir(parents=True, exist_ok=True)
-        shutil.copy2(tmp_path / name, Path(target) / name)
+    if SCREENSHOTS is not None:
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(tmp_path / name, SCREENSHOTS / name)
 
 
 def test_every_page_in_a_browser(served: tuple[UiProject, str], tmp_path: Path) -> None:
