@@ -140,6 +140,10 @@ def test_integers_stay_integers_and_missing_prints_one_way(project: Project) -> 
     assert records == [{"exit_code": 0}, {"exit_code": None}]
     out = project.cli("query", "SELECT filename, exit_code, seconds, NULL AS absent FROM runs ORDER BY tstamp").stdout
     assert out.splitlines()[2].split() == ["wait.py", "-", "-", "-"]  # NA, NaN and None print alike
+    assert out.splitlines()[1].split()[:2] == ["train.py", "0"]  # flor.query keeps the column integer
+    import flordb_build as flor
+
+    assert str(flor.query("SELECT exit_code FROM runs")["exit_code"].dtype) == "Int64"
     frame = project.cli("dataframe", "loss", "started").stdout
     for spelling in ("NaN", "None", "<NA>", "NaT", "nan"):
         assert spelling not in frame and spelling not in out

@@ -146,6 +146,7 @@ def test_compare_marks_what_differs(recorded: UiProject, client: Any) -> None:
     rows = dict(re.findall(r'<tr class="(?:differs|same)" data-name="([^"]+)" data-section="args" data-differs="(\w+)"', page))
     assert rows == {"lr": "true", "epochs": "false"}
     assert re.search(r'data-name="final_acc" data-section="values" data-differs="true"', page)
+    assert page.count('class="diff"') == 1 and "v2, lr " in page  # the two versions of train.py side by side
     figure = json.loads(re.search(r'<script type="application/json" id="figures">(.*?)</script>', page, re.S).group(1))
     assert {t["meta"]["run_id"] for t in figure["loss"]["data"]} == {a, b}
 

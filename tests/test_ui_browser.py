@@ -162,7 +162,10 @@ def test_every_page_in_a_browser(served: tuple[UiProject, str], tmp_path: Path) 
             page.wait_for_selector('.chart[data-name="loss"] .main-svg')  # the first name both logged
             for run_id in (a, b):
                 assert chart_points(page, "loss", run_id)[0] == sorted(expected_points("loss", run_id))
-            assert page.locator(".codediff table.diff").count() == 0  # both ran one version of train.py
+            # B ran another version of train.py: the scripts side by side, the changed line marked.
+            assert page.locator(".codediff table.diff").count() == 1
+            marked = page.locator(".codediff td:has(span.diff_add, span.diff_chg, span.diff_sub)").all_inner_texts()
+            assert any("v2, lr " in text.replace("\xa0", " ") for text in marked), marked  # HtmlDiff uses nbsp
             shoot(page, tmp_path, "ui_compare.png")
             page.click('.names a:text-is("val_acc")')
             page.wait_for_selector('.chart[data-name="val_acc"] .main-svg')

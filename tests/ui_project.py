@@ -2,7 +2,8 @@
 
 ``build_ui_project`` records, in a temporary git repository:
 
-- two direct runs of ``train.py`` (lr 0.1 and 0.3) and one run through a doit pipeline (lr 0.5):
+- two direct runs of ``train.py`` (lr 0.1, then lr 0.3 with a changed line) and one run through a
+  doit pipeline (lr 0.5):
   ``loss`` per (epoch, step), ``val_acc`` per epoch, run-level ``final_acc``, a text value, a
   wide JSON list, checkpoints of the training state;
 - a hindsight replay of today's ``val_loss`` (inside the epoch loop) into all three runs;
@@ -40,8 +41,9 @@ flor.log("note", "lr " + str(lr))
 flor.log("history", list(range(40)))
 open("model.txt", "w").write(str(state["w"]))
 """
+TRAIN_V2 = TRAIN.replace("flor.log(\"note\", \"lr \" + str(lr))", "flor.log(\"note\", \"v2, lr \" + str(lr))")
 # Today's version: one more statement in the epoch loop, for hindsight logging.
-TODAY = TRAIN.replace(
+TODAY = TRAIN_V2.replace(
     '        flor.log("val_acc", round(1 - state["w"], 6))\n',
     '        flor.log("val_acc", round(1 - state["w"], 6))\n        flor.log("val_loss", round(state["w"] * 2, 6))\n',
 )
@@ -102,6 +104,8 @@ def record_pipelines(project: Project, *, direct_runs: bool = True) -> list[str]
     project.commit_all("pipeline")
     if direct_runs:
         project.run("train.py", "--kwargs", "lr=0.1")
+        project.write("train.py", TRAIN_V2)  # the second run ran other code: compare shows the change
+        project.commit_all("train v2")
         project.run("train.py", "--kwargs", "lr=0.3")
     first = doit(project)
     assert first.returncode == 0, first.stdout + first.stderr

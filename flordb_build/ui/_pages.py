@@ -168,10 +168,11 @@ def script_at_snapshot(config: Config, snapshot: str | None, filename: str | Non
 
 
 def build_compare_page(store: Store, run_ids: list[str], name: str | None) -> ComparePage:
-    """The Compare page of ``run_ids`` (in the order given), charting ``name``."""
+    """The Compare page of ``run_ids`` (oldest first: A is the baseline), charting ``name``."""
     from ..table import format_cell
 
-    runs = [run_facts(store, r) for r in run_ids]
+    runs = sorted((run_facts(store, r) for r in run_ids), key=lambda f: str(f.get("tstamp") or ""))
+    run_ids = [f["run_id"] for f in runs]
     arg_sets = []
     value_sets = []
     name_sets = []
