@@ -41,7 +41,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
     store = open_read_only(load_config())
     if store is None:
-        print("(no runs recorded yet)") if args.format == "table" else _print_frame(_no_runs(), args.format, "")
+        _print_frame(_no_runs(), args.format, "(no runs recorded yet)")
         return 0
     try:
         table = select_runs(read_run_table(store, args.where), task=args.task, status=args.status, limit=args.limit)

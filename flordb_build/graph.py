@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import html
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -58,7 +58,6 @@ class Node:
     status: str | None = None
     detail: str = ""  # second line: "executed · 1.25 s" or a short sha256
     tooltip: str = ""
-    link: str | None = None
     data: Mapping[str, str] = field(default_factory=dict)  # data-* attributes in the SVG
 
 
@@ -201,16 +200,22 @@ def layers(graph: Graph) -> list[list[str]]:
         if edge.source in preds and edge.target in preds:
             preds[edge.target].append(edge.source)
             succs[edge.source].append(edge.target)
+    # Longest path from a source, in topological order (Kahn). A cycle, which a valid DAG never
+    # has, is cut: its nodes go one layer after their placed predecessors.
     layer: dict[str, int] = {}
-
-    def depth(node: str, trail: frozenset[str]) -> int:
-        if node not in layer:
-            # A cycle (never in a valid DAG) is cut where it closes.
-            layer[node] = 1 + max((depth(p, trail | {node}) for p in preds[node] if p not in trail), default=-1)
-        return layer[node]
-
-    for node in ids:
-        depth(node, frozenset())
+    waiting = {i: len(set(preds[i])) for i in ids}
+    ready = [i for i in ids if waiting[i] == 0]
+    while len(layer) < len(ids):
+        if not ready:
+            ready = [next(i for i in ids if i not in layer)]
+        node = ready.pop(0)
+        if node in layer:
+            continue
+        layer[node] = 1 + max((layer[p] for p in preds[node] if p in layer), default=-1)
+        for succ in dict.fromkeys(succs[node]):
+            waiting[succ] -= 1
+            if waiting[succ] == 0 and succ not in layer:
+                ready.append(succ)
     out: list[list[str]] = [[] for _ in range(max(layer.values(), default=-1) + 1)]
     for node in ids:
         out[layer[node]].append(node)
@@ -286,7 +291,7 @@ def to_svg(graph: Graph, link: Mapping[str, str] | None = None) -> str:
             f'<text x="{x + NODE_WIDTH / 2:.1f}" y="{y + 36:.1f}" text-anchor="middle" class="detail">'
             f"{esc(_fit(node.detail, 32))}</text></g>"
         )
-        href = (link or {}).get(node.id) or node.link
+        href = (link or {}).get(node.id)
         parts.append(f'<a href="{esc(href)}">{box}</a>' if href else box)
     parts.append("</svg>")
     return "".join(parts)
@@ -354,8 +359,3 @@ def to_text(graph: Graph) -> str:
             if reason:
                 lines.append(f"     {reason}")
     return "\n".join(lines)
-
-
-def node_ids(nodes: Iterable[Node], kind: NodeKind) -> list[str]:
-    """The ids of the nodes of one kind."""
-    return [n.id for n in nodes if n.kind is kind]
