@@ -62,28 +62,27 @@ class RunLabel:
 
 
 def downsample(y: np.ndarray, max_points: int = MAX_POINTS) -> np.ndarray:
-    """Positions to keep of ``y``: all of them when few, else each bucket's first, min, max, last."""
+    """Positions to keep of ``y``: all of them when few, else each bucket's first, min, max, last.
+
+    Buckets are ``ceil(n / (max_points / 4))`` consecutive points wide (the last one may be
+    shorter); NaN is never a bucket's min or max.
+    """
     n = len(y)
     if n <= max_points:
         return np.arange(n)
-    buckets = max(max_points // 4, 1)
-    edges = np.linspace(0, n, buckets + 1).astype(np.int64)
-    starts, ends = edges[:-1], edges[1:]
-    filled = np.where(np.isnan(y), np.inf, y)
-    mins = np.minimum.reduceat(filled, starts)
-    maxs = np.maximum.reduceat(np.where(np.isnan(y), -np.inf, y), starts)
-    keep = np.zeros(n, dtype=bool)
-    keep[starts] = True
-    keep[ends - 1] = True
-    # The first position of each bucket's min and max: compare against the bucket's value.
-    bucket_of = np.repeat(np.arange(buckets), ends - starts)
-    is_min = filled == mins[bucket_of]
-    is_max = np.where(np.isnan(y), -np.inf, y) == maxs[bucket_of]
-    for flags in (is_min, is_max):
-        first = np.flatnonzero(flags)
-        first = first[np.append(True, bucket_of[first][1:] != bucket_of[first][:-1])]
-        keep[first] = True
-    return np.flatnonzero(keep)
+    width = -(-n // max(max_points // 4, 1))
+    buckets = -(-n // width)
+    pad = buckets * width - n
+    nan = np.isnan(y)
+    low = np.where(nan, np.inf, y) if nan.any() else y
+    high = np.where(nan, -np.inf, y) if nan.any() else y
+    # One row per bucket (the last padded with values that never win): argmin/argmax per row in C.
+    mins = np.argmin(np.concatenate([low, np.full(pad, np.inf)]).reshape(buckets, width), axis=1)
+    maxs = np.argmax(np.concatenate([high, np.full(pad, -np.inf)]).reshape(buckets, width), axis=1)
+    starts = np.arange(buckets) * width
+    ends = np.minimum(starts + width, n) - 1
+    keep = np.concatenate([starts, starts + mins, starts + maxs, ends])
+    return np.unique(keep[keep < n])
 
 
 def x_axis(series: Series, x_dim: str | None) -> tuple[np.ndarray, str]:

@@ -51,6 +51,11 @@ class RunTableCache:
             self._entries[where] = (version, table)
         return table
 
+    def clear(self) -> None:
+        """Forget every table (the next request rebuilds it, as after a write)."""
+        with self._lock:
+            self._entries.clear()
+
 
 def create_app(config: Config | None = None) -> Flask:
     """The UI over ``config``'s store (the current project's by default).
@@ -66,6 +71,7 @@ def create_app(config: Config | None = None) -> Flask:
     app = Flask(__name__, template_folder=str(HERE / "templates"), static_folder=str(HERE / "static"))
     app.config["FLOR_CONFIG"] = config
     cache = RunTableCache(config)
+    app.extensions["flordb_build.run_tables"] = cache
     app.jinja_env.filters["cell"] = format_cell
     app.jinja_env.filters["full"] = lambda v: format_cell(v, full=True)
     app.jinja_env.globals["MISSING"] = MISSING
