@@ -21,6 +21,8 @@ FORMATS = ("table", "csv", "json")
 
 
 def _print_frame(frame: pd.DataFrame, fmt: str, empty_note: str) -> None:
+    # csv and json are for machines: every value whole. The table is for people (table.py):
+    # one spelling of a missing value, integers as integers, wide JSON cut.
     frame = blobs_as_hex(frame)
     if fmt == "csv":
         sys.stdout.write(frame.to_csv(index=False))
@@ -29,10 +31,9 @@ def _print_frame(frame: pd.DataFrame, fmt: str, empty_note: str) -> None:
     elif frame.empty:
         print(empty_note)
     else:
-        import pandas as pd
+        from .table import format_table
 
-        with pd.option_context("display.max_rows", None, "display.max_columns", None, "display.width", 200):
-            print(frame.to_string(index=False))
+        print(format_table(frame))
 
 
 def blobs_as_hex(frame: pd.DataFrame) -> pd.DataFrame:
@@ -53,23 +54,50 @@ def blobs_as_hex(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from .query import query
+    from .config import load_config
+    from .reader import open_read_only
+    from .runlist import read_run_table, select_runs
 
-    frame = query(
-        "SELECT run_id, tstamp, task, filename, status, exit_code, round(seconds, 3) AS seconds, "
-        "substr(snapshot, 1, 12) AS snapshot FROM runs ORDER BY tstamp DESC LIMIT ?",
-        (args.limit,),
-    )
-    _print_frame(frame, args.format, "(no runs recorded yet)")
+    store = open_read_only(load_config())
+    if store is None:
+        _print_frame(_no_runs(), args.format, "(no runs recorded yet)")
+        return 0
+    try:
+        table = select_runs(read_run_table(store, args.where), task=args.task, status=args.status, limit=args.limit)
+    finally:
+        store.close()
+    frame = table.frame.copy()
+    frame.insert(6, "exit_code", table.extra["exit_code"])
+    frame.insert(7, "snapshot", table.extra["snapshot"].map(lambda s: s[:12] if isinstance(s, str) else s))
+    _print_frame(frame, args.format, "(no runs match)" if (args.where or args.task or args.status) else "(no runs recorded yet)")
     return 0
 
 
+def _no_runs() -> pd.DataFrame:
+    import pandas as pd
+
+    from .runlist import FIXED_COLUMNS
+
+    return pd.DataFrame({c: pd.Series(dtype=object) for c in FIXED_COLUMNS})
+
+
 def cmd_dataframe(args: argparse.Namespace) -> int:
+    from .errors import QueryError
     from .query import dataframe, latest
 
     frame = dataframe(*args.names, where=args.where, timeout=args.timeout or None)
     if args.latest:
         frame = latest(frame)
+    if args.columns:
+        wanted = [c.strip() for c in args.columns.split(",") if c.strip()]
+        unknown = [c for c in wanted if c not in frame.columns]
+        if unknown:
+            raise QueryError(
+                f"No column '{unknown[0]}' in this dataframe; its columns: {', '.join(map(str, frame.columns))}."
+            )
+        frame = frame[wanted]
+    if args.limit is not None:
+        frame = frame.head(args.limit)
     _print_frame(frame, args.format, "(no rows)")
     return 0
 
@@ -150,17 +178,64 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 def cmd_lineage(args: argparse.Namespace) -> int:
     import json
 
+    from .graph import lineage_graph, to_dot, to_mermaid
     from .lineage import lineage_to_json, render_lineage, trace_lineage
 
     node = trace_lineage(args.path, max_depth=args.depth)
-    print(json.dumps(lineage_to_json(node), indent=2) if args.format == "json" else render_lineage(node))
+    if args.format == "json":
+        print(json.dumps(lineage_to_json(node), indent=2))
+    elif args.format == "mermaid":
+        print(to_mermaid(lineage_graph(node)))
+    elif args.format == "dot":
+        print(to_dot(lineage_graph(node), "lineage"))
+    else:
+        print(render_lineage(node))
     return 0
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from .rundiff import diff_runs, render_diff
+    from .rundiff import diff_rows, diff_runs, render_diff
 
-    print(render_diff(diff_runs(args.run_a, args.run_b)))
+    diff = diff_runs(args.run_a, args.run_b)
+    if args.format == "table":
+        print(render_diff(diff))
+    else:
+        import pandas as pd
+
+        _print_frame(pd.DataFrame(diff_rows(diff)), args.format, "")
+    return 0
+
+
+def cmd_dag(args: argparse.Namespace) -> int:
+    from .dag._report import pipeline_view
+    from .graph import to_dot, to_mermaid, to_text
+
+    view = pipeline_view(args.pipeline)
+    if args.format == "mermaid":
+        print(to_mermaid(view.graph))
+    elif args.format == "dot":
+        print(to_dot(view.graph))
+    else:
+        print(f"pipeline {view.pipeline_id} ({view.tool or '?'}, {view.status or '?'}): {' '.join(view.argv)}")
+        print(to_text(view.graph))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .charts import GroupBy
+    from .plot import plot_to_file
+
+    result = plot_to_file(args.names, Path(args.output), where=args.where, x_dim=args.x, by=GroupBy(args.by))
+    print(f"wrote {result.path}: {', '.join(result.names)} over {result.runs} runs ({result.points} points)")
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from .ui import serve
+
+    serve(port=args.port, open_browser=args.open, announce=lambda line: print(line, flush=True))
     return 0
 
 
@@ -207,11 +282,23 @@ def _add_build_commands(add: Callable[[str, Callable[[argparse.Namespace], int],
     )
     p.add_argument("path", help="a file a recorded pipeline read or wrote")
     p.add_argument("--depth", type=int, default=50, help="how many tasks to follow in each direction (default 50)")
-    p.add_argument("--format", choices=("text", "json"), default="text", help="output format (default text)")
+    p.add_argument("--format", choices=("text", "json", "mermaid", "dot"), default="text",
+                   help="output format: text (default), json, or a graph as mermaid or graphviz dot")
 
-    p = add("diff", cmd_diff, "Compare two runs: args, changed packages and environment, and the code diff of their snapshots.")
+    p = add(
+        "diff",
+        cmd_diff,
+        "Compare two runs: args, run-level values (metrics), the last and best value of each name logged in "
+        "loops, changed packages and environment, and the code diff of their snapshots; '*' marks what changed.",
+    )
     p.add_argument("run_a", metavar="RUN_A", help="a run id or unique prefix (see 'flordb-build runs')")
     p.add_argument("run_b", metavar="RUN_B", help="another run id or prefix")
+    add_format_option(p)
+
+    p = add("dag", cmd_dag, "Draw a recorded pipeline's task graph with each task's status, seconds and why it ran.")
+    p.add_argument("--pipeline", metavar="ID", help="a pipeline id or unique prefix (default: the latest)")
+    p.add_argument("--format", choices=("text", "mermaid", "dot"), default="text",
+                   help="text (default), mermaid (a flowchart for GitHub or mkdocs) or graphviz dot")
 
 
 # -- hindsight logging (replay/) ---------------------------------------------------------------
@@ -285,6 +372,29 @@ def _add_replay_command(add: Callable[[str, Callable[[argparse.Namespace], int],
                    help="status (default) or stop")
 
 
+def _add_view_commands(add: Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]) -> None:
+    p = add(
+        "plot",
+        cmd_plot,
+        "Chart logged names without a server: one line per run over its loops (loss per step, val_acc per "
+        "epoch), replayed values dashed, into a self-contained HTML page (works offline) or a PNG.",
+    )
+    p.add_argument("names", nargs="+", metavar="NAME", help="logged names, one chart each")
+    p.add_argument("--where", metavar="EXPR", help="SQL expression over flor.dataframe(NAME...)'s columns, e.g. \"task = 'train'\"")
+    p.add_argument("--x", metavar="DIM", help="the loop to put on the x axis (default: the only loop, else all points in order)")
+    p.add_argument("--by", choices=("run", "task"), default="run", help="one colour per run (default) or per task")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="FILE.html or FILE.png")
+
+    p = add(
+        "ui",
+        cmd_ui,
+        "Serve a local, read-only web app over this project's store on 127.0.0.1: runs, a run's charts and "
+        "code, comparisons, pipeline DAGs and file lineage. Needs flordb_build[ui].",
+    )
+    p.add_argument("--port", type=int, default=8765, metavar="N", help="the port (default 8765; 0 picks a free one)")
+    p.add_argument("--open", action="store_true", help="open the app in the default web browser")
+
+
 def add_format_option(parser: argparse.ArgumentParser) -> None:
     """``--format table|csv|json`` for a command that prints a frame."""
     parser.add_argument(
@@ -319,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
             "with 'import flordb_build as flor'; the store is <repo>/.flor/flor.db."
         ),
     )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(name: str, handler: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
@@ -326,8 +439,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler)
         return p
 
-    p = add("runs", cmd_runs, "List recorded runs, newest first: id, time, task, script, status, snapshot commit.")
+    p = add(
+        "runs",
+        cmd_runs,
+        "List recorded runs, newest first: id, time, task, script, status, seconds, exit code, snapshot "
+        "commit, then each arg and each final run-level value.",
+    )
     p.add_argument("--limit", type=int, default=50, help="show at most this many runs (default 50)")
+    p.add_argument("--where", metavar="EXPR", help="SQL expression over flor.dataframe()'s columns, e.g. \"lr < 0.01\"")
+    p.add_argument("--task", metavar="T", help="only runs of this task")
+    p.add_argument("--status", metavar="S", help="only runs with this status (ok, failed, killed, running)")
     add_format_option(p)
 
     p = add(
@@ -340,6 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--where", metavar="EXPR", help="SQL expression over the frame's columns, e.g. \"epoch >= 1\"")
     p.add_argument("--latest", action="store_true", help="keep only the newest run per (task, filename)")
     add_timeout_option(p, "the --where filter")
+    p.add_argument("--limit", type=int, metavar="N", help="print at most N rows")
+    p.add_argument("--columns", metavar="A,B,...", help="print only these columns, in this order")
     add_format_option(p)
 
     p = add(
@@ -372,6 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="report what would be evicted and freed; change nothing")
     _add_build_commands(add)
     _add_replay_command(add)
+    _add_view_commands(add)
     return parser
 
 

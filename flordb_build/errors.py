@@ -105,3 +105,7 @@ class ReplayError(FlorBuildError):
 
 class WarmStartError(ReplayError):
     """A warm replay server could not be started, reached or used; the replay then starts cold."""
+
+
+class ViewError(FlorBuildError):
+    """A view of the store (a chart, a DAG or lineage picture, a UI page) could not be made."""

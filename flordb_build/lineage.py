@@ -213,8 +213,10 @@ def trace_lineage(path: str | os.PathLike[str], config: Config | None = None, ma
 
     if not os.path.isfile(path):
         raise LineageError(f"No file '{os.fspath(path)}'; give the path of a file a pipeline read or wrote.")
+    from .reader import open_read_only
+
     config = config or load_config()
-    store = Store.open_existing(config)
+    store = open_read_only(config)  # tracing only reads: never migrate or mark runs
     if store is None:
         raise LineageError(f"No flordb_build store at '{config.db_path}' yet; run a recorded pipeline first.")
     try:

@@ -72,17 +72,28 @@ def dataframe(
         return _empty_frame(list(names))
     try:
         as_of_replay(store.conn)  # a replayed script reads what its run read (asof.py)
-        runs = _read_runs(store.conn)
-        if expression is not None and _reads_run_columns_only(expression):
-            # The filter reads run columns only: apply it before reading any log row.
-            runs = runs.take(filter_rows(expression, runs.columns, len(runs), timeout=timeout))
-            expression = None
-        if names:
-            columns = _pivot(store.conn, runs, list(dict.fromkeys(names)))
-        else:
-            columns = _run_level(store.conn, runs)
+        return read_dataframe(store.conn, names, expression, timeout=timeout)
     finally:
         store.close()
+
+
+def read_dataframe(
+    conn: sqlite3.Connection,
+    names: Sequence[str],
+    expression: WhereExpression | None = None,
+    *,
+    timeout: float | None = DEFAULT_TIMEOUT_S,
+) -> pd.DataFrame:
+    """``dataframe(*names)`` over an open connection (a read-only one works: this only reads)."""
+    runs = _read_runs(conn)
+    if expression is not None and _reads_run_columns_only(expression):
+        # The filter reads run columns only: apply it before reading any log row.
+        runs = runs.take(filter_rows(expression, runs.columns, len(runs), timeout=timeout))
+        expression = None
+    if names:
+        columns = _pivot(conn, runs, list(dict.fromkeys(names)))
+    else:
+        columns = _run_level(conn, runs)
     frame = _to_frame(columns)
     if expression is not None and len(frame):
         used = expression.columns_used(frame.columns)
@@ -238,4 +249,18 @@ def query(
     finally:
         store.close()
     columns = [d[0] for d in cursor.description or ()]
-    return pd.DataFrame.from_records(rows, columns=columns)
+    frame = pd.DataFrame.from_records(rows, columns=columns)
+    return keep_integers(frame, rows)
+
+
+def keep_integers(frame: pd.DataFrame, rows: Sequence[Sequence[Any]]) -> pd.DataFrame:
+    """Integer columns with NULLs as pandas' nullable ``Int64`` (from_records makes them floats)."""
+    import pandas as pd
+
+    for position in range(frame.shape[1]):
+        if frame.dtypes.iloc[position].kind != "f" or not frame.iloc[:, position].isna().any():
+            continue
+        values = [row[position] for row in rows]
+        if all(v is None or type(v) is int for v in values) and any(v is not None for v in values):
+            frame.isetitem(position, pd.array(values, dtype="Int64"))
+    return frame

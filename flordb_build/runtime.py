@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
 from types import TracebackType
-from typing import IO, TYPE_CHECKING, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from .args import cast_arg, consume_kwargs
 from .config import Config, load_config
@@ -142,14 +142,11 @@ class Run:
             try:
                 value = cast_arg(name, self.kwargs[name], default)
             except ArgError as exc:
-                self.failure = (str(exc), 2)
-                raise SystemExit(f"flordb_build: {exc}") from None
+                _refuse_arg(self, exc)
         elif default is not None:
             value = default
         else:
-            message = f"arg '{name}' has no default and no value; pass one with: --kwargs {name}=VALUE"
-            self.failure = (message, 2)
-            raise SystemExit(f"flordb_build: {message}")
+            _refuse_arg(self, ArgError(f"arg '{name}' has no default and no value; pass one with: --kwargs {name}=VALUE"))
         self.args[name] = value
         token = _CTX.set(ROOT_CTX)  # args describe the whole run, wherever they are read
         try:
@@ -413,6 +410,16 @@ class Run:
         self.store.update_run(self.run_id, snapshot=commit)
 
 
+def _refuse_arg(run: Run, error: ArgError) -> NoReturn:
+    """A script exits with one line; a notebook gets the ArgError (exiting would kill its kernel)."""
+    from .notebook import in_notebook
+
+    if in_notebook():
+        raise error
+    run.failure = (str(error), 2)
+    raise SystemExit(f"flordb_build: {error}") from None
+
+
 def gethostname() -> str:
     import socket
 
@@ -443,9 +450,14 @@ def process_age() -> float:
 
 
 def script_filename(root: Path) -> str:
-    """The running script's path relative to the project root ('-c' or '<interactive>' without one)."""
+    """The running script's (or notebook's) path relative to the project root ('-c' or '<interactive>'
+    without one)."""
     main = sys.modules.get("__main__")
     path = getattr(main, "__file__", None)
+    if not path and "ipykernel" in sys.modules:  # a notebook: its file, not ipykernel's launcher
+        from .notebook import notebook_path
+
+        path = notebook_path()
     if not path:
         return sys.argv[0] if sys.argv and sys.argv[0] else "<interactive>"
     resolved = Path(path).resolve()

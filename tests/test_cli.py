@@ -144,3 +144,91 @@ def test_blobs_print_as_hex_in_every_format(project: Project) -> None:
     assert json.loads(project.cli("query", sql, "--format", "json").stdout) == [{"b": "FF00FE", "t": "text"}]
     assert project.cli("query", sql, "--format", "csv").stdout.splitlines() == ["b,t", "FF00FE,text"]
     assert "FF00FE" in project.cli("query", sql).stdout
+
+
+# -- tables a person can read (issue 15) -------------------------------------------------------
+
+TRAIN_ARGS = """
+import flordb_build as flor
+lr = flor.arg("lr", 0.1)
+epochs = flor.arg("epochs", 2)
+for epoch in flor.loop("epoch", range(epochs)):
+    flor.log("loss", lr / (epoch + 1))
+flor.log("final_acc", 1 - lr)
+flor.log("history", list(range(40)))
+"""
+WAIT = """
+import sys
+import flordb_build as flor
+flor.log("started", 1)
+print("ready", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_version(project: Project) -> None:
+    assert project.cli("--version").stdout.strip() == "flordb-build 0.1.0"
+
+
+@pytest.mark.parametrize("command", ["runs", "dataframe", "query", "pipelines", "tasks", "diff"])
+def test_every_data_command_has_the_three_formats(project: Project, command: str) -> None:
+    assert "{table,csv,json}" in project.cli(command, "--help").stdout
+
+
+def test_runs_shows_args_and_final_values_and_filters(project: Project) -> None:
+    project.write("train.py", TRAIN_ARGS)
+    project.run("train.py", "--kwargs", "lr=0.5")
+    project.run("train.py", "--kwargs", "lr=0.2", "epochs=3")
+    table = project.cli("runs").stdout.splitlines()
+    header = table[0].split()
+    fixed = ["run_id", "tstamp", "task", "filename", "status", "seconds", "exit_code", "snapshot"]
+    assert header == [*fixed, "lr", "epochs", "final_acc", "history"]
+    records = json.loads(project.cli("runs", "--format", "json").stdout)
+    assert [(r["lr"], r["epochs"], r["final_acc"]) for r in records] == [(0.2, 3, 0.8), (0.5, 2, 0.5)]  # newest first
+    assert records[0]["history"] == list(range(40))  # never cut in json
+    assert "…" in table[1] and "[0,1,2,3" in table[1]  # cut in the table
+    csv = project.cli("runs", "--format", "csv").stdout
+    assert '"[0, 1, 2, 3' in csv and "…" not in csv
+    picked = json.loads(project.cli("runs", "--where", "lr > 0.3", "--format", "json").stdout)
+    assert [r["lr"] for r in picked] == [0.5]
+    assert json.loads(project.cli("runs", "--status", "failed", "--format", "json").stdout) == []
+    assert project.cli("runs", "--task", "nope").stdout.strip() == "(no runs match)"
+
+
+def test_integers_stay_integers_and_missing_prints_one_way(project: Project) -> None:
+    project.write("train.py", TRAIN_ARGS)
+    project.run("train.py")
+    project.write("wait.py", WAIT)
+    waiting = subprocess.Popen([sys.executable, "wait.py"], cwd=project.root, stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True)
+    assert waiting.stdout is not None and waiting.stdout.readline().strip() == "ready"
+    waiting.kill()  # dies running: no exit code, no seconds
+    waiting.wait(timeout=60)
+    waiting.stdout.close()
+    assert waiting.stdin is not None
+    waiting.stdin.close()
+    runs = project.cli("runs").stdout.splitlines()
+    killed = next(line for line in runs if "wait.py" in line)
+    assert " killed " in killed and " -  " in killed
+    ok = next(line for line in runs if "train.py" in line)
+    assert " 0 " in ok and " 0.0 " not in ok  # the exit code column stays integer with a NULL in it
+    records = json.loads(project.cli("query", "SELECT exit_code FROM runs ORDER BY tstamp", "--format", "json").stdout)
+    assert records == [{"exit_code": 0}, {"exit_code": None}]
+    out = project.cli("query", "SELECT filename, exit_code, seconds, NULL AS absent FROM runs ORDER BY tstamp").stdout
+    assert out.splitlines()[2].split() == ["wait.py", "-", "-", "-"]  # NA, NaN and None print alike
+    assert out.splitlines()[1].split()[:2] == ["train.py", "0"]  # flor.query keeps the column integer
+    import flordb_build as flor
+
+    assert str(flor.query("SELECT exit_code FROM runs")["exit_code"].dtype) == "Int64"
+    frame = project.cli("dataframe", "loss", "started").stdout
+    for spelling in ("NaN", "None", "<NA>", "NaT", "nan"):
+        assert spelling not in frame and spelling not in out
+
+
+def test_dataframe_limit_and_columns(project: Project) -> None:
+    project.write("train.py", TRAIN_ARGS)
+    project.run("train.py", "--kwargs", "epochs=5")
+    lines = project.cli("dataframe", "loss", "--limit", "2", "--columns", "epoch,loss").stdout.splitlines()
+    assert lines[0].split() == ["epoch", "loss"] and len(lines) == 3
+    proc = project.cli("dataframe", "loss", "--columns", "epoch,nope", check=False)
+    assert proc.returncode == 1 and "No column 'nope'" in proc.stderr and "epoch" in proc.stderr

@@ -6,16 +6,14 @@ with the reason when either is missing.
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 import flordb_build as flor
 
+from .browser import CHROMIUM, CHROMIUM_ARGS, install_chromium
 from .conftest import Project
 from .test_pipeline_digits import (
     free_port,
@@ -26,27 +24,6 @@ from .test_pipeline_digits import (
     train_runs,
     wait_for_page,
 )
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
-
-
-
-def install_chromium() -> str | None:
-    """Install Debian's chromium when it is missing and we may (root, apt-get); None or why not."""
-    if CHROMIUM.exists():
-        return None
-    if shutil.which("apt-get") is None or os.geteuid() != 0:
-        return f"no Chromium at '{CHROMIUM}' and no root apt-get to install it (Debian: apt-get install chromium)"
-    for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
-        if proc.returncode != 0:
-            return f"could not install chromium with '{' '.join(command)}': {proc.stderr.strip()[-300:]}"
-    return None if CHROMIUM.exists() else f"apt-get installed chromium but '{CHROMIUM}' is missing"
-
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
 _why_no_browser = install_chromium()
