@@ -258,7 +258,6 @@ class SubprocessExecutor:
         self.keep_dirs = keep_dirs
         self.links = replay_links(config)
         self.import_paths = project_import_paths(config.root)
-        self.backfill = Backfill(config)
         self._begun: set[str] = set()
         self._lock = threading.Lock()
         self._running: set[WarmProcess | subprocess.Popen[bytes]] = set()
@@ -271,6 +270,7 @@ class SubprocessExecutor:
                 self.pool = WarmPool(config, keep_warm)
             except WarmStartError as exc:
                 self._pool_note = f"started cold: {exc}"
+        self.backfill = Backfill(config)  # last: it holds the session's lock until close()
 
     def cancel(self) -> None:
         """Kill every replay process still running, and any that starts from now on (an interrupted session)."""
@@ -286,7 +286,10 @@ class SubprocessExecutor:
         from ._costs import record_costs
 
         started = time.perf_counter()
-        done = self.backfill.settle(run, decision)
+        try:
+            done = self.backfill.settle(run, decision)
+        except FlorBuildError as exc:  # the store or git refused before anything of the run was written
+            return Decision(withheld=f"its values could not be written: {exc}")
         if done.finish:
             record_costs(self.config, run.script, {"journal": time.perf_counter() - started})
         return done

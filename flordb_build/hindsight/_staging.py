@@ -150,8 +150,8 @@ def staging_sessions(conn: sqlite3.Connection) -> set[str]:
 
 def promote(
     conn: sqlite3.Connection, session: str, run_id: str, names: Iterable[str], journal_commit: str | None
-) -> int:
-    """Make the session's staged values of ``run_id`` the run's replayed values of ``names``; how many.
+) -> None:
+    """Make the session's staged values of ``run_id`` the run's replayed values of ``names``.
 
     One transaction: the run's earlier replayed values of ``names`` go, the staged rows come in
     (``source = 'replay'``), the journal commit this state corresponds to is recorded, and the
@@ -163,17 +163,16 @@ def promote(
         conn.executemany(
             "DELETE FROM logs WHERE run_id = ? AND name = ? AND source = 'replay'", [(run_id, n) for n in names]
         )
-        moved = conn.execute(
+        conn.execute(
             "INSERT OR REPLACE INTO logs (run_id, seq, ctx_id, name, value, kind, source) "
             "SELECT run_id, seq, ctx_id, name, value, kind, 'replay' FROM replay_staged_logs "
             "WHERE session = ? AND run_id = ?",
             (session, run_id),
-        ).rowcount
+        )
         conn.executemany(LOOP_INSERT, [(run_id, *row) for row in staged_loops(conn, session, run_id)])
         if journal_commit is not None:
             record_journal_commit(conn, run_id, journal_commit)
         _delete(conn, session, run_id)
-    return moved
 
 
 def discard(conn: sqlite3.Connection, session: str, run_id: str | None = None) -> None:
