@@ -200,7 +200,7 @@ def test_ctrl_c_while_a_replay_process_runs_keeps_store_and_journal_as_they_were
     project.write("train.py", today('state["w"] * 3'))
     project.commit_all("today: x redefined")
     # On a terminal the progress line is redrawn per epoch: "1/4" means the replay process has run
-    # epoch 0 (and staged its x) and sleeps in epoch 1.
+    # epoch 0 and sleeps in epoch 1.
     controller, terminal = pty.openpty()
     proc = _replay_process(project, "x", "--yes", env={"SLEEP": "600"}, stderr=terminal)
     os.close(terminal)
