@@ -6,7 +6,9 @@ would replace the ``flor.replay`` function with the module.)
     select runs (where, task) -> propagate statements into each snapshot (rewrite/)
       -> plan: scan depth + estimate per run (pure: plan_replay)
       -> run: one process per run or segment, in replay mode (run_replay, _mode.py)
-      -> values in the original runs' rows with source 'replay'; nondeterminism check
+      -> values staged per session (_staging.py); nondeterminism check
+      -> per run, finish or withhold (_backfill.py): journal on flor.shadow, then the staged
+         values promoted into the original run's rows (source 'replay') in one transaction
 
 Public: :func:`plan_replay` (pure), :func:`run_replay`, :func:`prepare_replay` (selection +
 plan), :func:`replay` (all of it, ``flor.replay``), the result dataclasses, and the doit

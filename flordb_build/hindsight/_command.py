@@ -120,8 +120,10 @@ def replay(
         print(format_report(report), file=stream)
     if not report.ok:
         failed = [o.run_id for o in report.outcomes if not o.ok]
-        first = next(e for o in report.outcomes for e in o.errors)
-        raise ReplayError(f"Replay failed for run(s) {', '.join(failed)}: {first}")
+        raise ReplayError(
+            f"Replay failed for run(s) {', '.join(failed)}, whose replayed values were not written: "
+            f"{report.first_error}"
+        )
     return report
 
 

@@ -3,13 +3,15 @@
     run_replay(plan)
       for each run, its segments in parallel:   executor(job, progress) -> JobResult
         SubprocessExecutor:
-          1. clear the run's earlier replayed values of these names (once per run)
+          1. before the run's first job: the store shows the run's newest replay journal
           2. git archive <snapshot> -> tmp/tree        (never the user's work tree)
           3. write the patched script at tmp/tree/<filename>
           4. sys.executable <script> --kwargs <recorded args>, cwd tmp/tree,
-             FLOR_REPLAY=<spec>: the script's flordb_build writes into the original run
+             FLOR_REPLAY=<spec>: the script's flordb_build stages its values (session's staging)
           5. compare what it logged with what was recorded (nondeterminism check)
-      -> RunOutcome per run: estimated vs actual seconds, mismatches, errors
+      decide(outcome): finish or withhold the run    (_backfill.py: the one decision point)
+      executor.finish_run: journal, then promote the staged values in one transaction; or drop them
+      -> RunOutcome per run: estimated vs actual seconds, mismatches, errors, why withheld
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from ..config import Config, load_config
 from ..errors import ConfigError, FlorBuildError, WarmStartError
 from ..redaction import contains_mask
 from ..values import decode_value
+from ._backfill import Backfill, Decision, decide
 from ._model import (
     DEFAULT_REL_TOL,
     PROGRESS_FD_ENV,
@@ -60,8 +63,8 @@ class ReplayExecutor(Protocol):
     """Runs one replay job; ``progress(done, total)`` reports main-loop iterations.
 
     An executor may also have ``cancel()`` (kill what runs: the session was interrupted) and
-    ``finish_run(outcome) -> notes`` (after all jobs of a run: :class:`SubprocessExecutor` commits
-    the run's replay journal there).
+    ``finish_run(run, decision) -> decision`` (after all jobs of a run: :class:`SubprocessExecutor`
+    journals and promotes the run's staged values there, or drops them, and says what it did).
     """
 
     def __call__(self, job: ReplayJob, progress: Progress) -> JobResult: ...
@@ -153,11 +156,14 @@ def _replay_run(
                     cancel()
                 raise
     outcome = _outcome(run, results, time.perf_counter() - started)
+    decision = decide(outcome)
     finish = getattr(executor, "finish_run", None)
-    if finish is not None:  # the run's bookkeeping (its journal commit) is part of what it cost
-        notes = tuple(finish(run, outcome))
-        outcome = dataclasses.replace(outcome, notes=outcome.notes + notes, seconds=time.perf_counter() - started)
-    return outcome
+    if finish is not None:
+        decision = finish(run, decision)
+    # The run's bookkeeping (its journal commit and promotion) is part of what it cost.
+    return dataclasses.replace(
+        outcome, ok=outcome.ok and decision.finish, withheld=decision.withheld, seconds=time.perf_counter() - started
+    )
 
 
 def _outcome(run: RunPlan, results: Sequence[JobResult], seconds: float) -> RunOutcome:
@@ -253,7 +259,7 @@ class SubprocessExecutor:
         self.keep_dirs = keep_dirs
         self.links = replay_links(config)
         self.import_paths = project_import_paths(config.root)
-        self._cleared: set[str] = set()
+        self._begun: set[str] = set()
         self._lock = threading.Lock()
         self._running: set[WarmProcess | subprocess.Popen[bytes]] = set()
         self._cancelled = False
@@ -265,6 +271,7 @@ class SubprocessExecutor:
                 self.pool = WarmPool(config, keep_warm)
             except WarmStartError as exc:
                 self._pool_note = f"started cold: {exc}"
+        self.backfill = Backfill(config)  # last: it holds the session's lock until close()
 
     def cancel(self) -> None:
         """Kill every replay process still running, and any that starts from now on (an interrupted session)."""
@@ -275,40 +282,40 @@ class SubprocessExecutor:
             with contextlib.suppress(OSError):
                 proc.kill()
 
-    def finish_run(self, run: RunPlan, outcome: RunOutcome) -> tuple[str, ...]:
-        """Commit the run's replayed values to the shadow branch (``rebuild`` restores them); notes."""
+    def finish_run(self, run: RunPlan, decision: Decision) -> Decision:
+        """Journal and promote the run's staged values, or drop them (``_backfill.py``); what was done."""
         from ._costs import record_costs
-        from ._journal import commit_replay_journal
 
-        if not outcome.ok or not outcome.stored:
-            return ()
         started = time.perf_counter()
         try:
-            commit_replay_journal(self.config, run.run_id, run.names)
-        except FlorBuildError as exc:  # the values are in the store; only a rebuild would miss them
-            return (f"the replayed values are stored but not journaled, so 'rebuild' would lose them: {exc}",)
-        record_costs(self.config, run.script, {"journal": time.perf_counter() - started})
-        return ()
+            done = self.backfill.settle(run, decision)
+        except FlorBuildError as exc:  # the store or git refused before anything of the run was written
+            return Decision(withheld=f"its values could not be written: {exc}")
+        if done.finish:
+            record_costs(self.config, run.script, {"journal": time.perf_counter() - started})
+        return done
 
     def close(self) -> tuple[str, ...]:
-        """End of the session: let go of the warm servers; a note for each one that stays up."""
-        if self.pool is None:
-            return ()
+        """End of the session: drop its staging, let go of the warm servers; a note for each one that stays up."""
+        try:
+            self.backfill.close()
+        finally:
+            servers = self.pool.close() if self.pool is not None else []
         return tuple(
             f"the warm replay server (pid {server.pid}) stays up for {format_seconds(server.idle)} of idle time "
             "so the next replay starts warm; 'flordb-build warm stop' ends it now"
-            for server in self.pool.close()
+            for server in servers
         )
 
     def __call__(self, job: ReplayJob, progress: Progress) -> JobResult:
         """Replay one job; errors of the script or of the setup come back in the result."""
         started = time.perf_counter()
-        with self._lock:
-            if job.run.run_id not in self._cleared:
-                clear_replayed(self.config, job.run.run_id, job.run.names)
-                self._cleared.add(job.run.run_id)
         tmp = Path(tempfile.mkdtemp(prefix=f"flor-replay-{job.run.run_id[:8]}-"))
         try:
+            with self._lock:
+                if job.run.run_id not in self._begun:
+                    self.backfill.begin_run(job.run.run_id)
+                    self._begun.add(job.run.run_id)
             return self._execute(job, tmp, progress, started)
         except FlorBuildError as exc:
             return JobResult(job.run.run_id, job.worker, False, time.perf_counter() - started, error=str(exc))
@@ -331,7 +338,8 @@ class SubprocessExecutor:
         spec = ReplaySpec(
             run_id=run.run_id, depth=run.depth.value, names=run.names, main_loop=run.main_loop,
             schedule=job.schedule, device=job.device, db=str(self.config.db_path), root=str(self.config.root),
-            projid=self.config.projid, filename=run.script, task=run.task, args=run.args, worker=job.worker,
+            projid=self.config.projid, filename=run.script, task=run.task, args=run.args,
+            session=self.backfill.session, worker=job.worker,
             result=str(result_path), progress_fd=write_fd,
         )
         env = self._environment(run, spec, job.device)
@@ -556,20 +564,6 @@ def replay_links(config: Config) -> tuple[str, ...]:
     return tuple(links)
 
 
-def clear_replayed(config: Config, run_id: str, names: Sequence[str]) -> None:
-    """Delete earlier replayed values of ``names`` in ``run_id`` (a new replay replaces them)."""
-    from ..store import Store, write_transaction
-
-    store = Store.open(config)
-    try:
-        with write_transaction(store.conn):
-            store.conn.executemany(
-                "DELETE FROM logs WHERE run_id = ? AND name = ? AND source = 'replay'", [(run_id, n) for n in names]
-            )
-    finally:
-        store.close()
-
-
 def recorded_env_vars(config: Config, run_id: str) -> dict[str, str]:
     """The environment variables recorded with the run's environment (none if unknown)."""
     from ..environment import load_environment
@@ -662,9 +656,10 @@ def format_plan(plan: ReplayPlan) -> str:
 
 
 def format_report(report: ReplayReport) -> str:
-    """Estimated vs actual seconds per run, then errors and nondeterminism warnings."""
+    """Estimated vs actual seconds per run, then errors, withheld values and nondeterminism warnings."""
     rows = [
-        [o.run_id, "ok" if o.ok else "FAILED", "warm" if o.warm else "cold", str(o.stored),
+        [o.run_id, "ok" if o.ok else "FAILED", "warm" if o.warm else "cold",
+         "withheld" if o.withheld is not None else str(o.stored),
          format_seconds(o.estimate), format_seconds(o.seconds),
          f"{(o.seconds - o.estimate) / o.estimate:+.0%}" if o.estimate > 0 else "-"]
         for o in report.outcomes
@@ -673,6 +668,11 @@ def format_report(report: ReplayReport) -> str:
     for outcome in report.outcomes:
         for error in outcome.errors:
             parts.append(f"error: run {outcome.run_id}: {error}")
+        if outcome.withheld is not None:
+            parts.append(
+                f"withheld: run {outcome.run_id}: none of its replayed values were written, so it shows what it "
+                f"showed before the replay: {outcome.withheld}"
+            )
         for note in outcome.notes:
             parts.append(f"note: run {outcome.run_id}: {note}")
     for m in report.mismatches:

@@ -1,30 +1,36 @@
-"""Replay journals: what a replay stored, committed to the shadow branch so ``rebuild`` keeps it.
+"""Replay journals: a run's replayed state, committed to the shadow branch so ``rebuild`` keeps it.
 
-A recorded run's journal travels in its snapshot commit; replayed values arrive later. After a
-run's replay, its whole replayed state (every ``source = 'replay'`` value of the run, and the loop
-contexts they need) is committed to ``flor.shadow`` as ``.flor/replays/<run_id>.jsonl`` in a
-commit of its own::
+A recorded run's journal travels in its snapshot commit; replayed values arrive later. When a
+run's replay is finished (``_backfill.py``), the state it leads to (every ``source = 'replay'``
+value the run will hold, and the loop contexts they need) is committed to ``flor.shadow`` as
+``.flor/replays/<run_id>.jsonl`` in a commit of its own, *before* the store shows it::
 
     {"replay": {"run_id": ..., "names": [...], "tstamp": ...}}
     {"loops": [[ctx_id, parent_ctx, name, iteration, count, value], ...]}
     {"logs": [[seq, ctx_id, name, value, kind], ...]}
 
 ``rebuild`` loads the journals oldest first, each replacing the run's replayed values, so the
-newest one (the state after the latest replay) is what a rebuilt store holds.
+newest one is what a rebuilt store holds. The store remembers which journal commit its replayed
+values of a run correspond to (table ``replay_journals``), so a replay can tell a run whose
+newest journal the store does not show yet and load it.
 """
 
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from ..config import Config
-from ..store import LOOP_INSERT, Store, write_transaction
+from ..store import LOOP_INSERT, write_transaction
 
 REPLAYS_DIR = "replays"  # under .flor/ in the commit's tree
 TRAILER = "Flor-Replay"
+_JOURNALS_DDL = (
+    "CREATE TABLE IF NOT EXISTS replay_journals (run_id TEXT PRIMARY KEY, journal_commit TEXT, loaded REAL)"
+)
 
 
 def replays_dir_in_tree(config: Config) -> str:
@@ -32,43 +38,77 @@ def replays_dir_in_tree(config: Config) -> str:
     return (config.flor_dir / REPLAYS_DIR).relative_to(config.root).as_posix()
 
 
-def replay_journal(store: Store, run_id: str, names: Sequence[str]) -> str | None:
-    """The journal text of ``run_id``'s replayed state (None when it holds no replayed value)."""
-    conn = store.conn
-    logs = conn.execute(
-        "SELECT seq, ctx_id, name, value, kind FROM logs WHERE run_id = ? AND source = 'replay' ORDER BY seq",
-        (run_id,),
-    ).fetchall()
-    if not logs:
-        return None
-    loops = conn.execute(
-        "SELECT ctx_id, parent_ctx, name, iteration, count, value FROM loops WHERE run_id = ? ORDER BY ctx_id",
-        (run_id,),
-    ).fetchall()
+def journal_text(
+    run_id: str, names: Sequence[str], loops: Sequence[Sequence[Any]], logs: Sequence[Sequence[Any]]
+) -> str:
+    """The journal of a run's replayed state: loop blocks and ``(seq, ctx_id, name, value, kind)`` rows."""
     header = {"run_id": run_id, "names": list(names), "tstamp": time.time()}
     lines = [{"replay": header}, {"loops": [list(row) for row in loops]}, {"logs": [list(row) for row in logs]}]
     return "".join(json.dumps(line) + "\n" for line in lines)
 
 
-def commit_replay_journal(config: Config, run_id: str, names: Sequence[str]) -> str | None:
-    """Commit the run's replayed state to the shadow branch; the commit (None: nothing to commit, or no git)."""
+def commit_replay_journal(config: Config, run_id: str, text: str, names: Sequence[str]) -> str:
+    """Commit a run's replay journal to the shadow branch; the commit.
+
+    :raises SnapshotError: git refused.
+    """
     from ..snapshot import commit_file
 
-    if not config.in_git:
-        return None
-    store = Store.open(config)
-    try:
-        text = replay_journal(store, run_id, names)
-    finally:
-        store.close()
-    if text is None:
-        return None
     message = f"flor replay {run_id}: {', '.join(names)}\n\n{TRAILER}: {run_id}\n"
     return commit_file(config.root, text.encode(), f"{replays_dir_in_tree(config)}/{run_id}.jsonl", message)
 
 
-def load_replay_journal(conn: Any, text: str) -> int:
-    """Replace a run's replayed values with a journal's; how many values it held (0: its run is unknown)."""
+def newest_journal_commit(config: Config, run_id: str) -> str | None:
+    """The newest shadow commit that holds ``run_id``'s replay journal: what ``rebuild`` loads (None: none).
+
+    Each replay commit adds its run's file (``--diff-filter=AM``: a commit that lacks the file,
+    like every run snapshot after it, is not a journal of the run).
+
+    :raises SnapshotError: git refused.
+    """
+    from ..snapshot import SHADOW_REF, resolve, run_git
+
+    if not config.in_git or resolve(config.root, SHADOW_REF) is None:
+        return None
+    path = f"{replays_dir_in_tree(config)}/{run_id}.jsonl"
+    return run_git(config.root, "log", "-1", "--format=%H", "--diff-filter=AM", SHADOW_REF, "--", path) or None
+
+
+def read_replay_journal(config: Config, commit: str, run_id: str) -> str:
+    """The text of ``run_id``'s replay journal in ``commit``.
+
+    :raises SnapshotError: the commit does not hold it.
+    """
+    from ..snapshot import run_git
+
+    return run_git(config.root, "cat-file", "blob", f"{commit}:{replays_dir_in_tree(config)}/{run_id}.jsonl")
+
+
+def ensure_journal_table(conn: sqlite3.Connection) -> None:
+    """Create ``replay_journals`` where it is missing (a replay session does, when it opens)."""
+    with write_transaction(conn):
+        conn.execute(_JOURNALS_DDL)
+
+
+def recorded_journal_commit(conn: sqlite3.Connection, run_id: str) -> str | None:
+    """The journal commit the store's replayed values of ``run_id`` correspond to (None: not known)."""
+    row = conn.execute("SELECT journal_commit FROM replay_journals WHERE run_id = ?", (run_id,)).fetchone()
+    return str(row[0]) if row else None
+
+
+def record_journal_commit(conn: sqlite3.Connection, run_id: str, commit: str) -> None:
+    """Note (inside the caller's transaction) that the store now shows the journal of ``commit``."""
+    conn.execute(
+        "INSERT OR REPLACE INTO replay_journals (run_id, journal_commit, loaded) VALUES (?, ?, ?)",
+        (run_id, commit, time.time()),
+    )
+
+
+def load_replay_journal(conn: Any, text: str, *, commit: str | None = None) -> int:
+    """Replace a run's replayed values with a journal's; how many values it held (0: its run is unknown).
+
+    :param commit: the journal's commit, remembered as what the store now shows of the run.
+    """
     header: dict[str, Any] = {}
     loops: list[list[Any]] = []
     logs: list[list[Any]] = []
@@ -90,4 +130,6 @@ def load_replay_journal(conn: Any, text: str) -> int:
             "VALUES (?, ?, ?, ?, ?, ?, 'replay')",
             [(run_id, *row) for row in logs],
         )
+        if commit is not None:
+            record_journal_commit(conn, run_id, commit)
     return len(logs)

@@ -6,7 +6,9 @@ no snapshot. It
 
 - answers ``flor.arg`` with the values the run recorded (``device`` as the replay asks);
 - maps each loop iteration to the recorded context of the same (parent, loop, occurrence,
-  index), so replayed values land in the original run's rows, with ``source = 'replay'``;
+  index), so replayed values land in the original run's rows, with ``source = 'replay'``,
+  once the driver promotes them: the process writes into its session's staging (``_staging.py``),
+  which no reader sees, so a run's backfill is all or nothing (``_backfill.py``);
 - stores only the requested names, and only in the parts of the script this process owns
   (a range worker owns its segment); every other value goes to the result file, where the
   parent compares it with what was recorded (the nondeterminism check);
@@ -35,6 +37,7 @@ from ..runtime import _CTX, ROOT_CTX, Run, process_age
 from ..store import Store, coalesce_loops, loop_contexts
 from ..values import encode_value, simple_loop_value
 from ._model import PROGRESS_FD_ENV, REPLAY_ENV, ReplaySpec, Step, StepKind
+from ._staging import stage_batch
 
 T = TypeVar("T")
 _NATIVE_TYPES = (int, float, str)
@@ -310,7 +313,7 @@ class ReplayRun(Run):
         self._thread.start()
 
     def flush(self) -> None:
-        """Write queued replay values (and contexts the record lacks) into the original run."""
+        """Stage queued replay values (and contexts the record lacks) for the driver to promote."""
         with self._flush_lock:
             n_logs = len(self._logs)
             contexts = [self._loops.popleft() for _ in range(len(self._loops))]
@@ -318,7 +321,7 @@ class ReplayRun(Run):
             if not contexts and not logs:
                 return
             try:
-                self.store.write_batch(self.run_id, coalesce_loops(contexts), logs, source="replay")
+                stage_batch(self.store.conn, self.spec.session, self.run_id, coalesce_loops(contexts), logs)
             except BaseException:
                 self._loops.extendleft(reversed(contexts))
                 self._logs.extendleft(reversed(logs))

@@ -213,6 +213,8 @@ class RunOutcome:
     mismatches: tuple[Mismatch, ...]
     counters: Mapping[str, int]
     warm: bool = False  # every process of the run was forked from a warm server
+    #: Why none of the run's replayed values were written (None: they were; _backfill.py).
+    withheld: str | None = None
 
 
 @dataclass(frozen=True)
@@ -225,8 +227,16 @@ class ReplayReport:
 
     @property
     def ok(self) -> bool:
-        """True when every run replayed without error."""
+        """True when every run replayed without error and its values were written."""
         return all(outcome.ok for outcome in self.outcomes)
+
+    @property
+    def first_error(self) -> str | None:
+        """The first failed run's first error, or why its values were withheld."""
+        for outcome in self.outcomes:
+            if not outcome.ok:
+                return next(iter(outcome.errors), outcome.withheld or "its values were not written")
+        return None
 
     @property
     def mismatches(self) -> tuple[Mismatch, ...]:
@@ -250,6 +260,7 @@ class ReplaySpec:
     filename: str
     task: str | None
     args: Mapping[str, Any]
+    session: str  # the replay session whose staging the process writes into (_staging.py)
     worker: int = 0
     result: str | None = None  # where the process writes its result JSON
     progress_fd: int | None = None
@@ -262,7 +273,8 @@ class ReplaySpec:
             "stop_after": self.schedule.stop_after, "writes_prefix": self.schedule.writes_prefix,
             "writes_suffix": self.schedule.writes_suffix, "device": self.device, "db": self.db,
             "root": self.root, "projid": self.projid, "filename": self.filename, "task": self.task,
-            "args": dict(self.args), "worker": self.worker, "result": self.result, "progress_fd": self.progress_fd,
+            "args": dict(self.args), "session": self.session, "worker": self.worker, "result": self.result,
+            "progress_fd": self.progress_fd,
         }
         return json.dumps(data, default=str)
 
@@ -279,6 +291,7 @@ class ReplaySpec:
         return cls(
             run_id=data["run_id"], depth=data["depth"], names=tuple(data["names"]), main_loop=data["main_loop"],
             schedule=schedule, device=data["device"], db=data["db"], root=data["root"], projid=data["projid"],
-            filename=data["filename"], task=data["task"], args=data["args"], worker=int(data["worker"]),
+            filename=data["filename"], task=data["task"], args=data["args"], session=data["session"],
+            worker=int(data["worker"]),
             result=data["result"], progress_fd=data["progress_fd"],
         )
