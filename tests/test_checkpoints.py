@@ -261,7 +261,9 @@ def test_every_run_gets_timings_even_without_checkpointing(project: Any) -> None
         assert conn.execute("SELECT COUNT(*) FROM checkpoints").fetchone()[0] == 0
     plain = _timings(project.root, runs["noloop.py"])
     assert set(plain) == {(0, "prefix"), (0, "startup")} and plain[(0, "prefix")] >= 0.2
-    assert 0 < plain[(0, "startup")] < 0.2  # interpreter and imports, before the first flor call
+    # Start-up is the interpreter and imports before the first flor call: the prefix holds it and,
+    # after it, the 0.2 s sleep (a relation, not a wall-clock bound: the machine may be busy).
+    assert 0 < plain[(0, "startup")] <= plain[(0, "prefix")] - 0.2
     looped = _timings(project.root, runs["loops.py"])
     assert sum(1 for _, kind in looped if kind == "iteration") == 5  # 3 epochs + 2 test iterations
     assert sum(1 for _, kind in looped if kind == "inner") == 3
