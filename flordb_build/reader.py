@@ -2,8 +2,9 @@
 
 :meth:`Store.open` migrates the schema and marks dead runs ``killed``: both are writes, and a
 viewer must never write (it may run beside a training job, or over a copy of someone's store).
-A read-only connection is opened with SQLite's ``mode=ro`` URI and ``PRAGMA query_only``, so a
-stray write fails instead of landing. A run whose process died still reads ``running`` in such a
+A read-only connection is opened with SQLite's ``mode=ro`` URI (``immutable=1`` on a disk that
+takes no writes at all, see storefile.py) and ``PRAGMA query_only``, so a stray write fails
+instead of landing. A run whose process died still reads ``running`` in such a
 store; :func:`shown_status` tells it apart by its lock file, as :meth:`Store.mark_dead_runs` would,
 without writing.
 """
@@ -12,36 +13,50 @@ from __future__ import annotations
 
 import socket
 import sqlite3
-import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 from .config import Config, load_config
-from .errors import StoreError
-from .store import BUSY_TIMEOUT_MS, Store, is_run_alive
+from .errors import NotAStoreError, StoreError
+from .store import BUSY_TIMEOUT_MS, Store, StoreLock, is_run_alive
+from .storefile import REBUILD_HINT, check_store_file, connect_read_only, not_a_store
 
 #: Shown for a run still marked ``running`` whose process is gone (no one holds its lock).
 DEAD_STATUS = "killed"
 
 
-def connect_read_only(path: Path) -> sqlite3.Connection:
-    """A connection to the SQLite file ``path`` that cannot write it."""
-    uri = "file:" + urllib.parse.quote(str(path.resolve())) + "?mode=ro"
-    try:
-        conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
-        conn.execute("PRAGMA query_only = ON")
-    except sqlite3.Error as exc:
-        raise StoreError(f"Could not open the store '{path}' for reading: {exc}.") from exc
-    return conn
-
-
 def open_read_only(config: Config | None = None) -> Store | None:
-    """The project's store opened read-only; None when nothing was recorded yet."""
+    """The project's store opened read-only; None when nothing was recorded yet.
+
+    The same refusals and fallbacks as :meth:`Store.open_existing` (storefile.py): an empty or
+    foreign file raises :class:`NotAStoreError`, a read-only disk is read through ``mode=ro`` or
+    ``immutable=1``, and the shared store lock is held so that a rebuild's swap waits for us.
+
+    :raises NotAStoreError: when the file is empty, not SQLite, or SQLite without a ``runs`` table.
+    """
     config = config or load_config()
-    if not config.db_path.exists():
+    path = config.db_path
+    if not path.exists():
         return None
-    return Store(config, connect_read_only(config.db_path))
+    check_store_file(path)
+    lock = StoreLock.shared(path)
+    try:
+        conn = connect_read_only(path, BUSY_TIMEOUT_MS / 1000)
+        conn.execute("PRAGMA query_only = ON")
+        has_runs = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'runs'").fetchone()
+    except sqlite3.Error as exc:
+        if lock is not None:
+            lock.release()
+        raise not_a_store(path, exc) or StoreError(f"Could not open the store '{path}' for reading: {exc}.") from exc
+    if has_runs is None:
+        conn.close()
+        if lock is not None:
+            lock.release()
+        raise NotAStoreError(
+            f"'{path}' is an SQLite database without flordb_build's tables, so it is not a store. Nothing "
+            f"was read or written; {REBUILD_HINT}."
+        )
+    return Store(config, conn, lock)
 
 
 @contextmanager
