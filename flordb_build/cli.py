@@ -304,31 +304,11 @@ def _add_build_commands(add: Callable[[str, Callable[[argparse.Namespace], int],
 # -- hindsight logging (replay/) ---------------------------------------------------------------
 
 
-def confirm_on_stdin() -> Callable[[str], bool | None]:
-    """A yes/no question read from stdin, terminal or pipe; None when stdin ends before an answer."""
-
-    # A pipe answers too: FlorDB asks with input(), so `echo y | python -m flordb replay x` runs.
-    def ask(question: str) -> bool | None:
-        if sys.stdin is None:  # the process was started with stdin closed
-            return None
-        try:
-            answer = input(question)
-        except (EOFError, OSError):
-            print()  # end the question's line before the error message
-            return None
-        return answer.strip().lower() in ("y", "yes")
-
-    return ask
-
-
 def cmd_replay(args: argparse.Namespace) -> int:
-    from .hindsight import run_replay_command
+    from .hindsight import _command
+    from .hindsight._options import options_from
 
-    return run_replay_command(
-        args.names, where=args.where, task=args.task, workers=args.workers, device=args.device,
-        dry_run=args.dry_run, yes=args.yes, confirm=confirm_on_stdin(), rel_tol=args.rel_tol,
-        warm=False if args.cold else None,
-    )
+    return _command.run_replay_command(args.names, options_from(vars(args)), confirm=_command.confirm_on_stdin())
 
 
 def cmd_warm(args: argparse.Namespace) -> int:
@@ -338,6 +318,8 @@ def cmd_warm(args: argparse.Namespace) -> int:
 
 
 def _add_replay_command(add: Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]) -> None:
+    from .hindsight._options import add_replay_arguments
+
     p = add(
         "replay",
         cmd_replay,
@@ -348,18 +330,7 @@ def _add_replay_command(add: Callable[[str, Callable[[argparse.Namespace], int],
     p.add_argument("names", nargs="+", metavar="NAME",
                    help="names that today's scripts log and old versions lack, also comma-separated (a,b); a last "
                         "argument with a comparison or a space is a where clause, as in FlorDB: replay NAME \"epochs = 2\"")
-    p.add_argument("--where", metavar="EXPR", help="SQL expression over the run-level dataframe, e.g. \"tstamp >= '2026-06-23'\"")
-    p.add_argument("--task", metavar="T", help="only runs of this task")
-    p.add_argument("--workers", type=int, default=1, metavar="N", help="split range and validation scans into N segments replayed in parallel processes (default 1)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="where to replay: cuda restores checkpoints onto the GPU (default auto: cuda if torch sees one)")
-    p.add_argument("--dry-run", action="store_true", help="show the plan and stop")
-    p.add_argument("--yes", action="store_true", help="run the plan without asking")
-    p.add_argument("--rel-tol", type=float, default=1e-6, metavar="TOL",
-                   help="relative tolerance when comparing recorded and replayed floats (default 1e-6)")
-    p.add_argument("--cold", action="store_true",
-                   help="start every replay in a fresh interpreter instead of forking it from a warm server that "
-                        "has the script's libraries imported (see 'flordb-build warm --help')")
+    add_replay_arguments(p)
     p = add(
         "warm",
         cmd_warm,
