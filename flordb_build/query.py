@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .asof import as_of_replay
@@ -25,32 +24,13 @@ from .compat import add_flordb_views, refused_view_write
 from .config import Config, load_config
 from .errors import QueryError
 from .expression import WhereExpression, filter_rows, parse_where
+from .runtable import RUN_COLUMNS, RunTable, read_run_rows
 from .sqlguard import DEFAULT_TIMEOUT_S, StatementGuard
 from .store import Store
 from .values import decode_value
 
 if TYPE_CHECKING:
     import pandas as pd
-
-RUN_COLUMNS = ("projid", "run_id", "tstamp", "task", "filename")
-
-
-@dataclass(frozen=True)
-class RunTable:
-    """The runs a frame draws on, ordered by tstamp, as parallel lists."""
-
-    columns: dict[str, list[Any]]
-
-    @property
-    def run_ids(self) -> list[str]:
-        return self.columns["run_id"]
-
-    def __len__(self) -> int:
-        return len(self.run_ids)
-
-    def take(self, positions: Sequence[int]) -> RunTable:
-        return RunTable({k: [v[i] for i in positions] for k, v in self.columns.items()})
-
 
 def dataframe(
     *names: str, where: str | None = None, config: Config | None = None, timeout: float | None = DEFAULT_TIMEOUT_S
@@ -85,7 +65,7 @@ def read_dataframe(
     timeout: float | None = DEFAULT_TIMEOUT_S,
 ) -> pd.DataFrame:
     """``dataframe(*names)`` over an open connection (a read-only one works: this only reads)."""
-    runs = _read_runs(conn)
+    runs = read_run_rows(conn)
     if expression is not None and _reads_run_columns_only(expression):
         # The filter reads run columns only: apply it before reading any log row.
         runs = runs.take(filter_rows(expression, runs.columns, len(runs), timeout=timeout))
@@ -119,13 +99,6 @@ def _reads_run_columns_only(expression: WhereExpression) -> bool:
     """True when every identifier of the expression is a run column, a keyword or a function."""
     run_columns = {c.lower() for c in RUN_COLUMNS}
     return all(i.lower() in run_columns or i.lower() in _SQL_WORDS for i in expression.identifiers)
-
-
-def _read_runs(conn: sqlite3.Connection) -> RunTable:
-    rows = conn.execute(
-        "SELECT projid, run_id, tstamp, task, filename FROM runs ORDER BY tstamp"
-    ).fetchall()
-    return RunTable({c: [r[i] for r in rows] for i, c in enumerate(RUN_COLUMNS)})
 
 
 def _empty_frame(names: list[str]) -> pd.DataFrame:
