@@ -36,7 +36,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import read_tool_section
+from .config import config_of_root
 from .errors import FlorBuildWarning, SnapshotError
 from .redaction import redact_mapping
 from .untracked import SnapshotPolicy, left_out_message, select_untracked
@@ -121,7 +121,7 @@ def capture_code(root: Path, policy: SnapshotPolicy | None = None) -> CodeState:
     Warns once (:class:`FlorBuildWarning`) naming the untracked files it left out.
     """
     if policy is None:
-        policy = SnapshotPolicy.from_section(read_tool_section(root))
+        policy = SnapshotPolicy.from_config(config_of_root(root, True))
     head = resolve(root, "HEAD")
     try:
         branch: str | None = run_git(root, "symbolic-ref", "--quiet", "--short", "HEAD")
