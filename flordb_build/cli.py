@@ -123,6 +123,20 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .store import SCHEMA_VERSION, Store
+
+    config = load_config()
+    if not config.db_path.exists():
+        print(f"no store at '{config.db_path}' yet: nothing to migrate")
+        return 0
+    store = Store.open(config)  # the writing open: migrates and marks dead runs
+    store.close()
+    print(f"'{config.db_path}' is at schema version {SCHEMA_VERSION}; runs whose process died are marked killed")
+    return 0
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
     from .config import load_config
     from .retention import collect_garbage, format_bytes
@@ -456,6 +470,12 @@ def build_parser() -> argparse.ArgumentParser:
         "other processes have the store open.",
     )
     p.add_argument("--wait", action="store_true", help="wait until every process has closed the store, then rebuild")
+    add(
+        "migrate",
+        cmd_migrate,
+        "Bring the store's schema up to this flordb_build's version and mark runs whose process died "
+        "'killed' (what every recording run does when it opens the store; reading commands never write).",
+    )
     p = add(
         "gc",
         cmd_gc,

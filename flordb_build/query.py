@@ -24,6 +24,7 @@ from .compat import add_flordb_views, refused_view_write
 from .config import Config, load_config
 from .errors import QueryError
 from .expression import WhereExpression, filter_rows, parse_where
+from .reader import open_read_only, show_dead_runs_killed
 from .runtable import RUN_COLUMNS, RunTable, read_run_rows
 from .sqlguard import DEFAULT_TIMEOUT_S, StatementGuard
 from .store import Store
@@ -47,11 +48,11 @@ def dataframe(
             raise QueryError(f"'{name}' is always a column of the dataframe; request logged names only.")
     expression = parse_where(where) if where is not None else None
     config = config or load_config()
-    store = Store.open_existing(config)
+    # A replayed script reads what its run read (asof.py).
+    store = open_read_only(config, prepare=lambda s: as_of_replay(s.conn))
     if store is None:
         return _empty_frame(list(names))
     try:
-        as_of_replay(store.conn)  # a replayed script reads what its run read (asof.py)
         return read_dataframe(store.conn, names, expression, timeout=timeout)
     finally:
         store.close()
@@ -185,15 +186,12 @@ def query(
         raise QueryError("query() needs a SQL SELECT statement.")
     guard = StatementGuard(timeout, pragmas=_SAFE_PRAGMAS)
     config = config or load_config()
-    store = Store.open_existing(config)
+    store = open_read_only(config, prepare=_query_views)
     if store is None:
         raise QueryError(f"No flordb_build store at '{config.db_path}' yet; record a run first.")
     conn = store.conn
     shown = sql.strip()[:80]
     try:
-        as_of_replay(conn)  # a replayed script reads what its run read (asof.py)
-        add_flordb_views(conn)  # FlorDB's column names beside ours (compat.py)
-        conn.execute("PRAGMA query_only = ON")
         with guard.installed(conn):
             try:
                 cursor = conn.execute(sql, params)
@@ -224,6 +222,13 @@ def query(
     columns = [d[0] for d in cursor.description or ()]
     frame = pd.DataFrame.from_records(rows, columns=columns)
     return keep_integers(frame, rows)
+
+
+def _query_views(store: Store) -> None:
+    """The TEMP views ``query`` reads through, made before its connection turns query-only."""
+    as_of_replay(store.conn)  # a replayed script reads what its run read (asof.py)
+    show_dead_runs_killed(store)  # a dead run reads 'killed', as a writer would have marked it
+    add_flordb_views(store.conn)  # FlorDB's column names beside ours (compat.py)
 
 
 def keep_integers(frame: pd.DataFrame, rows: Sequence[Sequence[Any]]) -> pd.DataFrame:
