@@ -63,6 +63,8 @@ class Config:
     replay_links: tuple[str, ...] = ()
     replay_warm: bool = True
     replay_keep_warm: float = DEFAULT_REPLAY_KEEP_WARM
+    #: A DVC-style params file (relative to the root) that ``flor.arg`` reads defaults from (args.py).
+    params: str | None = None
 
     @property
     def flor_dir(self) -> Path:
@@ -196,6 +198,7 @@ SETTINGS: Mapping[str, Callable[[str, Any], Any]] = MappingProxyType({
     "replay_links": _relative_paths,
     "replay_warm": _flag,
     "replay_keep_warm": _seconds,
+    "params": _path_text,
 })
 
 

@@ -805,3 +805,43 @@ def test_ctrl_c_under_doit_n4_records_every_started_task(project: Project) -> No
     assert all("Ctrl-C" in row[1] for row in tasks.values())
     # Their inputs are recorded, their (half-written) targets are not.
     assert rows(project, "SELECT DISTINCT path, role FROM files") == [("slow.py", "dep")]
+
+
+PARAMS_DODO = """\
+import sys
+
+def task_train():
+    return {"actions": [[sys.executable, "train.py"]], "file_dep": ["train.py"], "targets": ["model.txt"]}
+
+def task_report():  # no file_dep: runs every time, and gets no params dependency either
+    return {"actions": ["echo report"], "verbosity": 0}
+"""
+PARAMS_TRAIN = """\
+import flordb_build as flor
+lr = flor.arg("lr", 0.5)
+with open("model.txt", "w") as fh:
+    fh.write(str(lr))
+"""
+
+
+def test_doit_reruns_a_task_when_a_params_file_value_changes(project: Project) -> None:
+    """[tool.flordb_build] params is a file_dep of each task with file_deps: doit sees a changed value."""
+    project.write("dodo.py", PARAMS_DODO)
+    project.write("train.py", PARAMS_TRAIN)
+    project.write("params.yaml", "lr: 0.1\n")
+    project.write("pyproject.toml", '[tool.flordb_build]\nparams = "params.yaml"\n')
+    project.commit_all("pipeline")
+    init_project(project.root)
+    assert doit(project).returncode == 0
+    assert (project.root / "model.txt").read_text() == "0.1"
+    assert doit(project).returncode == 0
+    project.write("params.yaml", "lr: 0.3\n")
+    assert doit(project).returncode == 0
+    assert (project.root / "model.txt").read_text() == "0.3"
+    first, second, third = pipeline_ids(project)
+    assert task_rows(project, first)["train"][0] == "executed"
+    assert task_rows(project, second)["train"][0] == "up-to-date"
+    assert task_rows(project, third)["train"][:2] == ("executed", "changed file_dep: params.yaml")
+    assert task_rows(project, third)["report"][1] == "always runs: no file_dep and no uptodate"
+    deps = rows(project, "SELECT path FROM files WHERE pipeline_id = ? AND task = 'train' AND role = 'dep'", (third,))
+    assert sorted(p for (p,) in deps) == ["params.yaml", "train.py"]
