@@ -320,7 +320,7 @@ def _add_build_commands(add: Callable[[str, Callable[[argparse.Namespace], int],
 
 def cmd_replay(args: argparse.Namespace) -> int:
     from .hindsight import _command
-    from .hindsight._options import options_from
+    from .replay_options import options_from
 
     return _command.run_replay_command(args.names, options_from(vars(args)), confirm=_command.confirm_on_stdin())
 
@@ -332,7 +332,7 @@ def cmd_warm(args: argparse.Namespace) -> int:
 
 
 def _add_replay_command(add: Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]) -> None:
-    from .hindsight._options import add_replay_arguments
+    from .replay_options import add_replay_arguments
 
     p = add(
         "replay",

@@ -16,7 +16,7 @@ import pytest
 from flordb_build import cli
 from flordb_build.hindsight import _command
 from flordb_build.hindsight._doit import ReplayCommand
-from flordb_build.hindsight._options import REPLAY_OPTIONS, ReplayOptions
+from flordb_build.replay_options import REPLAY_OPTIONS, ReplayOptions
 
 
 def _other_value(row: dict[str, Any]) -> Any:
@@ -113,3 +113,13 @@ def test_doit_replay_compares_with_the_given_tolerance(project: Any) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert "ok" in out.stdout and "nondeterminism" not in out.stdout, out.stdout
+
+
+def test_building_the_cli_parser_imports_nothing_of_hindsight() -> None:
+    """Every command builds the parser: the replay options must not pull in the planner and executor."""
+    code = (
+        "import sys; from flordb_build.cli import build_parser; build_parser(); "
+        "print(sorted(m for m in sys.modules if m.startswith('flordb_build.hindsight')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"

@@ -10,8 +10,8 @@ from typing import IO
 from ..config import Config
 from ..errors import ReplayError
 from ..expression import parse_where
+from ..replay_options import ReplayOptions
 from ._model import DEFAULT_REL_TOL, ReplayPlan, ReplayReport
-from ._options import ReplayOptions
 
 #: Asks the user whether to run the plan: True or False, or None when no answer came (end of input).
 Confirm = Callable[[str], bool | None]
@@ -158,7 +158,7 @@ def run_replay_command(
     """Plan, show, confirm and run a replay for a command line; returns the exit code.
 
     Both front ends (``flordb-build replay`` and ``doit replay``) call this with the
-    :class:`ReplayOptions` they parsed from the one option table (``_options.py``).
+    :class:`ReplayOptions` they parsed from the one option table (replay_options.py).
 
     :param names: the command's positional arguments, read by :func:`read_replay_arguments`.
     :param confirm: asks "run it?"; None when nobody can answer (then ``options.yes`` is required).

@@ -16,7 +16,7 @@ from typing import Any
 from doit.cmd_base import Command
 
 from ..errors import FlorBuildError
-from ._options import REPLAY_OPTIONS, ReplayOptions, add_replay_arguments, options_from
+from ..replay_options import REPLAY_OPTIONS, ReplayOptions, add_replay_arguments, options_from
 
 
 def typed_arguments(doit_args: Sequence[str] | None, pos_args: list[str]) -> list[str]:
@@ -60,7 +60,7 @@ def command_options(opt_values: Mapping[str, Any], arguments: Sequence[str]) -> 
 
 
 class ReplayCommand(Command):
-    """``doit replay NAME... [OPTION...]``, its options those of ``flordb-build replay`` (``_options.py``)."""
+    """``doit replay NAME... [OPTION...]``, its options those of ``flordb-build replay`` (replay_options.py)."""
 
     name = "replay"
     doc_purpose = "replay new flor.log statements in recorded runs (flordb_build hindsight logging)"

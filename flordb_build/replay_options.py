@@ -1,5 +1,9 @@
 """The replay command's options: one table that ``flordb-build replay`` and ``doit replay`` are built from.
 
+A module of its own, beside (not inside) ``hindsight/``: the CLI builds its parser from it on every
+command, and importing anything in ``hindsight/`` runs that package's ``__init__`` (the planner,
+executor and model: about 100 ms).
+
 Each row is a doit ``cmd_options`` dict (doit's own keys only: doit refuses others), so the doit
 command takes the table as it is; :func:`add_replay_arguments` builds the argparse side from the
 same rows. Both front ends turn what they parsed into one :class:`ReplayOptions` with
@@ -13,7 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ._model import DEFAULT_REL_TOL
+#: Relative tolerance when comparing recorded and replayed floats (hindsight/_execute.py).
+DEFAULT_REL_TOL = 1e-6
 
 DEVICES = (("auto", "cuda if torch sees one, else cpu"), ("cpu", "replay on the CPU"),
            ("cuda", "restore checkpoints onto the GPU and replay there"))
