@@ -1,18 +1,29 @@
-"""``--kwargs name=value ...`` on a script's command line, and casting values to a default's type.
+"""``--kwargs name=value ...`` and ``--params FILE`` on a script's command line, params files, and
+casting values to a default's type.
 
 Taking these tokens out of ``sys.argv`` is the one thing ``import flordb_build`` does, so that a
 script's own argparse, run after the import, never sees them.
+
+Where ``flor.arg(name, default)`` finds its value, first match wins:
+
+1. ``--kwargs name=value`` on the command line;
+2. the params file: ``--params FILE`` on the command line, else ``params = "params.yaml"`` in
+   ``[tool.flordb_build]`` (DVC-style YAML; nested keys are dotted names, ``train: {lr: 0.1}``
+   is ``flor.arg("train.lr")``), read with pyyaml on the first arg it is asked for;
+3. the default.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 from .errors import ArgError
 
 KWARGS_FLAG = "--kwargs"
+PARAMS_FLAG = "--params"
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
 _TRUE = {"1", "true", "yes", "y", "on"}
 _FALSE = {"0", "false", "no", "n", "off"}
@@ -39,6 +50,68 @@ def consume_kwargs(argv: list[str]) -> dict[str, str]:
             i += 1
     argv[:] = kept
     return found
+
+
+def consume_params(argv: list[str]) -> str | None:
+    """Remove every ``--params FILE`` (or ``--params=FILE``) from ``argv`` in place; return the last FILE."""
+    found: str | None = None
+    kept: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token == PARAMS_FLAG and i + 1 < len(argv):
+            found = argv[i + 1]
+            i += 2
+            continue
+        if token.startswith(PARAMS_FLAG + "="):
+            found = token[len(PARAMS_FLAG) + 1 :]
+        else:
+            kept.append(token)
+        i += 1
+    argv[:] = kept
+    return found
+
+
+def read_params(path: Path) -> dict[str, Any]:
+    """The values of a YAML params file, nested mappings flattened to dotted names.
+
+    :raises ArgError: when the file is missing, is not YAML, or is not a mapping at the top.
+    """
+    import yaml  # lazily: a script that never reads a params file never imports it
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ArgError(f"Could not read the params file '{path}': {exc}.") from exc
+    except yaml.YAMLError as exc:
+        raise ArgError(f"The params file '{path}' is not YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ArgError(f"The params file '{path}' must hold a mapping of names to values, got {type(data).__name__}.")
+    return _flatten(data, "")
+
+
+def _flatten(data: dict[Any, Any], prefix: str) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def param_value(name: str, value: Any, default: Any) -> Any:
+    """A params-file value as ``flor.arg`` returns it: kept when it has the default's type, else cast to it."""
+    if default is None or type(value) is type(default):
+        return value
+    if isinstance(default, float) and type(value) is int:
+        return float(value)
+    if isinstance(value, list | dict):
+        return cast_arg(name, json.dumps(value), default)
+    return cast_arg(name, "" if value is None else str(value), default)
 
 
 def cast_arg(name: str, raw: str, default: Any) -> Any:

@@ -47,12 +47,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .config import Config, load_config
+from .config import DEFAULT_CHECKPOINT_EPSILON, Config, load_config
 from .errors import (
     CheckpointCorruptError,
     CheckpointError,
     CheckpointNotFoundError,
-    ConfigError,
     ObjectStoreError,
 )
 from .store import Store, connect, write_transaction
@@ -65,15 +64,13 @@ if TYPE_CHECKING:
     from .runtime import Run
     from .state import StateCopy
 
-DEFAULT_EPSILON = 0.0667
+DEFAULT_EPSILON = DEFAULT_CHECKPOINT_EPSILON
 DEFAULT_RESTORE_FACTOR = 1.38
 # Before the first checkpoint has been measured, M is estimated from the bytes of tensors and
 # arrays at this rate (copy + torch.save + sha256 + write, on a laptop-class CPU).
 INITIAL_BYTES_PER_SECOND = 250e6
 #: Checkpoints queued or being written beyond which a boundary skips its checkpoint.
 MAX_PENDING = 2
-_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
 # -- settings -----------------------------------------------------------------------------------
@@ -88,40 +85,12 @@ class CheckpointSettings:
     budget_per_project: int | None = None
 
 
-def parse_size(value: object, key: str) -> int | None:
-    """Bytes from an int or a string such as '500MB' or '2 GiB'; None when unset."""
-    if value is None:
-        return None
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    if isinstance(value, str):
-        text = value.strip().lower().replace(" ", "")
-        number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
-        unit = text[len(number):]
-        try:
-            amount = float(number)
-        except ValueError:
-            amount = -1.0
-        if unit in _SIZE_UNITS and amount > 0:
-            return int(amount * _SIZE_UNITS[unit])
-    raise ConfigError(
-        f"'{key}' in [tool.flordb_build] must be a positive size such as 500000000, '500MB' or '2GiB', got '{value}'."
-    )
-
-
 def load_settings(config: Config) -> CheckpointSettings:
-    """Read and validate the checkpoint keys of ``[tool.flordb_build]``."""
-    section = config.section
-    epsilon = section.get("checkpoint_epsilon", DEFAULT_EPSILON)
-    if isinstance(epsilon, bool) or not isinstance(epsilon, int | float) or not 0 < epsilon <= 1:
-        raise ConfigError(
-            f"'checkpoint_epsilon' in [tool.flordb_build] must be a number in (0, 1] (the tolerated "
-            f"fraction of training time spent checkpointing), got '{epsilon}'."
-        )
+    """The checkpoint keys of ``[tool.flordb_build]`` (parsed and validated by config.py)."""
     return CheckpointSettings(
-        epsilon=float(epsilon),
-        budget_per_run=parse_size(section.get("checkpoint_budget_per_run"), "checkpoint_budget_per_run"),
-        budget_per_project=parse_size(section.get("checkpoint_budget_per_project"), "checkpoint_budget_per_project"),
+        epsilon=config.checkpoint_epsilon,
+        budget_per_run=config.checkpoint_budget_per_run,
+        budget_per_project=config.checkpoint_budget_per_project,
     )
 
 

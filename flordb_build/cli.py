@@ -123,6 +123,20 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .store import SCHEMA_VERSION, Store
+
+    config = load_config()
+    if not config.db_path.exists():
+        print(f"no store at '{config.db_path}' yet: nothing to migrate")
+        return 0
+    store = Store.open(config)  # the writing open: migrates and marks dead runs
+    store.close()
+    print(f"'{config.db_path}' is at schema version {SCHEMA_VERSION}; runs whose process died are marked killed")
+    return 0
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
     from .config import load_config
     from .retention import collect_garbage, format_bytes
@@ -304,31 +318,11 @@ def _add_build_commands(add: Callable[[str, Callable[[argparse.Namespace], int],
 # -- hindsight logging (replay/) ---------------------------------------------------------------
 
 
-def confirm_on_stdin() -> Callable[[str], bool | None]:
-    """A yes/no question read from stdin, terminal or pipe; None when stdin ends before an answer."""
-
-    # A pipe answers too: FlorDB asks with input(), so `echo y | python -m flordb replay x` runs.
-    def ask(question: str) -> bool | None:
-        if sys.stdin is None:  # the process was started with stdin closed
-            return None
-        try:
-            answer = input(question)
-        except (EOFError, OSError):
-            print()  # end the question's line before the error message
-            return None
-        return answer.strip().lower() in ("y", "yes")
-
-    return ask
-
-
 def cmd_replay(args: argparse.Namespace) -> int:
-    from .hindsight import run_replay_command
+    from .hindsight import _command
+    from .replay_options import options_from
 
-    return run_replay_command(
-        args.names, where=args.where, task=args.task, workers=args.workers, device=args.device,
-        dry_run=args.dry_run, yes=args.yes, confirm=confirm_on_stdin(), rel_tol=args.rel_tol,
-        warm=False if args.cold else None,
-    )
+    return _command.run_replay_command(args.names, options_from(vars(args)), confirm=_command.confirm_on_stdin())
 
 
 def cmd_warm(args: argparse.Namespace) -> int:
@@ -338,6 +332,8 @@ def cmd_warm(args: argparse.Namespace) -> int:
 
 
 def _add_replay_command(add: Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]) -> None:
+    from .replay_options import add_replay_arguments
+
     p = add(
         "replay",
         cmd_replay,
@@ -348,18 +344,7 @@ def _add_replay_command(add: Callable[[str, Callable[[argparse.Namespace], int],
     p.add_argument("names", nargs="+", metavar="NAME",
                    help="names that today's scripts log and old versions lack, also comma-separated (a,b); a last "
                         "argument with a comparison or a space is a where clause, as in FlorDB: replay NAME \"epochs = 2\"")
-    p.add_argument("--where", metavar="EXPR", help="SQL expression over the run-level dataframe, e.g. \"tstamp >= '2026-06-23'\"")
-    p.add_argument("--task", metavar="T", help="only runs of this task")
-    p.add_argument("--workers", type=int, default=1, metavar="N", help="split range and validation scans into N segments replayed in parallel processes (default 1)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="where to replay: cuda restores checkpoints onto the GPU (default auto: cuda if torch sees one)")
-    p.add_argument("--dry-run", action="store_true", help="show the plan and stop")
-    p.add_argument("--yes", action="store_true", help="run the plan without asking")
-    p.add_argument("--rel-tol", type=float, default=1e-6, metavar="TOL",
-                   help="relative tolerance when comparing recorded and replayed floats (default 1e-6)")
-    p.add_argument("--cold", action="store_true",
-                   help="start every replay in a fresh interpreter instead of forking it from a warm server that "
-                        "has the script's libraries imported (see 'flordb-build warm --help')")
+    add_replay_arguments(p)
     p = add(
         "warm",
         cmd_warm,
@@ -485,6 +470,12 @@ def build_parser() -> argparse.ArgumentParser:
         "other processes have the store open.",
     )
     p.add_argument("--wait", action="store_true", help="wait until every process has closed the store, then rebuild")
+    add(
+        "migrate",
+        cmd_migrate,
+        "Bring the store's schema up to this flordb_build's version and mark runs whose process died "
+        "'killed' (what every recording run does when it opens the store; reading commands never write).",
+    )
     p = add(
         "gc",
         cmd_gc,

@@ -4,14 +4,18 @@ Resolution order for the database path: ``FLORDB_BUILD_DB`` in the environment, 
 ``[tool.flordb_build]`` of the project's pyproject.toml (relative to the project root), then
 ``<root>/.flor/flor.db``. The project root is the enclosing git work tree, else the current
 directory.
+
+Every key of ``[tool.flordb_build]`` is parsed here, once, into a typed field of the frozen
+:class:`Config` (:data:`SETTINGS` lists them with their defaults); a key that is not one of them
+is an error naming the closest known key, so a misspelling is never silently ignored.
 """
 
 from __future__ import annotations
 
 import os
 import tomllib
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -23,16 +27,44 @@ DB_ENV_VAR = "FLORDB_BUILD_DB"
 DEFAULT_FLUSH_SECONDS = 0.5
 
 
+DEFAULT_CHECKPOINT_EPSILON = 0.0667
+#: Untracked files larger than this stay out of snapshots unless ``snapshot_include`` names them.
+DEFAULT_SNAPSHOT_MAX_FILE_BYTES = 5 * 1024 * 1024
+DEFAULT_REPLAY_KEEP_WARM = 600.0
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
 @dataclass(frozen=True)
 class Config:
-    """Everything a process needs to know to record into, or read from, one project's store."""
+    """Everything a process needs to know to record into, or read from, one project's store.
+
+    The fields after ``projid`` are the keys of ``[tool.flordb_build]`` of the same name, parsed
+    (see :data:`SETTINGS`); ``db`` sets ``db_path``.
+    """
 
     root: Path
     in_git: bool
     db_path: Path
     projid: str
     flush_seconds: float = DEFAULT_FLUSH_SECONDS
-    section: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    #: The tolerated fraction of training time spent checkpointing, in (0, 1].
+    checkpoint_epsilon: float = DEFAULT_CHECKPOINT_EPSILON
+    #: Checkpoint bytes ``flordb-build gc`` keeps per run / per project (None: no budget).
+    checkpoint_budget_per_run: int | None = None
+    checkpoint_budget_per_project: int | None = None
+    #: More environment variable names to record with each run's environment.
+    env_vars: tuple[str, ...] = ()
+    #: Untracked path patterns kept out of snapshots (beyond the deny list) / let in despite it.
+    snapshot_exclude: tuple[str, ...] = ()
+    snapshot_include: tuple[str, ...] = ()
+    snapshot_max_file_bytes: int = DEFAULT_SNAPSHOT_MAX_FILE_BYTES
+    #: Project paths (relative to the root) linked into replay directories.
+    replay_links: tuple[str, ...] = ()
+    replay_warm: bool = True
+    replay_keep_warm: float = DEFAULT_REPLAY_KEEP_WARM
+    #: A DVC-style params file (relative to the root) that ``flor.arg`` reads defaults from (args.py).
+    params: str | None = None
 
     @property
     def flor_dir(self) -> Path:
@@ -58,6 +90,139 @@ def find_project_root(start: Path) -> tuple[Path, bool]:
     return start, False
 
 
+# -- parsing one key --------------------------------------------------------------------------
+
+
+def _number(low: float, high: float, *, low_open: bool, what: str) -> Callable[[str, Any], float]:
+    def parse(key: str, value: Any) -> float:
+        above = value > low if low_open else value >= low
+        if isinstance(value, bool) or not isinstance(value, int | float) or not (above and value <= high):
+            raise ConfigError(f"'{key}' in [tool.flordb_build] must be {what}, got '{value}'.")
+        return float(value)
+
+    return parse
+
+
+def parse_size(value: object, key: str) -> int | None:
+    """Bytes from an int or a string such as '500MB' or '2 GiB'; None when unset."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = text[len(number):]
+        try:
+            amount = float(number)
+        except ValueError:
+            amount = -1.0
+        if unit in _SIZE_UNITS and amount > 0:
+            return int(amount * _SIZE_UNITS[unit])
+    raise ConfigError(
+        f"'{key}' in [tool.flordb_build] must be a positive size such as 500000000, '500MB' or '2GiB', got '{value}'."
+    )
+
+
+def _size(key: str, value: Any) -> int | None:
+    return parse_size(value, key)
+
+
+def _names(key: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
+        raise ConfigError(f"'{key}' in [tool.flordb_build] must be a list of variable names.")
+    return tuple(value)
+
+
+def _patterns(key: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(p, str) and p.strip("/") for p in value):
+        raise ConfigError(f"'{key}' in [tool.flordb_build] must be a list of path patterns like \".env\" or \"data/\".")
+    return tuple(value)
+
+
+def _byte_count(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"'{key}' in [tool.flordb_build] must be a whole number of bytes >= 0, got '{value}'.")
+    return value
+
+
+def _relative_paths(key: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(x, str) and x and not Path(x).is_absolute() for x in value):
+        raise ConfigError(
+            f"'{key}' in [tool.flordb_build] must be a list of paths relative to the project root, "
+            f"e.g. {key} = [\"data\"]."
+        )
+    return tuple(value)
+
+
+def _flag(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"'{key}' in [tool.flordb_build] must be true or false, got '{value}'.")
+    return value
+
+
+def _seconds(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise ConfigError(f"'{key}' in [tool.flordb_build] must be a number of seconds >= 0, got '{value}'.")
+    return float(value)
+
+
+def _text(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"'{key}' in [tool.flordb_build] must be a non-empty string.")
+    return value
+
+
+def _path_text(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"'{key}' in [tool.flordb_build] must be a path string.")
+    return value
+
+
+#: Every key of ``[tool.flordb_build]`` and how its value is read (the field of :class:`Config`
+#: of the same name holds it; ``db`` becomes ``db_path``).
+SETTINGS: Mapping[str, Callable[[str, Any], Any]] = MappingProxyType({
+    "db": _path_text,
+    "projid": _text,
+    "flush_seconds": _number(0, 60, low_open=True, what="a number in (0, 60]"),
+    "checkpoint_epsilon": _number(
+        0, 1, low_open=True,
+        what="a number in (0, 1] (the tolerated fraction of training time spent checkpointing)",
+    ),
+    "checkpoint_budget_per_run": _size,
+    "checkpoint_budget_per_project": _size,
+    "env_vars": _names,
+    "snapshot_exclude": _patterns,
+    "snapshot_include": _patterns,
+    "snapshot_max_file_bytes": _byte_count,
+    "replay_links": _relative_paths,
+    "replay_warm": _flag,
+    "replay_keep_warm": _seconds,
+    "params": _path_text,
+})
+
+
+def parse_settings(section: Mapping[str, Any]) -> dict[str, Any]:
+    """The typed values of the keys ``section`` sets (a ``[tool.flordb_build]`` table), by key.
+
+    :raises ConfigError: a key that is not in :data:`SETTINGS` (naming the closest one), or a
+        value of the wrong type or range.
+    """
+    for key in section:
+        if key not in SETTINGS:
+            raise ConfigError(f"Unknown key '{key}' in [tool.flordb_build]; {_closest(key)}")
+    return {key: SETTINGS[key](key, value) for key, value in section.items()}
+
+
+def _closest(key: str) -> str:
+    import difflib
+
+    match = difflib.get_close_matches(key, list(SETTINGS), n=1, cutoff=0.6)
+    if match:
+        return f"did you mean '{match[0]}'?"
+    return f"the known keys are {', '.join(SETTINGS)}."
+
+
 def read_tool_section(root: Path) -> Mapping[str, Any]:
     """Return ``[tool.flordb_build]`` of ``<root>/pyproject.toml``, or an empty mapping."""
     pyproject = root / "pyproject.toml"
@@ -74,31 +239,34 @@ def read_tool_section(root: Path) -> Mapping[str, Any]:
 
 
 def load_config(cwd: Path | None = None) -> Config:
-    """Resolve the project root, store path and settings for the process's working directory."""
+    """Resolve the project root, store path and settings for the process's working directory.
+
+    :raises ConfigError: an unreadable pyproject.toml, an unknown key or a bad value in
+        ``[tool.flordb_build]``.
+    """
     root, in_git = find_project_root(cwd or Path.cwd())
-    section = read_tool_section(root)
-    env_db = os.environ.get(DB_ENV_VAR)
-    if env_db:
-        db_path = Path(env_db).expanduser().resolve()
-    elif "db" in section:
-        if not isinstance(section["db"], str):
-            raise ConfigError("'db' in [tool.flordb_build] must be a path string.")
-        db_path = (root / section["db"]).resolve()
-    else:
-        db_path = root / FLOR_DIR_NAME / "flor.db"
-    projid = section.get("projid", root.name)
-    if not isinstance(projid, str) or not projid:
-        raise ConfigError("'projid' in [tool.flordb_build] must be a non-empty string.")
-    flush_seconds = section.get("flush_seconds", DEFAULT_FLUSH_SECONDS)
-    if not isinstance(flush_seconds, int | float) or not 0 < flush_seconds <= 60:
-        raise ConfigError(
-            f"'flush_seconds' in [tool.flordb_build] must be a number in (0, 60], got '{flush_seconds}'."
-        )
+    return config_of_root(root, in_git)
+
+
+def config_of_root(root: Path, in_git: bool, *, db_path: Path | None = None, projid: str | None = None) -> Config:
+    """The :class:`Config` of the project at ``root``, its settings read from ``<root>/pyproject.toml``.
+
+    :param db_path: the store, when the caller knows it (a replay child); else resolved as the
+        module docstring says.
+    :param projid: the project id, when the caller knows it; else ``projid`` or the root's name.
+    """
+    settings = parse_settings(read_tool_section(root))
+    configured_db = settings.pop("db", None)
+    configured_projid = settings.pop("projid", root.name)
+    if db_path is None:
+        env_db = os.environ.get(DB_ENV_VAR)
+        if env_db:
+            db_path = Path(env_db).expanduser().resolve()
+        elif configured_db is not None:
+            db_path = (root / configured_db).resolve()
+        else:
+            db_path = root / FLOR_DIR_NAME / "flor.db"
     return Config(
-        root=root,
-        in_git=in_git,
-        db_path=db_path,
-        projid=projid,
-        flush_seconds=float(flush_seconds),
-        section=section,
+        root=root, in_git=in_git, db_path=db_path, projid=projid if projid is not None else configured_projid,
+        **settings,
     )

@@ -228,12 +228,7 @@ def env_id_of(env: Mapping[str, Any]) -> tuple[str, str]:
 
 def extra_env_var_names(config: Config) -> list[str]:
     """``[tool.flordb_build] env_vars``: more variable names to record (secret-looking ones still dropped)."""
-    from .errors import ConfigError
-
-    names = config.section.get("env_vars", [])
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise ConfigError("'env_vars' in [tool.flordb_build] must be a list of variable names.")
-    return names
+    return list(config.env_vars)
 
 
 def record_environment(store: Store, environ: Mapping[str, str] | None = None) -> tuple[str, str]:

@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import sqlite3
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from .runtable import RUN_COLUMNS, RunTable
 from .values import ValueKind, decode_value
 
-if TYPE_CHECKING:
-    from .query import RunTable
-
-RUN_COLUMNS = ("projid", "run_id", "tstamp", "task", "filename")
 _CTX_SHIFT = 32  # (run code << 32) | ctx_id is one int64 key per context
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .asof import as_of_replay
@@ -25,32 +24,14 @@ from .compat import add_flordb_views, refused_view_write
 from .config import Config, load_config
 from .errors import QueryError
 from .expression import WhereExpression, filter_rows, parse_where
+from .reader import open_read_only, show_dead_runs_killed
+from .runtable import RUN_COLUMNS, RunTable, read_run_rows
 from .sqlguard import DEFAULT_TIMEOUT_S, StatementGuard
 from .store import Store
 from .values import decode_value
 
 if TYPE_CHECKING:
     import pandas as pd
-
-RUN_COLUMNS = ("projid", "run_id", "tstamp", "task", "filename")
-
-
-@dataclass(frozen=True)
-class RunTable:
-    """The runs a frame draws on, ordered by tstamp, as parallel lists."""
-
-    columns: dict[str, list[Any]]
-
-    @property
-    def run_ids(self) -> list[str]:
-        return self.columns["run_id"]
-
-    def __len__(self) -> int:
-        return len(self.run_ids)
-
-    def take(self, positions: Sequence[int]) -> RunTable:
-        return RunTable({k: [v[i] for i in positions] for k, v in self.columns.items()})
-
 
 def dataframe(
     *names: str, where: str | None = None, config: Config | None = None, timeout: float | None = DEFAULT_TIMEOUT_S
@@ -67,11 +48,11 @@ def dataframe(
             raise QueryError(f"'{name}' is always a column of the dataframe; request logged names only.")
     expression = parse_where(where) if where is not None else None
     config = config or load_config()
-    store = Store.open_existing(config)
+    # A replayed script reads what its run read (asof.py).
+    store = open_read_only(config, prepare=lambda s: as_of_replay(s.conn))
     if store is None:
         return _empty_frame(list(names))
     try:
-        as_of_replay(store.conn)  # a replayed script reads what its run read (asof.py)
         return read_dataframe(store.conn, names, expression, timeout=timeout)
     finally:
         store.close()
@@ -85,7 +66,7 @@ def read_dataframe(
     timeout: float | None = DEFAULT_TIMEOUT_S,
 ) -> pd.DataFrame:
     """``dataframe(*names)`` over an open connection (a read-only one works: this only reads)."""
-    runs = _read_runs(conn)
+    runs = read_run_rows(conn)
     if expression is not None and _reads_run_columns_only(expression):
         # The filter reads run columns only: apply it before reading any log row.
         runs = runs.take(filter_rows(expression, runs.columns, len(runs), timeout=timeout))
@@ -119,13 +100,6 @@ def _reads_run_columns_only(expression: WhereExpression) -> bool:
     """True when every identifier of the expression is a run column, a keyword or a function."""
     run_columns = {c.lower() for c in RUN_COLUMNS}
     return all(i.lower() in run_columns or i.lower() in _SQL_WORDS for i in expression.identifiers)
-
-
-def _read_runs(conn: sqlite3.Connection) -> RunTable:
-    rows = conn.execute(
-        "SELECT projid, run_id, tstamp, task, filename FROM runs ORDER BY tstamp"
-    ).fetchall()
-    return RunTable({c: [r[i] for r in rows] for i, c in enumerate(RUN_COLUMNS)})
 
 
 def _empty_frame(names: list[str]) -> pd.DataFrame:
@@ -212,15 +186,12 @@ def query(
         raise QueryError("query() needs a SQL SELECT statement.")
     guard = StatementGuard(timeout, pragmas=_SAFE_PRAGMAS)
     config = config or load_config()
-    store = Store.open_existing(config)
+    store = open_read_only(config, prepare=_query_views)
     if store is None:
         raise QueryError(f"No flordb_build store at '{config.db_path}' yet; record a run first.")
     conn = store.conn
     shown = sql.strip()[:80]
     try:
-        as_of_replay(conn)  # a replayed script reads what its run read (asof.py)
-        add_flordb_views(conn)  # FlorDB's column names beside ours (compat.py)
-        conn.execute("PRAGMA query_only = ON")
         with guard.installed(conn):
             try:
                 cursor = conn.execute(sql, params)
@@ -251,6 +222,13 @@ def query(
     columns = [d[0] for d in cursor.description or ()]
     frame = pd.DataFrame.from_records(rows, columns=columns)
     return keep_integers(frame, rows)
+
+
+def _query_views(store: Store) -> None:
+    """The TEMP views ``query`` reads through, made before its connection turns query-only."""
+    as_of_replay(store.conn)  # a replayed script reads what its run read (asof.py)
+    show_dead_runs_killed(store)  # a dead run reads 'killed', as a writer would have marked it
+    add_flordb_views(store.conn)  # FlorDB's column names beside ours (compat.py)
 
 
 def keep_integers(frame: pd.DataFrame, rows: Sequence[Sequence[Any]]) -> pd.DataFrame:

@@ -29,7 +29,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from . import snapshot
+from . import history, snapshot
 from .config import Config
 from .dag._journal import (
     PipelineJournal,
@@ -223,7 +223,7 @@ def _build(config: Config, tmp_path: Path, has_shadow: bool, notes: list[str]) -
                 notes.append(f"skipped {loaded.skipped_lines} unreadable line(s) of pipeline '{loaded.pipeline_id}'")
         if has_shadow:
             # Replayed values come after every run is back; a newer replay journal replaces an older one.
-            for _commit, text in snapshot.iter_snapshot_journals(config.root, replays_dir_in_tree(config)):
+            for _commit, text in history.iter_snapshot_journals(config.root, replays_dir_in_tree(config)):
                 logs += load_replay_journal(conn, text)
     except (ValueError, KeyError, TypeError) as exc:
         raise RebuildError(f"A journal on '{snapshot.SHADOW_BRANCH}' is unreadable: {exc}.") from exc
@@ -274,7 +274,7 @@ def _committed_run_journals(config: Config, has_shadow: bool) -> Iterator[tuple[
     if not has_shadow:
         return
     journal_dir = config.runs_dir.relative_to(config.root).as_posix()
-    for commit, text in snapshot.iter_snapshot_journals(config.root, journal_dir):
+    for commit, text in history.iter_snapshot_journals(config.root, journal_dir):
         try:
             yield commit, parse_run_journal(text, tolerant=False)
         except ValueError as exc:
@@ -299,7 +299,7 @@ def _pipeline_journals(config: Config, has_shadow: bool) -> list[str]:
     """Per pipeline, the journal to load (dag/_journal.py: select_journals)."""
     committed: dict[str, str] = {}
     if has_shadow:
-        for _commit, text in snapshot.iter_snapshot_journals(config.root, pipelines_dir_in_tree(config)):
+        for _commit, text in history.iter_snapshot_journals(config.root, pipelines_dir_in_tree(config)):
             pipeline_id = journal_pipeline_id(text)
             if pipeline_id is not None:
                 committed[pipeline_id] = text  # oldest first: the newest stays
@@ -319,7 +319,7 @@ def _journal_unjournaled_pipelines(config: Config, has_shadow: bool) -> list[str
             stored = [r[0] for r in conn.execute("SELECT pipeline_id FROM pipelines ORDER BY started")]
             journaled = set(dict(iter_disk_journals(config)))
             if has_shadow:
-                for _commit, text in snapshot.iter_snapshot_journals(config.root, pipelines_dir_in_tree(config)):
+                for _commit, text in history.iter_snapshot_journals(config.root, pipelines_dir_in_tree(config)):
                     journaled.add(journal_pipeline_id(text) or "")
             missing = [p for p in stored if p not in journaled]
             for pipeline_id in missing:

@@ -24,7 +24,6 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from .checkpoints import load_settings
 from .config import Config
 from .objects import ObjectStore
 from .store import TABLES, Store, is_run_alive, write_transaction
@@ -137,7 +136,6 @@ def collect_garbage(
     :param include_live: let ``run_ids`` be evicted while running (a run enforcing its own budget).
     :param project_budget: also apply ``checkpoint_budget_per_project``.
     """
-    settings = load_settings(config)
     store = Store.open_existing(config)
     if store is None:
         return GcResult(dry_run)
@@ -165,8 +163,8 @@ def collect_garbage(
         kept, notes = plan_retention(
             runs,
             sizes,
-            settings.budget_per_run,
-            settings.budget_per_project if project_budget else None,
+            config.checkpoint_budget_per_run,
+            config.checkpoint_budget_per_project if project_budget else None,
             evictable,
         )
         kept_ctx = {(c.run_id, c.ctx_id) for cps in kept.values() for c in cps}

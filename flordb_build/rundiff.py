@@ -188,14 +188,14 @@ def flatten(facts: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def code_diff(config: Config, a: str | None, b: str | None) -> tuple[str | None, str | None]:
     """``(diff text, note)`` between two snapshot commits, journals under ``.flor/`` left out."""
-    from . import snapshot
+    from .history import diff_snapshots
 
     if not config.in_git:
         return None, f"'{config.root}' is not a git repository: runs have no snapshot commits"
     if not a or not b:
         return None, "a run has no snapshot commit (recorded outside git, or still running)"
     try:
-        text = snapshot.run_git(config.root, "diff", "--no-color", "--no-ext-diff", a, b, "--", ".", ":(exclude).flor")
+        text = diff_snapshots(config.root, a, b, exclude=".flor")
     except SnapshotError as exc:
         return None, f"could not diff the snapshots: {exc}"
     return text, None

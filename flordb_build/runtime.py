@@ -31,7 +31,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, NoReturn, TypeVar
 
-from .args import cast_arg, consume_kwargs
+from .args import cast_arg, consume_kwargs, consume_params, param_value, read_params
 from .config import Config, load_config
 from .errors import ArgError, FlorBuildError, LogNameError, SnapshotError
 from .redaction import redact_mapping, redact_value
@@ -81,6 +81,7 @@ class Run:
         self.filename = filename
         self.task = task
         self.args: dict[str, Any] = {}
+        self._param_values: dict[str, Any] | None = None
         self.started = time.time()
         self.failure: tuple[str, int] | None = None
         self._logs: deque[tuple[Any, ...]] = deque()
@@ -135,12 +136,21 @@ class Run:
         return value
 
     def arg(self, name: str, default: Any = None) -> Any:
-        """The value of ``--kwargs name=...`` cast to ``default``'s type, else ``default``."""
+        """``--kwargs name=...``, else the params file's value, cast to ``default``'s type; else ``default``.
+
+        The order is args.py's (its module docstring).
+        """
         if name in self.args:
             return self.args[name]
+        params = self._params() if name not in self.kwargs else {}
         if name in self.kwargs:
             try:
                 value = cast_arg(name, self.kwargs[name], default)
+            except ArgError as exc:
+                _refuse_arg(self, exc)
+        elif name in params:
+            try:
+                value = param_value(name, params[name], default)
             except ArgError as exc:
                 _refuse_arg(self, exc)
         elif default is not None:
@@ -154,6 +164,16 @@ class Run:
         finally:
             _CTX.reset(token)
         return value
+
+    def _params(self) -> dict[str, Any]:
+        """The params file's values (``--params FILE``, else ``[tool.flordb_build] params``), read once."""
+        if self._param_values is None:
+            path = PARAMS_FILE or (str(self.config.root / self.config.params) if self.config.params else None)
+            try:
+                self._param_values = read_params(Path(path)) if path else {}
+            except ArgError as exc:
+                _refuse_arg(self, exc)
+        return self._param_values
 
     def loop(self, name: str, iterable: Iterable[T]) -> Iterator[T]:
         """Yield from ``iterable`` lazily, each element inside a new ``name`` loop context."""
@@ -576,6 +596,9 @@ class Session:
 _ARGV: list[str] = sys.argv if isinstance(getattr(sys, "argv", None), list) else []  # embedded: none
 ARGV_BEFORE_KWARGS: list[str] = list(_ARGV)
 SESSION = Session(consume_kwargs(_ARGV))  # edits sys.argv in place
+_GIVEN_PARAMS = consume_params(_ARGV)  # --params FILE, also taken out of sys.argv
+#: The params file of the command line, as an absolute path (the script may chdir later).
+PARAMS_FILE: str | None = os.path.abspath(_GIVEN_PARAMS) if _GIVEN_PARAMS else None
 ARGV_AFTER_KWARGS: list[str] = list(_ARGV)
 
 

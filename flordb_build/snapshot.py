@@ -32,11 +32,11 @@ import subprocess
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import read_tool_section
+from .config import config_of_root
 from .errors import FlorBuildWarning, SnapshotError
 from .redaction import redact_mapping
 from .untracked import SnapshotPolicy, left_out_message, select_untracked
@@ -121,7 +121,7 @@ def capture_code(root: Path, policy: SnapshotPolicy | None = None) -> CodeState:
     Warns once (:class:`FlorBuildWarning`) naming the untracked files it left out.
     """
     if policy is None:
-        policy = SnapshotPolicy.from_section(read_tool_section(root))
+        policy = SnapshotPolicy.from_config(config_of_root(root, True))
     head = resolve(root, "HEAD")
     try:
         branch: str | None = run_git(root, "symbolic-ref", "--quiet", "--short", "HEAD")
@@ -301,19 +301,6 @@ def snapshot_message(run_id: str, filename: str, task: str | None, args: Mapping
     arg_text = " ".join(f"{k}={v}" for k, v in redact_mapping(args).items()) or "(no args)"
     task_text = f" task {task}" if task else ""
     return f"flor run {run_id}: {filename}{task_text} {arg_text}\n\n{RUN_TRAILER}: {run_id}\n"
-
-
-def iter_snapshot_journals(root: Path, journal_dir_in_tree: str) -> Iterator[tuple[str, str]]:
-    """Yield ``(commit, journal text)`` for every journal under ``journal_dir_in_tree`` on the shadow
-    branch, oldest first (commits without that directory, e.g. replay journals for run journals, hold none)."""
-    if resolve(root, SHADOW_REF) is None:
-        return
-    commits = run_git(root, "rev-list", "--reverse", SHADOW_REF).split()
-    for commit in commits:
-        listing = run_git(root, "ls-tree", "--name-only", commit, "--", journal_dir_in_tree.rstrip("/") + "/")
-        for path in listing.split("\n"):
-            if path.endswith(".jsonl"):
-                yield commit, run_git(root, "cat-file", "blob", f"{commit}:{path}")
 
 
 def export_snapshot(root: Path, commit: str, destination: Path) -> None:

@@ -373,7 +373,7 @@ def is_run_alive(locks_dir: Path, run_id: str) -> bool:
     """True when some process still holds the run's lock file."""
     path = locks_dir / f"{run_id}.lock"
     try:
-        fd = os.open(path, os.O_RDWR)
+        fd = os.open(path, os.O_RDONLY)  # flock needs no write access: this works on a read-only disk too
     except FileNotFoundError:
         return False
     try:
@@ -524,9 +524,10 @@ class Store:
 
     @classmethod
     def open_existing(cls, config: Config) -> Store | None:
-        """Open the store for reading; None when no run was ever recorded (nothing to create).
+        """Open the store for a command that may write (gc, replay); None when no run was ever recorded.
 
-        Works on a full or read-only disk: it reads without marking dead runs there.
+        Migrates and marks dead runs where the disk allows; on a full or read-only disk it goes on
+        reading without them. Pure readers use reader.py's ``open_read_only``, which never writes.
 
         :raises NotAStoreError: when the file is empty or not SQLite (storefile.py).
         """

@@ -9,9 +9,10 @@ SQLite). For that to be safe, no process may ever see a store file that is empty
 being created: :func:`create_store_file` builds it under a temporary name and links it into
 place complete.
 
-Readers open the store read-write when they can (they mark runs whose process died). On a full
-or read-only disk they fall back to read-only connections (:func:`connect_read_only`), so
-``runs``, ``dataframe`` and ``query`` still work wherever the file can be read.
+Readers open the store read-only (reader.py, through :func:`connect_read_only`): ``mode=ro``, or
+``immutable=1`` on a disk where even the ``-shm`` cannot be had, so ``runs``, ``dataframe`` and
+``query`` work wherever the file can be read and never change it. Commands that may write (gc,
+replay) open it read-write and fall back the same way on a full or read-only disk.
 """
 
 from __future__ import annotations

@@ -22,9 +22,12 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError
+from .config import DEFAULT_SNAPSHOT_MAX_FILE_BYTES, parse_settings
+
+if TYPE_CHECKING:
+    from .config import Config
 
 #: Secret-looking files that never go into a snapshot unless ``snapshot_include`` names them.
 DEFAULT_EXCLUDE = (
@@ -34,7 +37,7 @@ DEFAULT_EXCLUDE = (
     "_netrc", ".pgpass", ".pypirc", ".npmrc", ".git-credentials", "secrets.*", "secret.*", "*.secret",
 )
 #: Untracked files larger than this stay out of snapshots unless ``snapshot_include`` names them.
-DEFAULT_MAX_FILE_BYTES = 5 * 1024 * 1024
+DEFAULT_MAX_FILE_BYTES = DEFAULT_SNAPSHOT_MAX_FILE_BYTES
 _MAX_NAMED = 10  # files a warning names before it says "and N more"
 
 
@@ -67,20 +70,26 @@ class SnapshotPolicy:
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
 
     @classmethod
-    def from_section(cls, section: Mapping[str, Any]) -> SnapshotPolicy:
-        """The policy a project's ``[tool.flordb_build]`` asks for (the defaults where it says nothing).
+    def from_config(cls, config: Config) -> SnapshotPolicy:
+        """The policy a project's ``[tool.flordb_build]`` asks for (the defaults where it says nothing)."""
+        return cls(
+            exclude=DEFAULT_EXCLUDE + config.snapshot_exclude,
+            include=config.snapshot_include,
+            max_file_bytes=config.snapshot_max_file_bytes,
+        )
 
-        :raises ConfigError: for a value of the wrong type.
+    @classmethod
+    def from_section(cls, section: Mapping[str, Any]) -> SnapshotPolicy:
+        """The policy of the snapshot keys in ``section``, read as config.py reads them.
+
+        :raises ConfigError: for a value of the wrong type, or a key that is not a setting.
         """
-        extra = _patterns(section, "snapshot_exclude")
-        include = _patterns(section, "snapshot_include")
-        max_bytes = section.get("snapshot_max_file_bytes", DEFAULT_MAX_FILE_BYTES)
-        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
-            raise ConfigError(
-                f"'snapshot_max_file_bytes' in [tool.flordb_build] must be a whole number of bytes >= 0, "
-                f"got '{max_bytes}'."
-            )
-        return cls(exclude=DEFAULT_EXCLUDE + extra, include=include, max_file_bytes=max_bytes)
+        settings = parse_settings(section)
+        return cls(
+            exclude=DEFAULT_EXCLUDE + settings.get("snapshot_exclude", ()),
+            include=settings.get("snapshot_include", ()),
+            max_file_bytes=settings.get("snapshot_max_file_bytes", DEFAULT_MAX_FILE_BYTES),
+        )
 
     def check(self, path: str, size: int) -> LeftOut | None:
         """None when the untracked file ``path`` (posix, relative to the root) of ``size`` bytes goes in."""
@@ -105,13 +114,6 @@ class SnapshotPolicy:
     @functools.cached_property
     def _exclude(self) -> re.Pattern[str]:
         return combined_regex(self.exclude)
-
-
-def _patterns(section: Mapping[str, Any], key: str) -> tuple[str, ...]:
-    value = section.get(key, [])
-    if not isinstance(value, list) or not all(isinstance(p, str) and p.strip("/") for p in value):
-        raise ConfigError(f"'{key}' in [tool.flordb_build] must be a list of path patterns like \".env\" or \"data/\".")
-    return tuple(value)
 
 
 def first_match(path: str, patterns: Iterable[str]) -> str | None:

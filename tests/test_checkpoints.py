@@ -19,11 +19,10 @@ from flordb_build.checkpoints import (
     JointInvariant,
     checkpointed_iterations,
     load_settings,
-    parse_size,
     refine_restore_factor,
     restore_objects,
 )
-from flordb_build.config import load_config
+from flordb_build.config import load_config, parse_size
 from flordb_build.errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError, ConfigError
 from flordb_build.objects import ObjectStore
 from flordb_build.retention import evenly_spaced

@@ -367,11 +367,21 @@ def make_project(project: Project) -> None:
     project.commit_all("make pipeline")
     steps = init_project(project.root, make=True)
     assert [(s.path.name, s.action) for s in steps] == [("Makefile", "copied")]
+    makefile = project.root / "Makefile"
+    makefile.write_text(uncomment_example(makefile.read_text()))
+
+
+def uncomment_example(text: str) -> str:
+    """The template with its example pipeline switched on, as its comment tells a user to."""
+    before, rest = text.split("# --- example pipeline ---\n")
+    example, after = rest.split("# --- end of the example pipeline ---\n")
+    assert all(line.startswith("#") for line in example.splitlines())
+    return before + "".join(line[1:] + "\n" for line in example.splitlines()) + after
 
 
 def make(project: Project, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["make", f"PYTHON={PY}", f"FLOR_EXEC={PY} -m flordb_build exec", *args],
+        ["make", f"PYTHON={PY}", f"FLORDB_BUILD={PY} -m flordb_build", *args],
         cwd=project.root,
         env={**os.environ, **GIT_ENV},
         capture_output=True,
@@ -502,15 +512,88 @@ def test_init_writes_doit_cfg_and_make_only_what_was_asked(tmp_path: Path) -> No
     assert "flordb-build exec" in (make_only / "Makefile").read_text()
     with pytest.raises(InitError, match="already exists"):
         init_project(make_only, make=True)
-    # The template is package data, so a wheel install (not only a source checkout) has it.
+    # One source, the top-level templates/Makefile, shipped as the package data of flordb_build.templates.
     import tomllib
 
     import flordb_build
     from flordb_build.dag._init import template_makefile
 
-    assert template_makefile() == Path(flordb_build.__file__).resolve().parent / "templates" / "Makefile"
-    pyproject = tomllib.loads((Path(flordb_build.__file__).resolve().parents[1] / "pyproject.toml").read_text())
-    assert "templates/Makefile" in pyproject["tool"]["setuptools"]["package-data"]["flordb_build"]
+    checkout = Path(flordb_build.__file__).resolve().parents[1]
+    assert template_makefile() == checkout / "templates" / "Makefile"
+    assert not (checkout / "flordb_build" / "templates").exists()
+    setuptools = tomllib.loads((checkout / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert setuptools["package-dir"]["flordb_build.templates"] == "templates"
+    assert setuptools["package-data"]["flordb_build.templates"] == ["Makefile"]
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+def test_init_make_writes_a_makefile_that_runs_as_written(project: Project) -> None:
+    """`flordb-build init --make` in a fresh repository, then `make`: it runs, and records nothing."""
+    assert project.cli("init", "--make").returncode == 0
+    made = make(project)
+    assert made.returncode == 0, made.stdout + made.stderr
+    assert not (project.root / ".flor" / "flor.db").exists()
+    # Its example pipeline, switched on, is what test_makefile_template_records_tasks_and_failures runs.
+
+
+REPLAYED = """\
+import flordb_build as flor
+state = {"w": 0}
+with flor.checkpointing(state=state):
+    for epoch in flor.loop("epoch", range(2)):
+        state["w"] += 1
+        flor.log("w", state["w"])
+"""
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+def test_make_replay_target_runs_a_replay(project: Project) -> None:
+    """`make replay NAMES=... REPLAY_ARGS=...`: the Make side of `doit replay`, in a real project."""
+    import flordb_build as flor
+
+    assert project.cli("init", "--make").returncode == 0
+    project.write("train.py", REPLAYED)
+    project.commit_all("train")
+    project.run("train.py")
+    project.write("train.py", REPLAYED + "        flor.log(\"w2\", state[\"w\"] * 2)\n")
+    project.commit_all("log w2")
+
+    planned = make(project, "replay", "NAMES=w2", "REPLAY_ARGS=--dry-run")
+    assert planned.returncode == 0, planned.stdout + planned.stderr
+    assert "replay w2: 1 run(s)" in planned.stdout and "validation" in planned.stdout
+    done = make(project, "replay", "NAMES=w2", "REPLAY_ARGS=--yes --cold")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert flor.dataframe("w2")["w2"].tolist() == [2, 4]
+    unnamed = make(project, "replay")
+    assert unnamed.returncode != 0 and 'make replay NAMES="val_loss"' in unnamed.stderr
+
+
+@pytest.mark.slow
+def test_a_wheel_install_finds_the_template(project: Project, tmp_path: Path) -> None:
+    """A non-editable install (pip builds the wheel from this checkout): `init --make` copies templates/Makefile."""
+    import flordb_build
+
+    checkout = Path(flordb_build.__file__).resolve().parents[1]
+    # pip builds in the source folder: a copy of the work tree, so no earlier build/ leaks into the wheel.
+    source = tmp_path / "source"
+    shutil.copytree(checkout, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".flor", ".*_cache", "bench", "tests", "pipelines"
+    ))
+    target = tmp_path / "site"
+    pip = subprocess.run(
+        [PY, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index", "--target", str(target),
+         str(source)], capture_output=True, text=True, timeout=600,
+    )
+    assert pip.returncode == 0, pip.stderr
+    assert not (target / "templates").exists()  # installed inside the package, not as a top-level folder
+    env = {**os.environ, **GIT_ENV, "PYTHONPATH": str(target)}
+    where = subprocess.run([PY, "-c", "import flordb_build; print(flordb_build.__file__)"], cwd=project.root,
+                           env=env, capture_output=True, text=True, timeout=60)
+    assert where.stdout.strip() == str(target / "flordb_build" / "__init__.py"), where.stderr
+    init = subprocess.run([PY, "-m", "flordb_build", "init", "--make"], cwd=project.root, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert init.returncode == 0, init.stderr
+    assert (project.root / "Makefile").read_bytes() == (checkout / "templates" / "Makefile").read_bytes()
 
 
 # -- recording helpers ------------------------------------------------------------------------
@@ -722,3 +805,43 @@ def test_ctrl_c_under_doit_n4_records_every_started_task(project: Project) -> No
     assert all("Ctrl-C" in row[1] for row in tasks.values())
     # Their inputs are recorded, their (half-written) targets are not.
     assert rows(project, "SELECT DISTINCT path, role FROM files") == [("slow.py", "dep")]
+
+
+PARAMS_DODO = """\
+import sys
+
+def task_train():
+    return {"actions": [[sys.executable, "train.py"]], "file_dep": ["train.py"], "targets": ["model.txt"]}
+
+def task_report():  # no file_dep: runs every time, and gets no params dependency either
+    return {"actions": ["echo report"], "verbosity": 0}
+"""
+PARAMS_TRAIN = """\
+import flordb_build as flor
+lr = flor.arg("lr", 0.5)
+with open("model.txt", "w") as fh:
+    fh.write(str(lr))
+"""
+
+
+def test_doit_reruns_a_task_when_a_params_file_value_changes(project: Project) -> None:
+    """[tool.flordb_build] params is a file_dep of each task with file_deps: doit sees a changed value."""
+    project.write("dodo.py", PARAMS_DODO)
+    project.write("train.py", PARAMS_TRAIN)
+    project.write("params.yaml", "lr: 0.1\n")
+    project.write("pyproject.toml", '[tool.flordb_build]\nparams = "params.yaml"\n')
+    project.commit_all("pipeline")
+    init_project(project.root)
+    assert doit(project).returncode == 0
+    assert (project.root / "model.txt").read_text() == "0.1"
+    assert doit(project).returncode == 0
+    project.write("params.yaml", "lr: 0.3\n")
+    assert doit(project).returncode == 0
+    assert (project.root / "model.txt").read_text() == "0.3"
+    first, second, third = pipeline_ids(project)
+    assert task_rows(project, first)["train"][0] == "executed"
+    assert task_rows(project, second)["train"][0] == "up-to-date"
+    assert task_rows(project, third)["train"][:2] == ("executed", "changed file_dep: params.yaml")
+    assert task_rows(project, third)["report"][1] == "always runs: no file_dep and no uptodate"
+    deps = rows(project, "SELECT path FROM files WHERE pipeline_id = ? AND task = 'train' AND role = 'dep'", (third,))
+    assert sorted(p for (p,) in deps) == ["params.yaml", "train.py"]

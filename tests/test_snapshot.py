@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from flordb_build import snapshot
+from flordb_build import history, snapshot
 from flordb_build.errors import SnapshotError
 from tests.conftest import Project
 
@@ -91,7 +91,7 @@ def test_snapshots_chain_on_the_shadow_branch(project: Project) -> None:
     log = project.git("log", "--format=%s", "flor.shadow").splitlines()
     assert len(log) == 3 and all(line.startswith("flor run ") for line in log)
     assert project.git("rev-list", "--count", "main").strip() == "2"  # the user's branch did not move
-    journals = list(snapshot.iter_snapshot_journals(project.root, ".flor/runs"))
+    journals = list(history.iter_snapshot_journals(project.root, ".flor/runs"))
     assert len(journals) == 3 and len({commit for commit, _ in journals}) == 3
 
 

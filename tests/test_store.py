@@ -89,12 +89,16 @@ def test_sigkill_keeps_a_prefix_with_no_holes_and_marks_the_run_killed(project: 
     assert conn.execute("SELECT status FROM runs").fetchall() == [("running",)]
     conn.close()
 
-    frame = flor.dataframe("value")  # opening the store detects the dead process
+    frame = flor.dataframe("value")
     values = frame["value"].tolist()
     assert len(values) > 2_000
     assert values == list(range(len(values)))  # a prefix, no holes
     assert frame["i"].tolist() == values
+    # A reader shows the dead run killed without writing it (reader.py); a writing open marks it.
+    assert flor.query("SELECT status FROM runs")["status"].tolist() == ["killed"]
     conn = sqlite3.connect(project.root / ".flor" / "flor.db")
+    assert conn.execute("SELECT status FROM runs").fetchall() == [("running",)]
+    Store.open(load_config()).close()
     assert conn.execute("SELECT status FROM runs").fetchall() == [("killed",)]
     conn.close()
 

@@ -2,7 +2,7 @@
 
 - :class:`RecordingRun` (``flordb_build.dag:RecordingRun``): doit's ``run`` command as a
   COMMAND plugin; ``flordb-build init`` puts it in pyproject.toml or doit.cfg.
-- :func:`run_recipe`: ``flordb-build exec`` for Make recipes (``flordb_build/templates/Makefile``).
+- :func:`run_recipe`: ``flordb-build exec`` for Make recipes (the top-level ``templates/Makefile``).
 - :func:`init_project`: ``flordb-build init [--make]``.
 
 The doit part imports doit, so it loads only when doit asks for the plugin (PEP 562

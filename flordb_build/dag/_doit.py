@@ -441,6 +441,7 @@ class RecordingRun(Run):
         stream = opened if opened is not None else outfile
         try:
             inner = self._user_reporter(reporter, stream, failure_verbosity)
+            add_params_dependency(self.task_list)
             recorder = open_recorder()
             if recorder is not None:
                 for task in self.task_list:
@@ -481,6 +482,31 @@ class RecordingRun(Run):
         if isinstance(reporter_cls, type):
             return reporter_cls(stream, {"failure_verbosity": failure_verbosity})
         return reporter_cls
+
+
+def add_params_dependency(tasks: list[Task]) -> None:
+    """Make the project's params file (``[tool.flordb_build] params``) a file_dep of every task with file_deps.
+
+    ``flor.arg`` reads its defaults from that file (args.py), so a changed value must make doit run
+    the tasks again. Tasks without file_dep run every time anyway; giving them one would let doit
+    skip them, so they are left as they are. A params file named with ``--params FILE`` in an
+    action is the task's own to list.
+    """
+    try:
+        config = load_config()
+    except FlorBuildError:
+        return  # open_recorder reports the configuration error
+    if config.params is None:
+        return
+    path = config.root / config.params
+    if not path.is_file():
+        return
+    # Spelled as users spell file_deps (relative to the dodo's directory) where it lies below it.
+    here = os.getcwd()
+    dep = os.path.relpath(path, here) if os.path.abspath(path).startswith(here + os.sep) else str(path)
+    for task in tasks:
+        if task.file_dep and not any(os.path.abspath(d) == os.path.abspath(path) for d in task.file_dep):
+            task.file_dep.add(dep)
 
 
 def open_recorder() -> BuildRecorder | None:

@@ -6,7 +6,9 @@ Only what the user asked for is written:
   of doit.cfg: doit's ``run`` command becomes :class:`~flordb_build.dag.RecordingRun` and a
   ``replay`` command is added (``flordb_build.hindsight``). The file is edited as text (comments
   and layout stay), re-parsed, and only then replaced.
-- Make: ``flordb_build/templates/Makefile`` copied to the project (never over an existing file).
+- Make: the template ``templates/Makefile`` (package data ``flordb_build.templates``) copied to the
+  project, never over an existing file. As copied it runs (``make`` has nothing to do yet) and has a
+  ``replay`` target; the example pipeline is in it, commented out.
 """
 
 from __future__ import annotations
@@ -39,13 +41,22 @@ class InitStep:
 
 
 def template_makefile() -> Path:
-    """The Makefile template shipped with flordb_build (package data: ``flordb_build/templates/Makefile``)."""
-    template = Path(__file__).resolve().parents[1] / "templates" / "Makefile"
+    """The Makefile template: the top-level ``templates/Makefile``, installed as ``flordb_build.templates``.
+
+    pyproject.toml maps the source folder ``templates/`` to the package ``flordb_build.templates``,
+    so a wheel (or an editable install) finds it by import name.
+    """
+    from importlib.resources import files
+
+    try:
+        template = Path(str(files("flordb_build.templates") / "Makefile"))
+    except ModuleNotFoundError as exc:
+        raise InitError(
+            "Could not find the Makefile template (package data 'flordb_build.templates'); reinstall flordb_build."
+        ) from exc
     if template.is_file():
         return template
-    raise InitError(
-        f"Could not find the Makefile template at '{template}'; reinstall flordb_build."
-    )
+    raise InitError(f"Could not find the Makefile template at '{template}'; reinstall flordb_build.")
 
 
 def init_project(root: Path, doit_config: str | None = None, make: bool = False, makefile: str = "Makefile") -> list[InitStep]:

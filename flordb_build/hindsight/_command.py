@@ -10,6 +10,7 @@ from typing import IO
 from ..config import Config
 from ..errors import ReplayError
 from ..expression import parse_where
+from ..replay_options import ReplayOptions
 from ._model import DEFAULT_REL_TOL, ReplayPlan, ReplayReport
 
 #: Asks the user whether to run the plan: True or False, or None when no answer came (end of input).
@@ -127,43 +128,61 @@ def replay(
     return report
 
 
+def confirm_on_stdin() -> Confirm:
+    """A yes/no question read from stdin, terminal or pipe; None when stdin ends before an answer.
+
+    For the command-line front ends (``flordb-build replay``, ``doit replay``) only.
+    """
+
+    # A pipe answers too: FlorDB asks with input(), so `echo y | python -m flor replay x` runs.
+    def ask(question: str) -> bool | None:
+        if sys.stdin is None:  # the process was started with stdin closed
+            return None
+        try:
+            answer = input(question)
+        except (EOFError, OSError):
+            print()  # end the question's line before the error message
+            return None
+        return answer.strip().lower() in ("y", "yes")
+
+    return ask
+
+
 def run_replay_command(
     names: Sequence[str],
+    options: ReplayOptions,
     *,
-    where: str | None,
-    task: str | None,
-    workers: int,
-    device: str,
-    dry_run: bool,
-    yes: bool,
     confirm: Confirm | None,
-    rel_tol: float = DEFAULT_REL_TOL,
     out: IO[str] | None = None,
-    warm: bool | None = None,
 ) -> int:
     """Plan, show, confirm and run a replay for a command line; returns the exit code.
 
+    Both front ends (``flordb-build replay`` and ``doit replay``) call this with the
+    :class:`ReplayOptions` they parsed from the one option table (replay_options.py).
+
     :param names: the command's positional arguments, read by :func:`read_replay_arguments`.
-    :param confirm: asks "run it?"; None when nobody can answer (then ``yes`` is required).
+    :param confirm: asks "run it?"; None when nobody can answer (then ``options.yes`` is required).
     """
     from ._execute import ProgressLine, format_plan, format_report, run_replay
     from ._select import prepare_replay
 
     out = out if out is not None else sys.stdout
-    if not rel_tol >= 0:
-        raise ReplayError(f"--rel-tol must be a number >= 0, got '{rel_tol}'.")
-    arguments = read_replay_arguments(names, where)
+    if not options.rel_tol >= 0:
+        raise ReplayError(f"--rel-tol must be a number >= 0, got '{options.rel_tol}'.")
+    warm = False if options.cold else None
+    arguments = read_replay_arguments(names, options.where)
     plan: ReplayPlan = prepare_replay(
-        arguments.names, where=arguments.where, task=task, workers=workers, device=device, warm=warm
+        arguments.names, where=arguments.where, task=options.task, workers=options.workers, device=options.device,
+        warm=warm,
     )
     print(format_plan(plan), file=out)
     out.flush()
-    if dry_run:
+    if options.dry_run:
         return 0
     if not plan.runs:
         print("nothing to replay", file=out)
         return 0
-    if not yes:
+    if not options.yes:
         question = f"Replay {len(plan.runs)} run(s), about {plan.estimate:.1f}s? [y/N] "
         answer = confirm(question) if confirm is not None else None
         if answer is None:
@@ -174,7 +193,7 @@ def run_replay_command(
         if not answer:
             print("not replayed", file=out)
             return 0
-    report = run_replay(plan, progress=ProgressLine(sys.stderr), rel_tol=rel_tol, warm=warm)
+    report = run_replay(plan, progress=ProgressLine(sys.stderr), rel_tol=options.rel_tol, warm=warm)
     print(format_report(report), file=out)
     return 0 if report.ok else 1
 

@@ -8,27 +8,15 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from doit.cmd_base import Command
 
 from ..errors import FlorBuildError
-from ._command import run_replay_command
-
-_OPTIONS: tuple[dict[str, Any], ...] = (
-    {"name": "where", "long": "where", "type": str, "default": "",
-     "help": "SQL expression over the run-level dataframe selecting runs, e.g. \"tstamp >= '2026-06-23'\""},
-    {"name": "task", "long": "task", "type": str, "default": "", "help": "replay only runs of this task"},
-    {"name": "workers", "long": "workers", "type": int, "default": 1,
-     "help": "split range and validation scans into this many parallel segments (default 1)"},
-    {"name": "device", "long": "device", "type": str, "default": "auto", "help": "auto, cpu or cuda (default auto)"},
-    {"name": "dry_run", "long": "dry-run", "type": bool, "default": False, "help": "show the plan, run nothing"},
-    {"name": "yes", "long": "yes", "type": bool, "default": False, "help": "run the plan without asking"},
-    {"name": "cold", "long": "cold", "type": bool, "default": False,
-     "help": "start every replay in a fresh interpreter, not forked from a warm server"},
-)
+from ..replay_options import REPLAY_OPTIONS, ReplayOptions, add_replay_arguments, options_from
 
 
 def typed_arguments(doit_args: Sequence[str] | None, pos_args: list[str]) -> list[str]:
@@ -49,14 +37,39 @@ def typed_arguments(doit_args: Sequence[str] | None, pos_args: list[str]) -> lis
     return typed if kept == list(doit_args) and typed != kept else pos_args
 
 
+def later_options(arguments: Sequence[str]) -> argparse.Namespace:
+    """The names, and the options given among or after them, in ``arguments`` (doit's getopt stops at a name).
+
+    Options not given are absent from the namespace, so they do not overwrite what doit parsed.
+    """
+    parser = argparse.ArgumentParser(prog="doit replay", add_help=False)
+    parser.add_argument("names", nargs="*")
+    add_replay_arguments(parser, suppress_defaults=True)
+    return parser.parse_intermixed_args(list(arguments))
+
+
+def command_options(opt_values: Mapping[str, Any], arguments: Sequence[str]) -> tuple[list[str], ReplayOptions]:
+    """The replay names and :class:`ReplayOptions` of one ``doit replay`` command line.
+
+    :param opt_values: what doit parsed from the options before the first name (``cmd_options``).
+    :param arguments: the arguments from the first name on (see :func:`typed_arguments`).
+    """
+    later = later_options(arguments)
+    merged = {**opt_values, **{k: v for k, v in vars(later).items() if k != "names"}}
+    return list(later.names), options_from(merged)
+
+
 class ReplayCommand(Command):
-    """``doit replay NAME... [--where EXPR] [--task T] [--workers N] [--device D] [--dry-run] [--yes] [--cold]``."""
+    """``doit replay NAME... [OPTION...]``, its options those of ``flordb-build replay`` (replay_options.py)."""
 
     name = "replay"
     doc_purpose = "replay new flor.log statements in recorded runs (flordb_build hindsight logging)"
-    doc_usage = "NAME... [--where EXPR] [--task T] [--workers N] [--device auto|cpu|cuda] [--dry-run] [--yes] [--cold]"
+    doc_usage = "NAME... " + " ".join(
+        f"[--{row['long']}]" if row["type"] is bool else f"[--{row['long']} {row.get('metavar', 'ARG')}]"
+        for row in REPLAY_OPTIONS
+    )
     doc_description = None
-    cmd_options = _OPTIONS
+    cmd_options = REPLAY_OPTIONS
     _doit_args: list[str] | None = None
 
     def parse_execute(self, in_args: list[str]) -> Any:
@@ -66,31 +79,11 @@ class ReplayCommand(Command):
 
     def execute(self, opt_values: dict[str, Any], pos_args: list[str]) -> int:
         """Run the replay command; errors become one line on stderr and exit code 1."""
-        from ..cli import build_parser, confirm_on_stdin
-
-        # doit stops reading options at the first name; options after the names (as in
-        # `doit replay w2 --yes`) are read here with flordb-build's own parser.
-        arguments = typed_arguments(self._doit_args, pos_args)
-        later = build_parser().parse_args(["replay", *arguments]) if arguments else None
-
-        def option(name: str, default: Any) -> Any:
-            value = opt_values.get(name)
-            if later is not None and getattr(later, name) not in (None, False, default):
-                value = getattr(later, name)
-            return value if value not in (None, "") else default
+        from . import _command
 
         try:
-            return run_replay_command(
-                later.names if later is not None else [],
-                where=option("where", None),
-                task=option("task", None),
-                workers=int(option("workers", 1)),
-                device=str(option("device", "auto")),
-                dry_run=bool(option("dry_run", False)),
-                yes=bool(option("yes", False)),
-                confirm=confirm_on_stdin(),
-                warm=False if option("cold", False) else None,
-            )
+            names, options = command_options(opt_values, typed_arguments(self._doit_args, pos_args))
+            return _command.run_replay_command(names, options, confirm=_command.confirm_on_stdin())
         except FlorBuildError as exc:
             print(f"doit replay: error: {exc}", file=sys.stderr)
             return 1

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from ..config import Config, load_config
-from ..errors import ConfigError, FlorBuildError, WarmStartError
+from ..errors import FlorBuildError, WarmStartError
 from ..redaction import contains_mask
 from ..values import decode_value
 from ._backfill import Backfill, Decision, decide
@@ -555,13 +555,7 @@ def kwargs_tokens(args: Mapping[str, Any]) -> list[str]:
 
 def replay_links(config: Config) -> tuple[str, ...]:
     """``[tool.flordb_build] replay_links``: project paths linked into replay directories."""
-    links = config.section.get("replay_links", [])
-    if not isinstance(links, list) or not all(isinstance(x, str) and x and not Path(x).is_absolute() for x in links):
-        raise ConfigError(
-            "'replay_links' in [tool.flordb_build] must be a list of paths relative to the project root, "
-            "e.g. replay_links = [\"data\"]."
-        )
-    return tuple(links)
+    return config.replay_links
 
 
 def recorded_env_vars(config: Config, run_id: str) -> dict[str, str]:

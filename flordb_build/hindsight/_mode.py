@@ -31,7 +31,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..config import Config, read_tool_section
+from ..config import Config, config_of_root
 from ..redaction import contains_mask
 from ..runtime import _CTX, ROOT_CTX, Run, process_age
 from ..store import Store, coalesce_loops, loop_contexts
@@ -359,7 +359,7 @@ def start_replay_run(kwargs: dict[str, str]) -> ReplayRun:
     """The replay run of this process, from :data:`REPLAY_ENV` (called by ``Session.start``)."""
     spec = ReplaySpec.from_json(os.environ[REPLAY_ENV])
     root = Path(spec.root)
-    config = Config(root=root, in_git=True, db_path=Path(spec.db), projid=spec.projid, section=read_tool_section(root))
+    config = config_of_root(root, True, db_path=Path(spec.db), projid=spec.projid)
     store = Store.open(config)
     run = ReplayRun(config, store, spec, kwargs)
     run.begin()

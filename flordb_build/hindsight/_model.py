@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
+from ..replay_options import DEFAULT_REL_TOL as DEFAULT_REL_TOL  # one value for every front end
 from ..runtime import REPLAY_ENV as REPLAY_ENV  # the variable that puts a script in replay mode
 
 if TYPE_CHECKING:  # the rewrite package imports libcst; a replaying script never needs it
@@ -19,7 +20,7 @@ if TYPE_CHECKING:  # the rewrite package imports libcst; a replaying script neve
 
 #: Set in a warm-started replay process: the descriptor its progress lines go to (see _warm.py).
 PROGRESS_FD_ENV = "FLOR_REPLAY_PROGRESS_FD"
-DEFAULT_REL_TOL = 1e-6
+
 #: Seconds a replay process costs outside its own lifetime before one was measured: a fork from a
 #: warm server; or a fresh interpreter's spawn and teardown (its start-up is in the recorded prefix).
 DEFAULT_OVERHEAD = {True: 0.02, False: 0.15}

@@ -40,13 +40,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..config import Config
+from ..config import DEFAULT_REPLAY_KEEP_WARM, Config
 from ..errors import ConfigError, WarmStartError
 from ._warm_server import PROTOCOL
 
 SERVER_SCRIPT = Path(__file__).with_name("_warm_server.py")
 KEEP_WARM_ENV = "FLORDB_BUILD_REPLAY_KEEP_WARM"
-DEFAULT_KEEP_WARM = 600.0
+DEFAULT_KEEP_WARM = DEFAULT_REPLAY_KEEP_WARM
 #: How long a new server may take to import its preload list before the job starts cold instead.
 START_TIMEOUT = 300.0
 #: Environment variables that change from shell to shell and that no library reads at import.
@@ -56,11 +56,7 @@ _JOB_ENV_PREFIXES = ("FLOR_",)  # per job (the replay spec, the task): set in th
 
 def warm_settings(config: Config) -> tuple[bool, float]:
     """``(enabled, keep-warm seconds)`` from the project's settings and the environment."""
-    section = config.section
-    enabled = section.get("replay_warm", True)
-    if not isinstance(enabled, bool):
-        raise ConfigError(f"'replay_warm' in [tool.flordb_build] must be true or false, got '{enabled}'.")
-    keep: Any = os.environ.get(KEEP_WARM_ENV) or section.get("replay_keep_warm", DEFAULT_KEEP_WARM)
+    keep: Any = os.environ.get(KEEP_WARM_ENV) or config.replay_keep_warm
     try:
         seconds = float(keep)
     except (TypeError, ValueError):
@@ -69,7 +65,7 @@ def warm_settings(config: Config) -> tuple[bool, float]:
         raise ConfigError(
             f"'replay_keep_warm' (or ${KEEP_WARM_ENV}) must be a number of seconds >= 0, got '{keep}'."
         )
-    return enabled, seconds
+    return config.replay_warm, seconds
 
 
 def runtime_dir() -> Path:

@@ -152,14 +152,14 @@ def build_run_page(store: Store, run_id: str) -> RunPage:
 
 def script_at_snapshot(config: Config, snapshot: str | None, filename: str | None) -> tuple[str | None, str | None]:
     """``(code, note)``: the run's script as its snapshot commit holds it, or why it cannot be shown."""
-    from .. import snapshot as snap
+    from ..history import read_snapshot_file
 
     if not snapshot:
         return None, "no snapshot commit (recorded outside git, or still running)"
     if not filename or filename.startswith("<") or filename.startswith("/") or filename == "-c":
         return None, f"the script '{filename}' is not a file of the project"
     try:
-        text = snap.run_git(config.root, "show", f"{snapshot}:{filename}")
+        text = read_snapshot_file(config.root, snapshot, filename)
     except SnapshotError as exc:
         return None, f"'{filename}' is not in snapshot {snapshot[:12]}: {exc}"
     if len(text) > MAX_CODE:
