@@ -92,7 +92,7 @@ class FlorNames:
 def _flor_names(tree: ast.Module) -> FlorNames:
     """``import flordb_build [as x]`` and ``from flordb_build import loop [as y]``, anywhere."""
     names = FlorNames()
-    for node in ast.walk(tree):
+    for node in _statements(tree.body):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name == FLOR_MODULE:
@@ -104,6 +104,25 @@ def _flor_names(tree: ast.Module) -> FlorNames:
                 elif alias.name in ("loop", "log"):
                     names.functions[alias.asname or alias.name] = "loop" if alias.name == "loop" else "log"
     return names
+
+
+_BODIES = ("body", "orelse", "finalbody")
+
+
+def _statements(body: Sequence[ast.stmt]) -> Iterator[ast.stmt]:
+    """Every statement of ``body`` and the blocks below, expressions not entered."""
+    stack = list(reversed(body))
+    while stack:
+        node = stack.pop()
+        yield node
+        inner: list[ast.stmt] = []
+        for name in _BODIES:
+            inner += getattr(node, name, None) or []
+        for handler in getattr(node, "handlers", None) or []:
+            inner += handler.body
+        for case in getattr(node, "cases", None) or []:
+            inner += case.body
+        stack.extend(reversed(inner))
 
 
 @dataclass(frozen=True)
@@ -130,6 +149,8 @@ class Stmt:
     own: list[ast.AST] = field(default_factory=list)  # the parts outside its indented blocks
     inline: list[ast.stmt] = field(default_factory=list)  # statements of its one-line suites
     calls: list[tuple[FlorKind, ast.Call]] = field(default_factory=list)  # flor calls of the own part
+    invoked: list[ast.Call] = field(default_factory=list)  # every call of the own part
+    loaded: list[str] = field(default_factory=list)  # names the own part reads
     key: str = ""
     digest: int = 0  # the key and the digests of every block below: equal digests, equal subtrees
     last: int = 0  # preorder number of its last descendant (itself when it has none)
@@ -344,9 +365,12 @@ class ScriptIndex:
     def _own_calls(self, stmt: Stmt) -> None:
         for node in walk_own(stmt.own):
             if isinstance(node, ast.Call):
+                stmt.invoked.append(node)
                 kind = self.flor.kind(node)
                 if kind is not None:
                     stmt.calls.append((kind, node))
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+                stmt.loaded.append(node.id)
         tree = stmt.trees[0]
         if isinstance(stmt.node, cst.For) and isinstance(tree, ast.For | ast.AsyncFor):
             loop_calls = [c for c in ast.walk(tree.iter) if isinstance(c, ast.Call) and self.flor.kind(c) == "loop"]
@@ -610,24 +634,32 @@ class _CallGraph:
                     self.methods.setdefault(stmt.node.name.value, []).append(stmt)
             self._assignments(stmt, scope)
         self._map_tables(None, self.table)
+        self._exact: dict[int, list[Stmt]] | None = None
+        self._loose: dict[int, list[Stmt]] = {}
+
+    def _resolve_all(self) -> dict[int, list[Stmt]]:
         exact: dict[int, list[Stmt]] = {}
-        loose: dict[int, list[Stmt]] = {}
-        for stmt in index.stmts:
-            for node in walk_own(stmt.own):
-                if isinstance(node, ast.Call):
-                    found, guessed = self.targets(node, stmt)
-                    for target in found:
-                        exact.setdefault(id(target), []).append(stmt)
-                    for target in guessed:
-                        loose.setdefault(id(target), []).append(stmt)
-                elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
-                    passed = self.resolve(node.id, stmt.frames)  # a callback: `register(hook)`
-                    if isinstance(passed, Stmt) and isinstance(passed.node, cst.FunctionDef):
-                        exact.setdefault(id(passed), []).append(stmt)
-        self._exact, self._loose = exact, loose
+        defs = {name for scoped in self.defs.values() for name in scoped}
+        for stmt in self.index.stmts:
+            for call in stmt.invoked:
+                found, guessed = self.targets(call, stmt)
+                for target in found:
+                    exact.setdefault(id(target), []).append(stmt)
+                for target in guessed:
+                    self._loose.setdefault(id(target), []).append(stmt)
+            for name in stmt.loaded:
+                if name not in defs:
+                    continue
+                passed = self.resolve(name, stmt.frames)  # a callback: `register(hook)`
+                if isinstance(passed, Stmt) and isinstance(passed.node, cst.FunctionDef):
+                    exact.setdefault(id(passed), []).append(stmt)
+        return exact
 
     def sites(self, func: Stmt) -> list[Stmt]:
         """The statements outside ``func`` that reach it, in source order, each once."""
+        if self._exact is None:
+            self._exact = self._resolve_all()
+
         def outside(sites: list[Stmt]) -> list[Stmt]:
             unique = {id(s): s for s in sites if s is not func and all(f.node is not func.node for f in s.frames)}
             return sorted(unique.values(), key=lambda s: s.order)

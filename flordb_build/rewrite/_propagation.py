@@ -546,22 +546,43 @@ def _apply(today: ScriptIndex, old: ScriptIndex, edits: list[_Edit]) -> tuple[st
     module = old.module.visit(_Inserter(old, edits))
     assert isinstance(module, cst.Module)
     source = module.code
-    flor = today.flor.merged(old.flor)
+    # Each placed call's line is read back from the text: the line that holds it is today's line,
+    # word for word, and the old version cannot hold it (it does not log the name). Repeats of one
+    # line are told apart by order: the edits are visited in the order they land.
+    wanted = {_code_on_line(today, e.unit, call) for e in edits for _, call in e.unit.calls}
     lines: dict[str, list[int]] = {}
-    for name, call in _log_calls(flor, [ast.parse(source)]):
-        if name is not None:
-            lines.setdefault(name, []).append(call.lineno)
+    for number, text in enumerate(source.splitlines(), 1):
+        line = normalized(text)
+        for code in wanted:
+            # a wrapped line keeps the old line's comment after today's code
+            if line == code or line.startswith(code + " #"):
+                lines.setdefault(code, []).append(number)
     taken: dict[str, int] = {}
     per_edit: dict[int, list[Placed]] = {}
     for seq, edit in sorted(enumerate(edits), key=lambda e: (_edit_order(old, e[1]), e[0])):
         position = _edit_position(old, edit)
         assert position is not None  # _position_mismatch refused None
-        for name in edit.unit.names:
-            at = taken.get(name, 0)
-            per_edit.setdefault(seq, []).append(Placed(name, position, lines[name][at], edit.anchor))
-            taken[name] = at + sum(1 for n, _ in edit.unit.calls if n == name)
+        seen: set[str] = set()
+        for name, call in edit.unit.calls:
+            text = _code_on_line(today, edit.unit, call)
+            if text in seen:
+                continue  # several calls on one line: that line counts once
+            seen.add(text)
+            at = taken.get(text, 0)
+            taken[text] = at + 1
+            if all(p.name != name for p in per_edit.get(seq, [])):
+                per_edit.setdefault(seq, []).append(Placed(name, position, lines[text][at], edit.anchor))
     placed = [p for seq in range(len(edits)) for p in per_edit.get(seq, [])]
     return source, placed
+
+
+def _code_on_line(today: ScriptIndex, unit: _Unit, call: ast.Call) -> str:
+    """Today's code on the line of ``call``, without the comment that ends the statement there."""
+    text = today.source.lines[call.lineno - 1]
+    for tree in unit.stmt.trees if not unit.stmt.children else []:
+        if tree.end_lineno == call.lineno and tree.end_col_offset is not None and text.isascii():
+            text = text[: tree.end_col_offset]
+    return normalized(text)
 
 
 def _position_mismatch(today: Position | None, there: Position | None) -> str | None:
