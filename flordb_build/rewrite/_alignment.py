@@ -39,7 +39,42 @@ def _dice(a: Counter[str], b: Counter[str]) -> float:
 def _kind(stmt: Stmt) -> tuple[type, ...] | None:
     """Statements of one kind can map by similarity: same ast statement types, one by one. A flor.loop
     maps only by its name (or its header, renamed): it is the anchor, never a similar guess."""
-    return None if stmt.is_flor_loop else tuple(type(t) for t in stmt.trees)
+    if stmt.is_flor_loop:
+        return None
+    if len(stmt.trees) == 1:
+        return (type(stmt.trees[0]),)
+    return tuple(type(t) for t in stmt.trees)
+
+
+_COMMON = 64  # a word in more statements of a gap than this finds no candidates (`self`, `=`)
+
+
+def _postings(index: ScriptIndex, stmts: Sequence[Stmt], counter: Callable[[ScriptIndex, Stmt], Counter[str]]
+              ) -> dict[str, list[tuple[int, Stmt]]]:
+    """Word -> the statements (with their place in ``stmts``) whose code has it; words only."""
+    found: dict[str, list[tuple[int, Stmt]]] = {}
+    for i, stmt in enumerate(stmts):
+        for word in counter(index, stmt):
+            if word[0].isalnum() or word[0] in "_'\"":
+                found.setdefault(word, []).append((i, stmt))
+    return found
+
+
+def _sharing(words: Counter[str], postings: dict[str, list[tuple[int, Stmt]]], every: Sequence[Stmt]
+             ) -> list[tuple[int, Stmt]]:
+    """The statements that share an uncommon word with ``words``; when it has none, every statement
+    of a short gap, and none of a long one (it stays unmapped rather than compared with hundreds)."""
+    found: dict[int, Stmt] = {}
+    usable = False
+    for word in words:
+        posting = postings.get(word)
+        if posting is None or len(posting) > _COMMON:
+            continue
+        usable = True
+        found.update(posting)
+    if not usable:
+        return list(enumerate(every)) if len(every) <= _COMMON else []
+    return sorted(found.items())
 
 
 class Alignment:
@@ -227,46 +262,64 @@ class Alignment:
                 self._match_gap(gap_t, gap_o)
 
     def _match_gap(self, gap_t: list[Stmt], gap_o: list[Stmt]) -> None:
-        for rule in (self._same_digest, self._same_key):
+        # equal digests map whole subtrees, equal keys (headers) map one statement; a key that
+        # several old statements share makes today's statement ambiguous
+        rules: list[tuple[str, Callable[[Stmt], object], Callable[[Stmt], object]]] = [
+            ("identical", self.digest, lambda o: o.digest),
+            ("same header", lambda t: (t.key, _kind(t)) if _kind(t) else None,
+             lambda o: (o.key, _kind(o)) if _kind(o) else None),
+        ]
+        for how, mine, theirs in rules:
+            olds: dict[object, list[Stmt]] = {}
+            for o in gap_o:
+                if id(o) not in self.o2t and (k := theirs(o)) is not None:
+                    olds.setdefault(k, []).append(o)
+            todays: dict[object, list[Stmt]] = {}
             for t in gap_t:
-                if id(t) in self.t2o:
-                    continue
-                olds = [o for o in gap_o if id(o) not in self.o2t and rule(t, o)]
-                rivals = [u for u in gap_t if id(u) not in self.t2o and olds and rule(u, olds[0])]
-                if len(olds) == 1 and len(rivals) == 1:
-                    if rule == self._same_digest:
-                        self._map_subtree(t, olds[0])
+                if id(t) not in self.t2o and (k := mine(t)) is not None:
+                    todays.setdefault(k, []).append(t)
+            for k, ts in todays.items():
+                free = [o for o in olds.get(k, []) if id(o) not in self.o2t]
+                if len(free) == 1 and len(ts) == 1:
+                    if how == "identical":
+                        self._map_subtree(ts[0], free[0])
                     else:
-                        self._map(t, olds[0], "same header")
-                elif len(olds) > 1:
-                    self.ambiguous[id(t)] = olds
-        for t in gap_t:
-            if id(t) in self.t2o or id(t) in self.ambiguous:
-                continue
+                        self._map(ts[0], free[0], how)
+                elif len(free) > 1:
+                    for t in ts:
+                        self.ambiguous[id(t)] = free
+        self._similar(gap_t, gap_o)
+
+    def _similar(self, gap_t: list[Stmt], gap_o: list[Stmt]) -> None:
+        """Edited statements: the most similar old one of the same kind, when it is the only best
+        and prefers this one back. Candidates share a word of code (an inverted index), so a long
+        gap costs what its overlapping pairs cost, not every pair."""
+        olds = [o for o in gap_o if id(o) not in self.o2t and _kind(o) is not None]
+        todays = [t for t in gap_t if id(t) not in self.t2o and id(t) not in self.ambiguous and _kind(t) is not None]
+        if not olds or not todays:
+            return
+        old_words = _postings(self.old, olds, self._counter)
+        today_words = _postings(self.today, todays, self._counter)
+        for t in todays:
+            candidates = _sharing(self._counter(self.today, t), old_words, olds)
             scored = sorted(
-                ((self._similarity(t, o), i) for i, o in enumerate(gap_o) if id(o) not in self.o2t and _kind(t) is not None and _kind(o) == _kind(t)),
-                reverse=True,
+                ((self._similarity(t, o), i, o) for i, o in candidates if id(o) not in self.o2t and _kind(o) == _kind(t)),
+                key=lambda x: (-x[0], x[1]),
             )
             if not scored or scored[0][0] < SIMILAR:
                 continue
-            best, at = scored[0]
+            best, _, o = scored[0]
             if len(scored) > 1 and scored[1][0] == best:
-                self.ambiguous[id(t)] = [gap_o[i] for s, i in scored if s == best]
+                self.ambiguous[id(t)] = [c for score, _, c in scored if score == best]
                 continue
-            o = gap_o[at]
             # the old statement must prefer it back: two edited lines never swap partners
             competing = [
-                self._similarity(u, o) for u in gap_t if u is not t and id(u) not in self.t2o and _kind(u) == _kind(o)
+                self._similarity(u, o) for _, u in _sharing(self._counter(self.old, o), today_words, todays)
+                if u is not t and id(u) not in self.t2o and _kind(u) == _kind(o)
             ]
             if competing and max(competing) >= best:
                 continue
             self._map(t, o, "similar")
-
-    def _same_digest(self, t: Stmt, o: Stmt) -> bool:
-        return self.digest(t) == o.digest
-
-    def _same_key(self, t: Stmt, o: Stmt) -> bool:
-        return t.key == o.key and _kind(t) is not None and _kind(o) == _kind(t)
 
     def _similarity(self, t: Stmt, o: Stmt) -> float:
         return _dice(self._counter(self.today, t), self._counter(self.old, o))
