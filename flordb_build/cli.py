@@ -327,7 +327,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return run_replay_command(
         args.names, where=args.where, task=args.task, workers=args.workers, device=args.device,
         dry_run=args.dry_run, yes=args.yes, confirm=confirm_on_stdin(), rel_tol=args.rel_tol,
-        warm=False if args.cold else None,
+        warm=False if args.cold else None, diff=args.diff,
     )
 
 
@@ -353,7 +353,10 @@ def _add_replay_command(add: Callable[[str, Callable[[argparse.Namespace], int],
     p.add_argument("--workers", type=int, default=1, metavar="N", help="split range and validation scans into N segments replayed in parallel processes (default 1)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where to replay: cuda restores checkpoints onto the GPU (default auto: cuda if torch sees one)")
-    p.add_argument("--dry-run", action="store_true", help="show the plan and stop")
+    p.add_argument("--dry-run", action="store_true",
+                   help="show the plan and, per run, where each statement goes in its version (line, anchor); then stop")
+    p.add_argument("--diff", action="store_true",
+                   help="also show per run the unified diff of the recorded script against what the replay runs")
     p.add_argument("--yes", action="store_true", help="run the plan without asking")
     p.add_argument("--rel-tol", type=float, default=1e-6, metavar="TOL",
                    help="relative tolerance when comparing recorded and replayed floats (default 1e-6)")

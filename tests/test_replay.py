@@ -87,7 +87,20 @@ def test_validation_and_suffix_replay_fill_old_runs_without_running_nested_loops
     head_before = project.git("rev-parse", "HEAD")
 
     plan = project.cli("replay", "w2", "fin2", "--dry-run").stdout
-    assert plan.count("validation") == 3 and "total estimate" in plan
+    table, _, placements = plan.partition("\nplaced:")
+    assert table.count("validation") == 3 and "total estimate" in table
+    # the dry run shows, per run and version, each statement's line in that version and its anchor
+    placed = [line for line in plan.splitlines() if line.startswith("placed:")]
+    assert len(placed) == 6, plan
+    w2 = [line for line in placed if "'w2'" in line]
+    assert len(w2) == 3 and all(
+        "at train.py:14 (validation), flor.loop 'epoch', after `flor.loop 'step'`; before `flor.log(\"val\"" in line
+        for line in w2
+    ), w2
+    assert all("at train.py:17 (suffix), module level, after `flor.log(\"final\", state[\"w\"])`" in line
+               for line in placed if "'fin2'" in line), placed
+    diff = project.cli("replay", "fin2", "--dry-run", "--diff").stdout
+    assert diff.count("(recorded)") == 3 and diff.count('\n+flor.log("fin2", state["w"] + 1)') == 3, diff
     assert _marks(project) == 36
 
     done = project.cli("replay", "w2", "fin2", "--yes")

@@ -101,7 +101,7 @@ def replay(
 
     :raises ReplayError: unknown names, no matching run, or a replay that failed.
     """
-    from ._execute import ProgressLine, format_plan, format_report, run_replay
+    from ._execute import ProgressLine, format_placements, format_plan, format_report, run_replay
     from ._select import prepare_replay
 
     call = _read_call(names, where)
@@ -111,6 +111,8 @@ def replay(
     stream = None if quiet else sys.stderr
     if stream is not None:
         print(format_plan(plan), file=stream)
+        if dry_run and plan.runs:
+            print(format_placements(plan), file=stream)
     if dry_run or not plan.runs:
         return ReplayReport(plan=plan, outcomes=())
     report = run_replay(
@@ -140,13 +142,15 @@ def run_replay_command(
     rel_tol: float = DEFAULT_REL_TOL,
     out: IO[str] | None = None,
     warm: bool | None = None,
+    diff: bool = False,
 ) -> int:
     """Plan, show, confirm and run a replay for a command line; returns the exit code.
 
     :param names: the command's positional arguments, read by :func:`read_replay_arguments`.
     :param confirm: asks "run it?"; None when nobody can answer (then ``yes`` is required).
+    :param diff: also print, per run, the unified diff of its recorded script against what would run.
     """
-    from ._execute import ProgressLine, format_plan, format_report, run_replay
+    from ._execute import ProgressLine, format_placements, format_plan, format_report, run_replay
     from ._select import prepare_replay
 
     out = out if out is not None else sys.stdout
@@ -157,6 +161,8 @@ def run_replay_command(
         arguments.names, where=arguments.where, task=task, workers=workers, device=device, warm=warm
     )
     print(format_plan(plan), file=out)
+    if (dry_run or diff) and plan.runs:
+        print(format_placements(plan, diff=diff), file=out)
     out.flush()
     if dry_run:
         return 0

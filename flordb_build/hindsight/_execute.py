@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -630,6 +631,24 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     return "\n".join(lines)
+
+
+def format_placements(plan: ReplayPlan, diff: bool = False) -> str:
+    """Per run, where each statement went in its version (line, depth, anchor); with ``diff``, the
+    unified diff of the recorded script against what the replay runs."""
+    parts: list[str] = []
+    for run in plan.runs:
+        for placed in run.placed:
+            parts.append(
+                f"placed: run {run.run_id} ({run.version}): '{placed.name}' at {run.script}:{placed.line} "
+                f"({placed.position.value}), {placed.anchor}"
+            )
+        if diff:
+            parts.extend(line.rstrip("\n") for line in difflib.unified_diff(
+                run.old_source.splitlines(keepends=True), run.source.splitlines(keepends=True),
+                fromfile=f"{run.script} @ {run.version} (recorded)", tofile=f"{run.script} @ {run.version} (replayed)",
+            ))
+    return "\n".join(parts)
 
 
 def format_plan(plan: ReplayPlan) -> str:

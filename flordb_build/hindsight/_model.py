@@ -137,6 +137,7 @@ class RunPlan:
     segment_estimates: tuple[float, ...]
     warm: bool = False  # expected to fork from a warm server that is up by then
     recorded_prefix: float = 0.0  # the record's prefix seconds (interpreter start to the main loop)
+    old_source: str = ""  # the script as recorded, before propagation (for --diff)
 
     @property
     def version(self) -> str:

@@ -254,4 +254,5 @@ def _plan_run(
         segment_estimates=estimates,
         warm=warm,
         recorded_prefix=costs.prefix,
+        old_source=run.old_source,
     )
