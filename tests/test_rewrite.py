@@ -23,6 +23,7 @@ from flordb_build.rewrite import (
     classify,
     deepest,
     propagate,
+    propagate_project,
 )
 from tests.conftest import Project
 
@@ -1258,3 +1259,68 @@ def test_a_refactored_function_body_must_not_read_its_parameters_inline() -> Non
         sample_images(epoch + 1)
     """
     assert_refuses(old, today, "e", "a parameter of 'sample_images'")
+
+
+MODEL_OLD = """
+import torch.nn as nn
+
+
+class RNNModel(nn.Module):
+    def __init__(self, ntoken, nhid):
+        super().__init__()
+        self.decoder = nn.Linear(nhid, ntoken)
+        self.init_weights(0.1)
+
+    def init_weights(self, initrange):
+        self.decoder.weight.data.uniform_(-initrange, initrange)
+
+    def forward(self, x):
+        out = self.decoder(x)
+        return out
+"""
+
+MAIN_OLD = """
+import torch
+import flordb_build as flor
+
+import data
+from model import RNNModel
+
+corpus = data.load()
+model = RNNModel(10, 4)
+for epoch in flor.loop("epoch", range(2)):
+    for x in flor.loop("batch", corpus):
+        loss = model(x).sum()
+    flor.log("loss", loss.item())
+flor.log("done", 1)
+"""
+
+
+def test_statements_in_the_project_modules_are_placed_and_classified_by_their_callers() -> None:
+    model_today = code(MODEL_OLD).replace(
+        "        self.decoder.weight.data.uniform_(-initrange, initrange)\n",
+        "        self.decoder.weight.data.uniform_(-initrange, initrange)\n"
+        '        flor.log("init_dec_norm", self.decoder.weight.norm().item())\n',
+    ).replace("        out = self.decoder(x)\n", '        out = self.decoder(x)\n        flor.log("out_mean", out.mean().item())\n')
+    model_today = "import flordb_build as flor\n" + model_today
+    main_today = code(MAIN_OLD).replace('flor.log("done", 1)', 'flor.log("done", 1)\nflor.log("n_tokens", 10)')
+    today = {"main.py": main_today, "model.py": model_today, "data.py": "def load():\n    return [1]\n"}
+    old = {"main.py": code(MAIN_OLD), "model.py": "import flordb_build as flor\n" + code(MODEL_OLD),
+           "data.py": today["data.py"]}
+    # one module at a time, the helper module's statements are in functions nothing there calls
+    alone = propagate(today["model.py"], old["model.py"])
+    assert alone.placed == () and all("never references" in n.reason for n in alone.not_placed)
+    result = propagate_project(today, old)
+    assert [(path, p.name, p.position) for path, p in result.placed] == [
+        ("main.py", "n_tokens", Position.SUFFIX),
+        ("model.py", "init_dec_norm", Position.PREFIX),
+        ("model.py", "out_mean", Position.RANGE),
+    ]
+    assert result.refused == () and result.depth is Position.RANGE
+    assert result.sources["model.py"] == model_today
+    assert result.sources["main.py"] == main_today
+    assert "function 'RNNModel.init_weights'" in result.placed[1][1].anchor
+    # a module the old version lacks is reported, not skipped
+    newer = propagate_project({**today, "extra.py": 'import flordb_build as flor\nflor.log("x", 1)\n'}, old)
+    assert [(path, n.name) for path, n in newer.refused] == [(None, "x")]
+    assert "'extra.py' does not exist in the old version" in newer.refused[0][1].reason

@@ -34,8 +34,18 @@ Propagation aligns each new statement of today's version (T) with the old versio
 from __future__ import annotations
 
 from ._analysis import analyze_script, classify
-from ._model import LogSite, LoopSite, NotPlaced, Placed, Position, PropagationResult, ScriptAnalysis, deepest
-from ._propagation import propagate
+from ._model import (
+    LogSite,
+    LoopSite,
+    NotPlaced,
+    Placed,
+    Position,
+    ProjectPropagationResult,
+    PropagationResult,
+    ScriptAnalysis,
+    deepest,
+)
+from ._propagation import propagate, propagate_project
 
 __all__ = [
     "LogSite",
@@ -43,10 +53,12 @@ __all__ = [
     "NotPlaced",
     "Placed",
     "Position",
+    "ProjectPropagationResult",
     "PropagationResult",
     "ScriptAnalysis",
     "analyze_script",
     "classify",
     "deepest",
     "propagate",
+    "propagate_project",
 ]

@@ -322,6 +322,14 @@ class ScriptIndex:
         self.top: list[Stmt] = self._walk(module.body, tree.body, module, ())
         self.loops = [s for s in self.stmts if s.is_flor_loop]
         self._calls: _CallGraph | None = None
+        self.project: ProjectIndex | None = None  # set when the script is one module of several
+        self.main_loop = self._find_main_loop()
+        self._markers = self._main_markers()
+
+    def _relink(self, project: ProjectIndex) -> None:
+        """Resolve calls again, now seeing the project's other modules."""
+        self.project = project
+        self._calls = None
         self.main_loop = self._find_main_loop()
         self._markers = self._main_markers()
 
@@ -551,10 +559,16 @@ class ScriptIndex:
             return Position.PREFIX if self.main_loop is None else None
         if id(func) in seen:
             return None
+        seen = seen | {id(func)}
         sites = self.references(func)
-        return deepest(
-            p for p in (self._position(s.frames, s.order, s.last, seen | {id(func)}) for s in sites) if p is not None
-        )
+        if not sites and self.project is not None:
+            # a function of a helper module runs where the other modules call it (model.py's
+            # forward from main.py's loop): classified by the caller's position there
+            return deepest(
+                p for index, site in self.project.sites(self, func)
+                if (p := index._position(site.frames, site.order, site.last, seen)) is not None
+            )
+        return deepest(p for p in (self._position(s.frames, s.order, s.last, seen) for s in sites) if p is not None)
 
     # -- names ------------------------------------------------------------------------------------
     def defines(self, block: Block, name: str) -> bool:
@@ -634,6 +648,16 @@ class _CallGraph:
                     self.methods.setdefault(stmt.node.name.value, []).append(stmt)
             self._assignments(stmt, scope)
         self._map_tables(None, self.table)
+        self.imports: dict[str, tuple[str, str | None]] = {}  # bound name -> (module, name in it or None)
+        for stmt in index.stmts:
+            for tree in stmt.trees:
+                if isinstance(tree, ast.Import):
+                    for alias in tree.names:
+                        bound = alias.asname or alias.name.split(".")[0]
+                        self.imports[bound] = (alias.name if alias.asname else bound, None)
+                elif isinstance(tree, ast.ImportFrom) and not tree.level and tree.module is not None:
+                    for alias in tree.names:
+                        self.imports[alias.asname or alias.name] = (tree.module, alias.name)
         self._exact: dict[int, list[Stmt]] | None = None
         self._loose: dict[int, list[Stmt]] = {}
 
@@ -740,7 +764,24 @@ class _CallGraph:
         found = self.defs.get(key, {}).get(name)
         if found is not None and name not in self.values.get(key, {}):
             return found
+        if key is None and name in self.imports and self.index.project is not None:
+            module, imported = self.imports[name]
+            if imported is not None:  # `from model import RNNModel`
+                external = self.index.project.lookup(module, imported)
+                if external is not None:
+                    return external
         return "var"
+
+    def _module_member(self, expr: ast.expr, frames: Sequence[Frame]) -> Stmt | None:
+        """The def or class ``module.name`` names, for ``import module`` of a project module."""
+        if not (isinstance(expr, ast.Attribute) and isinstance(expr.value, ast.Name)) or self.index.project is None:
+            return None
+        imported = self.imports.get(expr.value.id)
+        if imported is None or imported[1] is not None or self._binding_scope(expr.value.id, frames) is not None:
+            return None
+        if expr.value.id in self.values.get(None, {}):
+            return None  # the module's name is rebound to something else
+        return self.index.project.lookup(imported[0], expr.attr)
 
     def defines(self, frames: Sequence[Frame], name: str) -> bool:
         """True when ``name`` is bound in a scope a statement with ``frames`` sees, or is a builtin."""
@@ -755,10 +796,9 @@ class _CallGraph:
             func = value.func
             if isinstance(func, ast.Attribute) and func.attr in _SELF_RETURNING:
                 return self._class_of_value(func.value, frames, depth + 1)
-            if isinstance(func, ast.Name):
-                target = self.resolve(func.id, frames)
-                if isinstance(target, Stmt) and isinstance(target.node, cst.ClassDef):
-                    return target
+            target = self.resolve(func.id, frames) if isinstance(func, ast.Name) else self._module_member(func, frames)
+            if isinstance(target, Stmt) and isinstance(target.node, cst.ClassDef):
+                return target
             return None
         return self._class_of(value, frames, depth + 1)
 
@@ -812,7 +852,12 @@ class _CallGraph:
         return tree.args.args[0].arg == name and "staticmethod" not in decorators
 
     def _method(self, cls: Stmt, name: str, depth: int = 0) -> Stmt | None:
-        """``cls.name`` defined in the class or a base class of the script."""
+        """``cls.name`` defined in the class or a base class of the script (or of its own module)."""
+        project = self.index.project
+        if id(cls) not in self.defs and project is not None:
+            owner = project.owner(cls)
+            if owner is not None and owner is not self.index:
+                return owner.calls._method(cls, name, depth)
         found = self.defs.get(id(cls), {}).get(name)
         if found is not None or depth > 8:
             return found
@@ -844,6 +889,12 @@ class _CallGraph:
                     return [m for m in (self._method(cls, "forward"), self._method(cls, "__call__")) if m], []
             return [], []
         if isinstance(func, ast.Attribute):
+            member = self._module_member(func, frames)
+            if member is not None:  # `model.RNNModel(...)`, `data.batchify(...)`
+                if isinstance(member.node, cst.ClassDef):
+                    init = self._method(member, "__init__")
+                    return ([init] if init is not None else []), []
+                return [member], []
             cls = self._class_of(func.value, frames)
             if cls is None and isinstance(func.value, ast.Name):
                 named = self.resolve(func.value.id, frames)
@@ -855,6 +906,46 @@ class _CallGraph:
                 return [], []
             return [], list(self.methods.get(func.attr, []))
         return [], []
+
+
+def module_name(path: str) -> str:
+    """The import name of a project file: ``model.py`` -> ``model``, ``pkg/__init__.py`` -> ``pkg``."""
+    parts = path.replace("\\", "/").removesuffix(".py").split("/")
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(p for p in parts if p and p != ".")
+
+
+class ProjectIndex:
+    """Several modules of one project, indexed, whose calls resolve into each other's defs."""
+
+    def __init__(self, indexes: dict[str, ScriptIndex]) -> None:
+        self.indexes = indexes  # path -> index
+        self.by_module = {module_name(path): index for path, index in indexes.items()}
+        self._owners: dict[int, ScriptIndex] = {
+            id(stmt): index for index in indexes.values() for stmt in index.stmts
+            if isinstance(stmt.node, cst.FunctionDef | cst.ClassDef)
+        }
+        for index in indexes.values():
+            index._relink(self)
+
+    @classmethod
+    def parse(cls, sources: dict[str, str], label: str) -> ProjectIndex:
+        """Parse and index every module; ``label`` names the version in errors."""
+        return cls({path: ScriptIndex.parse(text, f"{label} of '{path}'") for path, text in sources.items()})
+
+    def lookup(self, module: str, name: str) -> Stmt | None:
+        """The module-level def or class ``name`` of project module ``module``."""
+        index = self.by_module.get(module)
+        return index.calls.defs.get(None, {}).get(name) if index is not None else None
+
+    def owner(self, stmt: Stmt) -> ScriptIndex | None:
+        """The module index that holds a def or class statement."""
+        return self._owners.get(id(stmt))
+
+    def sites(self, home: ScriptIndex, func: Stmt) -> list[tuple[ScriptIndex, Stmt]]:
+        """The statements of the other modules that call ``func`` (a def of ``home``)."""
+        return [(index, site) for index in self.indexes.values() if index is not home for site in index.references(func)]
 
 
 def analyze_script(source: str) -> ScriptAnalysis:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ast
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import libcst as cst
@@ -13,6 +13,7 @@ from ._alignment import Alignment, Unaligned
 from ._analysis import (
     Block,
     FlorNames,
+    ProjectIndex,
     ScriptIndex,
     Stmt,
     branches,
@@ -21,7 +22,7 @@ from ._analysis import (
     node_code,
     normalized,
 )
-from ._model import NotPlaced, Placed, Position, PropagationResult
+from ._model import NotPlaced, Placed, Position, ProjectPropagationResult, PropagationResult
 
 _SHOWN = 60  # characters of code quoted in a reason
 _CACHED = 8  # today's versions kept parsed: one propagation per old version reuses today's index
@@ -481,17 +482,27 @@ def propagate(today_source: str, old_source: str, names: Iterable[str] | None = 
     """
     today = _today_index(today_source)
     old = ScriptIndex.parse(old_source, "the old version")
-    today_names, old_names = today.log_names(), old.log_names()
-    requested = set(names) if names is not None else today_names - old_names
+    today_names = today.log_names()
+    requested = set(names) if names is not None else today_names - old.log_names()
     unknown = sorted(requested - today_names)
     if unknown:
-        known = ", ".join(f"'{n}'" for n in sorted(today_names)) or "no names"
-        raise RewriteError(
-            f"Today's version does not log {', '.join(repr(n) for n in unknown)} (it logs {known}). "
-            "Add the flor.log statement to today's script first, or check the spelling."
-        )
+        raise _unknown_names(unknown, today_names)
+    return _propagate(today, old, requested)
+
+
+def _unknown_names(unknown: Iterable[str], logged: Iterable[str]) -> RewriteError:
+    known = ", ".join(f"'{n}'" for n in sorted(logged)) or "no names"
+    return RewriteError(
+        f"Today's version does not log {', '.join(repr(n) for n in unknown)} (it logs {known}). "
+        "Add the flor.log statement to today's script first, or check the spelling."
+    )
+
+
+def _propagate(today: ScriptIndex, old: ScriptIndex, requested: set[str]) -> PropagationResult:
+    """Place the ``requested`` names (logged today) into ``old``."""
+    today_names, old_names = today.log_names(), old.log_names()
     if not requested - old_names:
-        return PropagationResult(old_source, (), (), tuple(sorted(requested & old_names)))
+        return PropagationResult(old.source_text, (), (), tuple(sorted(requested & old_names)))
     propagation = _Propagation(today, old, today_names - old_names)
     units, not_placed = propagation.units(requested - old_names)
     edits: list[_Edit] = []
@@ -518,6 +529,44 @@ def propagate(today_source: str, old_source: str, names: Iterable[str] | None = 
         placed=tuple(placed),
         not_placed=tuple(not_placed),
         already_logged=tuple(sorted(requested & old_names)),
+    )
+
+
+def propagate_project(
+    today: Mapping[str, str], old: Mapping[str, str], names: Iterable[str] | None = None
+) -> ProjectPropagationResult:
+    """:func:`propagate` over several modules of one project: each module's new statements go into
+    that module's old version, and a statement in a helper module (``model.py``'s ``forward``) is
+    classified by where the other modules call it (``main.py``'s epoch loop).
+
+    :param today: path -> today's source of every module that matters (the entry script included).
+    :param old: path -> the recorded source of the same modules (a module missing there is new).
+    :param names: the names to propagate; default: every name today logs that the old project lacks.
+    :raises RewriteError: a module does not parse, or a requested name is logged in no module today.
+    """
+    todays = ProjectIndex.parse(dict(today), "today's version")
+    olds = ProjectIndex.parse({p: s for p, s in old.items() if p in today}, "the old version")
+    logged_today = {path: index.log_names() for path, index in todays.indexes.items()}
+    logged_old = set().union(*(index.log_names() for index in olds.indexes.values()))
+    everywhere = set().union(*logged_today.values())
+    requested = set(names) if names is not None else everywhere - logged_old
+    unknown = sorted(requested - everywhere)
+    if unknown:
+        raise _unknown_names(unknown, everywhere)
+    modules: dict[str, PropagationResult] = {}
+    missing: list[NotPlaced] = []
+    for path, index in todays.indexes.items():
+        wanted = requested & logged_today[path]
+        if not wanted:
+            continue
+        recorded = olds.indexes.get(path)
+        if recorded is None:
+            missing.extend(NotPlaced(n, f"'{path}' does not exist in the old version") for n in sorted(wanted - logged_old))
+            continue
+        # a name the old project logs in another module is logged there already
+        modules[path] = _propagate(index, recorded, wanted - (logged_old - recorded.log_names()))
+    return ProjectPropagationResult(
+        modules=modules, not_placed=tuple(missing), already_logged=tuple(sorted(requested & logged_old))
     )
 
 
