@@ -333,6 +333,9 @@ class SubprocessExecutor:
         script = tree / run.script
         script.parent.mkdir(parents=True, exist_ok=True)
         script.write_text(run.source, encoding="utf-8")
+        for path, text in run.modules.items():  # the project's other modules, with their new statements
+            (tree / path).parent.mkdir(parents=True, exist_ok=True)
+            (tree / path).write_text(text, encoding="utf-8")
         self._link_inputs(tree)
         result_path = tmp / "result.json"
         read_fd, write_fd = os.pipe()
@@ -640,14 +643,17 @@ def format_placements(plan: ReplayPlan, diff: bool = False) -> str:
     for run in plan.runs:
         for placed in run.placed:
             parts.append(
-                f"placed: run {run.run_id} ({run.version}): '{placed.name}' at {run.script}:{placed.line} "
+                f"placed: run {run.run_id} ({run.version}): '{placed.name}' at {placed.path or run.script}:{placed.line} "
                 f"({placed.position.value}), {placed.anchor}"
             )
         if diff:
-            parts.extend(line.rstrip("\n") for line in difflib.unified_diff(
-                run.old_source.splitlines(keepends=True), run.source.splitlines(keepends=True),
-                fromfile=f"{run.script} @ {run.version} (recorded)", tofile=f"{run.script} @ {run.version} (replayed)",
-            ))
+            versions = [(run.script, run.old_source, run.source)]
+            versions += [(path, run.old_modules.get(path, ""), text) for path, text in run.modules.items()]
+            for path, before, after in versions:
+                parts.extend(line.rstrip("\n") for line in difflib.unified_diff(
+                    before.splitlines(keepends=True), after.splitlines(keepends=True),
+                    fromfile=f"{path} @ {run.version} (recorded)", tofile=f"{path} @ {run.version} (replayed)",
+                ))
     return "\n".join(parts)
 
 

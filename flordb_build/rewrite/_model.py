@@ -80,6 +80,7 @@ class Placed:
     position: Position  # classified in the rewritten old version
     line: int  # line of the flor.log call in PropagationResult.source
     anchor: str  # the evidence that fixed the place, for plans and reports
+    path: str | None = None  # the module it went into (propagate_project); None: the one script propagated
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -182,6 +183,7 @@ class _Propagation:
         self.old = old
         self.new_names = new_names
         self._new_only: dict[int, list[str] | None] = {}
+        self.imports: dict[int, Stmt] = {}  # today's flor imports the placed statements need in the old module
         self.align = Alignment(today, old, lambda s: self.new_only(s) is not None)
 
     # -- units ------------------------------------------------------------------------------------
@@ -446,10 +448,40 @@ class _Propagation:
         """Raise unless every name the unit reads is defined where it lands; return names it binds."""
         free, bound = _free_names(edit.unit.stmt.trees)
         missing = [n for n in free if n not in defined_by_new and not self.old.defines(edit.owner, n)]
+        # a module that never logged before lacks `import flordb_build as flor`: today's import comes along
+        imports = {n: found for n in missing if (found := self._flor_import(n)) is not None}
+        missing = [n for n in missing if n not in imports]
         if missing:
             names = ", ".join(f"'{n}'" for n in missing)
             raise _Unplaceable(f"it reads {names}, which the old version does not define where it would go")
-        return bound
+        self.imports.update({id(stmt): stmt for stmt in imports.values()})
+        return bound | set(imports)
+
+    def _flor_import(self, name: str) -> Stmt | None:
+        """Today's module-level statement that binds ``name`` to flordb_build (or its loop/log) alone."""
+        if name not in self.today.flor.modules and name not in self.today.flor.functions:
+            return None
+        for stmt in self.today.top:
+            tree = stmt.trees[0] if len(stmt.trees) == 1 else None
+            if isinstance(tree, ast.Import) and all(a.name == "flordb_build" for a in tree.names):
+                if name in {a.asname or a.name for a in tree.names}:
+                    return stmt
+            if isinstance(tree, ast.ImportFrom) and tree.module == "flordb_build" and not tree.level:
+                if name in {a.asname or a.name for a in tree.names}:
+                    return stmt
+        return None
+
+    def import_slot(self) -> int:
+        """Where an import goes in the old module: after its docstring and ``__future__`` imports."""
+        index = 0
+        for stmt in self.old.top:
+            tree = stmt.trees[0]
+            docstring = index == 0 and isinstance(tree, ast.Expr) and isinstance(tree.value, ast.Constant)
+            future = isinstance(tree, ast.ImportFrom) and tree.module == "__future__"
+            if not (docstring or future):
+                break
+            index += 1
+        return index
 
 
 _TODAY: dict[str, ScriptIndex] = {}
@@ -523,6 +555,9 @@ def _propagate(today: ScriptIndex, old: ScriptIndex, requested: set[str]) -> Pro
         if edit.replace:
             taken.add((id(edit.owner), edit.index))
         edits.append(edit)
+    if edits:
+        slot = propagation.import_slot()
+        edits += [_Edit(_Unit(stmt, ()), old.module, slot, False, "module top") for stmt in propagation.imports.values()]
     source, placed = _apply(today, old, edits)
     return PropagationResult(
         source=source,
@@ -564,7 +599,8 @@ def propagate_project(
             missing.extend(NotPlaced(n, f"'{path}' does not exist in the old version") for n in sorted(wanted - logged_old))
             continue
         # a name the old project logs in another module is logged there already
-        modules[path] = _propagate(index, recorded, wanted - (logged_old - recorded.log_names()))
+        result = _propagate(index, recorded, wanted - (logged_old - recorded.log_names()))
+        modules[path] = dataclasses.replace(result, placed=tuple(dataclasses.replace(p, path=path) for p in result.placed))
     return ProjectPropagationResult(
         modules=modules, not_placed=tuple(missing), already_logged=tuple(sorted(requested & logged_old))
     )
