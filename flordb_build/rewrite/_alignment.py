@@ -88,7 +88,6 @@ class Alignment:
         self.ambiguous: dict[int, list[Stmt]] = {}  # today stmt id -> equally good old candidates
         self.why: dict[int, str] = {}  # today scope id -> why it has no counterpart
         self._digests: dict[int, int] = {}
-        self._tokens: dict[int, Counter[str]] = {}
         self._anchor_scopes()
         self._identical_subtrees()
         self._align_blocks()
@@ -325,11 +324,7 @@ class Alignment:
         return _dice(self._counter(self.today, t), self._counter(self.old, o))
 
     def _counter(self, index: ScriptIndex, stmt: Stmt) -> Counter[str]:
-        found = self._tokens.get(id(stmt))
-        if found is None:
-            found = Counter(index.tokens(stmt))
-            self._tokens[id(stmt)] = found
-        return found
+        return index.word_counts(stmt)
 
 
 def _increasing(pairs: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -13,6 +13,7 @@ import ast
 import builtins
 import re
 import symtable
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -158,6 +159,7 @@ class Stmt:
     loop_name: str | None = None  # set when this is a `for ... in flor.loop(NAME, ...)`
     is_flor_loop: bool = False
     loop_call: ast.Call | None = None
+    words: Counter[str] | None = None  # its code tokens, counted (see ScriptIndex.word_counts)
 
 
 class _Source:
@@ -425,6 +427,12 @@ class ScriptIndex:
     def tokens(self, stmt: Stmt) -> list[str]:
         """The code tokens of a statement and everything below it (for similarity)."""
         return _TOKEN.findall(self.text(stmt))
+
+    def word_counts(self, stmt: Stmt) -> Counter[str]:
+        """:meth:`tokens`, counted, computed once per statement (today's serve every old version)."""
+        if stmt.words is None:
+            stmt.words = Counter(self.tokens(stmt))
+        return stmt.words
 
     def stmt_of(self, node: cst.CSTNode) -> Stmt:
         """The indexed statement for a statement node of this script."""

@@ -630,7 +630,7 @@ def _apply(today: ScriptIndex, old: ScriptIndex, edits: list[_Edit]) -> tuple[st
         return old.module.code, []
     module = old.module.visit(_Inserter(old, edits))
     assert isinstance(module, cst.Module)
-    source = module.code
+    source = _splice(old, module, {id(e.unit.stmt.node) for e in edits if e.owner is old.module and not e.replace})
     # Each placed call's line is read back from the text: the line that holds it is today's line,
     # word for word, and the old version cannot hold it (it does not log the name). Repeats of one
     # line are told apart by order: the edits are visited in the order they land.
@@ -659,6 +659,42 @@ def _apply(today: ScriptIndex, old: ScriptIndex, edits: list[_Edit]) -> tuple[st
                 per_edit.setdefault(seq, []).append(Placed(name, position, lines[text][at], edit.anchor))
     placed = [p for seq in range(len(edits)) for p in per_edit.get(seq, [])]
     return source, placed
+
+
+def _splice(old: ScriptIndex, module: cst.Module, inserted: set[int]) -> str:
+    """The rewritten module's code: the old text, with only the new and changed top-level statements
+    generated (generating the whole module costs more than the rest of a propagation). ``inserted``:
+    ids of the statements inserted at module level."""
+    before = old.module.body
+    if not before:
+        return module.code
+    lines = old.source.lines
+    starts = []
+    for stmt in before:
+        first = old.stmt_of(stmt).trees[0]
+        decorators = getattr(first, "decorator_list", None)
+        line = decorators[0].lineno if decorators else first.lineno
+        starts.append(line - len(stmt.leading_lines))
+    starts.append(len(lines) + 1 - len(old.module.footer))
+    parts: list[str] = []
+    at = 0  # the next old statement
+    for now in module.body:
+        if id(now) in inserted or at >= len(before):
+            parts.append(module.code_for_node(now))
+            continue
+        was = before[at]
+        text = "".join(lines[starts[at] - 1:starts[at + 1] - 1])
+        if now is not was:
+            if text != old.module.code_for_node(was):
+                return module.code  # the text does not split where the statements do: generate it all
+            text = module.code_for_node(now)
+        parts.append(text)
+        at += 1
+    if at != len(before):
+        return module.code
+    head = "".join(lines[:starts[0] - 1])
+    tail = "".join(lines[starts[-1] - 1:])
+    return head + "".join(parts) + tail
 
 
 def _code_on_line(today: ScriptIndex, unit: _Unit, call: ast.Call) -> str:
