@@ -24,10 +24,11 @@ process forks from a warm server (:class:`StartCosts`, learned from earlier repl
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Iterable, Mapping, Sequence
 
 from ..errors import ReplayError, RewriteError
-from ..rewrite import Position, analyze_script, propagate, propagate_project
+from ..rewrite import Position, analyze_script, module_name, propagate, propagate_project
 from ._model import RecordedRun, ReplayPlan, RunPlan, Schedule, SkippedRun, StartCosts, Step, StepKind
 
 #: Restore seconds per materialize second before a run's restores were measured (dissertation 4.3).
@@ -145,12 +146,12 @@ def plan_replay(
 ) -> ReplayPlan:
     """Plan replaying ``names`` in ``runs``; ``today`` maps each script path to today's source (None: gone).
 
-    :param modules: path -> today's source of the project's other modules that log some of ``names``;
-        their statements are propagated into each run's snapshot of that module (``run.old_modules``).
-
     :param start: start-up costs learned from earlier replays, and whether processes start warm
         (the first run of a script starts its server unless one is up; later ones fork from it).
         None: estimate the recorded timings alone.
+    :param modules: path -> today's source of the project's other modules that log some of ``names``;
+        the ones a script imports get their statements propagated into each run's snapshot of that
+        module (``run.old_modules``).
 
     :raises ReplayError: no names, bad workers, or a name that no selected script logs today.
     """
@@ -187,9 +188,17 @@ def plan_replay(
     skipped: list[SkippedRun] = []
     warm_starts = start is not None and start.warm
     served = set(start.live) if start is not None and warm_starts else set()  # scripts with a server up
+    imports_of: dict[str, frozenset[str]] = {}
     for run in runs:
-        # only the modules that log a wanted name: an unrelated module that does not parse stays out
-        mine = {p: s for p, s in helpers.items() if p != run.filename and logged_helpers[p] & set(wanted)}
+        # only the modules that the script imports and that log a wanted name: another entry script
+        # logging the same name, or an unrelated module that does not parse, stays out
+        if run.filename not in imports_of:
+            imports_of[run.filename] = _imported_modules(today.get(run.filename))
+        imported = imports_of[run.filename]
+        mine = {
+            p: s for p, s in helpers.items()
+            if p != run.filename and logged_helpers[p] & set(wanted) and module_name(p) in imported
+        }
         outcome = _plan_run(
             run, today.get(run.filename),
             logged_today.get(run.filename, frozenset()).union(*(logged_helpers[p] for p in mine)),
@@ -202,6 +211,23 @@ def plan_replay(
         else:
             skipped.append(outcome)
     return ReplayPlan(names=wanted, runs=tuple(planned), skipped=tuple(skipped), workers=workers, device=device)
+
+
+def _imported_modules(source: str | None) -> frozenset[str]:
+    """The modules a script imports anywhere (``import a.b`` -> ``a.b``; ``from m import x`` -> ``m``)."""
+    if source is None:
+        return frozenset()
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return frozenset()
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module is not None:
+            found.add(node.module)
+    return frozenset(found)
 
 
 def _plan_run(

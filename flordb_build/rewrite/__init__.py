@@ -33,7 +33,7 @@ statement by the mapping::
 
 from __future__ import annotations
 
-from ._analysis import analyze_script, classify
+from ._analysis import analyze_script, classify, module_name
 from ._model import (
     LogSite,
     LoopSite,
@@ -59,6 +59,7 @@ __all__ = [
     "analyze_script",
     "classify",
     "deepest",
+    "module_name",
     "propagate",
     "propagate_project",
 ]
