@@ -1324,3 +1324,11 @@ def test_statements_in_the_project_modules_are_placed_and_classified_by_their_ca
     newer = propagate_project({**today, "extra.py": 'import flordb_build as flor\nflor.log("x", 1)\n'}, old)
     assert [(path, n.name) for path, n in newer.refused] == [(None, "x")]
     assert "'extra.py' does not exist in the old version" in newer.refused[0][1].reason
+
+
+def test_an_old_version_without_a_final_newline_gets_the_statement_on_a_line_of_its_own() -> None:
+    old = code(OLD_TRAIN).rstrip("\n")  # as `git show` output arrives once stripped
+    today = code(OLD_TRAIN) + 'flor.log("fin2", state["w"] + 1)\n'
+    result = propagate(today, old)
+    assert result.source == code(OLD_TRAIN) + 'flor.log("fin2", state["w"] + 1)'
+    assert [(p.name, p.line) for p in result.placed] == [("fin2", 11)]

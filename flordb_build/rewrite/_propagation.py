@@ -666,8 +666,8 @@ def _splice(old: ScriptIndex, module: cst.Module, inserted: set[int]) -> str:
     generated (generating the whole module costs more than the rest of a propagation). ``inserted``:
     ids of the statements inserted at module level."""
     before = old.module.body
-    if not before:
-        return module.code
+    if not before or not old.module.has_trailing_newline:
+        return module.code  # (libcst adds the last line's newline when a statement follows it)
     lines = old.source.lines
     starts = []
     for stmt in before:
