@@ -642,9 +642,20 @@ def _apply(today: ScriptIndex, old: ScriptIndex, edits: list[_Edit]) -> tuple[st
             # a wrapped line keeps the old line's comment after today's code
             if line == code or line.startswith(code + " #"):
                 lines.setdefault(code, []).append(number)
+    landing = sorted(enumerate(edits), key=lambda e: (_edit_order(old, e[1]), e[0]))
+    try:
+        per_edit = _placed_by_text(today, old, landing, lines)
+    except (KeyError, IndexError):  # a line the text search cannot tell: ask the parsed result
+        per_edit = _placed_by_tree(today, old, landing, source)
+    placed = [p for seq in range(len(edits)) for p in per_edit.get(seq, [])]
+    return source, placed
+
+
+def _placed_by_text(today: ScriptIndex, old: ScriptIndex, landing: list[tuple[int, _Edit]],
+                    lines: dict[str, list[int]]) -> dict[int, list[Placed]]:
     taken: dict[str, int] = {}
     per_edit: dict[int, list[Placed]] = {}
-    for seq, edit in sorted(enumerate(edits), key=lambda e: (_edit_order(old, e[1]), e[0])):
+    for seq, edit in landing:
         position = _edit_position(old, edit)
         assert position is not None  # _position_mismatch refused None
         seen: set[str] = set()
@@ -657,8 +668,26 @@ def _apply(today: ScriptIndex, old: ScriptIndex, edits: list[_Edit]) -> tuple[st
             taken[text] = at + 1
             if all(p.name != name for p in per_edit.get(seq, [])):
                 per_edit.setdefault(seq, []).append(Placed(name, position, lines[text][at], edit.anchor))
-    placed = [p for seq in range(len(edits)) for p in per_edit.get(seq, [])]
-    return source, placed
+    return per_edit
+
+
+def _placed_by_tree(today: ScriptIndex, old: ScriptIndex, landing: list[tuple[int, _Edit]],
+                    source: str) -> dict[int, list[Placed]]:
+    """The placed lines from the parsed result: the k-th call logging a (new) name is the k-th placed."""
+    found: dict[str, list[int]] = {}
+    for name, call in _log_calls(today.flor.merged(old.flor), [ast.parse(source)]):
+        if name is not None:
+            found.setdefault(name, []).append(call.lineno)
+    taken: dict[str, int] = {}
+    per_edit: dict[int, list[Placed]] = {}
+    for seq, edit in landing:
+        position = _edit_position(old, edit)
+        assert position is not None  # _position_mismatch refused None
+        for name in edit.unit.names:
+            at = taken.get(name, 0)
+            per_edit.setdefault(seq, []).append(Placed(name, position, found[name][at], edit.anchor))
+            taken[name] = at + sum(1 for n, _ in edit.unit.calls if n == name)
+    return per_edit
 
 
 def _splice(old: ScriptIndex, module: cst.Module, inserted: set[int]) -> str:
