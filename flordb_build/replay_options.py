@@ -33,6 +33,7 @@ class ReplayOptions:
     workers: int = 1
     device: str = "auto"
     dry_run: bool = False
+    diff: bool = False
     yes: bool = False
     rel_tol: float = DEFAULT_REL_TOL
     cold: bool = False
@@ -48,7 +49,10 @@ REPLAY_OPTIONS: tuple[dict[str, Any], ...] = (
      "help": "split range and validation scans into N segments replayed in parallel processes (default 1)"},
     {"name": "device", "long": "device", "type": str, "default": "auto", "metavar": "D", "choices": DEVICES,
      "help": "where to replay: auto, cpu or cuda (default auto: cuda if torch sees one)"},
-    {"name": "dry_run", "long": "dry-run", "type": bool, "default": False, "help": "show the plan and stop"},
+    {"name": "dry_run", "long": "dry-run", "type": bool, "default": False,
+     "help": "show the plan and, per run, where each statement goes in its version (line, anchor); then stop"},
+    {"name": "diff", "long": "diff", "type": bool, "default": False,
+     "help": "also show per run the unified diff of the recorded script against what the replay runs"},
     {"name": "yes", "long": "yes", "type": bool, "default": False, "help": "run the plan without asking"},
     {"name": "rel_tol", "long": "rel-tol", "type": float, "default": DEFAULT_REL_TOL, "metavar": "TOL",
      "help": f"relative tolerance when comparing recorded and replayed floats (default {DEFAULT_REL_TOL:g})"},

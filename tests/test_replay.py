@@ -87,7 +87,20 @@ def test_validation_and_suffix_replay_fill_old_runs_without_running_nested_loops
     head_before = project.git("rev-parse", "HEAD")
 
     plan = project.cli("replay", "w2", "fin2", "--dry-run").stdout
-    assert plan.count("validation") == 3 and "total estimate" in plan
+    table, _, placements = plan.partition("\nplaced:")
+    assert table.count("validation") == 3 and "total estimate" in table
+    # the dry run shows, per run and version, each statement's line in that version and its anchor
+    placed = [line for line in plan.splitlines() if line.startswith("placed:")]
+    assert len(placed) == 6, plan
+    w2 = [line for line in placed if "'w2'" in line]
+    assert len(w2) == 3 and all(
+        "at train.py:14 (validation), flor.loop 'epoch', after `flor.loop 'step'`; before `flor.log(\"val\"" in line
+        for line in w2
+    ), w2
+    assert all("at train.py:17 (suffix), module level, after `flor.log(\"final\", state[\"w\"])`" in line
+               for line in placed if "'fin2'" in line), placed
+    diff = project.cli("replay", "fin2", "--dry-run", "--diff").stdout
+    assert diff.count("(recorded)") == 3 and diff.count('\n+flor.log("fin2", state["w"] + 1)') == 3, diff
     assert _marks(project) == 36
 
     done = project.cli("replay", "w2", "fin2", "--yes")
@@ -266,3 +279,57 @@ def test_a_replayed_script_reads_the_store_as_its_run_did(project: Any) -> None:
     assert df["runs_now"].tolist() == [1, 3]  # runs that had ended: L1; then L1, T1, L2
     # Outside a replay the store reads as it is.
     assert len(flor.dataframe("label")) == 2 and len(flor.query("SELECT run_id FROM runs")) == 4
+
+
+HELPER = """\
+class Scaler:
+    def __init__(self, factor):
+        self.factor = factor
+
+    def apply(self, w):
+        out = w * self.factor
+        return out
+"""
+HELPER_TODAY = """\
+import flordb_build as flor
+
+
+class Scaler:
+    def __init__(self, factor):
+        self.factor = factor
+        flor.log("factor", factor)
+
+    def apply(self, w):
+        out = w * self.factor
+        flor.log("scaled", out)
+        return out
+"""
+MAIN = """\
+import flordb_build as flor
+from helper import Scaler
+
+state = {"w": 0}
+scaler = Scaler(3)
+with flor.checkpointing(state=state):
+    for epoch in flor.loop("epoch", range(2)):
+        state["w"] += 1
+        flor.log("val", scaler.apply(state["w"]))
+"""
+
+
+def test_statements_in_an_imported_module_are_replayed_where_the_script_calls_them(project: Any) -> None:
+    project.write("helper.py", HELPER)
+    project.write("main.py", MAIN)
+    project.commit_all("recorded")
+    project.run("main.py")
+    project.write("helper.py", HELPER_TODAY)
+    project.commit_all("today")
+    plan = project.cli("replay", "scaled", "factor", "--dry-run", "--diff").stdout
+    assert "at helper.py:5 (prefix), function 'Scaler.__init__'" in plan, plan
+    assert "at helper.py:9 (validation), function 'Scaler.apply'" in plan, plan
+    assert '+        flor.log("scaled", out)' in plan and "helper.py @ " in plan
+    project.cli("replay", "scaled", "factor", "--yes")
+    frame = flor.dataframe("val", "scaled")
+    assert frame["scaled"].tolist() == frame["val"].tolist() == [3, 6]
+    assert flor.dataframe("factor")["factor"].tolist() == [3]
+    assert (project.root / "helper.py").read_text() == HELPER_TODAY  # the work tree is untouched

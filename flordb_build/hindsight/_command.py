@@ -102,7 +102,7 @@ def replay(
 
     :raises ReplayError: unknown names, no matching run, or a replay that failed.
     """
-    from ._execute import ProgressLine, format_plan, format_report, run_replay
+    from ._execute import ProgressLine, format_placements, format_plan, format_report, run_replay
     from ._select import prepare_replay
 
     call = _read_call(names, where)
@@ -112,6 +112,8 @@ def replay(
     stream = None if quiet else sys.stderr
     if stream is not None:
         print(format_plan(plan), file=stream)
+        if dry_run and plan.runs:
+            print(format_placements(plan), file=stream)
     if dry_run or not plan.runs:
         return ReplayReport(plan=plan, outcomes=())
     report = run_replay(
@@ -163,7 +165,7 @@ def run_replay_command(
     :param names: the command's positional arguments, read by :func:`read_replay_arguments`.
     :param confirm: asks "run it?"; None when nobody can answer (then ``options.yes`` is required).
     """
-    from ._execute import ProgressLine, format_plan, format_report, run_replay
+    from ._execute import ProgressLine, format_placements, format_plan, format_report, run_replay
     from ._select import prepare_replay
 
     out = out if out is not None else sys.stdout
@@ -176,6 +178,8 @@ def run_replay_command(
         warm=warm,
     )
     print(format_plan(plan), file=out)
+    if (options.dry_run or options.diff) and plan.runs:
+        print(format_placements(plan, diff=options.diff), file=out)
     out.flush()
     if options.dry_run:
         return 0

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -332,6 +333,9 @@ class SubprocessExecutor:
         script = tree / run.script
         script.parent.mkdir(parents=True, exist_ok=True)
         script.write_text(run.source, encoding="utf-8")
+        for path, text in run.modules.items():  # the project's other modules, with their new statements
+            (tree / path).parent.mkdir(parents=True, exist_ok=True)
+            (tree / path).write_text(text, encoding="utf-8")
         self._link_inputs(tree)
         result_path = tmp / "result.json"
         read_fd, write_fd = os.pipe()
@@ -624,6 +628,27 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     return "\n".join(lines)
+
+
+def format_placements(plan: ReplayPlan, diff: bool = False) -> str:
+    """Per run, where each statement went in its version (line, depth, anchor); with ``diff``, the
+    unified diff of the recorded script against what the replay runs."""
+    parts: list[str] = []
+    for run in plan.runs:
+        for placed in run.placed:
+            parts.append(
+                f"placed: run {run.run_id} ({run.version}): '{placed.name}' at {placed.path or run.script}:{placed.line} "
+                f"({placed.position.value}), {placed.anchor}"
+            )
+        if diff:
+            versions = [(run.script, run.old_source, run.source)]
+            versions += [(path, run.old_modules.get(path, ""), text) for path, text in run.modules.items()]
+            for path, before, after in versions:
+                parts.extend(line.rstrip("\n") for line in difflib.unified_diff(
+                    before.splitlines(keepends=True), after.splitlines(keepends=True),
+                    fromfile=f"{path} @ {run.version} (recorded)", tofile=f"{path} @ {run.version} (replayed)",
+                ))
+    return "\n".join(parts)
 
 
 def format_plan(plan: ReplayPlan) -> str:

@@ -76,6 +76,8 @@ class RecordedRun:
     #: ``(ctx_id, loop_name, iteration, materialize_seconds)``, one per checkpointed iteration.
     checkpoints: tuple[tuple[int, str, int, float], ...] = ()
     unavailable: str | None = None  # why the snapshot cannot be used (then old_source is None)
+    #: path -> the snapshot's text of the project's other modules that log a requested name today
+    old_modules: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,9 @@ class RunPlan:
     segment_estimates: tuple[float, ...]
     warm: bool = False  # expected to fork from a warm server that is up by then
     recorded_prefix: float = 0.0  # the record's prefix seconds (interpreter start to the main loop)
+    old_source: str = ""  # the script as recorded, before propagation (for --diff)
+    modules: Mapping[str, str] = field(default_factory=dict)  # path -> propagated text of other modules
+    old_modules: Mapping[str, str] = field(default_factory=dict)  # path -> their recorded text (for --diff)
 
     @property
     def version(self) -> str:

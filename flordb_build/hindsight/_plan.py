@@ -24,10 +24,11 @@ process forks from a warm server (:class:`StartCosts`, learned from earlier repl
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Iterable, Mapping, Sequence
 
 from ..errors import ReplayError, RewriteError
-from ..rewrite import Position, analyze_script, propagate
+from ..rewrite import Position, analyze_script, module_name, propagate, propagate_project
 from ._model import RecordedRun, ReplayPlan, RunPlan, Schedule, SkippedRun, StartCosts, Step, StepKind
 
 #: Restore seconds per materialize second before a run's restores were measured (dissertation 4.3).
@@ -141,12 +142,16 @@ def plan_replay(
     workers: int = 1,
     device: str = "auto",
     start: StartCosts | None = None,
+    modules: Mapping[str, str] | None = None,
 ) -> ReplayPlan:
     """Plan replaying ``names`` in ``runs``; ``today`` maps each script path to today's source (None: gone).
 
     :param start: start-up costs learned from earlier replays, and whether processes start warm
         (the first run of a script starts its server unless one is up; later ones fork from it).
         None: estimate the recorded timings alone.
+    :param modules: path -> today's source of the project's other modules that log some of ``names``;
+        the ones a script imports get their statements propagated into each run's snapshot of that
+        module (``run.old_modules``).
 
     :raises ReplayError: no names, bad workers, or a name that no selected script logs today.
     """
@@ -163,7 +168,15 @@ def plan_replay(
             logged_today[filename] = analyze_script(source).names
         except RewriteError:
             logged_today[filename] = frozenset()
-    everywhere = frozenset().union(*logged_today.values()) if logged_today else frozenset()
+    helpers = dict(modules or {})
+    logged_helpers: dict[str, frozenset[str]] = {}
+    for path, source in helpers.items():
+        try:
+            logged_helpers[path] = analyze_script(source).names
+        except RewriteError:
+            logged_helpers[path] = frozenset()
+    in_helpers = frozenset().union(*logged_helpers.values()) if logged_helpers else frozenset()
+    everywhere = frozenset().union(*logged_today.values(), in_helpers) if logged_today else in_helpers
     unknown = [n for n in wanted if n not in everywhere]
     if unknown:
         scripts = ", ".join(f"'{f}'" for f in sorted(today)) or "none"
@@ -175,10 +188,21 @@ def plan_replay(
     skipped: list[SkippedRun] = []
     warm_starts = start is not None and start.warm
     served = set(start.live) if start is not None and warm_starts else set()  # scripts with a server up
+    imports_of: dict[str, frozenset[str]] = {}
     for run in runs:
+        # only the modules that the script imports and that log a wanted name: another entry script
+        # logging the same name, or an unrelated module that does not parse, stays out
+        if run.filename not in imports_of:
+            imports_of[run.filename] = _imported_modules(today.get(run.filename))
+        imported = imports_of[run.filename]
+        mine = {
+            p: s for p, s in helpers.items()
+            if p != run.filename and logged_helpers[p] & set(wanted) and module_name(p) in imported
+        }
         outcome = _plan_run(
-            run, today.get(run.filename), logged_today.get(run.filename, frozenset()), wanted, workers, start,
-            warm=run.filename in served,
+            run, today.get(run.filename),
+            logged_today.get(run.filename, frozenset()).union(*(logged_helpers[p] for p in mine)),
+            wanted, workers, start, warm=run.filename in served, helpers=mine,
         )
         if isinstance(outcome, RunPlan):
             planned.append(outcome)
@@ -189,6 +213,23 @@ def plan_replay(
     return ReplayPlan(names=wanted, runs=tuple(planned), skipped=tuple(skipped), workers=workers, device=device)
 
 
+def _imported_modules(source: str | None) -> frozenset[str]:
+    """The modules a script imports anywhere (``import a.b`` -> ``a.b``; ``from m import x`` -> ``m``)."""
+    if source is None:
+        return frozenset()
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return frozenset()
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module is not None:
+            found.add(node.module)
+    return frozenset(found)
+
+
 def _plan_run(
     run: RecordedRun,
     today_source: str | None,
@@ -197,6 +238,7 @@ def _plan_run(
     workers: int,
     start: StartCosts | None,
     warm: bool,
+    helpers: Mapping[str, str] | None = None,
 ) -> RunPlan | SkippedRun:
     def skip(reason: str, unaffected: bool = False) -> SkippedRun:
         return SkippedRun(run.run_id, run.task, run.filename, reason, unaffected)
@@ -211,15 +253,28 @@ def _plan_run(
     if run.unavailable is not None or run.old_source is None or run.snapshot is None:
         return skip(run.unavailable or "the run has no snapshot commit (recorded outside git)")
     try:
-        result = propagate(today_source, run.old_source, requested)
+        if helpers:
+            project = propagate_project(
+                {run.filename: today_source, **helpers}, {run.filename: run.old_source, **run.old_modules}, requested
+            )
+            entry = project.modules.get(run.filename)
+            source = entry.source if entry is not None else run.old_source
+            placed = tuple(p for _path, p in project.placed)
+            not_placed = tuple(n for _path, n in project.refused)
+            already = project.already_logged
+            patched = {p: s for p, s in project.sources.items() if p != run.filename}
+            depth = project.depth
+        else:
+            result = propagate(today_source, run.old_source, requested)
+            source, placed, not_placed, already = result.source, result.placed, result.not_placed, result.already_logged
+            patched, depth = {}, result.depth
     except RewriteError as exc:
         return skip(str(exc))
-    depth = result.depth
     if depth is None:
-        reasons = [f"'{p.name}': {p.reason}" for p in result.not_placed]
-        reasons += [f"'{name}': its version logs it already" for name in result.already_logged]
+        reasons = [f"'{p.name}': {p.reason}" for p in not_placed]
+        reasons += [f"'{name}': its version logs it already" for name in already]
         return skip("; ".join(reasons) or "nothing to place")
-    main_loop = analyze_script(result.source).main_loop
+    main_loop = analyze_script(source).main_loop
     main_name = main_loop.name if main_loop is not None else None
     main_ctxs = main_loop_contexts(run.outer_loops, main_name)
     ctx_set = frozenset(main_ctxs)
@@ -242,10 +297,10 @@ def _plan_run(
         snapshot=run.snapshot,
         depth=depth,
         estimate=max(estimates) + (start.bookkeeping(run.filename) if start is not None else 0.0),
-        names=tuple(p.name for p in result.placed),
-        placed=result.placed,
-        not_placed=result.not_placed,
-        source=result.source,
+        names=tuple(dict.fromkeys(p.name for p in placed)),
+        placed=placed,
+        not_placed=not_placed,
+        source=source,
         args=dict(run.args),
         main_loop=main_name,
         iterations=n,
@@ -254,4 +309,7 @@ def _plan_run(
         segment_estimates=estimates,
         warm=warm,
         recorded_prefix=costs.prefix,
+        old_source=run.old_source,
+        modules=patched,
+        old_modules={path: run.old_modules[path] for path in patched},
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Any
 
 from ..config import Config, load_config
 from ..errors import ReplayError, SnapshotError, WarmStartError
-from ..snapshot import run_git
+from ..snapshot import run_git, run_git_bytes
 from ..store import Store, loop_contexts
 from ._model import DEVICES, RecordedRun, ReplayPlan, StartCosts
 
@@ -99,6 +100,46 @@ def read_today_sources(config: Config, filenames: Sequence[str]) -> dict[str, st
     return sources
 
 
+def read_project_modules(
+    config: Config, runs: Sequence[RecordedRun], names: Sequence[str]
+) -> tuple[dict[str, str], list[RecordedRun]]:
+    """The project's other tracked modules that log one of ``names`` today, and each run with their
+    text in its snapshot (``old_modules``): propagation places statements there too (read only)."""
+    scripts = {run.filename for run in runs}
+    quoted = [q for n in names for q in (f'"{n}"', f"'{n}'")]
+    try:
+        tracked = run_git_bytes(config.root, "ls-files", "-z", "--", "*.py").decode(errors="replace").split("\0")
+    except SnapshotError:
+        return {}, list(runs)
+    today: dict[str, str] = {}
+    for path in tracked:
+        file = config.root / path
+        if not path or path in scripts or not file.is_file():
+            continue
+        text = file.read_text(encoding="utf-8", errors="replace")
+        if "log(" in text and any(q in text for q in quoted):
+            today[path] = text
+    if not today:
+        return {}, list(runs)
+    shown: dict[tuple[str, str], str | None] = {}
+    with_modules = []
+    for run in runs:
+        old: dict[str, str] = {}
+        for path in today:
+            if run.snapshot is None:
+                break
+            key = (run.snapshot, path)
+            if key not in shown:
+                try:
+                    shown[key] = run_git_bytes(config.root, "show", f"{run.snapshot}:{path}").decode("utf-8", "replace")
+                except SnapshotError:
+                    shown[key] = None  # the module is new since that run
+            if shown[key] is not None:
+                old[path] = shown[key]  # type: ignore[assignment]
+        with_modules.append(dataclasses.replace(run, old_modules=old))
+    return today, with_modules
+
+
 def prepare_replay(
     names: Sequence[str],
     *,
@@ -124,8 +165,9 @@ def prepare_replay(
     run_ids = select_run_ids(config, where, task)
     runs = load_recorded_runs(config, run_ids)
     today = read_today_sources(config, [run.filename for run in runs])
+    modules, runs = read_project_modules(config, runs, names)
     start = start_outlook(config, runs, device, warm)
-    return plan_replay(runs, today, names, workers=workers, device=device, start=start)
+    return plan_replay(runs, today, names, workers=workers, device=device, start=start, modules=modules)
 
 
 def start_outlook(config: Config, runs: Sequence[RecordedRun], device: str, warm: bool | None = None) -> StartCosts:

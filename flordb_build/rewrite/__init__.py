@@ -7,35 +7,45 @@ Positions (see :attr:`Position.depth`): ``prefix`` before the main loop (the out
 followed through function calls), ``validation`` in the main loop outside nested flor loops, ``range``
 inside a nested flor loop, ``suffix`` after the main loop.
 
-Propagation aligns each new statement of today's version (T) with the old version (O)::
+Propagation (:func:`propagate`, :func:`propagate_project` for several modules) maps today's
+version (T) onto the old one (O) statement by statement (see ``_alignment``) and places each new
+statement by the mapping::
 
-    T (today)                                 O (old version)
-    for epoch in flor.loop("epoch", ...): --1--> for epoch in flor.loop("epoch", ...):
-        with torch.no_grad():           --2-->     with torch.no_grad():
-            for step in flor.loop(...):  -3P->         for step in flor.loop(...):   # body may differ
-            + flor.log("w2", w * 2)      ====>         + flor.log("w2", w * 2)
-            flor.log("val", w)           -3N->         flor.log("val", w)
-                                          --4--> names read by the new line are defined in O?
+    T (today)                                  O (old version)
+    for epoch in flor.loop("epoch", ...): -anchor-> for epoch in flor.loop("epoch", ...):
+        with torch.no_grad():             -same---->     with torch.no_grad():
+            loss = step(lr=0.05)          -similar->         loss = step(lr=0.1)
+            + flor.log("loss", loss)      ========>          + flor.log("loss", loss)
+            print(loss)                   -same---->         print(loss)
 
-    1  scope: the innermost enclosing flor.loop (by name; a renamed loop only when exactly one old
-       loop has the same header) or def/class (by qualified name); else module level. Must be unique.
-    2  every block between the scope and the statement (with / if / for / while / try): same header,
-       exactly once, in the corresponding old block.
-    3  neighbours P (before) and N (after), skipping other new statements: a simple statement matches
-       by exact code (libcst, comments excluded), a compound one by its header. Each matched neighbour
-       gives candidate slots; they must agree on exactly one slot. A today's line that wraps an old
-       line (``x = flor.log("x", f())`` over ``x = f()``) replaces it instead.
-    4  free names of the statement resolve in the old scope (or are bound by an earlier new statement),
-       and a prefix/suffix statement stays prefix/suffix where it lands.
+    1  block: the old counterpart of today's enclosing block (a function that old versions have
+       inline: the one old run of statements its body maps onto, one to one)
+    2  slot: next to the images of its neighbours (skipping other new statements); statements
+       that moved on their own are no evidence, the rest must stay on their side; a tie between
+       equal candidates is broken only by a block edge. A line that logs what an old line computes
+       (``x = flor.log("x", f())`` over ``x = f()``, ``flor.log("n", f().item())`` over ``f()``)
+       replaces it.
+    3  it runs where it ran today (a prefix/suffix statement stays one), and every name it reads
+       is defined there (or bound by an earlier new statement; flor's import comes along).
 
     Anything short of that is a NotPlaced with the reason; nothing is inserted at a guess.
 """
 
 from __future__ import annotations
 
-from ._analysis import analyze_script, classify
-from ._model import LogSite, LoopSite, NotPlaced, Placed, Position, PropagationResult, ScriptAnalysis, deepest
-from ._propagation import propagate
+from ._analysis import analyze_script, classify, module_name
+from ._model import (
+    LogSite,
+    LoopSite,
+    NotPlaced,
+    Placed,
+    Position,
+    ProjectPropagationResult,
+    PropagationResult,
+    ScriptAnalysis,
+    deepest,
+)
+from ._propagation import propagate, propagate_project
 
 __all__ = [
     "LogSite",
@@ -43,10 +53,13 @@ __all__ = [
     "NotPlaced",
     "Placed",
     "Position",
+    "ProjectPropagationResult",
     "PropagationResult",
     "ScriptAnalysis",
     "analyze_script",
     "classify",
     "deepest",
+    "module_name",
     "propagate",
+    "propagate_project",
 ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 
@@ -80,6 +80,7 @@ class Placed:
     position: Position  # classified in the rewritten old version
     line: int  # line of the flor.log call in PropagationResult.source
     anchor: str  # the evidence that fixed the place, for plans and reports
+    path: str | None = None  # the module it went into (propagate_project); None: the one script propagated
 
 
 @dataclass(frozen=True)
@@ -108,3 +109,33 @@ class PropagationResult:
     def depth(self) -> Position | None:
         """The deepest position among the placed statements: the scan this version needs."""
         return deepest(p.position for p in self.placed)
+
+
+@dataclass(frozen=True)
+class ProjectPropagationResult:
+    """:class:`PropagationResult` per module of a project propagation, and its project-wide parts."""
+
+    modules: Mapping[str, PropagationResult]  # path -> that module's result (modules with something to place)
+    not_placed: tuple[NotPlaced, ...]  # statements of modules the old version lacks
+    already_logged: tuple[str, ...]  # requested names some old module logs itself
+
+    @property
+    def placed(self) -> tuple[tuple[str, Placed], ...]:
+        """Every placed statement with the path of its module."""
+        return tuple((path, p) for path, result in self.modules.items() for p in result.placed)
+
+    @property
+    def refused(self) -> tuple[tuple[str | None, NotPlaced], ...]:
+        """Every refusal with the path of its module (None: the module is missing in the old version)."""
+        return (*((None, n) for n in self.not_placed),
+                *((path, n) for path, result in self.modules.items() for n in result.not_placed))
+
+    @property
+    def sources(self) -> dict[str, str]:
+        """The rewritten source of every module that changed."""
+        return {path: result.source for path, result in self.modules.items() if result.changed}
+
+    @property
+    def depth(self) -> Position | None:
+        """The deepest position among every module's placed statements: the scan the version needs."""
+        return deepest(p.position for _, p in self.placed)
