@@ -373,6 +373,8 @@ def typed_series(name: str, values: Any) -> pd.Series:
     if inferred not in ("integer", "floating", "mixed-integer-float", "boolean"):
         return pd.Series(array, dtype=object, name=name)
     missing = pd.isna(array)
+    if inferred == "integer" and not _fits_int64(array[~missing]):
+        return pd.Series(array, dtype=object, name=name)  # ints beyond int64 (values.py BIGINT) stay exact
     if inferred == "integer":
         if missing.any():
             filled = np.where(missing, 0, array).astype(np.int64)
@@ -385,6 +387,11 @@ def typed_series(name: str, values: Any) -> pd.Series:
             return pd.Series(pd.array(array.tolist(), dtype="boolean"), name=name)
         return pd.Series(array.astype(bool), name=name)
     return pd.Series(array, dtype=object, name=name)
+
+
+def _fits_int64(values: np.ndarray) -> bool:
+    """True when every int fits int64 (numpy's own ints always do)."""
+    return all(-(2**63) <= v < 2**63 for v in values if type(v) is int)
 
 
 def _object_array(values: list[Any]) -> np.ndarray:
