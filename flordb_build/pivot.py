@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from .errors import QueryError
 from .values import ValueKind, decode_value
 
 if TYPE_CHECKING:
@@ -256,9 +257,28 @@ class ContextPivot:
             per_run = np.empty(len(self.runs), dtype=object)
             per_run[:] = self.runs.columns[column]
             out[column] = per_run[codes]
-        out.update(self._dimension_columns(leaves))
+        dimensions = self._dimension_columns(leaves)
+        self._refuse_names_that_are_dimensions(dimensions)
+        out.update(dimensions)
         out.update(self._value_columns(leaves))
         return out
+
+    def _refuse_names_that_are_dimensions(self, dimensions: dict[str, Any]) -> None:
+        """A requested value named like a loop dimension of other runs (script A loops over
+        ``epoch``, script B logs ``epoch``) would overwrite that column: refuse, naming both."""
+        for name in self.names:
+            if name not in dimensions:
+                continue
+            loop_name = name[: -len("_value")] if name not in self.loops.names else name
+            d = self.loops.names.index(loop_name)
+            filenames = self.runs.columns["filename"]
+            looping = sorted({str(filenames[c]) for c in unique(self.loops.code[self.loops.name == d]).tolist()})
+            logging = sorted({str(filenames[c]) for c in unique(self.logs.code[self.logs.name == self.names.index(name)]).tolist()})
+            raise QueryError(
+                f"'{name}' is a loop dimension in runs of {', '.join(looping)} (flor.loop) and a logged value in "
+                f"runs of {', '.join(logging)} (flor.log), so one frame cannot show both. Ask for them apart, e.g. "
+                f"flor.dataframe('{name}', where=\"filename = '{logging[0]}'\"), or rename one of them."
+            )
 
     def _leaves(self) -> np.ndarray:
         """Positions holding a requested value with no such position below them."""

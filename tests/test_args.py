@@ -50,3 +50,9 @@ def test_uncastable_values_name_the_arg(raw: str, default: object) -> None:
 def test_values_without_default_are_inferred() -> None:
     assert infer_value("3") == 3 and infer_value("0.5") == 0.5 and infer_value("[1]") == [1]
     assert infer_value("adam") == "adam" and infer_value("") == ""
+
+
+def test_a_kwargs_group_starting_with_a_bare_name_is_reported() -> None:
+    argv, malformed = ["s.py", "--kwargs", "lr", "0.5", "--kwargs", "b=1", "c"], []
+    assert consume_kwargs(argv, malformed) == {"b": "1"}
+    assert malformed == ["lr"] and argv == ["s.py", "lr", "0.5", "c"]  # the script's own args stay

@@ -325,3 +325,173 @@ def test_lock_files_of_killed_runs_are_cleaned_and_live_ones_kept(project: Proje
     assert live.returncode == 0, err
     assert sorted(s for (s,) in rows(project, "SELECT status FROM runs")) == ["killed"] * 3 + ["ok"] * 2
     assert list(locks.glob("*.lock")) == []
+
+
+# -- stop signals --------------------------------------------------------------------------------
+
+LONG_TRAIN = """
+import sys, time
+import flordb_build as flor
+for epoch in flor.loop("epoch", range(10**9)):
+    flor.log("loss", epoch)
+    if epoch == 99:
+        from flordb_build import runtime
+        runtime.SESSION.run.flush()
+        print("ready", flush=True)
+    if epoch >= 99:
+        time.sleep(0.001)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_flush_mark_snapshot_and_exit_by_the_signal(project: Project, sig: int) -> None:
+    project.write("train.py", LONG_TRAIN)
+    proc = start(project, "train.py")
+    wait_for_line(proc, "ready")
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == -sig, err
+    assert "Traceback" not in err, err
+    ((status, exit_code, error, snapshot),) = rows(project, "SELECT status, exit_code, error, snapshot FROM runs")
+    assert (status, exit_code) == ("interrupted", 128 + sig) and signal.Signals(sig).name in str(error)
+    assert snapshot and project.git("rev-parse", "flor.shadow").strip() == snapshot
+    losses = flor.dataframe("loss")["loss"].tolist()
+    assert losses[:100] == list(range(100)) and losses == list(range(len(losses)))  # a prefix, no holes
+
+
+USER_HANDLER = """
+import signal, sys
+import flordb_build as flor
+
+def handler(signum, frame):
+    print("user handler", flush=True)
+    sys.exit(0)
+
+signal.signal(signal.SIGTERM, handler)
+flor.log("x", 1)
+print("ready", flush=True)
+signal.pause()
+"""
+
+
+def test_a_signal_handler_of_the_user_is_kept(project: Project) -> None:
+    project.write("train.py", USER_HANDLER)
+    proc = start(project, "train.py")
+    wait_for_line(proc, "ready")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and out.strip() == "user handler", err
+    assert rows(project, "SELECT status FROM runs") == [("ok",)]
+
+
+DOUBLE_CTRL_C = """
+import os, time
+import flordb_build as flor
+from flordb_build import snapshot
+
+commit_snapshot = snapshot.commit_snapshot
+
+def slow_commit(*args, **kwargs):
+    print("closing", flush=True)
+    while not os.path.exists("go"):  # the test presses Ctrl-C again meanwhile
+        time.sleep(0.01)
+    return commit_snapshot(*args, **kwargs)
+
+snapshot.commit_snapshot = slow_commit
+for epoch in flor.loop("epoch", range(10**9)):
+    flor.log("loss", epoch)
+    if epoch == 10:
+        print("ready", flush=True)
+    time.sleep(0.001)
+"""
+
+
+def test_a_second_ctrl_c_while_the_run_closes_loses_neither_snapshot_nor_prints_a_traceback(
+    project: Project,
+) -> None:
+    project.write("train.py", DOUBLE_CTRL_C)
+    proc = start(project, "train.py", new_session=True)  # its own process group, as a terminal's job
+    wait_for_line(proc, "ready")
+    os.killpg(proc.pid, signal.SIGINT)
+    wait_for_line(proc, "closing")
+    os.killpg(proc.pid, signal.SIGINT)
+    (project.root / "go").write_text("")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode in (-signal.SIGINT, 130), err
+    assert "atexit" not in err and err.count("Traceback") == 1 and "KeyboardInterrupt" in err, err
+    ((status, exit_code, snapshot),) = rows(project, "SELECT status, exit_code, snapshot FROM runs")
+    assert (status, exit_code) == ("interrupted", 130) and snapshot
+
+
+# -- forked children -----------------------------------------------------------------------------
+
+POOL = """
+import multiprocessing as mp
+import sys
+import flordb_build as flor
+
+def work(i):
+    with flor.iteration("item", i):
+        flor.log("square", i * i)
+    return i
+
+if __name__ == "__main__":
+    mp.set_start_method("fork")
+    flor.arg("workers", 4)
+    if sys.argv[1] == "with":  # the pool's __exit__ terminates the workers (SIGTERM)
+        with mp.Pool(4) as pool:
+            done = pool.map(work, range(192), chunksize=4)
+    else:  # close and join: the workers leave by os._exit after their last task
+        pool = mp.Pool(4)
+        done = pool.map(work, range(192), chunksize=4)
+        pool.close()
+        pool.join()
+    flor.log("done", len(done))
+"""
+
+
+@pytest.mark.parametrize("ending", ["with", "join"])
+def test_values_logged_in_pool_workers_are_kept_in_the_parents_run(project: Project, ending: str) -> None:
+    project.write("pool.py", POOL)
+    proc = project.run("pool.py", ending)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    ((run_id, status),) = rows(project, "SELECT run_id, status FROM runs")
+    assert status == "ok"
+    frame = flor.dataframe("square")
+    assert len(frame) == 192 and set(frame["run_id"]) == {run_id}
+    assert sorted(frame["square"].tolist()) == sorted(i * i for i in range(192))
+    assert sorted(frame["item"].tolist()) == list(range(192))
+    assert flor.dataframe("done")["done"].tolist() == [192]
+    assert project.git("rev-list", "--count", "flor.shadow").strip() == "1"  # no worker made a snapshot
+    project.cli("rebuild")  # the journal (in the snapshot) holds the workers' rows too
+    assert len(flor.dataframe("square")) == 192
+
+
+LOADER = """
+import gc
+import multiprocessing as mp
+import flordb_build as flor
+
+def load(epoch):
+    gc.collect()  # a worker that drops what it inherited must not touch the parent's connection
+
+if __name__ == "__main__":
+    mp.set_start_method("fork")
+    for epoch in flor.loop("epoch", range(20)):
+        for step in flor.loop("step", range(50)):
+            flor.log("loss", epoch * 50 + step)
+        workers = [mp.Process(target=load, args=(epoch,)) for _ in range(2)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+            assert worker.exitcode == 0
+"""
+
+
+def test_forked_workers_that_do_not_log_leave_the_parents_store_alone(project: Project) -> None:
+    project.write("loader.py", LOADER)
+    proc = project.run("loader.py")
+    assert "locked" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert rows(project, "SELECT status FROM runs") == [("ok",)]
+    assert flor.dataframe("loss")["loss"].tolist() == list(range(1000))
