@@ -415,6 +415,7 @@ class Run:
         env = self._record_environment()
         row["env_id"] = env[0] if env else None
         row["tstamp"] = self.store.insert_run(row)
+        keep_reserve(self.config.flor_dir)
         self._journal = JournalFile.open(self._journal_path)
         self._journal.append({"run": row})
         if env:  # the snapshot keeps the environment too, so a rebuilt store can restore `envs`
@@ -599,6 +600,8 @@ class Run:
             "args": redact_args_json(self.args),
         }
         unmarked = None
+        if note is not None:  # most likely a full disk: free the reserve so the mark itself fits
+            free_reserve(self.config.flor_dir)
         try:
             self.store.update_run(self.run_id, **end)
         except sqlite3.Error as exc:
@@ -670,6 +673,37 @@ class Run:
             self._journal.close()
             self._journal = None
         self._closed = True
+
+
+#: ``.flor/reserve``: space held back so that a run that ends on a full disk can still write its
+#: mark (status ``incomplete``, a few SQLite pages); freed then, made again by a later run.
+RESERVE_NAME = "reserve"
+RESERVE_BYTES = 256 * 1024
+
+
+def keep_reserve(flor_dir: Path) -> None:
+    """Create the reserve file when it is missing (a stat per run otherwise); best effort."""
+    path = flor_dir / RESERVE_NAME
+    if path.exists():
+        return
+    tmp = path.with_name(f".{RESERVE_NAME}.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(b"\0" * RESERVE_BYTES)
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def free_reserve(flor_dir: Path) -> None:
+    """Give the reserve's space back to the disk."""
+    try:
+        (flor_dir / RESERVE_NAME).unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def redact_args_json(args: dict[str, Any]) -> str:
@@ -864,11 +898,12 @@ class Session:
         """A new run; on a store that cannot be written, an :class:`UnrecordedRun` (one warning)."""
         config = load_config()
         if self.malformed_kwargs and not forked:
-            for token in self.malformed_kwargs:
+            malformed, self.malformed_kwargs = self.malformed_kwargs, []  # said once per process
+            for token in malformed:
                 warn(
                     f"--kwargs '{token}' lacks '=': it was not taken as an arg (left to the script's own "
                     f"arguments); write it as --kwargs {token}=VALUE.",
-                    stacklevel=5,
+                    stacklevel=None,
                 )
         try:
             store = Store.open(config)

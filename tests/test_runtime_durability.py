@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import flordb_build as flor
+from flordb_build.errors import FlorBuildWarning
 from tests.conftest import GIT_ENV, Project
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs or a read-only bind needs root")
@@ -234,9 +235,12 @@ def test_a_disk_full_to_the_end_lets_the_training_finish_with_one_warning(small_
     assert "Traceback" not in err and err.count("FlorBuildWarning") == 1, err
     assert "not fully recorded" in err and "row(s) could not be written" in err
     (disk / "filler").unlink()
-    # What was stored before stays; the run is not left 'running' for ever.
-    assert flor.dataframe("first")["first"].tolist() == [1]
-    assert rows(project, "SELECT status FROM runs")[0][0] in ("incomplete", "killed")
+    # What was stored before stays; the run is not left 'running' for ever, and readers are told.
+    ((status, error),) = rows(project, "SELECT status, error FROM runs")
+    assert status == "incomplete" and "row(s) could not be written" in str(error)
+    assert "incomplete" in project.cli("runs").stdout
+    with pytest.warns(FlorBuildWarning, match="not fully recorded"):
+        assert flor.dataframe("first")["first"].tolist() == [1]
 
 
 TRAIN = """
