@@ -29,10 +29,12 @@ _TRUE = {"1", "true", "yes", "y", "on"}
 _FALSE = {"0", "false", "no", "n", "off"}
 
 
-def consume_kwargs(argv: list[str]) -> dict[str, str]:
+def consume_kwargs(argv: list[str], malformed: list[str] | None = None) -> dict[str, str]:
     """Remove every ``--kwargs k=v ...`` group from ``argv`` in place; return the pairs.
 
-    A group runs from ``--kwargs`` up to the first token that is not ``name=value``.
+    A group runs from ``--kwargs`` up to the first token that is not ``name=value``. A group
+    whose first token is a bare name (``--kwargs lr 0.5``) takes nothing; that name is appended
+    to ``malformed`` so the run can say it lacks ``=`` (it stays in ``argv`` for the script).
     """
     found: dict[str, str] = {}
     kept: list[str] = []
@@ -44,10 +46,13 @@ def consume_kwargs(argv: list[str]) -> dict[str, str]:
             i += 1
             continue
         i += 1
+        first = i
         while i < len(argv) and "=" in argv[i] and _NAME.match(argv[i].split("=", 1)[0]):
             name, value = argv[i].split("=", 1)
             found[name] = value
             i += 1
+        if i == first and i < len(argv) and malformed is not None and _NAME.match(argv[i]):
+            malformed.append(argv[i])
     argv[:] = kept
     return found
 
@@ -112,6 +117,23 @@ def param_value(name: str, value: Any, default: Any) -> Any:
     if isinstance(value, list | dict):
         return cast_arg(name, json.dumps(value), default)
     return cast_arg(name, "" if value is None else str(value), default)
+
+
+def kwargs_never_read(kwargs: dict[str, str], read: set[str]) -> str | None:
+    """A sentence naming the ``--kwargs`` that no ``flor.arg`` read, with a did-you-mean; None if all were."""
+    import difflib
+
+    unread = [name for name in kwargs if name not in read]
+    if not unread:
+        return None
+    parts = []
+    for name in unread:
+        close = difflib.get_close_matches(name, sorted(read), n=1)
+        parts.append(f"'{name}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+    return (
+        f"--kwargs {', '.join(parts)} {'was' if len(unread) == 1 else 'were'} never read by the script "
+        "(no flor.arg asked for it), so the run used its defaults."
+    )
 
 
 def cast_arg(name: str, raw: str, default: Any) -> Any:

@@ -31,6 +31,8 @@ DEFAULT_CHECKPOINT_EPSILON = 0.0667
 #: Untracked files larger than this stay out of snapshots unless ``snapshot_include`` names them.
 DEFAULT_SNAPSHOT_MAX_FILE_BYTES = 5 * 1024 * 1024
 DEFAULT_REPLAY_KEEP_WARM = 600.0
+#: How long a writer waits for another's lock before it retries (store.py; a recording run loses nothing).
+DEFAULT_BUSY_TIMEOUT_SECONDS = 60.0
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -48,6 +50,8 @@ class Config:
     db_path: Path
     projid: str
     flush_seconds: float = DEFAULT_FLUSH_SECONDS
+    #: Seconds a writer waits for another's lock, in (0, 3600].
+    busy_timeout_seconds: float = DEFAULT_BUSY_TIMEOUT_SECONDS
     #: The tolerated fraction of training time spent checkpointing, in (0, 1].
     checkpoint_epsilon: float = DEFAULT_CHECKPOINT_EPSILON
     #: Checkpoint bytes ``flordb-build gc`` keeps per run / per project (None: no budget).
@@ -185,6 +189,7 @@ SETTINGS: Mapping[str, Callable[[str, Any], Any]] = MappingProxyType({
     "db": _path_text,
     "projid": _text,
     "flush_seconds": _number(0, 60, low_open=True, what="a number in (0, 60]"),
+    "busy_timeout_seconds": _number(0, 3600, low_open=True, what="a number in (0, 3600]"),
     "checkpoint_epsilon": _number(
         0, 1, low_open=True,
         what="a number in (0, 1] (the tolerated fraction of training time spent checkpointing)",

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .errors import QueryError
 from .runtable import RUN_COLUMNS, RunTable
 from .values import ValueKind, decode_value
 
@@ -253,9 +254,28 @@ class ContextPivot:
             per_run = np.empty(len(self.runs), dtype=object)
             per_run[:] = self.runs.columns[column]
             out[column] = per_run[codes]
-        out.update(self._dimension_columns(leaves))
+        dimensions = self._dimension_columns(leaves)
+        self._refuse_names_that_are_dimensions(dimensions)
+        out.update(dimensions)
         out.update(self._value_columns(leaves))
         return out
+
+    def _refuse_names_that_are_dimensions(self, dimensions: dict[str, Any]) -> None:
+        """A requested value named like a loop dimension of other runs (script A loops over
+        ``epoch``, script B logs ``epoch``) would overwrite that column: refuse, naming both."""
+        for name in self.names:
+            if name not in dimensions:
+                continue
+            loop_name = name[: -len("_value")] if name not in self.loops.names else name
+            d = self.loops.names.index(loop_name)
+            filenames = self.runs.columns["filename"]
+            looping = sorted({str(filenames[c]) for c in unique(self.loops.code[self.loops.name == d]).tolist()})
+            logging = sorted({str(filenames[c]) for c in unique(self.logs.code[self.logs.name == self.names.index(name)]).tolist()})
+            raise QueryError(
+                f"'{name}' is a loop dimension in runs of {', '.join(looping)} (flor.loop) and a logged value in "
+                f"runs of {', '.join(logging)} (flor.log), so one frame cannot show both. Ask for them apart, e.g. "
+                f"flor.dataframe('{name}', where=\"filename = '{logging[0]}'\"), or rename one of them."
+            )
 
     def _leaves(self) -> np.ndarray:
         """Positions holding a requested value with no such position below them."""
@@ -370,6 +390,8 @@ def typed_series(name: str, values: Any) -> pd.Series:
     if inferred not in ("integer", "floating", "mixed-integer-float", "boolean"):
         return pd.Series(array, dtype=object, name=name)
     missing = pd.isna(array)
+    if inferred == "integer" and not _fits_int64(array[~missing]):
+        return pd.Series(array, dtype=object, name=name)  # ints beyond int64 (values.py BIGINT) stay exact
     if inferred == "integer":
         if missing.any():
             filled = np.where(missing, 0, array).astype(np.int64)
@@ -382,6 +404,11 @@ def typed_series(name: str, values: Any) -> pd.Series:
             return pd.Series(pd.array(array.tolist(), dtype="boolean"), name=name)
         return pd.Series(array.astype(bool), name=name)
     return pd.Series(array, dtype=object, name=name)
+
+
+def _fits_int64(values: np.ndarray) -> bool:
+    """True when every int fits int64 (numpy's own ints always do)."""
+    return all(-(2**63) <= v < 2**63 for v in values if type(v) is int)
 
 
 def _object_array(values: list[Any]) -> np.ndarray:

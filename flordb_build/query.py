@@ -53,9 +53,30 @@ def dataframe(
     if store is None:
         return _empty_frame(list(names))
     try:
-        return read_dataframe(store.conn, names, expression, timeout=timeout)
+        frame = read_dataframe(store.conn, names, expression, timeout=timeout)
+        warn_incomplete_runs(store.conn, frame)
+        return frame
     finally:
         store.close()
+
+
+def warn_incomplete_runs(conn: sqlite3.Connection, frame: pd.DataFrame) -> None:
+    """One warning when the frame draws on runs whose rows could not all be stored (runtime.py:
+    status ``incomplete``), so that a missing value is never mistaken for one never logged."""
+    incomplete = {r for (r,) in conn.execute("SELECT run_id FROM runs WHERE status = 'incomplete'")}
+    shown = sorted(incomplete.intersection(frame["run_id"])) if incomplete and len(frame) else []
+    if shown:
+        import warnings
+
+        from .errors import FlorBuildWarning
+
+        warnings.warn(
+            f"run(s) {', '.join(shown)} were not fully recorded (status 'incomplete', runs.error says why): "
+            "some of their values may be missing from this frame; 'flordb-build rebuild' restores what their "
+            "journals hold.",
+            FlorBuildWarning,
+            stacklevel=3,
+        )
 
 
 def read_dataframe(

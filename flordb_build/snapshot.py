@@ -78,8 +78,11 @@ def _git(
     ``GIT_OPTIONAL_LOCKS=0`` stops git from refreshing the user's index as a side effect.
     """
     full_env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0", **(env or {})}
+    # Its own process group: a Ctrl-C at the terminal signals the whole foreground group, and
+    # must not kill a snapshot half-way (the recording process decides when to stop).
     return subprocess.run(
-        ["git", *GIT_OPTIONS, *args], cwd=root, env=full_env, input=input, capture_output=True, check=False
+        ["git", *GIT_OPTIONS, *args], cwd=root, env=full_env, input=input, capture_output=True, check=False,
+        process_group=0,
     )
 
 

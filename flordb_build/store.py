@@ -284,9 +284,15 @@ CHECKPOINT_INSERT = (
 )
 
 
-def connect(path: Path) -> sqlite3.Connection:
+def busy_timeout_seconds(config: Config) -> float:
+    """How long a writer waits for another's lock (``busy_timeout_seconds`` in ``[tool.flordb_build]``,
+    parsed in config.py). A recording run retries past it and loses nothing."""
+    return config.busy_timeout_seconds
+
+
+def connect(path: Path, timeout_seconds: float = BUSY_TIMEOUT_MS / 1000) -> sqlite3.Connection:
     """Open ``path`` in autocommit mode with WAL and a busy timeout; transactions are explicit."""
-    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False)
+    conn = sqlite3.connect(path, timeout=timeout_seconds, isolation_level=None, check_same_thread=False)
     if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
         conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = NORMAL")
@@ -358,15 +364,108 @@ class RunLock:
 
     @classmethod
     def acquire(cls, locks_dir: Path, run_id: str) -> RunLock:
+        """Take the run's lock file; retried when :func:`clean_stale_locks` unlinked the file we locked.
+
+        :raises OSError: when the folder or the file cannot be created.
+        """
         locks_dir.mkdir(parents=True, exist_ok=True)
         path = locks_dir / f"{run_id}.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        return cls(path, fd)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                if os.path.samestat(os.fstat(fd), os.stat(path)):
+                    return cls(path, fd)
+            except FileNotFoundError:
+                pass
+            os.close(fd)  # a cleaner took the file away between our open and our lock: lock the new one
 
     def release(self) -> None:
-        self.path.unlink(missing_ok=True)
+        """Remove the lock file and drop the lock (a file that cannot be removed is cleaned later)."""
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError:
+            pass  # a read-only disk: the next open's clean_stale_locks removes it
         os.close(self.fd)
+
+
+def clean_stale_locks(locks_dir: Path) -> int:
+    """Remove the lock files (and child block counters) of runs whose process is gone; the number removed.
+
+    A killed process leaves its ``<run_id>.lock`` behind. A file nobody holds is taken, unlinked
+    while held, and released; a live run that opened it just before keeps retrying until it
+    holds a file that is still in place (:meth:`RunLock.acquire`), so live runs never lose theirs.
+    """
+    removed = 0
+    try:
+        entries = list(os.scandir(locks_dir))
+    except OSError:
+        return 0
+    for entry in entries:
+        if entry.name.endswith(".lock"):
+            try:
+                fd = os.open(entry.path, os.O_RDWR)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            try:
+                os.unlink(entry.path)
+                removed += 1
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+        elif entry.name.endswith(CHILD_BLOCKS_SUFFIX):
+            run_id = entry.name[: -len(CHILD_BLOCKS_SUFFIX)]
+            if not is_run_alive(locks_dir, run_id):
+                try:
+                    os.unlink(entry.path)
+                    removed += 1
+                except OSError:
+                    pass
+    return removed
+
+
+#: Loop contexts of forked children: ``[2**31, 2**32)`` in blocks of ``2**20``, one block per child
+#: that records (the parent counts from 1 up; the dataframe keys a context by 32 bits, pivot.py).
+CHILD_CTX_BASE = 2**31
+CHILD_CTX_BLOCK = 2**20
+CHILD_BLOCKS = (2**32 - CHILD_CTX_BASE) // CHILD_CTX_BLOCK
+#: Log seqs of child block ``k`` start at ``(k + 1) << CHILD_SEQ_SHIFT``; the parent's stay below.
+CHILD_SEQ_SHIFT = 40
+CHILD_BLOCKS_SUFFIX = ".children"
+
+
+def allocate_child_block(locks_dir: Path, run_id: str) -> int:
+    """The next unused child block of ``run_id``: a counter in ``.flor/locks/<run_id>.children``,
+    read and bumped under ``flock`` so that every process of the run (children of children too)
+    gets its own block.
+
+    :raises StoreError: when the run's children used every block, or the counter cannot be kept.
+    """
+    path = locks_dir / f"{run_id}{CHILD_BLOCKS_SUFFIX}"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise StoreError(f"Could not keep the child counter '{path}': {exc}.") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        raw = os.pread(fd, 32, 0).strip()
+        block = int(raw) if raw.isdigit() else 0
+        if block >= CHILD_BLOCKS:
+            raise StoreError(
+                f"Run '{run_id}' already has {CHILD_BLOCKS} forked children that record; this one records nothing."
+            )
+        os.pwrite(fd, f"{block + 1:>31}\n".encode(), 0)
+        return block
+    except OSError as exc:
+        raise StoreError(f"Could not keep the child counter '{path}': {exc}.") from exc
+    finally:
+        os.close(fd)
 
 
 def is_run_alive(locks_dir: Path, run_id: str) -> bool:
@@ -504,7 +603,7 @@ class Store:
             check_store_file(config.db_path)
             if not config.db_path.exists():
                 create_store_file(config.db_path, _build_store)
-            conn = connect(config.db_path)
+            conn = connect(config.db_path, busy_timeout_seconds(config))
             ensure_schema(conn)
         except sqlite3.Error as exc:
             if lock is not None:
@@ -520,6 +619,7 @@ class Store:
             raise StoreError(f"Could not open the store '{config.db_path}': {exc}.") from exc
         store = cls(config, conn, lock)
         store.mark_dead_runs()
+        clean_stale_locks(store.locks_dir)
         return store
 
     @classmethod

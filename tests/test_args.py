@@ -118,3 +118,9 @@ def test_flor_arg_reads_the_params_file_kwargs_first(project: Project) -> None:
     assert frame["lr"].tolist() == [0.01, 0.7, 0.2] and frame["train.epochs"].tolist() == [3, 3, 1]
     missing = project.run("train.py", "--params", "nope.yaml", check=False)
     assert missing.returncode != 0 and "Could not read the params file" in missing.stderr
+
+
+def test_a_kwargs_group_starting_with_a_bare_name_is_reported() -> None:
+    argv, malformed = ["s.py", "--kwargs", "lr", "0.5", "--kwargs", "b=1", "c"], []
+    assert consume_kwargs(argv, malformed) == {"b": "1"}
+    assert malformed == ["lr"] and argv == ["s.py", "lr", "0.5", "c"]  # the script's own args stay

@@ -8,6 +8,7 @@ import sqlite3
 import pytest
 
 import flordb_build as flor
+from flordb_build.errors import QueryError
 from tests.conftest import Project
 
 TRAIN = """
@@ -307,3 +308,35 @@ def test_journal_holds_every_logged_row(project: Project) -> None:
     assert "run" in entries[0] and "end" in entries[-1]
     logged = [log for entry in entries for log in entry.get("logs", [])]
     assert len(logged) == 3 + 6 + 2 + 1  # args, losses, val_accs, accuracy
+
+
+def test_kwargs_mistakes_are_named(project: Project) -> None:
+    project.write("train.py", "import flordb_build as flor\nprint(flor.arg('lr', 0.1), flor.arg('epochs', 3))\n")
+    no_equals = project.run("train.py", "--kwargs", "lr", "0.5")
+    assert "'lr' lacks '='" in no_equals.stderr and "--kwargs lr=VALUE" in no_equals.stderr
+    typo = project.run("train.py", "--kwargs", "lrr=0.5", "epochs=2")
+    assert typo.stdout.split() == ["0.1", "2"]
+    assert "'lrr' (did you mean 'lr'?) was never read" in typo.stderr and "epochs" not in typo.stderr
+    assert typo.stderr.count("FlorBuildWarning") == 1 and len(typo.stderr.strip().splitlines()) == 1, typo.stderr
+    assert "never read" not in project.run("train.py", "--kwargs", "lr=0.5").stderr
+
+
+def test_a_bad_kwargs_value_is_recorded_with_the_exit_code_it_exits_with(project: Project) -> None:
+    project.write("bad.py", "import flordb_build as flor\nflor.arg('epochs', 3)\n")
+    proc = project.run("bad.py", "--kwargs", "epochs=many", check=False)
+    assert proc.returncode == 1
+    assert rows(project, "SELECT status, exit_code FROM runs") == [("failed", 1)]
+
+
+def test_a_loop_name_of_one_script_and_a_value_name_of_another_are_never_mixed(project: Project) -> None:
+    project.write("a.py", "import flordb_build as flor\nfor epoch in flor.loop('epoch', range(3)):\n"
+                  "    flor.log('loss', 1.0 / (epoch + 1))\n")
+    project.write("b.py", "import flordb_build as flor\nflor.log('epoch', 7)\nflor.log('loss', 0.1)\n")
+    project.run("a.py")
+    project.run("b.py")
+    assert flor.dataframe("loss")["epoch"].tolist()[:3] == [0, 1, 2]
+    with pytest.raises(QueryError) as refused:
+        flor.dataframe("loss", "epoch")  # used to show <NA> for a.py's epochs: silently wrong
+    assert "'epoch' is a loop dimension in runs of a.py" in str(refused.value) and "b.py" in str(refused.value)
+    apart = flor.dataframe("loss", "epoch", where="filename = 'b.py'")
+    assert apart["epoch"].tolist() == [7]
