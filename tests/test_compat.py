@@ -281,7 +281,9 @@ def test_replay_takes_flordbs_positional_where_clause(tutorial: Project) -> None
     """
     plan = replay_cli(tutorial, "gradient_norm", "epochs = 2", "--dry-run")
     assert plan.returncode == 0, plan.stderr
-    assert "does not log" not in plan.stderr and plan.stdout.count("validation") == 1
+    # One run selected (the plan's first line), its placement listed once.
+    assert "does not log" not in plan.stderr and "replay gradient_norm: 1 run(s)" in plan.stdout
+    assert plan.stdout.count("(validation)") == 1
     done = replay_cli(tutorial, "gradient_norm", "epochs = 2", stdin="y\n")
     assert done.returncode == 0, done.stderr
     assert replayed("gradient_norm") == {2: [0.0, 0.15], 3: []}
@@ -299,7 +301,7 @@ def test_doit_replay_takes_flordbs_forms(tutorial: Project) -> None:
     tutorial.commit_all("configure doit")
     plan = replay_cli(tutorial, "gradient_norm", "--where", "epochs = 2", "--dry-run", module="doit")
     assert plan.returncode == 0, plan.stderr
-    assert plan.stdout.count("validation") == 1
+    assert "replay gradient_norm: 1 run(s)" in plan.stdout and plan.stdout.count("(validation)") == 1
     done = replay_cli(tutorial, "gradient_norm,weight", "epochs = 3", stdin="y\n", module="doit")
     assert done.returncode == 0, done.stderr
     assert replayed("gradient_norm") == {2: [], 3: [0.0, 0.15, 0.3]}
