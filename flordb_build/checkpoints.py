@@ -83,6 +83,8 @@ class CheckpointSettings:
     epsilon: float = DEFAULT_EPSILON
     budget_per_run: int | None = None
     budget_per_project: int | None = None
+    #: Checkpoint every Nth outer iteration regardless of timing (None: the adaptive rule).
+    every: int | None = None
 
 
 def load_settings(config: Config) -> CheckpointSettings:
@@ -91,6 +93,7 @@ def load_settings(config: Config) -> CheckpointSettings:
         epsilon=config.checkpoint_epsilon,
         budget_per_run=config.checkpoint_budget_per_run,
         budget_per_project=config.checkpoint_budget_per_project,
+        every=config.checkpoint_every,
     )
 
 
@@ -173,7 +176,7 @@ class Materializer:
         self.error: BaseException | None = None
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._pending = 0
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self._thread = threading.Thread(target=self._work, name="flordb_build-checkpoints", daemon=True)
         self._thread.start()
 
@@ -181,6 +184,11 @@ class Materializer:
     def pending(self) -> int:
         """Checkpoints queued or being written."""
         return self._pending
+
+    def wait_for_room(self, limit: int) -> None:
+        """Block until fewer than ``limit`` checkpoints are queued or being written."""
+        with self._lock:
+            self._lock.wait_for(lambda: self._pending < limit or not self._thread.is_alive())
 
     def submit(self, job: _Job) -> None:
         """Queue a checkpoint for writing."""
@@ -206,6 +214,7 @@ class Materializer:
             finally:
                 with self._lock:
                     self._pending -= 1
+                    self._lock.notify_all()
 
     def _write(self, job: _Job) -> None:
         from .state import serialize
@@ -259,6 +268,14 @@ class Checkpointer:
         self.compute_seconds += seconds
         # Two checkpoints still queued a whole iteration later means M was underestimated (or
         # the disk stalls): skip rather than hold a third copy of the state in memory.
+        every = self.settings.every
+        if every is not None:
+            # Fixed restore points, asked for in [tool.flordb_build]: wait for the writer rather than skip.
+            if self.iterations % every == 0:
+                if self._materializer is not None:
+                    self._materializer.wait_for_room(MAX_PENDING)
+                self.checkpoint(ctx_id, loop_name, index, seconds)
+            return
         busy = self._materializer is not None and self._materializer.pending >= MAX_PENDING
         if not busy and self.invariant.admits(
             self.iterations, self.checkpoints, self.compute_seconds, self.expected_materialize_seconds()

@@ -54,6 +54,8 @@ class Config:
     busy_timeout_seconds: float = DEFAULT_BUSY_TIMEOUT_SECONDS
     #: The tolerated fraction of training time spent checkpointing, in (0, 1].
     checkpoint_epsilon: float = DEFAULT_CHECKPOINT_EPSILON
+    #: Checkpoint every Nth outermost-loop iteration whatever the timing (None: adaptive, eq. 4.4).
+    checkpoint_every: int | None = None
     #: Checkpoint bytes ``flordb-build gc`` keeps per run / per project (None: no budget).
     checkpoint_budget_per_run: int | None = None
     checkpoint_budget_per_project: int | None = None
@@ -132,6 +134,12 @@ def _size(key: str, value: Any) -> int | None:
     return parse_size(value, key)
 
 
+def _positive_count(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"'{key}' in [tool.flordb_build] must be a whole number >= 1, got '{value}'.")
+    return value
+
+
 def _names(key: str, value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
         raise ConfigError(f"'{key}' in [tool.flordb_build] must be a list of variable names.")
@@ -194,6 +202,7 @@ SETTINGS: Mapping[str, Callable[[str, Any], Any]] = MappingProxyType({
         0, 1, low_open=True,
         what="a number in (0, 1] (the tolerated fraction of training time spent checkpointing)",
     ),
+    "checkpoint_every": _positive_count,
     "checkpoint_budget_per_run": _size,
     "checkpoint_budget_per_project": _size,
     "env_vars": _names,

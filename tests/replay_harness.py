@@ -58,7 +58,7 @@ GIT_ENV = {
 }
 # Every epoch checkpointed: the adaptive period would otherwise decide by timing which epochs a
 # validation scan restores, and the outcome of a case must not depend on the machine's load.
-PROJECT_PYPROJECT = "[tool.flordb_build]\ncheckpoint_epsilon = 1.0\n"
+PROJECT_PYPROJECT = "[tool.flordb_build]\ncheckpoint_every = 1\n"
 PROJECT_GITIGNORE = "*.pt\n__pycache__/\n"
 _FRAME_FIXED = frozenset({"projid", "run_id", "tstamp", "task", "filename"})
 _MARKER = re.compile(r"#\s*hindsight\s+(?P<depth>prefix|suffix|validation|range)(?:\s+(?P<group>\w+))?\s*$")

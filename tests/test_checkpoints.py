@@ -400,16 +400,24 @@ def test_sigkilled_run_leaves_consistent_checkpoints_and_timings(project: Any) -
     assert flor.query("SELECT status FROM runs WHERE run_id = ?", (run_id,))["status"].iloc[0] == "killed"
 
 
+def test_checkpoint_every_fixes_the_restore_points_whatever_the_timing(project: Any) -> None:
+    """``checkpoint_every = N``: iterations N-1, 2N-1, ... and the last one, however slow the writer is."""
+    _torch_project(project)
+    project.write("pyproject.toml", "[tool.flordb_build]\ncheckpoint_every = 2\n")
+    project.run("train.py", "--kwargs", "epochs=5", "pause=0")
+    assert sorted({r[1] for r in _checkpoints(project.root)}) == [1, 3, 4]
+
+
 def test_gc_applies_budgets_keeping_final_and_evenly_spaced_checkpoints(project: Any) -> None:
     _torch_project(project)
-    # epsilon 1: the invariant admits a checkpoint at every epoch, however busy the machine is
-    # (a tight epsilon makes the count depend on how fast this machine serializes the model).
-    project.write("pyproject.toml", "[tool.flordb_build]\ncheckpoint_epsilon = 1\n")
+    # Every epoch checkpointed whatever the timing (the adaptive rule would make the count depend
+    # on how fast this machine serializes the model).
+    project.write("pyproject.toml", "[tool.flordb_build]\ncheckpoint_every = 1\n")
     project.run("train.py", "--kwargs", "epochs=6", "pause=0.15")
     rows = _checkpoints(project.root)
     run_id = rows[0][0]
     its = sorted({r[1] for r in rows})
-    assert its[-1] == 5 and len(its) >= 4
+    assert its == [0, 1, 2, 3, 4, 5]
     per_checkpoint = sum(r[4] for r in rows if r[1] == 5)
     store = ObjectStore.for_config(load_config())
     orphan = store.put(b"left by a killed run").sha256
@@ -417,7 +425,7 @@ def test_gc_applies_budgets_keeping_final_and_evenly_spaced_checkpoints(project:
 
     project.write(
         "pyproject.toml",
-        f"[tool.flordb_build]\ncheckpoint_epsilon = 1\ncheckpoint_budget_per_run = {int(per_checkpoint * 2.5)}\n",
+        f"[tool.flordb_build]\ncheckpoint_every = 1\ncheckpoint_budget_per_run = {int(per_checkpoint * 2.5)}\n",
     )
     dry = project.cli("gc", "--dry-run")
     assert "would evict checkpoint of run" in dry.stdout and "would free" in dry.stdout
