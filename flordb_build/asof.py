@@ -24,7 +24,7 @@ import json
 import os
 import sqlite3
 
-from .runtime import REPLAY_ENV
+from .replaying import REPLAY_ENV
 
 #: Constant SQL, written out: the visible runs and the start time are rows of the TEMP tables
 #: ``as_of_runs`` and ``as_of`` (filled with bound parameters), never text in these statements.

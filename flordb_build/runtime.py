@@ -52,6 +52,7 @@ from .errors import ArgError, FlorBuildError, FlorBuildWarning, LogNameError, Sn
 from .interrupts import StopSignals, die_of, signal_name, signals_deferred
 from .journalfile import JournalFile
 from .redaction import redact_mapping, redact_value
+from .replaying import REPLAY_ENV
 from .store import (
     CHILD_CTX_BASE,
     CHILD_CTX_BLOCK,
@@ -85,8 +86,6 @@ _NATIVE = int(ValueKind.NATIVE)
 # The loop context of the code running now. A ContextVar (not a plain attribute) so that
 # threads of a web app each have their own `flor.iteration`.
 _CTX: ContextVar[int] = ContextVar("flordb_build_ctx", default=ROOT_CTX)
-#: Set by ``flordb-build replay`` in the processes it starts (JSON spec: hindsight/_model.py).
-REPLAY_ENV = "FLOR_REPLAY"
 
 #: ``runs.status`` of a run whose rows could not all be stored (``runs.error`` says how many, and why).
 STATUS_INCOMPLETE = "incomplete"

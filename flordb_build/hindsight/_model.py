@@ -13,7 +13,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from ..replay_options import DEFAULT_REL_TOL as DEFAULT_REL_TOL  # one value for every front end
-from ..runtime import REPLAY_ENV as REPLAY_ENV  # the variable that puts a script in replay mode
+from ..replaying import REPLAY_ENV as REPLAY_ENV  # the variable that puts a script in replay mode
 
 if TYPE_CHECKING:  # the rewrite package imports libcst; a replaying script never needs it
     from ..rewrite import NotPlaced, Placed, Position

@@ -21,7 +21,7 @@ from ..reader import reading, store_version
 from ..runlist import RunList, read_run_table, select_runs
 from ..store import Store
 from ..table import MISSING, format_cell
-from . import _pages
+from ._pages import build_compare_page, build_run_page, read_run_values, resolve_run_id, run_facts
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -114,16 +114,16 @@ def create_app(config: Config | None = None) -> Flask:
     @app.get("/run/<run_id>")
     def run(run_id: str) -> Any:
         with store() as st:
-            full = _pages.resolve_run_id(st, run_id)
-            page = _pages.build_run_page(st, full)
+            full = resolve_run_id(st, run_id)
+            page = build_run_page(st, full)
         return render_template("run.html", page=page, project=config.root)
 
     @app.get("/api/run/<run_id>/figures")
     def run_figures(run_id: str) -> Any:
         with store() as st:
-            full = _pages.resolve_run_id(st, run_id)
-            facts = _pages.run_facts(st, full)
-            values = _pages.read_run_values(st, full)
+            full = resolve_run_id(st, run_id)
+            facts = run_facts(st, full)
+            values = read_run_values(st, full)
         return jsonify({"status": facts["status"], "figures": values.figures})
 
     @app.get("/compare")
@@ -134,8 +134,8 @@ def create_app(config: Config | None = None) -> Flask:
         if not picked:
             raise ViewError("Pick runs to compare: tick them on the Runs page, or /compare?run=ID&run=ID.")
         with store() as st:
-            run_ids = list(dict.fromkeys(_pages.resolve_run_id(st, r) for r in picked))
-            page = _pages.build_compare_page(st, run_ids, request.args.get("name"))
+            run_ids = list(dict.fromkeys(resolve_run_id(st, r) for r in picked))
+            page = build_compare_page(st, run_ids, request.args.get("name"))
         return render_template("compare.html", page=page, project=config.root)
 
     @app.get("/pipelines")
