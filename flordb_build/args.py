@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -185,3 +186,19 @@ def infer_value(raw: str) -> Any:
         except json.JSONDecodeError:
             pass
     return raw
+
+
+def resolve_arg(name: str, default: Any, kwargs: dict[str, str], params: Callable[[], dict[str, Any]]) -> Any:
+    """``flor.arg(name, default)``: ``--kwargs name=...``, else the params file's value (``params()``
+    reads it, only when needed), each cast to ``default``'s type; else ``default``.
+
+    :raises ArgError: no value and no default, or a value that does not fit the default's type.
+    """
+    if name in kwargs:
+        return cast_arg(name, kwargs[name], default)
+    values = params()
+    if name in values:
+        return param_value(name, values[name], default)
+    if default is not None:
+        return default
+    raise ArgError(f"arg '{name}' has no default and no value; pass one with: --kwargs {name}=VALUE")

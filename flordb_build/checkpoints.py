@@ -52,6 +52,7 @@ from .errors import (
     CheckpointCorruptError,
     CheckpointError,
     CheckpointNotFoundError,
+    FlorBuildWarning,
     ObjectStoreError,
 )
 from .store import Store, connect, write_transaction
@@ -61,7 +62,7 @@ if TYPE_CHECKING:
     import queue
 
     from .objects import ObjectStore
-    from .runtime import Run
+    from .runtime import ActiveRun
     from .state import StateCopy
 
 DEFAULT_EPSILON = DEFAULT_CHECKPOINT_EPSILON
@@ -167,7 +168,7 @@ class _Job:
 class Materializer:
     """A background thread that serializes state copies and writes them to the object store."""
 
-    def __init__(self, run: Run, objects: ObjectStore) -> None:
+    def __init__(self, run: ActiveRun, objects: ObjectStore) -> None:
         import queue
 
         self.run = run
@@ -245,7 +246,7 @@ class Materializer:
 class Checkpointer:
     """The objects of one ``flor.checkpointing`` block and its checkpointing decisions."""
 
-    def __init__(self, run: Run, objects: Mapping[str, Any], settings: CheckpointSettings) -> None:
+    def __init__(self, run: ActiveRun, objects: Mapping[str, Any], settings: CheckpointSettings) -> None:
         from .state import check_checkpointable
 
         for name, obj in objects.items():
@@ -344,11 +345,11 @@ def checkpointing(**objects: Any) -> Iterator[None]:
     arrays and dicts/lists of them as themselves; anything else picklable with cloudpickle. On
     exit, waits until every checkpoint is written.
     """
-    from .runtime import _current
+    from .runtime import current_run
 
     if not objects:
         raise CheckpointError("flor.checkpointing needs the objects to checkpoint, e.g. flor.checkpointing(model=net, optimizer=opt).")
-    run = _current()
+    run = current_run()
     if run.checkpointer is not None:
         raise CheckpointError(
             "flor.checkpointing is already active in this run; pass all objects to one "
@@ -400,8 +401,14 @@ class RestoreResult:
     seconds: float = 0.0
 
 
-def _open_store(config: Config) -> Store:
-    store = Store.open_existing(config)
+def _open_store(config: Config, *, read_only: bool = False) -> Store:
+    """The project's store; ``read_only`` for lookups that must never change it (reader.py)."""
+    if read_only:
+        from .reader import open_read_only
+
+        store = open_read_only(config)
+    else:
+        store = Store.open_existing(config)
     if store is None:
         raise CheckpointNotFoundError(
             f"No store at '{config.db_path}': no run has recorded checkpoints in this project yet."
@@ -421,7 +428,7 @@ def checkpoint_records(store: Store, run_id: str) -> list[CheckpointRecord]:
 
 def checkpointed_iterations(run_id: str, loop_name: str | None = None, *, config: Config | None = None) -> list[int]:
     """The outer-loop iterations of ``run_id`` that have a checkpoint (of ``loop_name`` if given)."""
-    store = _open_store(config or load_config())
+    store = _open_store(config or load_config(), read_only=True)
     try:
         records = checkpoint_records(store, run_id)
     finally:
@@ -538,7 +545,7 @@ def _record_restore_time(store: Store, run_id: str, ctx_id: int, seconds: float)
                 (run_id, ctx_id, seconds),
             )
     except sqlite3.Error as exc:
-        warnings.warn(f"flordb_build: restore time of run '{run_id}' not recorded: {exc}", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"restore time of run '{run_id}' not recorded: {exc}", FlorBuildWarning, stacklevel=3)
 
 
 def _row_value(row: Any, key: str) -> Any:
@@ -573,7 +580,7 @@ def load_checkpoint(row: Any, /, *, map_location: Any = None, weights_only: bool
             f"got a {type(row).__name__}."
         )
     config = load_config()
-    store = _open_store(config)
+    store = _open_store(config, read_only=True)
     try:
         loop_names = sorted({r.loop_name for r in checkpoint_records(store, run_id)})
     finally:

@@ -1,4 +1,26 @@
-"""Appending to a run's journal (``.flor/runs/<run_id>.jsonl``) so that it only ever holds whole lines.
+"""The JSON-lines journals of runs and replays: their format, and appending whole lines only.
+
+This module is the one place that knows the format; runtime.py writes run journals through it,
+hindsight/_backfill.py writes replay journals, ``rebuild`` and replay read both back.
+
+A run journal (``.flor/runs/<run_id>.jsonl``, committed in the run's snapshot) is one JSON object
+per line::
+
+    {"run": {<the runs row as inserted: run_id, projid, tstamp, ...>}}          first
+    {"env": {"env_id": ..., "env": <JSON text>}}                                  when recorded
+    {"loops": [[ctx_id, parent_ctx, name, iteration, count, value], ...],        one per batch,
+     "logs": [[seq, ctx_id, name, value, kind], ...],                             in write order
+     "timings": [[ctx_id, kind, seconds], ...], "checkpoints": [[...], ...]}     (both optional)
+    {"end": {"status": ..., "exit_code": ..., "error": ..., "ended": ..., ...}}  last (none: killed)
+
+A replay journal (``.flor/replays/<run_id>.jsonl`` on the shadow branch, hindsight/_journal.py)
+holds a run's replayed state::
+
+    {"replay": {"run_id": ..., "names": [...], "tstamp": ...}}
+    {"loops": [[ctx_id, parent_ctx, name, iteration, count, value], ...]}
+    {"logs": [[seq, ctx_id, name, value, kind], ...]}
+
+Appending a run journal:
 
 The journal is what ``flordb-build rebuild`` recreates the store from, and rebuild reads a
 committed journal strictly: one torn line would make it unreadable. A write can stop half-way
@@ -17,8 +39,140 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+#: The batch kinds of a run journal's batch lines, in the order a batch entry lists them.
+BATCH_KINDS = ("loops", "logs", "timings", "checkpoints")
+
+
+def run_entry(row: dict[str, Any]) -> dict[str, Any]:
+    """The first line of a run journal: the run's row as inserted."""
+    return {"run": row}
+
+
+def env_entry(env_id: str, env: str) -> dict[str, Any]:
+    """The run's environment (environment.py's id and JSON text), so a rebuilt store has ``envs``."""
+    return {"env": {"env_id": env_id, "env": env}}
+
+
+def end_entry(end: dict[str, Any]) -> dict[str, Any]:
+    """The last line of a finished run's journal: the columns its end set (a killed run has none)."""
+    return {"end": end}
+
+
+def batch_entry(
+    loops: Sequence[Sequence[Any]], logs: Sequence[Sequence[Any]],
+    timings: Sequence[Sequence[Any]] = (), checkpoints: Sequence[Sequence[Any]] = (),
+) -> dict[str, Any]:
+    """The journal line of one written batch (``timings``/``checkpoints`` only when there are any)."""
+    entry: dict[str, Any] = {"loops": loops, "logs": logs}
+    if timings:
+        entry["timings"] = timings
+    if checkpoints:
+        entry["checkpoints"] = checkpoints
+    return entry
+
+
+@dataclass(frozen=True)
+class RunJournal:
+    """One run journal, parsed."""
+
+    run: dict[str, Any]
+    env: dict[str, Any] | None
+    end: dict[str, Any]
+    loops: list[list[Any]]
+    logs: list[list[Any]]
+    timings: list[list[Any]]
+    checkpoints: list[list[Any]]
+    skipped_lines: int = 0
+
+    @property
+    def run_id(self) -> str:
+        return str(self.run["run_id"])
+
+    @property
+    def loop_contexts(self) -> int:
+        """Loop iterations the journal holds (a ``loops`` row is a block of ``count`` iterations)."""
+        return sum(int(block[4]) for block in self.loops)
+
+
+def parse_run_journal(text: str, tolerant: bool) -> RunJournal:
+    """Parse a run journal; ``tolerant`` skips unreadable lines (a killed run's torn last line).
+
+    :raises ValueError: on an unreadable line (unless ``tolerant``) or when there is no run header.
+    """
+    run: dict[str, Any] | None = None
+    env: dict[str, Any] | None = None
+    end: dict[str, Any] = {}
+    batches: dict[str, list[list[Any]]] = {kind: [] for kind in BATCH_KINDS}
+    skipped = 0
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            if not isinstance(entry, dict):
+                raise ValueError(f"a journal line is not an object: {line[:80]!r}")
+        except ValueError:
+            if not tolerant:
+                raise
+            skipped += 1
+            continue
+        if "run" in entry:
+            run = entry["run"]
+        elif "env" in entry:
+            env = entry["env"]
+        elif "end" in entry:
+            end = entry["end"]
+        else:
+            for kind, rows in batches.items():
+                rows.extend(entry.get(kind, ()))
+    if not isinstance(run, dict) or not run.get("run_id"):
+        raise ValueError("it has no run header with a run_id")
+    return RunJournal(run, env, end, batches["loops"], batches["logs"], batches["timings"], batches["checkpoints"], skipped)
+
+
+@dataclass(frozen=True)
+class ReplayJournal:
+    """One replay journal, parsed: the run's replayed loop contexts and values."""
+
+    run_id: str
+    names: list[str]
+    loops: list[list[Any]]
+    logs: list[list[Any]]
+
+
+def replay_journal_text(
+    run_id: str, names: Sequence[str], loops: Sequence[Sequence[Any]], logs: Sequence[Sequence[Any]]
+) -> str:
+    """The journal of a run's replayed state: loop blocks and ``(seq, ctx_id, name, value, kind)`` rows."""
+    header = {"run_id": run_id, "names": list(names), "tstamp": time.time()}
+    lines = [{"replay": header}, {"loops": [list(row) for row in loops]}, {"logs": [list(row) for row in logs]}]
+    return "".join(json.dumps(line) + "\n" for line in lines)
+
+
+def parse_replay_journal(text: str) -> ReplayJournal:
+    """Parse a replay journal (committed whole: strict).
+
+    :raises ValueError: on an unreadable line or when there is no replay header.
+    """
+    header: dict[str, Any] = {}
+    loops: list[list[Any]] = []
+    logs: list[list[Any]] = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        entry = json.loads(line)
+        header = entry.get("replay", header)
+        loops.extend(entry.get("loops", ()))
+        logs.extend(entry.get("logs", ()))
+    if not header.get("run_id"):
+        raise ValueError("it has no replay header with a run_id")
+    return ReplayJournal(str(header["run_id"]), list(header.get("names", [])), loops, logs)
 
 
 class JournalFile:

@@ -20,14 +20,12 @@ rows, and in an order where a kill at any instant leaves a usable store, the old
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
 
 from . import history, snapshot
 from .config import Config
@@ -42,6 +40,7 @@ from .dag._journal import (
 )
 from .errors import FlorBuildError, RebuildError
 from .hindsight._journal import load_replay_journal, replays_dir_in_tree
+from .journalfile import RunJournal, parse_run_journal
 from .objects import ObjectStore
 from .store import (
     BUSY_TIMEOUT_MS,
@@ -89,29 +88,6 @@ class RebuildResult:
     pipelines: int = 0
     tasks: int = 0
     notes: tuple[str, ...] = field(default_factory=tuple)
-
-
-@dataclass(frozen=True)
-class RunJournal:
-    """One run journal, parsed."""
-
-    run: dict[str, Any]
-    env: dict[str, Any] | None
-    end: dict[str, Any]
-    loops: list[list[Any]]
-    logs: list[list[Any]]
-    timings: list[list[Any]]
-    checkpoints: list[list[Any]]
-    skipped_lines: int = 0
-
-    @property
-    def run_id(self) -> str:
-        return str(self.run["run_id"])
-
-    @property
-    def loop_contexts(self) -> int:
-        """Loop iterations the journal holds (a ``loops`` row is a block of ``count`` iterations)."""
-        return sum(int(block[4]) for block in self.loops)
 
 
 def rebuild_store(config: Config, wait: bool = False) -> RebuildResult:
@@ -334,42 +310,6 @@ def _journal_unjournaled_pipelines(config: Config, has_shadow: bool) -> list[str
 
 
 # -- run journals --------------------------------------------------------------------------
-
-
-def parse_run_journal(text: str, tolerant: bool) -> RunJournal:
-    """Parse a run journal; ``tolerant`` skips unreadable lines (a killed run's torn last line).
-
-    :raises ValueError: on an unreadable line (unless ``tolerant``) or when there is no run header.
-    """
-    run: dict[str, Any] | None = None
-    env: dict[str, Any] | None = None
-    end: dict[str, Any] = {}
-    batches: dict[str, list[list[Any]]] = {"loops": [], "logs": [], "timings": [], "checkpoints": []}
-    skipped = 0
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-            if not isinstance(entry, dict):
-                raise ValueError(f"a journal line is not an object: {line[:80]!r}")
-        except ValueError:
-            if not tolerant:
-                raise
-            skipped += 1
-            continue
-        if "run" in entry:
-            run = entry["run"]
-        elif "env" in entry:
-            env = entry["env"]
-        elif "end" in entry:
-            end = entry["end"]
-        else:
-            for kind, rows in batches.items():
-                rows.extend(entry.get(kind, ()))
-    if not isinstance(run, dict) or not run.get("run_id"):
-        raise ValueError("it has no run header with a run_id")
-    return RunJournal(run, env, end, batches["loops"], batches["logs"], batches["timings"], batches["checkpoints"], skipped)
 
 
 def insert_run_journal(conn: sqlite3.Connection, journal: RunJournal, commit: str | None, objects: ObjectStore | None) -> None:

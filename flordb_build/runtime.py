@@ -38,21 +38,30 @@ import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from .args import cast_arg, consume_kwargs, consume_params, kwargs_never_read, param_value, read_params
+from .args import consume_kwargs, consume_params, kwargs_never_read, read_params, resolve_arg
 from .config import Config, load_config
-from .errors import ArgError, FlorBuildError, FlorBuildWarning, LogNameError, SnapshotError, StoreError
+from .errors import ArgError, FlorBuildError, FlorBuildWarning, SnapshotError, StoreError
 from .interrupts import StopSignals, die_of, signal_name, signals_deferred
-from .journalfile import JournalFile
+from .journalfile import JournalFile, batch_entry, end_entry, env_entry, run_entry
+from .recorder import (
+    LOOP_CONTEXT,
+    RESERVED_NAMES,
+    RETRY_FIRST_SECONDS,
+    RETRY_MAX_SECONDS,
+    ROOT_CTX,
+    Flusher,
+    Recorder,
+    check_name,
+    warn,
+)
 from .redaction import redact_mapping, redact_value
-from .replaying import REPLAY_ENV
 from .store import (
     CHILD_CTX_BASE,
     CHILD_CTX_BLOCK,
@@ -63,29 +72,16 @@ from .store import (
     coalesce_loops,
     now_tstamp,
 )
-from .values import (
-    INT64_MAX,
-    INT64_MIN,
-    ValueKind,
-    encode_value_noting,
-    simple_loop_value,
-    storable_loop_value,
-)
+from .values import simple_loop_value, storable_loop_value
 
 if TYPE_CHECKING:
-    from . import snapshot
-    from .checkpoints import Checkpointer
+    from .snapshot import CodeState
 
 T = TypeVar("T")
 
-ROOT_CTX = 0
-#: Dimension columns of every dataframe; a logged name may not reuse them.
-RESERVED_NAMES = frozenset({"projid", "run_id", "tstamp", "task", "filename"})
-_NATIVE = int(ValueKind.NATIVE)
+__all__ = ["RESERVED_NAMES", "ROOT_CTX", "check_name", "warn"]  # re-exported from recorder.py
 
-# The loop context of the code running now. A ContextVar (not a plain attribute) so that
-# threads of a web app each have their own `flor.iteration`.
-_CTX: ContextVar[int] = ContextVar("flordb_build_ctx", default=ROOT_CTX)
+_CTX = LOOP_CONTEXT
 
 #: ``runs.status`` of a run whose rows could not all be stored (``runs.error`` says how many, and why).
 STATUS_INCOMPLETE = "incomplete"
@@ -94,8 +90,6 @@ STATUS_INTERRUPTED = "interrupted"
 #: How long the end of a run keeps retrying writes the store refuses for now (a full disk, a
 #: lock held past the busy timeout) before it marks the run incomplete.
 CLOSE_RETRY_SECONDS = 30.0
-_RETRY_FIRST_SECONDS = 0.05
-_RETRY_MAX_SECONDS = 2.0
 #: Failed attempts after which a batch SQLite refuses for a reason that is not "cannot write now"
 #: (a bug, not a full disk) is left to the journal alone, so that later batches get through.
 _MAX_REFUSALS = 3
@@ -106,24 +100,8 @@ _TRANSIENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EAGA
 _INHERITED: list[Any] = []
 
 
-class NoChangeContextWarning(UserWarning):
+class NoChangeContextWarning(FlorBuildWarning):
     """The project is not inside a git repository, so runs get no snapshot commit."""
-
-
-def warn(message: str, stacklevel: int | None = 2) -> None:
-    """One FlorBuildWarning; never raises, even where warnings are turned into errors (``log()``
-    must not fail because of a value, and the end of a run must finish).
-
-    ``stacklevel=None`` (the end of a run, where no line of the script is to blame) names no
-    source line, so the warning is one line on stderr.
-    """
-    try:
-        if stacklevel is None:
-            warnings.warn_explicit(message, FlorBuildWarning, "flordb_build", 0, module="flordb_build")
-        else:
-            warnings.warn(message, FlorBuildWarning, stacklevel=stacklevel + 1)
-    except Warning:
-        pass
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -155,15 +133,54 @@ class Batch:
         return len(self.loops) + len(self.logs) + len(self.timings) + len(self.checkpoints)
 
     def journal_entry(self) -> dict[str, Any]:
-        entry: dict[str, Any] = {"loops": self.loops, "logs": self.logs}
-        if self.timings:
-            entry["timings"] = self.timings
-        if self.checkpoints:
-            entry["checkpoints"] = self.checkpoints
-        return entry
+        return batch_entry(self.loops, self.logs, self.timings, self.checkpoints)
 
 
-class Run:
+class LoopObserver(Protocol):
+    """What the outermost ``flor.loop`` of a run tells at its boundaries (checkpoints.py's
+    Checkpointer registers as one on ``run.checkpointer``)."""
+
+    objects: dict[str, Any]
+
+    def end_iteration(self, ctx_id: int, loop_name: str, index: int, seconds: float) -> None:
+        """An outermost iteration ended (its rows are queued)."""
+
+    def end_loop(self, ctx_id: int, loop_name: str, index: int, seconds: float) -> None:
+        """The outermost loop ended after iteration ``index``."""
+
+    def close(self, *, raise_errors: bool = True) -> None:
+        """The run ends inside the observer's scope: finish what it writes."""
+
+
+class ActiveRun(Protocol):
+    """The process's current run as the module functions and :class:`Session` use it: a recorded
+    :class:`Run`, or a run that another layer starts through :meth:`Session.use_run_starter`
+    (replay mode, hindsight/_mode.py)."""
+
+    run_id: str
+    config: Config
+    filename: str
+    args: dict[str, Any]
+    args_asked: set[str]
+    failure: tuple[str, int] | None
+    interrupted: bool
+    checkpointer: LoopObserver | None
+
+    def log(self, name: str, value: T) -> T: ...
+    def arg(self, name: str, default: Any = None) -> Any: ...
+    def loop(self, name: str, iterable: Iterable[T]) -> Iterator[T]: ...
+    def iteration(self, name: str, index: int | None = None, value: Any = None) -> Any: ...
+    def queue_checkpoint_rows(self, rows: Iterable[tuple[Any, ...]]) -> None: ...
+    def flush(self) -> None: ...
+    def close(self, status: str = "ok", exit_code: int = 0, error: str | None = None) -> None: ...
+    def abandon_in_child(self) -> None: ...
+
+
+#: Starts the process's run in place of a recorded one (replay mode): called with the --kwargs.
+RunStarter = Callable[[dict[str, str]], ActiveRun]
+
+
+class Run(Recorder):
     """One recorded run: from its first recording call to ``commit()`` or process exit."""
 
     def __init__(
@@ -172,10 +189,11 @@ class Run:
         store: Store,
         run_id: str,
         kwargs: dict[str, str],
-        code: snapshot.CodeState | None,
+        code: CodeState | None,
         filename: str,
         task: str | None,
     ) -> None:
+        super().__init__()
         self.config = config
         self.store = store
         self.run_id = run_id
@@ -188,16 +206,10 @@ class Run:
         self.args_asked: set[str] = set()  # names flor.arg asked for (read or refused)
         self.started = time.time()
         self.failure: tuple[str, int] | None = None
-        self._logs: deque[tuple[Any, ...]] = deque()
-        self._loops: deque[tuple[Any, ...]] = deque()
-        self._seq = itertools.count()
-        self._ctx_ids = itertools.count(ROOT_CTX + 1)
-        self._value_names: set[str] = set()
-        self._loop_names: set[str] = set()
         self._driven_indexes: dict[tuple[int, str], itertools.count[int]] = {}
         self._flush_lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
+        self._flusher = Flusher(self.flush, config.flush_seconds, self._note_write_failure)
+        self._wake = self._flusher.wake  # set at loop boundaries: hand the rows over now
         self._closed = False
         # Set by Ctrl-C, SIGTERM or SIGHUP (Session.interrupt): the run ends 'interrupted'.
         self.interrupted = False
@@ -208,14 +220,12 @@ class Run:
         self._last_write_error: BaseException | None = None
         self._rows_not_stored = 0
         self._rows_not_journaled = 0
-        self._unstorable_names: set[str] = set()
         self._journal_path = config.runs_dir / f"{run_id}.jsonl"
         self._journal: JournalFile | None = None
         self._lock: RunLock | None = None
         # Outermost loops time their iterations (timings rows at the root context); a forked
         # child's loops do not, as the parent's root timings are the parent's.
         self._times_loops = True
-        self._thread = threading.Thread(target=self._flush_periodically, name="flordb_build-flusher", daemon=True)
         # Timings and checkpoints (checkpoints.py). Timing rows are queued at outermost-loop
         # boundaries only, checkpoint rows by the materializer thread once their objects exist;
         # the flusher writes both in the same transactions as the loops and logs, so a killed
@@ -227,7 +237,7 @@ class Run:
         #   iteration  one outermost iteration          inner  its nested loops' wall time
         #   between    gaps between outermost loops      suffix last outermost loop -> close
         #   restore    restoring that iteration's checkpoint (written by checkpoints.py)
-        self.checkpointer: Checkpointer | None = None
+        self.checkpointer: LoopObserver | None = None
         self._t0 = time.perf_counter()
         self._timings: deque[tuple[int, str, float]] = deque()
         self._checkpoint_rows: deque[tuple[Any, ...]] = deque()
@@ -239,49 +249,20 @@ class Run:
 
     # -- recording ----------------------------------------------------------------------------
 
-    def log(self, name: str, value: T) -> T:
-        """Queue ``value`` under ``name`` in the current loop context; return ``value``."""
-        if name not in self._value_names:
-            self._admit_value_name(name)
-        kind = type(value)
-        # Stored as is: floats, ASCII text, ints SQLite holds. Anything else is encoded (values.py).
-        if (
-            kind is float
-            or (kind is str and value.isascii())  # type: ignore[attr-defined]
-            or (kind is int and INT64_MIN <= value <= INT64_MAX)  # type: ignore[operator]
-        ):
-            self._logs.append((next(self._seq), _CTX.get(), name, value, _NATIVE))
-        else:
-            stored, value_kind, note = encode_value_noting(value)
-            if note is not None and name not in self._unstorable_names:
-                self._unstorable_names.add(name)
-                warn(f"flor.log('{name}'): {note}; later such values of '{name}' are stored alike.", stacklevel=3)
-            self._logs.append((next(self._seq), _CTX.get(), name, stored, int(value_kind)))
-        return value
+    # log() is Recorder.log: the hot path, unchanged by what a run adds around it.
 
     def arg(self, name: str, default: Any = None) -> Any:
         """``--kwargs name=...``, else the params file's value, cast to ``default``'s type; else ``default``.
 
         The order is args.py's (its module docstring).
+
+        :raises ArgError: no value and no default, or a value that does not fit the default's type
+            (uncaught, the script ends with that one line: Session's excepthook).
         """
         self.args_asked.add(name)
         if name in self.args:
             return self.args[name]
-        params = self._params() if name not in self.kwargs else {}
-        if name in self.kwargs:
-            try:
-                value = cast_arg(name, self.kwargs[name], default)
-            except ArgError as exc:
-                _refuse_arg(self, exc)
-        elif name in params:
-            try:
-                value = param_value(name, params[name], default)
-            except ArgError as exc:
-                _refuse_arg(self, exc)
-        elif default is not None:
-            value = default
-        else:
-            _refuse_arg(self, ArgError(f"arg '{name}' has no default and no value; pass one with: --kwargs {name}=VALUE"))
+        value = resolve_arg(name, default, self.kwargs, self._params)
         self.args[name] = value
         token = _CTX.set(ROOT_CTX)  # args describe the whole run, wherever they are read
         try:
@@ -293,16 +274,13 @@ class Run:
     def _params(self) -> dict[str, Any]:
         """The params file's values (``--params FILE``, else ``[tool.flordb_build] params``), read once."""
         if self._param_values is None:
-            path = PARAMS_FILE or (str(self.config.root / self.config.params) if self.config.params else None)
-            try:
-                self._param_values = read_params(Path(path)) if path else {}
-            except ArgError as exc:
-                _refuse_arg(self, exc)
+            path = params_file(self.config)
+            self._param_values = read_params(path) if path else {}
         return self._param_values
 
     def loop(self, name: str, iterable: Iterable[T]) -> Iterator[T]:
         """Yield from ``iterable`` lazily, each element inside a new ``name`` loop context."""
-        self._admit_loop_name(name)
+        self.admit_loop_name(name)
         parent = _CTX.get()
         if parent == ROOT_CTX and self._times_loops:
             yield from self._loop_outermost(name, iterable)
@@ -374,7 +352,7 @@ class Run:
     @contextmanager
     def iteration(self, name: str, index: int | None = None, value: Any = None) -> Iterator[int]:
         """One iteration of a loop the caller drives (one web request, one document)."""
-        self._admit_loop_name(name)
+        self.admit_loop_name(name)
         parent = _CTX.get()
         if index is None:
             counter = self._driven_indexes.setdefault((parent, name), itertools.count())
@@ -388,25 +366,6 @@ class Run:
         finally:
             _CTX.reset(token)
             self._wake.set()
-
-    def _admit_value_name(self, name: str) -> None:
-        check_name(name, "flor.log")
-        if name in self._loop_names or (name.endswith("_value") and name[: -len("_value")] in self._loop_names):
-            raise LogNameError(
-                f"flor.log name '{name}' collides with the loop dimension of the same name; "
-                "rename the logged value."
-            )
-        self._value_names.add(name)
-
-    def _admit_loop_name(self, name: str) -> None:
-        if name in self._loop_names:
-            return
-        check_name(name, "flor.loop")
-        if name in self._value_names:
-            raise LogNameError(
-                f"flor.loop name '{name}' is already a logged value in this run; rename the loop or the value."
-            )
-        self._loop_names.add(name)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -436,10 +395,10 @@ class Run:
         row["tstamp"] = self.store.insert_run(row)
         keep_reserve(self.config.flor_dir)
         self._journal = JournalFile.open(self._journal_path)
-        self._journal.append({"run": row})
+        self._journal.append(run_entry(row))
         if env:  # the snapshot keeps the environment too, so a rebuilt store can restore `envs`
-            self._journal.append({"env": {"env_id": env[0], "env": env[1]}})
-        self._thread.start()
+            self._journal.append(env_entry(*env))
+        self._flusher.start()
 
     def _record_environment(self) -> tuple[str, str] | None:
         """``(env_id, JSON)`` of this process's environment (environment.py); None if it cannot be stored."""
@@ -448,24 +407,8 @@ class Run:
         try:
             return record_environment(self.store)
         except (FlorBuildError, OSError, sqlite3.Error) as exc:
-            print(f"flordb_build: run {self.run_id} recorded without its environment: {exc}", file=sys.stderr)
+            warn(f"run {self.run_id} recorded without its environment: {exc}", stacklevel=None)
             return None
-
-    def _flush_periodically(self) -> None:
-        delay = 0.0  # while writes fail: the backoff before the next try
-        while not self._stop.is_set():
-            if delay:
-                self._stop.wait(delay)  # loop boundaries do not hurry a retry
-            else:
-                self._wake.wait(self.config.flush_seconds)
-            self._wake.clear()
-            try:
-                self.flush()
-            except Exception as exc:  # noqa: BLE001 - the batch stays pending; retry after a pause
-                self._note_write_failure(exc)
-                delay = min(delay * 2, _RETRY_MAX_SECONDS) if delay else _RETRY_FIRST_SECONDS
-            else:
-                delay = 0.0
 
     def _note_write_failure(self, exc: BaseException) -> None:
         self.write_failures += 1
@@ -540,7 +483,7 @@ class Run:
         """The last flush: retried with backoff while the store refuses writes for now, up to
         :data:`CLOSE_RETRY_SECONDS`; what is still unwritten then is counted, not lost silently."""
         deadline = time.monotonic() + CLOSE_RETRY_SECONDS
-        delay = _RETRY_FIRST_SECONDS
+        delay = RETRY_FIRST_SECONDS
         while True:
             try:
                 self.flush()
@@ -554,7 +497,7 @@ class Run:
                     break
                 if transient:
                     time.sleep(delay)
-                    delay = min(delay * 2, _RETRY_MAX_SECONDS)
+                    delay = min(delay * 2, RETRY_MAX_SECONDS)
         with self._flush_lock:  # give up: journal what the journal still takes, count the rest
             batches = [b for b in (self._pending, self._take_batch()) if b is not None]
             self._pending = None
@@ -598,12 +541,9 @@ class Run:
             try:
                 checkpointer.close()
             except FlorBuildError as exc:
-                print(f"flordb_build: run {self.run_id}: {exc}", file=sys.stderr)
+                warn(f"run {self.run_id}: {exc}", stacklevel=None)
         self._queue_closing_timings()
-        self._stop.set()
-        self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join()
+        self._flusher.stop()
         self._flush_before_end()
         note = self._unrecorded_note()
         if note is not None:
@@ -627,7 +567,7 @@ class Run:
             unmarked = f"its end (status '{status}') could not be written to the store ({exc})"
         if self._journal is not None:
             try:
-                self._journal.append({"end": end})
+                self._journal.append(end_entry(end))
             except OSError as exc:
                 unmarked = unmarked or f"its end could not be written to the journal ({exc})"
             self._journal.close()
@@ -653,24 +593,24 @@ class Run:
 
     def _commit_snapshot(self) -> None:
         assert self.code is not None
-        from . import snapshot  # git plumbing loads only when a run ends
+        from .snapshot import commit_snapshot, snapshot_message  # git plumbing loads only when a run ends
 
-        message = snapshot.snapshot_message(self.run_id, self.filename, self.task, self.args)
+        message = snapshot_message(self.run_id, self.filename, self.task, self.args)
         in_tree = self._journal_path.relative_to(self.config.root).as_posix()
         try:
-            commit = snapshot.commit_snapshot(
+            commit = commit_snapshot(
                 self.config.root, self.code.code_tree, self._journal_path, in_tree, message
             )
         except SnapshotError as exc:
-            print(f"flordb_build: run {self.run_id} recorded without a snapshot commit: {exc}", file=sys.stderr)
+            warn(f"run {self.run_id} recorded without a snapshot commit: {exc}", stacklevel=None)
             return
         try:
             self.store.update_run(self.run_id, snapshot=commit)
         except sqlite3.Error as exc:
-            print(
-                f"flordb_build: run {self.run_id}: its snapshot commit {commit[:12]} could not be written to the "
+            warn(
+                f"run {self.run_id}: its snapshot commit {commit[:12]} could not be written to the "
                 f"store ({exc}); 'flordb-build rebuild' recovers it.",
-                file=sys.stderr,
+                stacklevel=None,
             )
 
     def abandon_in_child(self) -> None:
@@ -737,7 +677,7 @@ class UnrecordedRun(Run):
     def begin(self) -> None:
         """Start the flusher only: it drops what is queued (nowhere to keep it, and memory must
         not grow for the whole run)."""
-        self._thread.start()
+        self._flusher.start()
 
     def flush(self) -> None:
         """Drop what was queued."""
@@ -749,10 +689,7 @@ class UnrecordedRun(Run):
         if self._closed:
             return
         self._closed = True
-        self._stop.set()
-        self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join()
+        self._flusher.stop()
 
     def abandon_in_child(self) -> None:
         """Nothing inherited to protect: the child goes on unrecorded too."""
@@ -774,28 +711,23 @@ class ForkedRun(Run):
             parent.config, Store.open(parent.config), parent.run_id, parent.kwargs, None, parent.filename, parent.task
         )
         run.args = dict(parent.args)  # read once by the parent: the child gets them, no new rows
-        run._value_names = set(parent._value_names)
-        run._loop_names = set(parent._loop_names)
+        run.adopt_names(parent)
         run._times_loops = False
         return run
 
     def begin(self) -> None:
         """Take a child block, open the journal, start the flusher."""
         block = allocate_child_block(self.config.flor_dir / "locks", self.run_id)
-        self._ctx_ids = itertools.count(CHILD_CTX_BASE + block * CHILD_CTX_BLOCK)
-        self._seq = itertools.count((block + 1) << CHILD_SEQ_SHIFT)
+        self.restart_ids(seq_start=(block + 1) << CHILD_SEQ_SHIFT, ctx_start=CHILD_CTX_BASE + block * CHILD_CTX_BLOCK)
         self._journal = JournalFile.open(self._journal_path)
-        self._thread.start()
+        self._flusher.start()
 
     def close(self, status: str = "ok", exit_code: int = 0, error: str | None = None) -> None:
         """Flush what the child logged (the parent's run is the parent's to end)."""
         if self._closed:
             return
         self._closed = True
-        self._stop.set()
-        self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join()
+        self._flusher.stop()
         self._flush_before_end()
         note = self._unrecorded_note()
         if note is not None:
@@ -809,31 +741,17 @@ class ForkedRun(Run):
 
 
 
-def _refuse_arg(run: Run, error: ArgError) -> NoReturn:
-    """A script exits with one line; a notebook gets the ArgError (exiting would kill its kernel)."""
-    from .notebook import in_notebook
-
-    if in_notebook():
-        raise error
-    run.failure = (str(error), 1)  # the status SystemExit with a message exits with
-    raise SystemExit(f"flordb_build: {error}") from None
+def params_file(config: Config) -> Path | None:
+    """The params file flor.arg reads: ``--params FILE``, else ``[tool.flordb_build] params``."""
+    if PARAMS_FILE:
+        return Path(PARAMS_FILE)
+    return config.root / config.params if config.params else None
 
 
 def gethostname() -> str:
     import socket
 
     return socket.gethostname()
-
-
-def check_name(name: object, caller: str) -> None:
-    """Refuse names that are not text or that collide with the dimension columns."""
-    if not isinstance(name, str) or not name or "\x00" in name:
-        raise LogNameError(f"{caller} needs a non-empty string name, got {name!r}.")
-    if name in RESERVED_NAMES:
-        raise LogNameError(
-            f"{caller} name '{name}' collides with the dimension column '{name}' of every dataframe; "
-            "pick another name."
-        )
 
 
 def process_age() -> float:
@@ -872,7 +790,9 @@ class Session:
     def __init__(self, kwargs: dict[str, str], malformed: list[str] | None = None) -> None:
         self.kwargs = kwargs
         self.malformed_kwargs = malformed or []
-        self.run: Run | None = None
+        self.run: ActiveRun | None = None
+        #: Starts the process's run in place of a recorded one (use_run_starter); None: record.
+        self._run_starter: RunStarter | None = None
         self._hooks_installed = False
         self._warned_no_git = False
         self._start_lock = threading.Lock()
@@ -886,25 +806,35 @@ class Session:
         self._in_exit = False
         self._stop_signals = StopSignals(self.interrupt)
 
-    def start(self) -> Run:
+    def use_run_starter(self, starter: RunStarter) -> None:
+        """Let ``starter`` make this process's run instead of a recorded :class:`Run`.
+
+        The seam replay mode uses: ``python -m flordb_build.hindsight.child script.py`` installs
+        its starter before the script runs (hindsight/child.py), so the script's ``flor`` calls
+        replay the recorded run. An ordinary process never calls this, and recording never looks
+        at replay.
+        """
+        with self._start_lock:
+            if self.run is not None:
+                raise FlorBuildError("the run starter must be installed before the process's run starts")
+            self._run_starter = starter
+
+    def start(self) -> ActiveRun:
         """Open a run now (called by the first recording call)."""
         with self._start_lock:
             if self.run is not None:
                 return self.run
-            # Before the snapshot capture: a replay captures nothing, so its prefix must not count it.
-            startup = process_age()
-            if os.environ.get(REPLAY_ENV):
-                # `flordb-build replay` started this process on a recorded version: replay mode
-                # (flordb_build/hindsight/_mode.py) writes into the original run instead of a new one.
-                from .hindsight._mode import start_replay_run
-
-                replay_run = start_replay_run(self.kwargs)
+            if self._run_starter is not None:
+                started = self._run_starter(self.kwargs)
                 self._install_hooks()
-                self.run = replay_run
-                return replay_run
+                self.run = started
+                return started
+            # Before the snapshot capture, which the recorded startup must not count.
+            startup = process_age()
             forked = os.getpid() != self._pid
+            run: Run
             if forked and self._forked_from is not None:
-                run: Run = self._start_forked(self._forked_from)
+                run = self._start_forked(self._forked_from)
             else:
                 run = self._start_new(startup, forked)
             self._install_hooks()
@@ -930,9 +860,9 @@ class Session:
             return self._unrecorded(config, exc)
         code = None
         if config.in_git and not forked:  # a forked child never pays for (or makes) a snapshot
-            from . import snapshot
+            from .snapshot import capture_code
 
-            code = snapshot.capture_code(config.root)
+            code = capture_code(config.root)
         elif not config.in_git and not self._warned_no_git:
             self._warned_no_git = True
             warnings.warn(
@@ -1041,7 +971,7 @@ class Session:
         try:
             self.commit()
         except FlorBuildError as exc:
-            print(f"flordb_build: could not close the run: {exc}", file=sys.stderr)
+            warn(f"could not close the run: {exc}", stacklevel=None)
         self._warn_unread_kwargs()
         if self._exit_signal is not None and os.getpid() == self._pid:
             die_of(self._exit_signal)  # after the close: the parent sees the signal's status
@@ -1065,7 +995,7 @@ class Session:
             self.run = inherited  # nothing to protect: the child goes on unrecorded too
         elif inherited is not None:
             inherited.abandon_in_child()
-            if type(inherited) in (Run, ForkedRun):  # not a replay: that writes through its driver
+            if isinstance(inherited, Run):  # not a replay run: that writes through its driver
                 self._forked_from = inherited
         # A child that does not record dies of SIGTERM as it did before it had our handler.
         self._stop_signals.restore()
@@ -1081,6 +1011,9 @@ class Session:
             exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None
         ) -> None:
             self.record_failure(exc_type, exc)
+            if issubclass(exc_type, ArgError):  # the script's command line is wrong: one line says how
+                print(f"flordb_build: {exc}", file=sys.stderr)
+                return
             previous_hook(exc_type, exc, tb)
 
         sys.excepthook = excepthook
@@ -1100,8 +1033,10 @@ PARAMS_FILE: str | None = os.path.abspath(_GIVEN_PARAMS) if _GIVEN_PARAMS else N
 ARGV_AFTER_KWARGS: list[str] = list(_ARGV)
 
 
-def _current() -> Run:
+def current_run() -> ActiveRun:
+    """The process's run, started now if no recording call has started it yet."""
     return SESSION.run or SESSION.start()
+
 
 
 def log(name: str, value: T) -> T:
@@ -1114,13 +1049,13 @@ def log(name: str, value: T) -> T:
 
 def arg(name: str, default: T | None = None) -> T:
     """A hyperparameter: ``--kwargs name=value`` cast to the default's type, else the default."""
-    value: T = _current().arg(name, default)
+    value: T = current_run().arg(name, default)
     return value
 
 
 def loop(name: str, iterable: Iterable[T]) -> Iterator[T]:
     """A named, nestable, lazy loop dimension over ``iterable`` (0-based iteration index)."""
-    return _current().loop(name, iterable)
+    return current_run().loop(name, iterable)
 
 
 def iteration(name: str, index: int | None = None, value: Any = None, *, idx: int | None = None) -> Any:
@@ -1136,7 +1071,7 @@ def iteration(name: str, index: int | None = None, value: Any = None, *, idx: in
                 f"flor.iteration('{name}') got both index={index!r} and idx={idx!r}; pass one of them."
             )
         index = idx
-    return _current().iteration(name, index, value)
+    return current_run().iteration(name, index, value)
 
 
 def commit() -> None:

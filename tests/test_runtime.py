@@ -211,6 +211,25 @@ def test_missing_arg_exits_with_one_clear_line(project: Project) -> None:
     assert rows(project, "SELECT status FROM runs") == [("failed",)]
 
 
+def test_a_script_can_catch_an_arg_it_cannot_have(project: Project) -> None:
+    """flor.arg raises ArgError (library code never exits the process); uncaught, it is one line."""
+    project.write(
+        "catches.py",
+        """
+        import flordb_build as flor
+        from flordb_build.errors import ArgError
+        try:
+            flor.arg('epochs', 3)
+        except ArgError as exc:
+            print('caught:', exc)
+        flor.log('after', 1)
+        """,
+    )
+    proc = project.run("catches.py", "--kwargs", "epochs=many")
+    assert proc.stdout.startswith("caught:") and "'many'" in proc.stdout
+    assert rows(project, "SELECT status FROM runs") == [("ok",)]
+
+
 def test_bad_arg_value_exits_with_one_clear_line(project: Project) -> None:
     project.write("bad.py", "import flordb_build as flor\nflor.arg('epochs', 3)\n")
     proc = project.run("bad.py", "--kwargs", "epochs=many", check=False)

@@ -36,11 +36,11 @@ from pathlib import Path
 
 from ..config import Config
 from ..errors import SnapshotError, StoreError
+from ..journalfile import replay_journal_text
 from ..store import Store
 from ._journal import (
     commit_replay_journal,
     ensure_journal_table,
-    journal_text,
     load_replay_journal,
     newest_journal_commit,
     read_replay_journal,
@@ -158,7 +158,7 @@ class Backfill:
             pause_for_tests(FinishStep.INTENT)
             try:
                 commit = commit_replay_journal(
-                    self.config, run.run_id, journal_text(run.run_id, run.names, loops, logs), run.names
+                    self.config, run.run_id, replay_journal_text(run.run_id, run.names, loops, logs), run.names
                 )
             except SnapshotError as exc:
                 landed = self._reconcile(conn, run.run_id)  # git failed before its ref moved, but make sure

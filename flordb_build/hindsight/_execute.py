@@ -38,6 +38,8 @@ from ..errors import FlorBuildError, WarmStartError
 from ..redaction import contains_mask
 from ..values import decode_value
 from ._backfill import Backfill, Decision, decide
+from ._child import MODULE as CHILD_MODULE
+from ._child import PREPARE
 from ._model import (
     DEFAULT_REL_TOL,
     PROGRESS_FD_ENV,
@@ -363,7 +365,7 @@ class SubprocessExecutor:
                     proc = forked
                 else:
                     proc = subprocess.Popen(
-                        [sys.executable, *argv], cwd=tree, env=child_env, stdout=output, stderr=subprocess.STDOUT,
+                        [sys.executable, "-m", CHILD_MODULE, *argv], cwd=tree, env=child_env, stdout=output, stderr=subprocess.STDOUT,
                         pass_fds=(write_fd,),
                     )
             finally:
@@ -427,7 +429,7 @@ class SubprocessExecutor:
             process = server.run(
                 argv, tree, child_env, {1: output, 2: output}, {PROGRESS_FD_ENV: progress_fd},
                 preload=self.pool.learned(env), modules_out=tmp / "modules.json", exclude=(self.config.root,),
-                path_prepend=snapshot_paths,
+                path_prepend=snapshot_paths, prepare=PREPARE,
             )
             return process, fresh
         except (WarmStartError, OSError) as exc:  # a warm start is an optimisation: never fail a replay on it

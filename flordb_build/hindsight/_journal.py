@@ -3,11 +3,8 @@
 A recorded run's journal travels in its snapshot commit; replayed values arrive later. When a
 run's replay is finished (``_backfill.py``), the state it leads to (every ``source = 'replay'``
 value the run will hold, and the loop contexts they need) is committed to ``flor.shadow`` as
-``.flor/replays/<run_id>.jsonl`` in a commit of its own, *before* the store shows it::
-
-    {"replay": {"run_id": ..., "names": [...], "tstamp": ...}}
-    {"loops": [[ctx_id, parent_ctx, name, iteration, count, value], ...]}
-    {"logs": [[seq, ctx_id, name, value, kind], ...]}
+``.flor/replays/<run_id>.jsonl`` in a commit of its own, *before* the store shows it (the format:
+journalfile.py, which also writes and parses it).
 
 ``rebuild`` loads the journals oldest first, each replacing the run's replayed values, so the
 newest one is what a rebuilt store holds. The store remembers which journal commit its replayed
@@ -17,13 +14,13 @@ newest journal the store does not show yet and load it.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from ..config import Config
+from ..journalfile import parse_replay_journal
 from ..store import LOOP_INSERT, write_transaction
 
 REPLAYS_DIR = "replays"  # under .flor/ in the commit's tree
@@ -36,15 +33,6 @@ _JOURNALS_DDL = (
 def replays_dir_in_tree(config: Config) -> str:
     """``.flor/replays`` as a path inside the shadow commits' trees."""
     return (config.flor_dir / REPLAYS_DIR).relative_to(config.root).as_posix()
-
-
-def journal_text(
-    run_id: str, names: Sequence[str], loops: Sequence[Sequence[Any]], logs: Sequence[Sequence[Any]]
-) -> str:
-    """The journal of a run's replayed state: loop blocks and ``(seq, ctx_id, name, value, kind)`` rows."""
-    header = {"run_id": run_id, "names": list(names), "tstamp": time.time()}
-    lines = [{"replay": header}, {"loops": [list(row) for row in loops]}, {"logs": [list(row) for row in logs]}]
-    return "".join(json.dumps(line) + "\n" for line in lines)
 
 
 def commit_replay_journal(config: Config, run_id: str, text: str, names: Sequence[str]) -> str:
@@ -109,17 +97,8 @@ def load_replay_journal(conn: Any, text: str, *, commit: str | None = None) -> i
 
     :param commit: the journal's commit, remembered as what the store now shows of the run.
     """
-    header: dict[str, Any] = {}
-    loops: list[list[Any]] = []
-    logs: list[list[Any]] = []
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        entry = json.loads(line)
-        header = entry.get("replay", header)
-        loops.extend(entry.get("loops", ()))
-        logs.extend(entry.get("logs", ()))
-    run_id = header["run_id"]
+    journal = parse_replay_journal(text)
+    run_id, loops, logs = journal.run_id, journal.loops, journal.logs
     if conn.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone() is None:
         return 0  # its run's snapshot is gone: nothing to attach the values to
     with write_transaction(conn):

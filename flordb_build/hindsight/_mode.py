@@ -1,8 +1,11 @@
 """Replay mode: the runtime of a script that ``flordb-build replay`` runs on a recorded version.
 
-``Session.start`` builds a :class:`ReplayRun` instead of a recording run when the process's
-environment holds :data:`REPLAY_ENV`. A replay run records nothing new: no run row, no journal,
-no snapshot. It
+A replay child starts through ``python -m flordb_build.hindsight.child script.py ...``
+(child.py), which installs :func:`start_replay_run` as the session's run starter
+(``runtime.Session.use_run_starter``) before the script runs. The script's first ``flor`` call
+then starts a :class:`ReplayRun` instead of a recorded run. A replay run records nothing new: no
+run row, no journal, no snapshot. It is composed of the recording layer's public parts (a
+``recorder.Recorder`` for the values it keeps, a ``recorder.Flusher`` that stages them) and
 
 - answers ``flor.arg`` with the values the run recorded (``device`` as the replay asks);
 - maps each loop iteration to the recorded context of the same (parent, loop, occurrence,
@@ -22,18 +25,21 @@ no snapshot. It
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import threading
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ..args import read_params, resolve_arg
 from ..config import Config, config_of_root
-from ..redaction import contains_mask
-from ..runtime import _CTX, ROOT_CTX, Run, process_age
+from ..errors import ArgError, ReplayError
+from ..recorder import LOOP_CONTEXT, ROOT_CTX, Flusher, Recorder
+from ..redaction import contains_mask, redact_value
+from ..runtime import LoopObserver, params_file, process_age
 from ..store import Store, coalesce_loops, loop_contexts
 from ..values import encode_value, simple_loop_value
 from ._model import PROGRESS_FD_ENV, REPLAY_ENV, ReplaySpec, Step, StepKind
@@ -70,17 +76,38 @@ class RecordedContexts:
         return occurrences[occurrence].get(index)
 
 
-class ReplayRun(Run):
-    """A replay of one recorded run (see the module docstring)."""
+_CTX = LOOP_CONTEXT
+
+
+class ReplayRun:
+    """A replay of one recorded run (see the module docstring); the session's run in a replay child."""
 
     def __init__(self, config: Config, store: Store, spec: ReplaySpec, kwargs: dict[str, str]) -> None:
-        super().__init__(config, store, spec.run_id, kwargs, None, spec.filename, spec.task)
+        self.config = config
+        self.store = store
+        self.run_id = spec.run_id
+        self.filename = spec.filename
+        self.kwargs = kwargs
         self.spec = spec
         self.names = frozenset(spec.names)
+        self.args: dict[str, Any] = {}
+        self.args_asked: set[str] = set()
+        self.failure: tuple[str, int] | None = None
+        self.interrupted = False
+        #: The flor.checkpointing block's observer: replay uses its objects to restore checkpoints.
+        self.checkpointer: LoopObserver | None = None
+        self.started = time.time()
         rows = loop_contexts(store.conn, spec.run_id)  # loops rows are blocks of contexts
         self.contexts = RecordedContexts((ctx, parent, name, iteration) for ctx, parent, name, iteration, _v in rows)
-        self._seq = itertools.count(spec.worker * SEQ_STRIDE + 1)
-        self._new_ctx = itertools.count(self.contexts.max_ctx + 1 + spec.worker * CTX_STRIDE)
+        # The replayed values to keep, and contexts the record lacks; worker ranges keep seqs and
+        # new context ids of different workers of one run apart.
+        self.recorder = Recorder(
+            seq_start=spec.worker * SEQ_STRIDE + 1, ctx_start=self.contexts.max_ctx + 1 + spec.worker * CTX_STRIDE
+        )
+        self._flush_lock = threading.Lock()
+        self._flusher = Flusher(self.flush, config.flush_seconds, self._note_stage_failure)
+        self._closed = False
+        self._param_values: dict[str, Any] | None = None
         self._occurrences: dict[tuple[int, str], int] = {}  # flor.loop runs per (parent, name)
         self._driven: dict[tuple[int, str], int] = {}  # next index of flor.iteration per (parent, name)
         self._keeping = spec.schedule.writes_prefix  # store requested names logged now
@@ -102,11 +129,10 @@ class ReplayRun(Run):
 
     def log(self, name: str, value: T) -> T:
         """Keep a requested name for the store, anything else for the comparison, as the schedule says."""
-        if name not in self._value_names:
-            self._admit_value_name(name)
+        self.recorder.admit_value_name(name)
         if name in self.names:
             if self._keeping:
-                super().log(name, value)
+                self.recorder.log(name, value)
                 self.counters["stored"] += 1
         elif name not in self.spec.args:
             stored: Any = value
@@ -118,7 +144,9 @@ class ReplayRun(Run):
         return value
 
     def arg(self, name: str, default: Any = None) -> Any:
-        """The value the replayed run recorded for ``name``; ``device`` as the replay asks."""
+        """The value the replayed run recorded for ``name``; ``device`` as the replay asks; a name
+        the record lacks as a recording run would read it (``--kwargs``, params file, default)."""
+        self.args_asked.add(name)
         if name in self.args:
             return self.args[name]
         if name == "device":
@@ -130,9 +158,22 @@ class ReplayRun(Run):
             if isinstance(default, tuple) and isinstance(value, list):
                 value = tuple(value)
         else:
-            return super().arg(name, default)
+            value = resolve_arg(name, default, self.kwargs, self._params)
+            self.args[name] = value
+            token = _CTX.set(ROOT_CTX)  # compared with the record like any value the replay logs
+            try:
+                self.log(name, redact_value(name, value))
+            finally:
+                _CTX.reset(token)
+            return value
         self.args[name] = value
         return value
+
+    def _params(self) -> dict[str, Any]:
+        if self._param_values is None:
+            path = params_file(self.config)
+            self._param_values = read_params(path) if path else {}
+        return self._param_values
 
     def _masked_arg(self, name: str, default: Any) -> Any:
         """A secret arg is recorded masked (redaction.py): the replay takes the script's default, which
@@ -142,8 +183,7 @@ class ReplayRun(Run):
                 f"arg '{name}' was recorded masked (it looks like a secret) and the script gives it no default; "
                 f"give it one to replay this run, e.g. flor.arg('{name}', os.environ.get('...'))"
             )
-            self.failure = (message, 2)
-            raise SystemExit(f"flordb_build: {message}")
+            raise ArgError(message)
         self.notes.append(f"arg '{name}' was recorded masked (a secret): the replay used the script's default")
         return default
 
@@ -167,7 +207,7 @@ class ReplayRun(Run):
 
     def loop(self, name: str, iterable: Iterable[T]) -> Iterator[T]:
         """Iterate as the schedule says: the main loop by steps, nested loops skipped in validation."""
-        self._admit_loop_name(name)
+        self.recorder.admit_loop_name(name)
         parent = _CTX.get()
         if parent == ROOT_CTX and not self._main_seen and name == self.spec.main_loop:
             self._main_seen = True
@@ -192,11 +232,10 @@ class ReplayRun(Run):
 
     def iteration(self, name: str, index: int | None = None, value: Any = None) -> Any:
         """A caller-driven iteration, mapped to the recorded context like loop iterations."""
-        from contextlib import contextmanager
 
         @contextmanager
         def scope() -> Iterator[int]:
-            self._admit_loop_name(name)
+            self.recorder.admit_loop_name(name)
             parent = _CTX.get()
             key = (parent, name)
             position = index if index is not None else self._driven.get(key, 0)
@@ -219,8 +258,8 @@ class ReplayRun(Run):
     def _context(self, parent: int, name: str, occurrence: int, index: int, element: Any) -> int:
         ctx = self.contexts.find(parent, name, occurrence, index)
         if ctx is None:  # an iteration the record does not have: give the values a context of their own
-            ctx = next(self._new_ctx)
-            self._loops.append((ctx, parent, name, index, simple_loop_value(element, index)))
+            ctx = self.recorder.new_ctx()
+            self.recorder.queue_loop(ctx, parent, name, index, simple_loop_value(element, index))
         return ctx
 
     def _main_loop(self, name: str, iterable: Iterable[T]) -> Iterator[T]:
@@ -251,20 +290,18 @@ class ReplayRun(Run):
             self._skip_nested = step.kind is StepKind.VALIDATE
             self._pending_restore = index if step.kind is StepKind.VALIDATE else None
             ctx = self._context(ROOT_CTX, name, occurrence, index, element)
-            self._outer_ctx = ctx
             _CTX.set(ctx)
             try:
                 yield element
             finally:
                 _CTX.set(ROOT_CTX)
-                self._outer_ctx = -1
                 self._skip_nested = False
             if self._pending_restore is not None:  # no nested loop ran: restore at the iteration's end
                 self._restore(index)
                 self._pending_restore = None
             if step.restore_after:
                 self._restore(index)
-            self._wake.set()
+            self._flusher.wake.set()
             self._progress(index + 1, total)
         if schedule.stop_after:
             self._end_process()
@@ -310,22 +347,39 @@ class ReplayRun(Run):
 
     def begin(self) -> None:
         """Start the flusher; a replay adds no run row, journal or lock."""
-        self._thread.start()
+        self._flusher.start()
 
     def flush(self) -> None:
         """Stage queued replay values (and contexts the record lacks) for the driver to promote."""
         with self._flush_lock:
-            n_logs = len(self._logs)
-            contexts = [self._loops.popleft() for _ in range(len(self._loops))]
-            logs = [self._logs.popleft() for _ in range(n_logs)]
+            contexts, logs = self.recorder.take()
             if not contexts and not logs:
                 return
             try:
                 stage_batch(self.store.conn, self.spec.session, self.run_id, coalesce_loops(contexts), logs)
             except BaseException:
-                self._loops.extendleft(reversed(contexts))
-                self._logs.extendleft(reversed(logs))
+                self.recorder.put_back(contexts, logs)
                 raise
+
+    def _note_stage_failure(self, exc: BaseException) -> None:
+        """A background staging write failed: the rows stay queued, the flusher retries, close() flushes."""
+        self.counters["stage_retries"] = self.counters.get("stage_retries", 0) + 1
+
+    def queue_checkpoint_rows(self, rows: Iterable[tuple[Any, ...]]) -> None:
+        """A replay restores checkpoints and never takes one (its main loop tells the checkpointer of
+        no boundary), so no checkpoint rows can arise."""
+        raise ReplayError("a replay writes no checkpoints")
+
+    def abandon_in_child(self) -> None:
+        """In a forked child of a replay process: never use the parent's connection again.
+
+        The child's own ``flor`` calls start a replay run of its own (the run starter stays
+        installed); the inherited connection is kept alive unclosed, as runtime.Run does.
+        """
+        import ctypes
+
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(self.store.conn))
+        self._closed = True
 
     def close(self, status: str = "ok", exit_code: int = 0, error: str | None = None) -> None:
         """Flush the replayed values and write the result file for the parent."""
@@ -337,7 +391,7 @@ class ReplayRun(Run):
         if self.checkpointer is not None:
             checkpointer, self.checkpointer = self.checkpointer, None
             checkpointer.close(raise_errors=False)
-        self._stop_event_and_join()
+        self._flusher.stop()
         self.flush()
         self.store.close()
         if self.spec.result:
@@ -347,12 +401,6 @@ class ReplayRun(Run):
                 "prefix_seconds": self._prefix_seconds, "process_seconds": process_age(),
             }
             Path(self.spec.result).write_text(json.dumps(result, default=str), encoding="utf-8")
-
-    def _stop_event_and_join(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join()
 
 
 def start_replay_run(kwargs: dict[str, str]) -> ReplayRun:

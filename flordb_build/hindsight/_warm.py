@@ -242,6 +242,7 @@ class WarmServer:
         modules_out: Path | None = None,
         exclude: Sequence[Path] = (),
         path_prepend: Sequence[Path] = (),
+        prepare: str | None = None,
     ) -> WarmProcess:
         """Fork a process running ``argv`` (the script first).
 
@@ -251,6 +252,7 @@ class WarmServer:
         :param modules_out: where the child lists the installed modules it imported (for preloading).
         :param exclude: directories whose modules are never listed there (the project's code).
         :param path_prepend: directories the child puts on ``sys.path`` right after the script's own.
+        :param prepare: ``module:function`` the child calls before it runs the script (replay mode).
         :raises WarmStartError: the server refused (not fork-safe, shadowed modules) or is gone.
         """
         env_fds = env_fds or {}
@@ -263,6 +265,7 @@ class WarmServer:
             "preload": [name for name in preload if name.split(".", 1)[0] not in local],
             "local_modules": sorted(local), "modules_out": str(modules_out) if modules_out else None,
             "exclude": [str(path) for path in exclude], "path_prepend": [str(path) for path in path_prepend],
+            "prepare": prepare,
         }
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:

@@ -348,6 +348,9 @@ def become_script(server: Server, request: dict[str, Any]) -> int:
     numpy_random = sys.modules.get("numpy.random")
     if numpy_random is not None:
         numpy_random.seed()  # a fresh interpreter seeds it from the OS; siblings must not share a stream
+    if request.get("prepare"):  # e.g. replay mode (flordb_build/hindsight/_child.py), before the script
+        module, _, function = request["prepare"].partition(":")
+        getattr(importlib.import_module(module), function)()
     code = run_script(script)
     try:
         threading._shutdown()  # type: ignore[attr-defined]  # join non-daemon threads, as interpreter exit does

@@ -1,0 +1,59 @@
+"""The entry point of a replay child: ``python -m flordb_build.hindsight._child SCRIPT [ARG ...]``.
+
+``flordb-build replay`` starts every process that replays a recorded version this way (a warm
+start calls :func:`install_replay_mode` in its forked child, then runs the script the same way).
+It installs replay mode, the session's run starter (``runtime.Session.use_run_starter`` with
+``_mode.start_replay_run``, which reads the replay spec from :data:`REPLAY_ENV`), and then runs
+the script as ``python SCRIPT ARG ...`` would: as ``__main__``, with ``sys.argv`` the script and
+its arguments and the script's directory first on ``sys.path``. An ordinary ``import
+flordb_build`` never looks at replay; only a process started here replays.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+from collections.abc import Sequence
+
+from ..errors import ReplayError
+from ..replaying import REPLAY_ENV
+
+#: ``python -m`` this module to start a replay child (not ``__name__``: that is ``__main__`` then).
+MODULE = "flordb_build.hindsight._child"
+#: What a warm server calls in its forked child before it runs the script (``module:function``).
+PREPARE = f"{MODULE}:install_replay_mode"
+
+
+def install_replay_mode() -> None:
+    """Make this process's run a replay of the run :data:`REPLAY_ENV` describes.
+
+    :raises ReplayError: the variable is not set (this process was not started by a replay).
+    """
+    if not os.environ.get(REPLAY_ENV):
+        raise ReplayError(f"{REPLAY_ENV} is not set: a replay child is started by 'flordb-build replay'")
+    from ..runtime import SESSION
+    from ._mode import start_replay_run
+
+    SESSION.use_run_starter(start_replay_run)
+
+
+def run_as_main(argv: Sequence[str]) -> None:
+    """Run ``argv[0]`` as ``python argv[0] argv[1:]`` would (its exceptions and SystemExit propagate)."""
+    script = argv[0]
+    # In place: runtime took the --kwargs tokens out of this very list object at import.
+    sys.argv[:] = list(argv)
+    # `python -m` put the working directory first; `python script.py` puts the script's directory.
+    sys.path[0] = os.path.dirname(os.path.abspath(script))
+    runpy.run_path(script, run_name="__main__")
+
+
+def main() -> None:
+    if len(sys.argv) < 2:
+        raise SystemExit("usage: python -m flordb_build.hindsight._child SCRIPT [ARG ...]")
+    install_replay_mode()
+    run_as_main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()
