@@ -492,10 +492,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _command_line() -> list[str]:
     """The process's arguments, with the ``--kwargs`` tokens that ``import flordb_build`` took out."""
-    from . import runtime
+    from .cmdline import ARGV_AFTER_KWARGS, ARGV_BEFORE_KWARGS
 
-    if sys.argv[1:] == runtime.ARGV_AFTER_KWARGS[1:]:
-        return runtime.ARGV_BEFORE_KWARGS[1:]
+    if sys.argv[1:] == ARGV_AFTER_KWARGS[1:]:
+        return ARGV_BEFORE_KWARGS[1:]
     return sys.argv[1:]  # the caller replaced sys.argv since the import: take it as it is
 
 

@@ -1,6 +1,6 @@
 """The JSON-lines journals of runs and replays: their format, and appending whole lines only.
 
-This module is the one place that knows the format; runtime.py writes run journals through it,
+This module is the one place that knows the format; recording.py writes run journals through it,
 hindsight/_backfill.py writes replay journals, ``rebuild`` and replay read both back.
 
 A run journal (``.flor/runs/<run_id>.jsonl``, committed in the run's snapshot) is one JSON object
@@ -25,7 +25,7 @@ Appending a run journal:
 The journal is what ``flordb-build rebuild`` recreates the store from, and rebuild reads a
 committed journal strictly: one torn line would make it unreadable. A write can stop half-way
 (a full disk takes the first part of a line and refuses the rest), and forked children of the
-recording process append batches to the same file (runtime.py), so each append:
+recording process append batches to the same file (recording.py), so each append:
 
 * takes an exclusive ``flock`` on the file (parent and children never interleave, and nobody
   appends while a failed append is being cut back),

@@ -61,7 +61,7 @@ def dataframe(
 
 
 def warn_incomplete_runs(conn: sqlite3.Connection, frame: pd.DataFrame) -> None:
-    """One warning when the frame draws on runs whose rows could not all be stored (runtime.py:
+    """One warning when the frame draws on runs whose rows could not all be stored (recording.py:
     status ``incomplete``), so that a missing value is never mistaken for one never logged."""
     incomplete = {r for (r,) in conn.execute("SELECT run_id FROM runs WHERE status = 'incomplete'")}
     shown = sorted(incomplete.intersection(frame["run_id"])) if incomplete and len(frame) else []

@@ -1,6 +1,6 @@
 """The in-memory side of recording: loop contexts, value queues, name checks, the flusher thread.
 
-This is the bottom of the recording stack. ``runtime.Run`` (a recorded run) is a
+This is the bottom of the recording stack. ``recording.Run`` (a recorded run) is a
 :class:`Recorder` that also owns a store, a journal and a snapshot; replay mode
 (``hindsight/_mode.py``) composes a :class:`Recorder` and a :class:`Flusher` for the values it
 replays, and stages them instead. Nothing here touches a file or a database.

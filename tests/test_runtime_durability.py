@@ -211,8 +211,8 @@ def test_a_disk_full_for_a_while_loses_nothing(small_disk: tuple[Project, Path])
 FULL_TO_THE_END = """
 import sys
 import flordb_build as flor
-from flordb_build import runtime
-runtime.CLOSE_RETRY_SECONDS = 0.5
+from flordb_build import recording, runtime
+recording.CLOSE_RETRY_SECONDS = 0.5
 flor.log("first", 1)
 runtime.SESSION.run.flush()
 print("stored", flush=True)

@@ -38,8 +38,8 @@ from ..args import read_params, resolve_arg
 from ..config import Config, config_of_root
 from ..errors import ArgError, ReplayError
 from ..recorder import LOOP_CONTEXT, ROOT_CTX, Flusher, Recorder
+from ..recording import LoopObserver, params_file, process_age
 from ..redaction import contains_mask, redact_value
-from ..runtime import LoopObserver, params_file, process_age
 from ..store import Store, coalesce_loops, loop_contexts
 from ..values import encode_value, simple_loop_value
 from ._model import PROGRESS_FD_ENV, REPLAY_ENV, ReplaySpec, Step, StepKind
@@ -374,7 +374,7 @@ class ReplayRun:
         """In a forked child of a replay process: never use the parent's connection again.
 
         The child's own ``flor`` calls start a replay run of its own (the run starter stays
-        installed); the inherited connection is kept alive unclosed, as runtime.Run does.
+        installed); the inherited connection is kept alive unclosed, as recording.Run does.
         """
         import ctypes
 
