@@ -226,8 +226,7 @@ class Run(Recorder):
     def _params(self) -> dict[str, Any]:
         """The params file's values (``--params FILE``, else ``[tool.flordb_build] params``), read once."""
         if self._param_values is None:
-            path = params_file(self.config)
-            self._param_values = read_params(path) if path else {}
+            self._param_values = load_params(self.config)
         return self._param_values
 
     def loop(self, name: str, iterable: Iterable[T]) -> Iterator[T]:
@@ -698,6 +697,12 @@ def params_file(config: Config) -> Path | None:
     if PARAMS_FILE:
         return Path(PARAMS_FILE)
     return config.root / config.params if config.params else None
+
+
+def load_params(config: Config) -> dict[str, Any]:
+    """The values of the params file flor.arg reads (none when there is no such file)."""
+    path = params_file(config)
+    return read_params(path) if path else {}
 
 
 def gethostname() -> str:

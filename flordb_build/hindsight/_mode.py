@@ -34,11 +34,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..args import read_params, resolve_arg
+from ..args import resolve_arg
 from ..config import Config, config_of_root
 from ..errors import ArgError, ReplayError
 from ..recorder import LOOP_CONTEXT, ROOT_CTX, Flusher, Recorder
-from ..recording import LoopObserver, params_file, process_age
+from ..recording import LoopObserver, load_params, process_age
 from ..redaction import contains_mask, redact_value
 from ..store import Store, coalesce_loops, loop_contexts
 from ..values import encode_value, simple_loop_value
@@ -171,8 +171,7 @@ class ReplayRun:
 
     def _params(self) -> dict[str, Any]:
         if self._param_values is None:
-            path = params_file(self.config)
-            self._param_values = read_params(path) if path else {}
+            self._param_values = load_params(self.config)
         return self._param_values
 
     def _masked_arg(self, name: str, default: Any) -> Any:
