@@ -305,6 +305,7 @@ class Checkpointer:
         """Copy every object's state now and queue it for writing in the background."""
         from .objects import ObjectStore
         from .state import copy_state
+        from .training_state import capture
 
         items: list[tuple[str, StateCopy, float]] = []
         for name, obj in self.objects.items():
@@ -314,6 +315,10 @@ class Checkpointer:
             except CheckpointError as exc:
                 raise CheckpointError(f"Could not checkpoint '{name}' at {loop_name} {index}: {exc}") from exc
             items.append((name, copy, time.perf_counter() - started))
+        started = time.perf_counter()
+        extra = capture(self.objects)  # RNG states and gradients: a replay restores them too
+        seconds_each = (time.perf_counter() - started) / len(extra)
+        items.extend((name, copy, seconds_each) for name, copy in extra)
         if self._materializer is None:
             self._materializer = Materializer(self.run, ObjectStore.for_config(self.run.config))
         self._materializer.submit(_Job(ctx_id, loop_name, index, seconds, items))
@@ -444,19 +449,24 @@ def restore_objects(
     loop_name: str | None = None,
     map_location: Any = None,
     weights_only: bool = True,
+    training_state: bool = False,
     config: Config | None = None,
 ) -> RestoreResult:
     """Restore ``objects`` in place from ``run_id``'s checkpoint at outer iteration ``iteration``.
 
     ``iteration=None`` takes the run's final checkpoint. With no objects, returns the loaded
     states without restoring anything. Every object is read and verified before any is restored,
-    so a corrupted checkpoint never leaves the live objects half-restored.
+    so a corrupted checkpoint never leaves the live objects half-restored. ``training_state``
+    (what a replay asks for) also restores the random generators and the modules' gradients as
+    they were at the checkpoint (training_state.py); a checkpoint taken before they were
+    recorded restores without them.
 
     :raises CheckpointNotFoundError: the run has no checkpoint at that iteration (the message
         lists the iterations that have one).
     :raises CheckpointCorruptError: an object is missing or its content does not match its hash.
     :raises CheckpointError: an object cannot take the checkpointed state.
     """
+    from . import training_state as extras
     from .state import restore_into
 
     config = config or load_config()
@@ -468,16 +478,25 @@ def restore_objects(
         ctx_id, chosen_loop, chosen_iteration = chosen[0].ctx_id, chosen[0].loop_name, chosen[0].iteration
         where = f"run '{run_id}' at {chosen_loop} {chosen_iteration}"
         by_name = {r.name: r for r in chosen}
-        unknown = [name for name in objects if name not in by_name]
+        user_names = extras.names_of(sorted(by_name))
+        unknown = [name for name in objects if name not in user_names]
         if unknown:
             raise CheckpointError(
                 f"The checkpoint of {where} has no object named {', '.join(repr(n) for n in unknown)}; "
-                f"it holds {', '.join(repr(n) for n in sorted(by_name))}."
+                f"it holds {', '.join(repr(n) for n in user_names)}."
             )
-        wanted = list(objects) if objects else sorted(by_name)
+        wanted = list(objects) if objects else user_names
+        if training_state and objects:
+            extra = [extras.RNG_NAME, *(extras.grad_name(name) for name in objects)]
+            wanted += [name for name in extra if name in by_name]
         loaded = {name: _load_object(by_name[name], where, map_location, weights_only, config) for name in wanted}
         if objects:
-            restored = {name: restore_into(objects[name], loaded[name], name) for name in wanted}
+            restored = {name: restore_into(objects[name], loaded[name], name) for name in objects}
+            if training_state:
+                try:
+                    extras.restore(objects, loaded)
+                except CheckpointError as exc:
+                    raise CheckpointError(f"The checkpoint of {where}: {exc}.") from exc
         else:
             restored = loaded
         seconds = time.perf_counter() - started

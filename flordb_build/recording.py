@@ -42,12 +42,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from .args import read_params, resolve_arg
-from .cmdline import PARAMS_FILE
+from .cmdline import ARGV_AFTER_KWARGS, PARAMS_FILE
 from .config import Config
 from .errors import FlorBuildError, SnapshotError
 from .journalfile import JournalFile, batch_entry, end_entry, env_entry, run_entry
 from .recorder import LOOP_CONTEXT, RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS, ROOT_CTX, Flusher, Recorder, warn
-from .redaction import redact_mapping, redact_value
+from .redaction import redact_argv, redact_mapping, redact_value
 from .store import (
     CHILD_CTX_BASE,
     CHILD_CTX_BLOCK,
@@ -331,6 +331,7 @@ class Run(Recorder):
             "pipeline_id": os.environ.get("FLOR_PIPELINE_ID") or None,
             "filename": self.filename,
             "args": "{}",
+            "argv": script_argv(),
             "git_head": self.code.head if self.code else None,
             "git_branch": self.code.branch if self.code else None,
             "dirty": int(self.code.dirty) if self.code else None,
@@ -721,6 +722,18 @@ def process_age() -> float:
         return max(uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"), 0.0)  # field 22: starttime
     except (OSError, ValueError, IndexError):
         return 0.0
+
+
+def script_argv() -> str | None:
+    """The script's arguments after its path, as JSON, for a replay to pass again; None without a script.
+
+    ``--kwargs`` and ``--params`` are already out (cmdline.py; ``runs.args`` has their values), and
+    secret values are masked: a replay of a run whose flags held one refuses rather than guess it.
+    """
+    main = sys.modules.get("__main__")
+    if not getattr(main, "__file__", None):
+        return None  # a notebook kernel or an interactive interpreter: its argv is not the user's command
+    return json.dumps(redact_argv(ARGV_AFTER_KWARGS[1:]))
 
 
 def script_filename(root: Path) -> str:

@@ -25,7 +25,7 @@ from .config import Config
 from .errors import StoreError
 from .storefile import cannot_write, check_store_file, connect_read_only, create_store_file, not_a_store
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 BUSY_TIMEOUT_MS = 60_000
 #: ``runs.error`` of a run whose process died without closing it (status ``killed``).
 DEAD_RUN_ERROR = "the process died without closing its run"
@@ -43,6 +43,10 @@ TABLES: dict[str, dict[str, Any]] = {
             "pipeline_id": str,
             "filename": str,
             "args": str,
+            #: JSON list of the script's command-line arguments after its path (``--kwargs`` taken
+            #: out, secrets masked), so a replay passes the same flags; NULL where there was no
+            #: script (a notebook) or the run predates schema 5.
+            "argv": str,
             "git_head": str,
             "git_branch": str,
             "dirty": int,
@@ -326,9 +330,22 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
                 conn.execute(without_rowid_ddl(name, spec))
             else:
                 table.create(spec["columns"], pk=spec["pk"], if_not_exists=True)
+            _add_missing_columns(conn, name, spec)
             for columns, unique in spec["indexes"]:
                 table.create_index(list(columns), unique=unique, if_not_exists=True)
         conn.execute("PRAGMA user_version = " + str(int(SCHEMA_VERSION)))
+
+
+_SQL_TYPES = {str: "TEXT", int: "INTEGER", float: "FLOAT", bytes: "BLOB"}
+
+
+def _add_missing_columns(conn: sqlite3.Connection, name: str, spec: dict[str, Any]) -> None:
+    """Columns a newer schema declares that an older store's table lacks (added NULL for old rows)."""
+    # ``name`` and the columns are TABLES' own identifiers, never user input.
+    present = {row[1] for row in conn.execute("PRAGMA table_info(" + name + ")")}
+    for column, kind in spec["columns"].items():
+        if column not in present:
+            conn.execute("ALTER TABLE " + name + " ADD COLUMN " + column + " " + _SQL_TYPES[kind])
 
 
 def _build_store(path: Path) -> None:

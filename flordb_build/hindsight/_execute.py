@@ -352,7 +352,8 @@ class SubprocessExecutor:
         # The project's own packages import from the snapshot (an editable install points at today's tree).
         snapshot_paths = [tree / p for p in self.import_paths]
         child_env = with_snapshot_paths(env, tree, self.import_paths)
-        argv = [str(script), *kwargs_tokens(run.args)]
+        # The recorded flags first (the script's own argparse reads them), then the recorded --kwargs.
+        argv = [str(script), *run.argv, *kwargs_tokens(run.args)]
         notes: list[str] = [self._pool_note] if self._pool_note else []
         with open(tmp / "output.log", "wb") as output:
             try:

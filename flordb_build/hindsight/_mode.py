@@ -323,9 +323,13 @@ class ReplayRun:
 
         assert self.checkpointer is not None  # the schedule restores only inside flor.checkpointing
         map_location = "cuda" if self.device() == "cuda" else "cpu"
+        # The objects come from the project's own hash-verified store, written by the run being
+        # replayed: they are the run's own, so pickled ones (a scikit-learn estimator) load too
+        # (the user-facing load_checkpoint keeps weights_only=True). The generators and gradients
+        # go back to where the record had them (training_state.py).
         restore_objects(
             self.run_id, iteration, self.checkpointer.objects, loop_name=self.spec.main_loop,
-            map_location=map_location, config=self.config,
+            map_location=map_location, weights_only=False, training_state=True, config=self.config,
         )
         self.counters["restores"] += 1
 

@@ -68,6 +68,8 @@ class RecordedRun:
     old_source: str | None  # the script in the snapshot; None when it cannot be read
     status: str = "ok"
     args: Mapping[str, Any] = field(default_factory=dict)
+    #: The script's recorded arguments after its path (``runs.argv``); None when not recorded.
+    argv: tuple[str, ...] | None = None
     seconds: float | None = None  # the recorded run's wall time
     #: ``(ctx_id, name, iteration)`` of the outermost loops' iterations, in ctx order.
     outer_loops: tuple[tuple[int, str, int], ...] = ()
@@ -143,6 +145,7 @@ class RunPlan:
     old_source: str = ""  # the script as recorded, before propagation (for --diff)
     modules: Mapping[str, str] = field(default_factory=dict)  # path -> propagated text of other modules
     old_modules: Mapping[str, str] = field(default_factory=dict)  # path -> their recorded text (for --diff)
+    argv: tuple[str, ...] = ()  # the script's recorded arguments, passed again (before the --kwargs)
 
     @property
     def version(self) -> str:

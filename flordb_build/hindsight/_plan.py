@@ -28,6 +28,7 @@ import ast
 from collections.abc import Iterable, Mapping, Sequence
 
 from ..errors import ReplayError, RewriteError
+from ..redaction import MASK
 from ..rewrite import Position, analyze_script, module_name, propagate, propagate_project
 from ._model import RecordedRun, ReplayPlan, RunPlan, Schedule, SkippedRun, StartCosts, Step, StepKind
 
@@ -252,6 +253,12 @@ def _plan_run(
         return skip(f"the run ended '{run.status}'; only runs that finished are replayed")
     if run.unavailable is not None or run.old_source is None or run.snapshot is None:
         return skip(run.unavailable or "the run has no snapshot commit (recorded outside git)")
+    if any(MASK in token for token in run.argv or ()):
+        shown = " ".join(run.argv or ())
+        return skip(
+            f"its command line was recorded with a secret masked ({shown}), and a replay without the value "
+            "would not run what was recorded; pass secrets through the environment or a flor.arg default"
+        )
     try:
         if helpers:
             project = propagate_project(
@@ -312,4 +319,5 @@ def _plan_run(
         old_source=run.old_source,
         modules=patched,
         old_modules={path: run.old_modules[path] for path in patched},
+        argv=run.argv or (),
     )

@@ -45,11 +45,12 @@ def load_recorded_runs(config: Config, run_ids: Sequence[str]) -> list[RecordedR
         runs = []
         for run_id in run_ids:
             row = conn.execute(
-                "SELECT run_id, task, filename, snapshot, status, args, seconds FROM runs WHERE run_id = ?", (run_id,)
+                "SELECT run_id, task, filename, snapshot, status, args, seconds, argv FROM runs WHERE run_id = ?",
+                (run_id,),
             ).fetchone()
             if row is None:
                 continue
-            rid, task, filename, snapshot, status, args_text, seconds = row
+            rid, task, filename, snapshot, status, args_text, seconds, argv_text = row
             outer = [(c, n, i) for c, parent, n, i, _v in loop_contexts(conn, rid) if parent == 0]
             timings = conn.execute("SELECT ctx_id, kind, seconds FROM timings WHERE run_id = ?", (rid,)).fetchall()
             checkpoints = conn.execute(
@@ -61,7 +62,7 @@ def load_recorded_runs(config: Config, run_ids: Sequence[str]) -> list[RecordedR
             runs.append(
                 RecordedRun(
                     run_id=rid, task=task, filename=filename, snapshot=snapshot, old_source=source,
-                    status=status or "unknown", args=_args(args_text), seconds=seconds,
+                    status=status or "unknown", args=_args(args_text), argv=_argv(argv_text), seconds=seconds,
                     outer_loops=tuple((int(c), str(n), int(i)) for c, n, i in outer),
                     timings=tuple((int(c), str(k), float(s)) for c, k, s in timings),
                     checkpoints=tuple((int(c), str(n), int(i), float(m or 0.0)) for c, n, i, m in checkpoints),
@@ -71,6 +72,17 @@ def load_recorded_runs(config: Config, run_ids: Sequence[str]) -> list[RecordedR
         return runs
     finally:
         store.close()
+
+
+def _argv(text: str | None) -> tuple[str, ...] | None:
+    """The recorded command-line arguments; None for a run recorded before they were (schema < 5)."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return tuple(str(token) for token in value) if isinstance(value, list) else None
 
 
 def _args(text: str | None) -> dict[str, Any]:

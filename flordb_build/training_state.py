@@ -1,0 +1,167 @@
+"""Training state no ``flor.checkpointing`` object holds: random generators and parameter gradients.
+
+A replay that restores a checkpoint and runs on must see the state the record had there, not
+only the model's weights and the optimizer's moments:
+
+- **random number generators**: a statement after the skipped loop that draws random numbers
+  (``torch.randn``, dropout, ``np.random``, ``random``), and every range segment that starts from a
+  checkpoint (its shuffles, its dropout masks), draws what the record drew only if Python's
+  ``random``, numpy's global generator, torch's CPU generator and every CUDA device's generator
+  are where they were. One JSON object, ``flor.rng``, holds them all;
+- **gradients**: FlorDB's README logs ``gradient_norm`` at the top of the epoch loop (the previous
+  epoch's last step). A module's ``state_dict`` has no gradients, so each checkpointed torch module
+  also gets ``<name>.grad``: its parameters' gradients (``None`` where a parameter has none).
+
+Both are taken with every checkpoint, on the training thread (a consistent copy, like the objects'
+own), and stored as objects of that checkpoint under those names (a ``flor.checkpointing`` keyword
+is an identifier, so neither name can clash with a user's object). They are restored only where a
+replay asks for them (``checkpoints.restore_objects(training_state=True)``): loading a model from a
+dataframe row must not reseed the caller's generators. Generators of modules the script never
+imported are neither captured nor touched, and nothing here imports torch or numpy itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import random
+import sys
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from .errors import CheckpointError
+from .state import StateCopy, StateFormat
+
+#: The checkpoint object holding every random generator's state.
+RNG_NAME = "flor.rng"
+#: Suffix of the checkpoint object holding a module's parameter gradients.
+GRAD_SUFFIX = ".grad"
+
+
+def is_training_state_name(name: str) -> bool:
+    """True for the checkpoint objects this module adds (never a ``flor.checkpointing`` keyword)."""
+    return name == RNG_NAME or name.endswith(GRAD_SUFFIX)
+
+
+def grad_name(name: str) -> str:
+    """The checkpoint object holding the gradients of the module checkpointed as ``name``."""
+    return name + GRAD_SUFFIX
+
+
+# -- capture (training thread) ------------------------------------------------------------------
+
+
+def capture(objects: Mapping[str, Any]) -> list[tuple[str, StateCopy]]:
+    """The generators' states and the gradients of ``objects``' torch modules, as state copies."""
+    copies = [(RNG_NAME, StateCopy(StateFormat.JSON, rng_state(), 0))]
+    for name, obj in objects.items():
+        grads = _grad_copy(obj)
+        if grads is not None:
+            copies.append((grad_name(name), grads))
+    return copies
+
+
+def rng_state() -> dict[str, Any]:
+    """Every loaded generator's state as a JSON-plain object."""
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {"python": [version, list(internal), gauss]}
+    np = sys.modules.get("numpy")
+    if np is not None and hasattr(np, "random"):
+        name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+        state["numpy"] = [name, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)]
+    torch = sys.modules.get("torch")
+    if torch is not None and hasattr(torch, "get_rng_state"):
+        state["torch"] = _b64(torch.get_rng_state())
+        cuda = getattr(torch, "cuda", None)
+        # Only generators already in use: asking for them would initialize CUDA in a CPU script.
+        if cuda is not None and cuda.is_available() and cuda.is_initialized():
+            state["cuda"] = [_b64(s) for s in cuda.get_rng_state_all()]
+    return state
+
+
+def _b64(tensor: Any) -> str:
+    return base64.b64encode(tensor.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _grad_copy(obj: Any) -> StateCopy | None:
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(obj, torch.nn.Module):
+        return None
+    grads: dict[str, Any] = {}
+    nbytes = 0
+    for pname, param in obj.named_parameters():
+        if param.grad is None:
+            grads[pname] = None
+        else:
+            grads[pname] = param.grad.detach().to("cpu", copy=True)
+            nbytes += param.grad.numel() * param.grad.element_size()
+    if not nbytes:
+        return None  # no gradient yet (or a frozen model): nothing to restore
+    return StateCopy(StateFormat.TORCH, grads, nbytes)
+
+
+# -- restore (replay) ---------------------------------------------------------------------------
+
+
+def restore(objects: Mapping[str, Any], loaded: Mapping[str, Any]) -> list[str]:
+    """Put the loaded generator states and gradients back; returns the names restored.
+
+    :raises CheckpointError: a gradient does not fit its parameter (the model is built differently).
+    """
+    restored = []
+    if RNG_NAME in loaded:
+        set_rng_state(loaded[RNG_NAME])
+        restored.append(RNG_NAME)
+    for name, obj in objects.items():
+        grads = loaded.get(grad_name(name))
+        if grads is not None:
+            _restore_grads(name, obj, grads)
+            restored.append(grad_name(name))
+    return restored
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Set every generator ``state`` holds whose module this process has loaded."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np = sys.modules.get("numpy")
+    if np is not None and "numpy" in state:
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch = sys.modules.get("torch")
+    if torch is not None and "torch" in state:
+        torch.set_rng_state(_tensor(torch, state["torch"]))
+        # A run recorded on a GPU and replayed on a CPU has no CUDA generators to set, and a run
+        # recorded on a CPU leaves a GPU replay's generators as they are (values differ anyway).
+        if "cuda" in state and torch.cuda.is_available():
+            devices = min(torch.cuda.device_count(), len(state["cuda"]))
+            for device in range(devices):
+                torch.cuda.set_rng_state(_tensor(torch, state["cuda"][device]), device)
+
+
+def _tensor(torch: Any, text: str) -> Any:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+def _restore_grads(name: str, module: Any, grads: Mapping[str, Any]) -> None:
+    import torch
+
+    params = dict(module.named_parameters())
+    missing = sorted(set(grads) - set(params))
+    if missing:
+        raise CheckpointError(
+            f"the gradients checkpointed with '{name}' are of parameters it does not have ({', '.join(missing[:3])})"
+        )
+    with torch.no_grad():
+        for pname, param in params.items():
+            grad = grads.get(pname)
+            if grad is None:
+                param.grad = None
+            elif param.grad is not None and param.grad.shape == grad.shape:
+                param.grad.copy_(grad)
+            else:
+                param.grad = grad.to(device=param.device, dtype=param.dtype).clone()
+
+
+def names_of(records: Iterable[str]) -> list[str]:
+    """The user's objects among checkpoint object names (the training state this module adds left out)."""
+    return [name for name in records if not is_training_state_name(name)]
