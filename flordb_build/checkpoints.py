@@ -74,6 +74,21 @@ INITIAL_BYTES_PER_SECOND = 250e6
 MAX_PENDING = 2
 
 
+class CheckpointPoint:
+    """Where in an outer iteration a checkpoint's state was taken (the ``point`` column).
+
+    ``NESTED``: where the iteration's first nested ``flor.loop`` ran to its end, the dissertation's
+    SkipBlock. A replay that skips that nested loop restores there and runs the rest of the body once,
+    on the state the record had (issue 12.1: ``train(); scheduler.step()`` must not step twice).
+    ``END``: at the iteration's end: iterations without a nested loop, one the script left with
+    ``break``, the final iteration when its nested point was not taken, and every checkpoint of a
+    store from before schema 5.
+    """
+
+    NESTED = "nested"
+    END = "end"
+
+
 # -- settings -----------------------------------------------------------------------------------
 
 
@@ -163,6 +178,7 @@ class _Job:
     iteration: int
     block_seconds: float
     items: list[tuple[str, StateCopy, float]]  # (name, copy, seconds the copy took)
+    point: str = CheckpointPoint.END
 
 
 class Materializer:
@@ -237,7 +253,7 @@ class Materializer:
             total += seconds
             rows.append(
                 (job.ctx_id, job.loop_name, job.iteration, name, stored.sha256, stored.bytes, seconds,
-                 job.block_seconds, copy.format.value)
+                 job.block_seconds, copy.format.value, job.point)
             )
         self.run.queue_checkpoint_rows(rows)
         self.measured.append(total)
@@ -259,29 +275,46 @@ class Checkpointer:
         self.checkpoints = 0  # k
         self.compute_seconds = 0.0
         self._last_ctx = -1
+        self._decided_ctx = -1  # the iteration whose checkpoint was decided at its nested point
         self._estimated_bytes: int | None = None
         self._materializer: Materializer | None = None
 
+    def end_nested(self, ctx_id: int, loop_name: str, index: int, seconds: float) -> None:
+        """Called when the first nested ``flor.loop`` of outer iteration ``index`` has run to its end
+        (``seconds`` into the iteration): the iteration's one checkpoint decision is taken here, so
+        that its state is the one a replay that skips the nested loop needs (CheckpointPoint)."""
+        self._raise_background_error()
+        self._decided_ctx = ctx_id
+        n, compute = self.iterations + 1, self.compute_seconds + seconds
+        self._decide(ctx_id, loop_name, index, seconds, n, compute, CheckpointPoint.NESTED)
+
     def end_iteration(self, ctx_id: int, loop_name: str, index: int, seconds: float) -> None:
-        """Called by the outermost ``flor.loop`` after each iteration: checkpoint if the invariant holds."""
+        """Called by the outermost ``flor.loop`` after each iteration: checkpoint if the invariant holds
+        (unless the decision was already taken at the iteration's nested point)."""
         self._raise_background_error()
         self.iterations += 1
         self.compute_seconds += seconds
+        if ctx_id == self._decided_ctx:
+            return
+        self._decide(ctx_id, loop_name, index, seconds, self.iterations, self.compute_seconds, CheckpointPoint.END)
+
+    def _decide(
+        self, ctx_id: int, loop_name: str, index: int, seconds: float, n: int, compute: float, point: str
+    ) -> None:
+        """The Joint Invariant's decision with ``n`` iterations of ``compute`` seconds so far."""
         # Two checkpoints still queued a whole iteration later means M was underestimated (or
         # the disk stalls): skip rather than hold a third copy of the state in memory.
         every = self.settings.every
         if every is not None:
             # Fixed restore points, asked for in [tool.flordb_build]: wait for the writer rather than skip.
-            if self.iterations % every == 0:
+            if n % every == 0:
                 if self._materializer is not None:
                     self._materializer.wait_for_room(MAX_PENDING)
-                self.checkpoint(ctx_id, loop_name, index, seconds)
+                self.checkpoint(ctx_id, loop_name, index, seconds, point)
             return
         busy = self._materializer is not None and self._materializer.pending >= MAX_PENDING
-        if not busy and self.invariant.admits(
-            self.iterations, self.checkpoints, self.compute_seconds, self.expected_materialize_seconds()
-        ):
-            self.checkpoint(ctx_id, loop_name, index, seconds)
+        if not busy and self.invariant.admits(n, self.checkpoints, compute, self.expected_materialize_seconds()):
+            self.checkpoint(ctx_id, loop_name, index, seconds, point)
 
     def end_loop(self, ctx_id: int, loop_name: str, index: int, seconds: float) -> None:
         """Called when the outermost loop is exhausted: the last iteration is always checkpointed."""
@@ -301,7 +334,9 @@ class Checkpointer:
             self._estimated_bytes = sum(estimate_nbytes(obj) for obj in self.objects.values())
         return self._estimated_bytes / INITIAL_BYTES_PER_SECOND
 
-    def checkpoint(self, ctx_id: int, loop_name: str, index: int, seconds: float) -> None:
+    def checkpoint(
+        self, ctx_id: int, loop_name: str, index: int, seconds: float, point: str = CheckpointPoint.END
+    ) -> None:
         """Copy every object's state now and queue it for writing in the background."""
         from .objects import ObjectStore
         from .state import copy_state
@@ -321,7 +356,7 @@ class Checkpointer:
         items.extend((name, copy, seconds_each) for name, copy in extra)
         if self._materializer is None:
             self._materializer = Materializer(self.run, ObjectStore.for_config(self.run.config))
-        self._materializer.submit(_Job(ctx_id, loop_name, index, seconds, items))
+        self._materializer.submit(_Job(ctx_id, loop_name, index, seconds, items, point))
         self.checkpoints += 1
         self._last_ctx = ctx_id
 

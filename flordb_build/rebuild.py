@@ -51,6 +51,7 @@ from .store import (
     TABLES,
     TIMING_INSERT,
     StoreLock,
+    checkpoint_row,
     connect,
     ensure_schema,
     is_run_alive,
@@ -343,7 +344,7 @@ def insert_run_journal(conn: sqlite3.Connection, journal: RunJournal, commit: st
         conn.executemany(TIMING_INSERT, [(run_id, *entry) for entry in journal.timings])
         conn.executemany(
             CHECKPOINT_INSERT,
-            [(run_id, *entry) for entry in journal.checkpoints if objects is None or objects.contains(entry[4])],
+            [checkpoint_row(run_id, entry) for entry in journal.checkpoints if objects is None or objects.contains(entry[4])],
         )
 
 

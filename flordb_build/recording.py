@@ -122,6 +122,9 @@ class LoopObserver(Protocol):
 
     objects: dict[str, Any]
 
+    def end_nested(self, ctx_id: int, loop_name: str, index: int, seconds: float) -> None:
+        """The first nested loop of outermost iteration ``index`` ran to its end, ``seconds`` into it."""
+
     def end_iteration(self, ctx_id: int, loop_name: str, index: int, seconds: float) -> None:
         """An outermost iteration ended (its rows are queued)."""
 
@@ -196,6 +199,8 @@ class Run(Recorder):
         self._outer_started = False
         self._outer_ctx = -1  # ctx of the running outermost iteration; -1 between them
         self._inner_seconds = 0.0  # nested-loop seconds inside the running outermost iteration
+        self._nested_seen = False  # a nested loop has started in the running outermost iteration
+        self._outer_position: tuple[str, int, float] = ("", -1, 0.0)  # its loop name, index, start
         self._outer_end: float | None = None  # perf_counter when the last outermost loop ended
         self._between_seconds = 0.0
 
@@ -242,6 +247,9 @@ class Run(Recorder):
         # iteration's "inner" timing: one perf_counter pair per nested loop, none per iteration.
         timed = parent == self._outer_ctx
         started = time.perf_counter() if timed else 0.0
+        first_nested = timed and not self._nested_seen
+        if timed:
+            self._nested_seen = True
         try:
             for index, element in enumerate(iterable):
                 ctx = next_ctx()
@@ -256,6 +264,11 @@ class Run(Recorder):
             if timed:
                 self._inner_seconds += time.perf_counter() - started
             self._wake.set()
+        # Reached only when the iterable is exhausted: a `break` (or an exception) closes the
+        # generator at its `yield` instead, and that iteration's checkpoint waits for its end.
+        if first_nested and self.checkpointer is not None:
+            outer_name, outer_index, began = self._outer_position
+            self.checkpointer.end_nested(parent, outer_name, outer_index, time.perf_counter() - began)
 
     def _loop_outermost(self, name: str, iterable: Iterable[T]) -> Iterator[T]:
         """The outermost loop: also times each iteration and lets the checkpointer decide."""
@@ -274,9 +287,10 @@ class Run(Recorder):
             for index, element in enumerate(iterable):
                 ctx = next_ctx()
                 queue_loop((ctx, ROOT_CTX, name, index, simple_loop_value(element, index)))
-                self._outer_ctx, self._inner_seconds = ctx, 0.0
+                self._outer_ctx, self._inner_seconds, self._nested_seen = ctx, 0.0, False
                 _CTX.set(ctx)
                 began = perf()
+                self._outer_position = (name, index, began)
                 yield element
                 seconds = perf() - began
                 _CTX.set(ROOT_CTX)

@@ -185,6 +185,9 @@ TABLES: dict[str, dict[str, Any]] = {
             "block_seconds": float,
             # how the object's bytes decode (state.StateFormat: torch / numpy / json / pickle)
             "format": str,
+            # where in the iteration the state was taken (checkpoints.CheckpointPoint): 'nested',
+            # where the iteration's first nested flor.loop ended, or 'end' (NULL: 'end', schema < 5)
+            "point": str,
         },
         "pk": ("run_id", "ctx_id", "name"),
         "indexes": [(("sha256",), False)],
@@ -284,8 +287,17 @@ def loop_contexts(conn: sqlite3.Connection, run_id: str) -> list[tuple[int, int,
 TIMING_INSERT = "INSERT OR REPLACE INTO timings (run_id, ctx_id, kind, seconds) VALUES (?, ?, ?, ?)"
 CHECKPOINT_INSERT = (
     "INSERT OR REPLACE INTO checkpoints (run_id, ctx_id, loop_name, iteration, name, sha256, bytes, "
-    "materialize_seconds, block_seconds, format) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "materialize_seconds, block_seconds, format, point) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+#: Fields of a checkpoint row after ``run_id`` before schema 5 (no ``point``: taken at the iteration's end).
+_CHECKPOINT_FIELDS_V4 = 9
+
+
+def checkpoint_row(run_id: str, entry: Sequence[Any]) -> tuple[Any, ...]:
+    """A ``checkpoints`` row for :data:`CHECKPOINT_INSERT` from a journal entry of any schema."""
+    if len(entry) == _CHECKPOINT_FIELDS_V4:
+        return (run_id, *entry, "end")
+    return (run_id, *entry)
 
 
 def busy_timeout_seconds(config: Config) -> float:
@@ -759,7 +771,7 @@ class Store:
         :param logs: ``(seq, ctx_id, name, value, kind)`` tuples.
         :param timings: ``(ctx_id, kind, seconds)`` tuples (checkpoints.py documents the kinds).
         :param checkpoints: ``(ctx_id, loop_name, iteration, name, sha256, bytes,
-            materialize_seconds, block_seconds, format)`` tuples, queued only once the object exists.
+            materialize_seconds, block_seconds, format, point)`` tuples, queued only once the object exists.
         """
         if not loops and not logs and not timings and not checkpoints:
             return
@@ -773,7 +785,7 @@ class Store:
             if timings:
                 self.conn.executemany(TIMING_INSERT, [(run_id, *row) for row in timings])
             if checkpoints:
-                self.conn.executemany(CHECKPOINT_INSERT, [(run_id, *row) for row in checkpoints])
+                self.conn.executemany(CHECKPOINT_INSERT, [checkpoint_row(run_id, row) for row in checkpoints])
 
 
 def validated_columns(table: str, columns: Iterable[str]) -> list[str]:

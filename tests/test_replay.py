@@ -207,7 +207,7 @@ def test_a_nondeterministic_script_is_reported(project: Any) -> None:
     project.write(
         "noisy.py",
         """\
-        import random
+        import os
         import flordb_build as flor
 
         state = {"w": 0.0}
@@ -215,7 +215,8 @@ def test_a_nondeterministic_script_is_reported(project: Any) -> None:
             for epoch in flor.loop("epoch", range(2)):
                 for step in flor.loop("step", range(2)):
                     state["w"] += 1.0
-                flor.log("val", state["w"] + random.random())
+                # the OS's entropy: unlike a random module, no restored generator state reproduces it
+                flor.log("val", state["w"] + int.from_bytes(os.urandom(4), "big") / 2**32)
         """,
     )
     project.commit_all("noisy")

@@ -246,3 +246,57 @@ def test_a_store_from_before_argv_is_migrated_and_its_runs_replay_without_flags(
     assert "argv" in columns and argv is None
     report = flor.replay("final_lr", quiet=True)
     assert report.ok and _replayed_values(report, "final_lr") == [[0.7**2]]
+
+
+# -- 12.1: the rest of the epoch body after the nested loop runs once ----------------------------
+
+SCHEDULER_OLD = """\
+import torch
+
+import flordb_build as flor
+
+
+def train(model, optimizer, x, y):
+    for step in flor.loop("step", range(3)):
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+
+
+torch.manual_seed(0)
+model = torch.nn.Linear(4, 1)
+optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+x, y = torch.randn(16, 4), torch.randn(16, 1)
+with flor.checkpointing(model=model, optimizer=optimizer, scheduler=scheduler):
+    for epoch in flor.loop("epoch", range(4)):
+        train(model, optimizer, x, y)
+        scheduler.step()
+        flor.log("loss", float(torch.nn.functional.mse_loss(model(x), y)))
+"""
+
+
+def test_state_changed_after_the_nested_loop_is_applied_once_in_validation(project: Any) -> None:
+    today = SCHEDULER_OLD.replace(
+        "        scheduler.step()\n", '        scheduler.step()\n        flor.log("lr", scheduler.get_last_lr()[0])\n'
+    )
+    project.write("pyproject.toml", "[tool.flordb_build]\ncheckpoint_every = 1\n")  # every epoch validates
+    _record(project, SCHEDULER_OLD, today)
+    conn = sqlite3.connect(project.root / ".flor" / "flor.db")
+    points = dict(conn.execute("SELECT DISTINCT iteration, point FROM checkpoints"))
+    conn.close()
+    assert points == dict.fromkeys(range(4), "nested")  # the state where train()'s loop ended
+    report = flor.replay("lr", quiet=True)
+    assert report.ok and [r.depth.value for r in report.plan.runs] == ["validation"]
+    assert report.plan.runs[0].nested == (0, 1, 2, 3)
+    assert report.outcomes[0].mismatches == ()
+    assert _replayed_values(report, "lr") == [[0.5, 0.25, 0.125, 0.0625]]
+    assert _fresh_values(project, report, "lr") == [[0.5, 0.25, 0.125, 0.0625]]
+
+
+def test_a_suffix_after_a_nested_point_checkpoint_sees_the_last_epoch_finished_once(project: Any) -> None:
+    today = SCHEDULER_OLD + 'flor.log("final_lr", scheduler.get_last_lr()[0])\n'
+    _record(project, SCHEDULER_OLD, today)
+    report = flor.replay("final_lr", quiet=True)
+    assert report.ok and [r.depth.value for r in report.plan.runs] == ["suffix"]
+    assert _replayed_values(report, "final_lr") == [[0.0625]] == _fresh_values(project, report, "final_lr")

@@ -86,7 +86,7 @@ def jobs_of(run: RunPlan, device: str) -> list[ReplayJob]:
             run=run,
             worker=worker,
             segment=segment if split else None,
-            schedule=schedule_scan(run.depth, run.iterations, run.checkpointed, segment if split else None),
+            schedule=schedule_scan(run.depth, run.iterations, run.checkpointed, segment if split else None, run.nested),
             device=device,
             estimate=run.segment_estimates[worker],
         )

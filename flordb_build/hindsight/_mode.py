@@ -19,8 +19,9 @@ run row, no journal, no snapshot. It is composed of the recording layer's public
 
       SKIP      element consumed, body not run      RESTORE   checkpoint restored, body not run
       SILENT    body run in full, values dropped     FULL      body run in full, values kept
-      VALIDATE  body run, nested flor.loops yield nothing; the iteration's checkpoint is restored
-                where the first of them ends (the state the record had after the nested loops)
+      VALIDATE  body run, nested flor.loops yield nothing; the iteration's checkpoint, taken where
+                the first of them ended, is restored there; the rest of the body runs once
+      RESUME    as VALIDATE, values dropped (a pseudoresume point at a nested-point checkpoint)
 """
 
 from __future__ import annotations
@@ -266,8 +267,8 @@ class ReplayRun:
         schedule = self.spec.schedule
         steps = list(schedule.steps)
         objects = self.checkpointer.objects if self.checkpointer is not None else None
-        if objects is None and any(s.kind in (StepKind.RESTORE, StepKind.VALIDATE, StepKind.SKIP) or s.restore_after
-                                   for s in steps):
+        restoring = (StepKind.RESTORE, StepKind.RESUME, StepKind.VALIDATE, StepKind.SKIP)
+        if objects is None and any(s.kind in restoring for s in steps):
             self.notes.append("no flor.checkpointing block was active at the main loop: ran its iterations in full")
             steps = [Step(StepKind.FULL if s.kind in (StepKind.FULL, StepKind.VALIDATE) else StepKind.SILENT)
                      for s in steps]
@@ -286,8 +287,9 @@ class ReplayRun:
                 self._progress(index + 1, total)
                 continue
             self._keeping = step.kind in (StepKind.FULL, StepKind.VALIDATE)
-            self._skip_nested = step.kind is StepKind.VALIDATE
-            self._pending_restore = index if step.kind is StepKind.VALIDATE else None
+            skipping = step.kind in (StepKind.VALIDATE, StepKind.RESUME)
+            self._skip_nested = skipping
+            self._pending_restore = index if skipping else None
             ctx = self._context(ROOT_CTX, name, occurrence, index, element)
             _CTX.set(ctx)
             try:
@@ -298,8 +300,6 @@ class ReplayRun:
             if self._pending_restore is not None:  # no nested loop ran: restore at the iteration's end
                 self._restore(index)
                 self._pending_restore = None
-            if step.restore_after:
-                self._restore(index)
             self._flusher.wake.set()
             self._progress(index + 1, total)
         if schedule.stop_after:
@@ -315,6 +315,8 @@ class ReplayRun:
             self._restore(index)
         elif kind is StepKind.VALIDATE:
             self.counters["iterations_validated"] += 1
+        elif kind is StepKind.RESUME:
+            self.counters["iterations_skipped"] += 1
         else:
             self.counters["iterations_run"] += 1
 

@@ -37,6 +37,9 @@ class StepKind(Enum):
     SILENT = "silent"  # executed in full to rebuild state, its logs dropped (another worker owns them)
     FULL = "full"  # executed in full, nested loops included, logs kept
     VALIDATE = "validate"  # executed with nested loops skipped; state restored where they end
+    #: A pseudoresume point whose checkpoint was taken where the first nested loop ended: executed
+    #: like VALIDATE (so the rest of the body runs once, on the recorded state), its logs dropped.
+    RESUME = "resume"
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,6 @@ class Step:
     """One main-loop iteration of a replay schedule."""
 
     kind: StepKind
-    restore_after: bool = False  # restore this iteration's checkpoint once it ends (exact state next)
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,9 @@ class RecordedRun:
     timings: tuple[tuple[int, str, float], ...] = ()
     #: ``(ctx_id, loop_name, iteration, materialize_seconds)``, one per checkpointed iteration.
     checkpoints: tuple[tuple[int, str, int, float], ...] = ()
+    #: ctx ids of the checkpoints taken where the iteration's first nested loop ended
+    #: (checkpoints.CheckpointPoint.NESTED); the others hold the state at the iteration's end.
+    nested_checkpoints: frozenset[int] = frozenset()
     unavailable: str | None = None  # why the snapshot cannot be used (then old_source is None)
     #: path -> the snapshot's text of the project's other modules that log a requested name today
     old_modules: Mapping[str, str] = field(default_factory=dict)
@@ -146,6 +151,7 @@ class RunPlan:
     modules: Mapping[str, str] = field(default_factory=dict)  # path -> propagated text of other modules
     old_modules: Mapping[str, str] = field(default_factory=dict)  # path -> their recorded text (for --diff)
     argv: tuple[str, ...] = ()  # the script's recorded arguments, passed again (before the --kwargs)
+    nested: tuple[int, ...] = ()  # the checkpointed iterations whose state is at their nested point
 
     @property
     def version(self) -> str:
@@ -278,7 +284,7 @@ class ReplaySpec:
         """The spec as the JSON text of :data:`REPLAY_ENV`."""
         data = {
             "run_id": self.run_id, "depth": self.depth, "names": list(self.names), "main_loop": self.main_loop,
-            "steps": [[s.kind.value, s.restore_after] for s in self.schedule.steps],
+            "steps": [s.kind.value for s in self.schedule.steps],
             "stop_after": self.schedule.stop_after, "writes_prefix": self.schedule.writes_prefix,
             "writes_suffix": self.schedule.writes_suffix, "device": self.device, "db": self.db,
             "root": self.root, "projid": self.projid, "filename": self.filename, "task": self.task,
@@ -292,7 +298,7 @@ class ReplaySpec:
         """Read the JSON written by :meth:`to_json`."""
         data = json.loads(text)
         schedule = Schedule(
-            steps=tuple(Step(StepKind(kind), bool(after)) for kind, after in data["steps"]),
+            steps=tuple(Step(StepKind(kind)) for kind in data["steps"]),
             stop_after=bool(data["stop_after"]),
             writes_prefix=bool(data["writes_prefix"]),
             writes_suffix=bool(data["writes_suffix"]),

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..checkpoints import CheckpointPoint
 from ..config import Config, load_config
 from ..errors import ReplayError, SnapshotError, WarmStartError
 from ..snapshot import run_git, run_git_bytes
@@ -58,6 +59,9 @@ def load_recorded_runs(config: Config, run_ids: Sequence[str]) -> list[RecordedR
                 "GROUP BY ctx_id, loop_name, iteration ORDER BY ctx_id",
                 (rid,),
             ).fetchall()
+            nested = conn.execute(
+                "SELECT DISTINCT ctx_id FROM checkpoints WHERE run_id = ? AND point = ?", (rid, CheckpointPoint.NESTED)
+            ).fetchall()
             source, unavailable = _snapshot_source(config.root, snapshot, filename)
             runs.append(
                 RecordedRun(
@@ -66,6 +70,7 @@ def load_recorded_runs(config: Config, run_ids: Sequence[str]) -> list[RecordedR
                     outer_loops=tuple((int(c), str(n), int(i)) for c, n, i in outer),
                     timings=tuple((int(c), str(k), float(s)) for c, k, s in timings),
                     checkpoints=tuple((int(c), str(n), int(i), float(m or 0.0)) for c, n, i, m in checkpoints),
+                    nested_checkpoints=frozenset(int(c) for (c,) in nested),
                     unavailable=unavailable,
                 )
             )
