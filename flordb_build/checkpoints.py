@@ -45,6 +45,7 @@ import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import DEFAULT_CHECKPOINT_EPSILON, Config, load_config
@@ -351,7 +352,8 @@ class Checkpointer:
                 raise CheckpointError(f"Could not checkpoint '{name}' at {loop_name} {index}: {exc}") from exc
             items.append((name, copy, time.perf_counter() - started))
         started = time.perf_counter()
-        extra = capture(self.objects)  # RNG states and gradients: a replay restores them too
+        # RNG states, gradients and the files the run wrote: a replay restores them too
+        extra = capture(self.objects, self.run.written_files(), self.run.config.root)
         seconds_each = (time.perf_counter() - started) / len(extra)
         items.extend((name, copy, seconds_each) for name, copy in extra)
         if self._materializer is None:
@@ -485,6 +487,7 @@ def restore_objects(
     map_location: Any = None,
     weights_only: bool = True,
     training_state: bool = False,
+    files_root: Path | None = None,
     config: Config | None = None,
 ) -> RestoreResult:
     """Restore ``objects`` in place from ``run_id``'s checkpoint at outer iteration ``iteration``.
@@ -493,8 +496,9 @@ def restore_objects(
     states without restoring anything. Every object is read and verified before any is restored,
     so a corrupted checkpoint never leaves the live objects half-restored. ``training_state``
     (what a replay asks for) also restores the random generators and the modules' gradients as
-    they were at the checkpoint (training_state.py); a checkpoint taken before they were
-    recorded restores without them.
+    they were at the checkpoint (training_state.py), and with ``files_root`` writes the files
+    the run had written back under it; a checkpoint taken before they were recorded restores
+    without them.
 
     :raises CheckpointNotFoundError: the run has no checkpoint at that iteration (the message
         lists the iterations that have one).
@@ -523,13 +527,15 @@ def restore_objects(
         wanted = list(objects) if objects else user_names
         if training_state and objects:
             extra = [extras.RNG_NAME, *(extras.grad_name(name) for name in objects)]
+            if files_root is not None:
+                extra += [name for name in by_name if name.startswith(extras.FILE_PREFIX)]
             wanted += [name for name in extra if name in by_name]
         loaded = {name: _load_object(by_name[name], where, map_location, weights_only, config) for name in wanted}
         if objects:
             restored = {name: restore_into(objects[name], loaded[name], name) for name in objects}
             if training_state:
                 try:
-                    extras.restore(objects, loaded)
+                    extras.restore(objects, loaded, files_root)
                 except CheckpointError as exc:
                     raise CheckpointError(f"The checkpoint of {where}: {exc}.") from exc
         else:

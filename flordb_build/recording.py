@@ -59,6 +59,7 @@ from .store import (
     now_tstamp,
 )
 from .values import simple_loop_value, storable_loop_value
+from .written_files import WrittenFiles, stop_tracking, track_written_files
 
 if TYPE_CHECKING:
     from .snapshot import CodeState
@@ -193,6 +194,7 @@ class Run(Recorder):
         #   between    gaps between outermost loops      suffix last outermost loop -> close
         #   restore    restoring that iteration's checkpoint (written by checkpoints.py)
         self.checkpointer: LoopObserver | None = None
+        self._written: WrittenFiles | None = None  # files opened for writing (begin())
         self._t0 = time.perf_counter()
         self._timings: deque[tuple[int, str, float]] = deque()
         self._checkpoint_rows: deque[tuple[Any, ...]] = deque()
@@ -309,6 +311,16 @@ class Run(Recorder):
             self._outer_end = perf()
             self._wake.set()
 
+    def written_files(self) -> list[str]:
+        """Project-relative paths of the files this run has written so far (written_files.py)."""
+        if self._written is None:
+            return []
+        stopped = self._written.scan_stopped
+        paths = self._written.scan()
+        if stopped is None and self._written.scan_stopped is not None:
+            warn(f"run {self.run_id}: {self._written.scan_stopped}.", stacklevel=None)
+        return paths
+
     def queue_checkpoint_rows(self, rows: Iterable[tuple[Any, ...]]) -> None:
         """Queue ``checkpoints`` rows whose objects are written; the flusher stores them."""
         self._checkpoint_rows.extend(rows)
@@ -337,6 +349,7 @@ class Run(Recorder):
     def begin(self) -> None:
         """Take the run's lock, insert its row, open its journal and start the flusher."""
         self._lock = RunLock.acquire(self.config.flor_dir / "locks", self.run_id)
+        self._written = track_written_files(self.config.root)
         row = {
             "run_id": self.run_id,
             "projid": self.config.projid,
@@ -500,6 +513,8 @@ class Run(Recorder):
         if self._closed:
             return
         self._closed = True
+        if self._written is not None:
+            stop_tracking(self._written)
         if self.failure is not None:
             status, (error, exit_code) = ("interrupted" if self.interrupted else "failed"), self.failure
         if self.checkpointer is not None:  # commit() inside flor.checkpointing: finish its writes

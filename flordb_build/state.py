@@ -42,6 +42,7 @@ class StateFormat(StrEnum):
     NUMPY = "numpy"
     JSON = "json"
     PICKLE = "pickle"
+    BYTES = "bytes"  # a file's contents, as they were (training_state.py's written files)
 
 
 @dataclass(frozen=True)
@@ -184,7 +185,7 @@ def _is_json_plain(x: Any) -> bool:
 
 def serialize(copy: StateCopy) -> bytes | memoryview:
     """Encode a state copy as bytes (runs on the materializer thread)."""
-    if copy.format is StateFormat.PICKLE:
+    if copy.format in (StateFormat.PICKLE, StateFormat.BYTES):
         data: bytes = copy.payload
         return data
     if copy.format is StateFormat.JSON:
@@ -212,6 +213,8 @@ def deserialize(data: bytes, fmt: str, *, map_location: Any = None, weights_only
         raise CheckpointError(f"Unknown checkpoint format '{fmt}'; was it written by a newer flordb_build?") from None
     if state_format is StateFormat.JSON:
         return json.loads(data)
+    if state_format is StateFormat.BYTES:
+        return bytes(data)
     if state_format is StateFormat.NUMPY:
         import numpy as np
 

@@ -1,4 +1,4 @@
-"""Training state no ``flor.checkpointing`` object holds: random generators and parameter gradients.
+"""Training state no ``flor.checkpointing`` object holds: random generators, gradients, written files.
 
 A replay that restores a checkpoint and runs on must see the state the record had there, not
 only the model's weights and the optimizer's moments:
@@ -10,9 +10,13 @@ only the model's weights and the optimizer's moments:
   are where they were. One JSON object, ``flor.rng``, holds them all;
 - **gradients**: FlorDB's README logs ``gradient_norm`` at the top of the epoch loop (the previous
   epoch's last step). A module's ``state_dict`` has no gradients, so each checkpointed torch module
-  also gets ``<name>.grad``: its parameters' gradients (``None`` where a parameter has none).
+  also gets ``<name>.grad``: its parameters' gradients (``None`` where a parameter has none);
+- **files the run wrote**: the best model saved to a git-ignored ``model.pt`` inside the loop, read
+  by the code after it. Each checkpoint keeps the current contents of every project file the run
+  has opened for writing (written_files.py) as ``flor.file:<path>``; an unchanged file is the same
+  object in the store, so only a changed one costs space.
 
-Both are taken with every checkpoint, on the training thread (a consistent copy, like the objects'
+All are taken with every checkpoint, on the training thread (a consistent copy, like the objects'
 own), and stored as objects of that checkpoint under those names (a ``flor.checkpointing`` keyword
 is an identifier, so neither name can clash with a user's object). They are restored only where a
 replay asks for them (``checkpoints.restore_objects(training_state=True)``): loading a model from a
@@ -26,6 +30,7 @@ import base64
 import random
 import sys
 from collections.abc import Iterable, Mapping
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import CheckpointError
@@ -35,11 +40,15 @@ from .state import StateCopy, StateFormat
 RNG_NAME = "flor.rng"
 #: Suffix of the checkpoint object holding a module's parameter gradients.
 GRAD_SUFFIX = ".grad"
+#: Prefix of the checkpoint objects holding a written file's contents (then its project-relative path).
+FILE_PREFIX = "flor.file:"
+#: Files larger than this are not kept with checkpoints (a replay that needs one refuses to guess).
+MAX_FILE_BYTES = 1 << 30
 
 
 def is_training_state_name(name: str) -> bool:
     """True for the checkpoint objects this module adds (never a ``flor.checkpointing`` keyword)."""
-    return name == RNG_NAME or name.endswith(GRAD_SUFFIX)
+    return name == RNG_NAME or name.endswith(GRAD_SUFFIX) or name.startswith(FILE_PREFIX)
 
 
 def grad_name(name: str) -> str:
@@ -50,14 +59,33 @@ def grad_name(name: str) -> str:
 # -- capture (training thread) ------------------------------------------------------------------
 
 
-def capture(objects: Mapping[str, Any]) -> list[tuple[str, StateCopy]]:
-    """The generators' states and the gradients of ``objects``' torch modules, as state copies."""
+def capture(
+    objects: Mapping[str, Any], files: Iterable[str] = (), root: Path | None = None
+) -> list[tuple[str, StateCopy]]:
+    """The generators' states, the gradients of ``objects``' torch modules and the current contents
+    of ``files`` (paths relative to ``root`` the run wrote, written_files.py), as state copies."""
     copies = [(RNG_NAME, StateCopy(StateFormat.JSON, rng_state(), 0))]
     for name, obj in objects.items():
         grads = _grad_copy(obj)
         if grads is not None:
             copies.append((grad_name(name), grads))
+    if root is not None:
+        for relative in files:
+            data = _read_file(root / relative)
+            if data is not None:
+                copies.append((FILE_PREFIX + relative, StateCopy(StateFormat.BYTES, data, len(data))))
     return copies
+
+
+def _read_file(path: Path) -> bytes | None:
+    # A file the run wrote and then removed, or replaced by a directory, is not state to restore;
+    # one too large to copy at every checkpoint is left out (a replay that needs it fails visibly).
+    try:
+        if not path.is_file() or path.stat().st_size > MAX_FILE_BYTES:
+            return None
+        return path.read_bytes()
+    except OSError:
+        return None
 
 
 def rng_state() -> dict[str, Any]:
@@ -102,10 +130,12 @@ def _grad_copy(obj: Any) -> StateCopy | None:
 # -- restore (replay) ---------------------------------------------------------------------------
 
 
-def restore(objects: Mapping[str, Any], loaded: Mapping[str, Any]) -> list[str]:
-    """Put the loaded generator states and gradients back; returns the names restored.
+def restore(objects: Mapping[str, Any], loaded: Mapping[str, Any], files_root: Path | None = None) -> list[str]:
+    """Put the loaded generator states, gradients and (under ``files_root``) files back; returns
+    the names restored.
 
-    :raises CheckpointError: a gradient does not fit its parameter (the model is built differently).
+    :raises CheckpointError: a gradient does not fit its parameter (the model is built differently),
+        or a file cannot be written.
     """
     restored = []
     if RNG_NAME in loaded:
@@ -116,7 +146,24 @@ def restore(objects: Mapping[str, Any], loaded: Mapping[str, Any]) -> list[str]:
         if grads is not None:
             _restore_grads(name, obj, grads)
             restored.append(grad_name(name))
+    if files_root is not None:
+        for name, data in loaded.items():
+            if name.startswith(FILE_PREFIX):
+                _write_file(files_root, name.removeprefix(FILE_PREFIX), data)
+                restored.append(name)
     return restored
+
+
+def _write_file(root: Path, relative: str, data: bytes) -> None:
+    path = PurePosixPath(relative)
+    if path.is_absolute() or ".." in path.parts:  # written_files.py notes only paths under the root
+        raise CheckpointError(f"a checkpointed file has a path outside the project: '{relative}'")
+    target = root.joinpath(*path.parts)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    except OSError as exc:
+        raise CheckpointError(f"could not restore the file '{relative}' the run had written: {exc}") from exc
 
 
 def set_rng_state(state: Mapping[str, Any]) -> None:

@@ -300,3 +300,48 @@ def test_a_suffix_after_a_nested_point_checkpoint_sees_the_last_epoch_finished_o
     report = flor.replay("final_lr", quiet=True)
     assert report.ok and [r.depth.value for r in report.plan.runs] == ["suffix"]
     assert _replayed_values(report, "final_lr") == [[0.0625]] == _fresh_values(project, report, "final_lr")
+
+
+# -- 12.6: a file the skipped loop wrote ------------------------------------------------------------
+
+BEST_FILE_OLD = """\
+import torch
+
+import flordb_build as flor
+
+torch.manual_seed(0)
+model = torch.nn.Linear(4, 1)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+x, y = torch.randn(32, 4), torch.randn(32, 1)
+xv, yv = torch.randn(16, 4), torch.randn(16, 1)
+tracker = {"best": float("inf")}
+with flor.checkpointing(model=model, optimizer=optimizer, tracker=tracker):
+    for epoch in flor.loop("epoch", range(5)):
+        for step in flor.loop("step", range(3)):
+            optimizer.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            optimizer.step()
+        with torch.no_grad():
+            val = float(torch.nn.functional.mse_loss(model(xv), yv))
+        if val < tracker["best"]:
+            tracker["best"] = val
+            torch.save(model.state_dict(), "best_model.pt")
+        flor.log("val", val)
+best = torch.nn.Linear(4, 1)
+best.load_state_dict(torch.load("best_model.pt", weights_only=True))
+"""
+
+
+def test_a_suffix_that_reads_a_file_the_loop_wrote_finds_it_as_recorded(project: Any) -> None:
+    project.write(".gitignore", "*.pt\n")  # the model file is no part of any snapshot
+    today = BEST_FILE_OLD + 'flor.log("best_bias", float(best.bias[0]))\n'
+    _record(project, BEST_FILE_OLD, today)
+    conn = sqlite3.connect(project.root / ".flor" / "flor.db")
+    files = {name for (name,) in conn.execute("SELECT DISTINCT name FROM checkpoints WHERE name LIKE 'flor.file:%'")}
+    conn.close()
+    assert files == {"flor.file:best_model.pt"}
+    (project.root / "best_model.pt").unlink()  # the work tree's copy must not be what the replay reads
+    report = flor.replay("best_bias", quiet=True)
+    assert report.ok and [r.depth.value for r in report.plan.runs] == ["suffix"], report
+    replayed = _replayed_values(report, "best_bias")
+    assert replayed == _fresh_values(project, report, "best_bias") and len(replayed[0]) == 1

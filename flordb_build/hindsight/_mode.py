@@ -121,6 +121,8 @@ class ReplayRun:
         if self._progress_fd is None and os.environ.get(PROGRESS_FD_ENV, "").isdigit():
             self._progress_fd = int(os.environ[PROGRESS_FD_ENV])  # a warm start put it at a free number
         self._prefix_seconds: float | None = None
+        #: The replay's working tree (the child starts in it): restored files are written here.
+        self.tree = Path.cwd()
         self.notes: list[str] = []
         self.counters = {"restores": 0, "nested_skipped": 0, "nested_run": 0, "iterations_run": 0,
                          "iterations_validated": 0, "iterations_skipped": 0, "stored": 0}
@@ -327,11 +329,12 @@ class ReplayRun:
         map_location = "cuda" if self.device() == "cuda" else "cpu"
         # The objects come from the project's own hash-verified store, written by the run being
         # replayed: they are the run's own, so pickled ones (a scikit-learn estimator) load too
-        # (the user-facing load_checkpoint keeps weights_only=True). The generators and gradients
-        # go back to where the record had them (training_state.py).
+        # (the user-facing load_checkpoint keeps weights_only=True). The generators, gradients and
+        # the files the run had written go back to where the record had them (training_state.py).
         restore_objects(
             self.run_id, iteration, self.checkpointer.objects, loop_name=self.spec.main_loop,
-            map_location=map_location, weights_only=False, training_state=True, config=self.config,
+            map_location=map_location, weights_only=False, training_state=True, files_root=self.tree,
+            config=self.config,
         )
         self.counters["restores"] += 1
 
@@ -369,6 +372,10 @@ class ReplayRun:
     def _note_stage_failure(self, exc: BaseException) -> None:
         """A background staging write failed: the rows stay queued, the flusher retries, close() flushes."""
         self.counters["stage_retries"] = self.counters.get("stage_retries", 0) + 1
+
+    def written_files(self) -> list[str]:
+        """A replay takes no checkpoints, so it keeps no files for them (it restores them, _restore)."""
+        return []
 
     def queue_checkpoint_rows(self, rows: Iterable[tuple[Any, ...]]) -> None:
         """A replay restores checkpoints and never takes one (its main loop tells the checkpointer of
