@@ -78,16 +78,20 @@ MAX_PENDING = 2
 class CheckpointPoint:
     """Where in an outer iteration a checkpoint's state was taken (the ``point`` column).
 
-    ``NESTED``: where the iteration's first nested ``flor.loop`` ran to its end, the dissertation's
-    SkipBlock. A replay that skips that nested loop restores there and runs the rest of the body once,
-    on the state the record had (issue 12.1: ``train(); scheduler.step()`` must not step twice).
-    ``END``: at the iteration's end: iterations without a nested loop, one the script left with
-    ``break``, the final iteration when its nested point was not taken, and every checkpoint of a
-    store from before schema 5.
+    ``END``: at the iteration's end, every checkpoint has these objects: what ``load_checkpoint``
+    restores from a dataframe row, and what a replay restores to skip whole iterations.
+    ``NESTED``: also, for an iteration with a nested ``flor.loop``, the state where the first one ran
+    to its end (the dissertation's SkipBlock), its objects named ``nested:<name>``. A validation
+    replay skips the nested loop, restores these there, and runs the rest of the body once on the
+    state the record had: ``train(); scheduler.step()`` must not step twice (issue 12.1). Iterations
+    without a nested loop, or left with ``break``, and stores from before schema 5 have none (those
+    iterations never validate; a replay runs them in full).
     """
 
     NESTED = "nested"
     END = "end"
+    #: Name prefix of the objects of a NESTED point (the table's key is run, ctx, name).
+    PREFIX = "nested:"
 
 
 # -- settings -----------------------------------------------------------------------------------
@@ -277,45 +281,50 @@ class Checkpointer:
         self.compute_seconds = 0.0
         self._last_ctx = -1
         self._decided_ctx = -1  # the iteration whose checkpoint was decided at its nested point
+        self._end_due = -1  # the iteration whose nested point was taken: its end is taken too
         self._estimated_bytes: int | None = None
         self._materializer: Materializer | None = None
 
     def end_nested(self, ctx_id: int, loop_name: str, index: int, seconds: float) -> None:
         """Called when the first nested ``flor.loop`` of outer iteration ``index`` has run to its end
-        (``seconds`` into the iteration): the iteration's one checkpoint decision is taken here, so
-        that its state is the one a replay that skips the nested loop needs (CheckpointPoint)."""
+        (``seconds`` into the iteration): the iteration's checkpoint decision is taken here, since
+        a checkpoint now takes the state twice, here and at the iteration's end (CheckpointPoint)."""
         self._raise_background_error()
         self._decided_ctx = ctx_id
         n, compute = self.iterations + 1, self.compute_seconds + seconds
-        self._decide(ctx_id, loop_name, index, seconds, n, compute, CheckpointPoint.NESTED)
+        if self._decide(n, compute, copies=2):
+            self.checkpoint(ctx_id, loop_name, index, seconds, CheckpointPoint.NESTED)
+            self._end_due = ctx_id
 
     def end_iteration(self, ctx_id: int, loop_name: str, index: int, seconds: float) -> None:
         """Called by the outermost ``flor.loop`` after each iteration: checkpoint if the invariant holds
-        (unless the decision was already taken at the iteration's nested point)."""
+        (or as decided at the iteration's nested point)."""
         self._raise_background_error()
         self.iterations += 1
         self.compute_seconds += seconds
-        if ctx_id == self._decided_ctx:
-            return
-        self._decide(ctx_id, loop_name, index, seconds, self.iterations, self.compute_seconds, CheckpointPoint.END)
+        if ctx_id == self._end_due:  # the nested point was taken: its iteration's end must be too
+            if self._materializer is not None:
+                self._materializer.wait_for_room(MAX_PENDING)
+            self.checkpoint(ctx_id, loop_name, index, seconds)
+        elif ctx_id != self._decided_ctx and self._decide(self.iterations, self.compute_seconds, copies=1):
+            self.checkpoint(ctx_id, loop_name, index, seconds)
 
-    def _decide(
-        self, ctx_id: int, loop_name: str, index: int, seconds: float, n: int, compute: float, point: str
-    ) -> None:
-        """The Joint Invariant's decision with ``n`` iterations of ``compute`` seconds so far."""
-        # Two checkpoints still queued a whole iteration later means M was underestimated (or
-        # the disk stalls): skip rather than hold a third copy of the state in memory.
+    def _decide(self, n: int, compute: float, copies: int) -> bool:
+        """The Joint Invariant's decision with ``n`` iterations of ``compute`` seconds so far, for a
+        checkpoint that takes the state ``copies`` times."""
         every = self.settings.every
         if every is not None:
             # Fixed restore points, asked for in [tool.flordb_build]: wait for the writer rather than skip.
             if n % every == 0:
                 if self._materializer is not None:
                     self._materializer.wait_for_room(MAX_PENDING)
-                self.checkpoint(ctx_id, loop_name, index, seconds, point)
-            return
+                return True
+            return False
+        # Two checkpoints still queued a whole iteration later means M was underestimated (or
+        # the disk stalls): skip rather than hold a third copy of the state in memory.
         busy = self._materializer is not None and self._materializer.pending >= MAX_PENDING
-        if not busy and self.invariant.admits(n, self.checkpoints, compute, self.expected_materialize_seconds()):
-            self.checkpoint(ctx_id, loop_name, index, seconds, point)
+        expected = copies * self.expected_materialize_seconds()
+        return not busy and self.invariant.admits(n, self.checkpoints, compute, expected)
 
     def end_loop(self, ctx_id: int, loop_name: str, index: int, seconds: float) -> None:
         """Called when the outermost loop is exhausted: the last iteration is always checkpointed."""
@@ -356,11 +365,14 @@ class Checkpointer:
         extra = capture(self.objects, self.run.written_files(), self.run.config.root)
         seconds_each = (time.perf_counter() - started) / len(extra)
         items.extend((name, copy, seconds_each) for name, copy in extra)
+        if point == CheckpointPoint.NESTED:
+            items = [(CheckpointPoint.PREFIX + name, copy, took) for name, copy, took in items]
         if self._materializer is None:
             self._materializer = Materializer(self.run, ObjectStore.for_config(self.run.config))
         self._materializer.submit(_Job(ctx_id, loop_name, index, seconds, items, point))
-        self.checkpoints += 1
-        self._last_ctx = ctx_id
+        if point == CheckpointPoint.END:  # k counts checkpoints, each with its end
+            self.checkpoints += 1
+            self._last_ctx = ctx_id
 
     def close(self, *, raise_errors: bool = True) -> None:
         """Wait for pending writes; raise a write error unless another error is already on its way."""
@@ -475,6 +487,7 @@ def checkpointed_iterations(run_id: str, loop_name: str | None = None, *, config
         records = checkpoint_records(store, run_id)
     finally:
         store.close()
+    records = _at_point(records, CheckpointPoint.END)  # a killed run's last nested point has no end
     return sorted({r.iteration for r in records if loop_name is None or r.loop_name == loop_name})
 
 
@@ -488,6 +501,7 @@ def restore_objects(
     weights_only: bool = True,
     training_state: bool = False,
     files_root: Path | None = None,
+    point: str = CheckpointPoint.END,
     config: Config | None = None,
 ) -> RestoreResult:
     """Restore ``objects`` in place from ``run_id``'s checkpoint at outer iteration ``iteration``.
@@ -498,7 +512,8 @@ def restore_objects(
     (what a replay asks for) also restores the random generators and the modules' gradients as
     they were at the checkpoint (training_state.py), and with ``files_root`` writes the files
     the run had written back under it; a checkpoint taken before they were recorded restores
-    without them.
+    without them. ``point=CheckpointPoint.NESTED`` restores the state where the iteration's first
+    nested loop ended (what a validation replay needs) instead of the state at its end.
 
     :raises CheckpointNotFoundError: the run has no checkpoint at that iteration (the message
         lists the iterations that have one).
@@ -513,7 +528,7 @@ def restore_objects(
     try:
         started = time.perf_counter()
         records = checkpoint_records(store, run_id)
-        chosen = _choose_checkpoint(run_id, records, iteration, loop_name)
+        chosen = _choose_checkpoint(run_id, _at_point(records, point), iteration, loop_name)
         ctx_id, chosen_loop, chosen_iteration = chosen[0].ctx_id, chosen[0].loop_name, chosen[0].iteration
         where = f"run '{run_id}' at {chosen_loop} {chosen_iteration}"
         by_name = {r.name: r for r in chosen}
@@ -545,6 +560,16 @@ def restore_objects(
     finally:
         store.close()
     return RestoreResult(run_id, ctx_id, chosen_loop, chosen_iteration, restored, seconds)
+
+
+def _at_point(records: list[CheckpointRecord], point: str) -> list[CheckpointRecord]:
+    """The objects of the checkpoints taken at ``point``, under their own names."""
+    import dataclasses
+
+    prefix = CheckpointPoint.PREFIX
+    if point == CheckpointPoint.END:
+        return [r for r in records if not r.name.startswith(prefix)]
+    return [dataclasses.replace(r, name=r.name.removeprefix(prefix)) for r in records if r.name.startswith(prefix)]
 
 
 def _choose_checkpoint(

@@ -89,6 +89,9 @@ class RunJournal:
     timings: list[list[Any]]
     checkpoints: list[list[Any]]
     skipped_lines: int = 0
+    #: ``logs`` as the batches the run wrote them in: the store packs each batch's values into its
+    #: own ``log_columns`` chunks, so a rebuild packs them the same way.
+    log_batches: tuple[list[list[Any]], ...] = ()
 
     @property
     def run_id(self) -> str:
@@ -109,6 +112,7 @@ def parse_run_journal(text: str, tolerant: bool) -> RunJournal:
     env: dict[str, Any] | None = None
     end: dict[str, Any] = {}
     batches: dict[str, list[list[Any]]] = {kind: [] for kind in BATCH_KINDS}
+    log_batches: list[list[list[Any]]] = []
     skipped = 0
     for line in text.splitlines():
         if not line.strip():
@@ -131,9 +135,14 @@ def parse_run_journal(text: str, tolerant: bool) -> RunJournal:
         else:
             for kind, rows in batches.items():
                 rows.extend(entry.get(kind, ()))
+            if entry.get("logs"):
+                log_batches.append(list(entry["logs"]))
     if not isinstance(run, dict) or not run.get("run_id"):
         raise ValueError("it has no run header with a run_id")
-    return RunJournal(run, env, end, batches["loops"], batches["logs"], batches["timings"], batches["checkpoints"], skipped)
+    return RunJournal(
+        run, env, end, batches["loops"], batches["logs"], batches["timings"], batches["checkpoints"], skipped,
+        tuple(log_batches),
+    )
 
 
 @dataclass(frozen=True)

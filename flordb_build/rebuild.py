@@ -340,7 +340,8 @@ def insert_run_journal(conn: sqlite3.Connection, journal: RunJournal, commit: st
             "VALUES (?, ?, ?, ?, ?, ?, 'record')",
             [(run_id, *entry) for entry in journal.logs],
         )
-        conn.executemany(COLUMN_INSERT, pack_log_columns(run_id, journal.logs))
+        for batch in journal.log_batches:  # chunked per written batch, as the recording stored them
+            conn.executemany(COLUMN_INSERT, pack_log_columns(run_id, batch))
         conn.executemany(TIMING_INSERT, [(run_id, *entry) for entry in journal.timings])
         conn.executemany(
             CHECKPOINT_INSERT,

@@ -204,8 +204,10 @@ def test_numpy_plain_and_pickled_objects_restore_in_place_without_torch(project:
     rows = _checkpoints(project.root)
     run_id = rows[0][0]
     assert {0, 3} <= {r[1] for r in rows}  # tiny state: the first passes the invariant; the last always
-    # the objects, and the random generators' states a replay restores (training_state.py)
-    assert {r[2]: r[5] for r in rows} == {"weights": "numpy", "stats": "json", "tracker": "pickle", "flor.rng": "json"}
+    # the objects, and the random generators' states a replay restores (training_state.py), at the
+    # epochs' ends and where their nested loop ended (CheckpointPoint)
+    formats = {"weights": "numpy", "stats": "json", "tracker": "pickle", "flor.rng": "json"}
+    assert {r[2]: r[5] for r in rows} == {**formats, **{"nested:" + name: f for name, f in formats.items()}}
 
     weights = __import__("numpy").full(5, -1.0)
     stats: dict[str, Any] = {"lr": 9.0, "history": ["junk"], "extra": 1}
@@ -365,14 +367,18 @@ def test_two_runs_with_identical_state_store_each_object_once(project: Any) -> N
     rows = _checkpoints(project.root)
     by_run: dict[str, set[str]] = {}
     for run_id, _, name, sha, _, _ in rows:
-        if name != "flor.rng":  # Python's own generator is seeded from the OS in each process
+        # Python's own generator is seeded from the OS in each process; which epochs also keep their
+        # nested point depends on timing (the adaptive rule decides there)
+        if name != "flor.rng" and not name.startswith("nested:"):
             by_run.setdefault(run_id, set()).add(sha)
     assert len(by_run) == 2
     first, second = by_run.values()
     assert first == second and len(first) >= 4
     files = list(ObjectStore.for_config(load_config()).iter_objects())
     assert sorted(f.sha256 for f in files) == sorted({r[3] for r in rows})
-    assert len(files) == len(first) + len({r[3] for r in rows if r[2] == "flor.rng"})
+    assert {r[3] for r in rows if r[2].startswith("nested:") and r[2] != "nested:flor.rng"} - first <= {
+        r[3] for r in rows if r[2] == "nested:optimizer" or r[2] == "nested:scheduler"
+    }  # a nested point differs from the epoch's end only where the scheduler stepped after it
 
     # the store is a cache of the snapshots: checkpoints and timings come back from the journals
     with _db(project.root) as conn:
@@ -394,7 +400,9 @@ def test_sigkilled_run_leaves_consistent_checkpoints_and_timings(project: Any) -
     store = ObjectStore.for_config(load_config())
     for _, _, _, sha, size, _ in rows:
         assert len(store.get(sha)) == size  # every row's object exists and verifies
-    iterations = sorted({r[1] for r in rows})
+    # checkpoints with their iteration's end (a kill between an epoch's nested point and its end
+    # leaves only the former, which loading from a row never picks)
+    iterations = sorted({r[1] for r in rows if not r[2].startswith("nested:")})
     assert iterations and iterations[-1] <= 3
     timed = [k for k in _timings(project.root, run_id) if k[1] == "iteration"]
     assert 1 <= len(timed) <= 4
@@ -423,9 +431,10 @@ def test_gc_applies_budgets_keeping_final_and_evenly_spaced_checkpoints(project:
     assert its == [0, 1, 2, 3, 4, 5]
     # A budget that holds the two checkpoints gc keeps (2 and 5, evenly spaced) and no third: the
     # bytes of their objects, each counted once (checkpoints may share one, e.g. an unchanged
-    # generator state), plus one.
+    # generator state), and 5% to spare (a later run's generator state may take a few bytes more
+    # as JSON); a third checkpoint adds its own model and optimizer state, far more than that.
     sizes = {r[3]: r[4] for r in rows}
-    budget = sum(sizes[sha] for sha in {r[3] for r in rows if r[1] in (2, 5)}) + 1
+    budget = int(sum(sizes[sha] for sha in {r[3] for r in rows if r[1] in (2, 5)}) * 1.05)
     store = ObjectStore.for_config(load_config())
     orphan = store.put(b"left by a killed run").sha256
     before = {o.sha256 for o in store.iter_objects()}

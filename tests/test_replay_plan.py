@@ -54,12 +54,11 @@ flor.log("final", state["w"])
 flor.log("fin2", state["w"] + 1)
 """
 S, R, X, F, V = StepKind.SKIP, StepKind.RESTORE, StepKind.SILENT, StepKind.FULL, StepKind.VALIDATE
-M = StepKind.RESUME
 
 
 def recorded(run_id: str = "r1", checkpointed: tuple[int, ...] = (0, 1, 2, 3), **changes: Any) -> RecordedRun:
     """A run of OLD: prefix 1s, epochs of 3s with 2s nested, suffix 0.5s, restores measured at 0.1s;
-    its checkpoints taken where the epochs' nested loops ended (CheckpointPoint.NESTED)."""
+    its checkpoints also hold where the epochs' nested loops ended (CheckpointPoint.NESTED)."""
     ctxs = [1, 4, 7, 10]
     timings = [(0, "prefix", 1.0), (0, "suffix", 0.5)]
     for ctx in ctxs:
@@ -91,11 +90,11 @@ def test_split_segments_covers_every_iteration_once() -> None:
 def test_schedules_follow_the_docstring_diagram() -> None:
     ckpt = (1, 4, 7)
     suffix = schedule_scan(Position.SUFFIX, 8, ckpt, nested=ckpt)
-    assert kinds(suffix.steps) == [S] * 7 + [M] and not suffix.stop_after
+    assert kinds(suffix.steps) == [S] * 7 + [R] and not suffix.stop_after
     validation = schedule_scan(Position.VALIDATION, 8, ckpt, nested=ckpt)
     assert kinds(validation.steps) == [F, V, F, F, V, F, F, V]
     late = schedule_scan(Position.RANGE, 8, ckpt, (5, 8), nested=ckpt)
-    assert kinds(late.steps) == [S, S, S, S, M, F, F, F]
+    assert kinds(late.steps) == [S, S, S, S, R, F, F, F]
     assert not late.writes_prefix and late.writes_suffix and not late.stop_after
     early = schedule_scan(Position.RANGE, 8, ckpt, (0, 5))
     assert kinds(early.steps) == [F] * 5 and early.stop_after and early.writes_prefix and not early.writes_suffix
@@ -104,7 +103,7 @@ def test_schedules_follow_the_docstring_diagram() -> None:
     # A validation scan split across workers: the late segment pseudoresumes to the exact state
     # after iteration 3 (restore 1, rebuild 2 and 3), the early one stops without a final restore.
     late_validation = schedule_scan(Position.VALIDATION, 8, ckpt, (4, 8), nested=ckpt)
-    assert kinds(late_validation.steps) == [S, M, X, X, V, F, F, V]
+    assert kinds(late_validation.steps) == [S, R, X, X, V, F, F, V]
     assert not late_validation.writes_prefix and late_validation.writes_suffix and not late_validation.stop_after
     early_validation = schedule_scan(Position.VALIDATION, 8, ckpt, (0, 5), nested=ckpt)
     assert kinds(early_validation.steps) == [F, V, F, F, V] and early_validation.stop_after
@@ -112,7 +111,7 @@ def test_schedules_follow_the_docstring_diagram() -> None:
     assert prefix.steps == () and prefix.stop_after and prefix.writes_prefix
 
 
-def test_checkpoints_of_an_iterations_end_restore_without_the_body_and_never_validate() -> None:
+def test_checkpoints_without_a_nested_point_never_validate() -> None:
     # Issue 12.1: restoring the state of an iteration's end where its nested loop ends would run
     # the rest of the body (a scheduler step) a second time, so such iterations run in full.
     ckpt = (1, 4, 7)
@@ -130,8 +129,7 @@ def test_plan_picks_depth_per_run_and_estimates_from_timings() -> None:
     today = {"train.py": TODAY}
     suffix = plan_replay([recorded()], today, ["fin2"]).runs[0]
     assert suffix.depth is Position.SUFFIX
-    # prefix + one restore and the rest of the last epoch's body (3 - 2 nested) + suffix
-    assert suffix.estimate == pytest.approx(1.0 + 1.1 + 0.5)
+    assert suffix.estimate == pytest.approx(1.0 + 0.1 + 0.5)  # prefix + one restore + suffix
     validation = plan_replay([recorded()], today, ["w2", "fin2"]).runs[0]
     assert validation.depth is Position.VALIDATION and validation.names == ("w2", "fin2")
     # prefix + 4 x (3 - 2 nested + restore) + suffix
@@ -140,9 +138,9 @@ def test_plan_picks_depth_per_run_and_estimates_from_timings() -> None:
     assert prefix.depth is Position.PREFIX and prefix.estimate == pytest.approx(1.0)
     ranged = plan_replay([recorded()], today, ["inner"], workers=2).runs[0]
     assert ranged.depth is Position.RANGE and ranged.segments == ((0, 2), (2, 4))
-    # segment 0: prefix + 2 epochs; segment 1: prefix + resume at epoch 1 (1.1) + 2 epochs + suffix
-    assert ranged.segment_estimates == pytest.approx((7.0, 8.6))
-    assert ranged.estimate == pytest.approx(8.6)
+    # segment 0: prefix + 2 epochs; segment 1: prefix + restore epoch 1 + 2 epochs + suffix
+    assert ranged.segment_estimates == pytest.approx((7.0, 7.6))
+    assert ranged.estimate == pytest.approx(7.6)
     assert ranged.version == "abcdef01"
 
 
@@ -156,7 +154,7 @@ def test_a_skipped_checkpoint_is_recomputed_and_costed() -> None:
 def test_restore_cost_falls_back_to_materialize_times_1_38() -> None:
     run = recorded(timings=tuple(t for t in recorded().timings if t[1] != "restore"))
     plan = plan_replay([run], {"train.py": TODAY}, ["fin2"]).runs[0]
-    assert plan.estimate == pytest.approx(1.0 + (1.0 + 1.38 * 0.05) + 0.5)
+    assert plan.estimate == pytest.approx(1.0 + 1.38 * 0.05 + 0.5)
 
 
 def test_runs_that_cannot_be_replayed_are_skipped_with_reasons() -> None:
@@ -226,7 +224,7 @@ def test_values_match_is_exact_for_ints_and_strings_and_tolerant_for_floats() ->
 def test_start_costs_make_later_runs_warm_and_skip_the_recorded_imports() -> None:
     today = {"train.py": TODAY}
     runs = [recorded("r1"), recorded("r2"), recorded("r3")]
-    timings_only = 1.0 + 1.1 + 0.5  # prefix + one resume (restore + the body after the nested loop) + suffix
+    timings_only = 1.0 + 0.1 + 0.5  # prefix + one restore + suffix
     learned = StartCosts(
         warm=True, saving={"train.py": 0.8}, overhead={("train.py", True): 0.05}, journal={"train.py": 0.07}
     )

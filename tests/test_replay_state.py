@@ -283,9 +283,10 @@ def test_state_changed_after_the_nested_loop_is_applied_once_in_validation(proje
     project.write("pyproject.toml", "[tool.flordb_build]\ncheckpoint_every = 1\n")  # every epoch validates
     _record(project, SCHEDULER_OLD, today)
     conn = sqlite3.connect(project.root / ".flor" / "flor.db")
-    points = dict(conn.execute("SELECT DISTINCT iteration, point FROM checkpoints"))
+    points = set(conn.execute("SELECT DISTINCT iteration, point FROM checkpoints"))
     conn.close()
-    assert points == dict.fromkeys(range(4), "nested")  # the state where train()'s loop ended
+    # every epoch's state where train()'s loop ended, and at the epoch's end
+    assert points == {(i, p) for i in range(4) for p in ("nested", "end")}
     report = flor.replay("lr", quiet=True)
     assert report.ok and [r.depth.value for r in report.plan.runs] == ["validation"]
     assert report.plan.runs[0].nested == (0, 1, 2, 3)
@@ -294,7 +295,7 @@ def test_state_changed_after_the_nested_loop_is_applied_once_in_validation(proje
     assert _fresh_values(project, report, "lr") == [[0.5, 0.25, 0.125, 0.0625]]
 
 
-def test_a_suffix_after_a_nested_point_checkpoint_sees_the_last_epoch_finished_once(project: Any) -> None:
+def test_a_suffix_sees_the_last_epoch_finished_once(project: Any) -> None:
     today = SCHEDULER_OLD + 'flor.log("final_lr", scheduler.get_last_lr()[0])\n'
     _record(project, SCHEDULER_OLD, today)
     report = flor.replay("final_lr", quiet=True)

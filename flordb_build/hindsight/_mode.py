@@ -19,9 +19,8 @@ run row, no journal, no snapshot. It is composed of the recording layer's public
 
       SKIP      element consumed, body not run      RESTORE   checkpoint restored, body not run
       SILENT    body run in full, values dropped     FULL      body run in full, values kept
-      VALIDATE  body run, nested flor.loops yield nothing; the iteration's checkpoint, taken where
-                the first of them ended, is restored there; the rest of the body runs once
-      RESUME    as VALIDATE, values dropped (a pseudoresume point at a nested-point checkpoint)
+      VALIDATE  body run, nested flor.loops yield nothing; the iteration's checkpoint of the point
+                where the first of them ended is restored there; the rest of the body runs once
 """
 
 from __future__ import annotations
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..args import resolve_arg
+from ..checkpoints import CheckpointPoint
 from ..config import Config, config_of_root
 from ..errors import ArgError, ReplayError
 from ..recorder import LOOP_CONTEXT, ROOT_CTX, Flusher, Recorder
@@ -218,7 +218,7 @@ class ReplayRun:
         if self._skip_nested and parent != ROOT_CTX:
             self.counters["nested_skipped"] += 1
             if self._pending_restore is not None:
-                self._restore(self._pending_restore)
+                self._restore(self._pending_restore, CheckpointPoint.NESTED)
                 self._pending_restore = None
             return
         if parent != ROOT_CTX:
@@ -269,7 +269,7 @@ class ReplayRun:
         schedule = self.spec.schedule
         steps = list(schedule.steps)
         objects = self.checkpointer.objects if self.checkpointer is not None else None
-        restoring = (StepKind.RESTORE, StepKind.RESUME, StepKind.VALIDATE, StepKind.SKIP)
+        restoring = (StepKind.RESTORE, StepKind.VALIDATE, StepKind.SKIP)
         if objects is None and any(s.kind in restoring for s in steps):
             self.notes.append("no flor.checkpointing block was active at the main loop: ran its iterations in full")
             steps = [Step(StepKind.FULL if s.kind in (StepKind.FULL, StepKind.VALIDATE) else StepKind.SILENT)
@@ -289,9 +289,8 @@ class ReplayRun:
                 self._progress(index + 1, total)
                 continue
             self._keeping = step.kind in (StepKind.FULL, StepKind.VALIDATE)
-            skipping = step.kind in (StepKind.VALIDATE, StepKind.RESUME)
-            self._skip_nested = skipping
-            self._pending_restore = index if skipping else None
+            self._skip_nested = step.kind is StepKind.VALIDATE
+            self._pending_restore = index if step.kind is StepKind.VALIDATE else None
             ctx = self._context(ROOT_CTX, name, occurrence, index, element)
             _CTX.set(ctx)
             try:
@@ -317,12 +316,10 @@ class ReplayRun:
             self._restore(index)
         elif kind is StepKind.VALIDATE:
             self.counters["iterations_validated"] += 1
-        elif kind is StepKind.RESUME:
-            self.counters["iterations_skipped"] += 1
         else:
             self.counters["iterations_run"] += 1
 
-    def _restore(self, iteration: int) -> None:
+    def _restore(self, iteration: int, point: str = CheckpointPoint.END) -> None:
         from ..checkpoints import restore_objects
 
         assert self.checkpointer is not None  # the schedule restores only inside flor.checkpointing
@@ -334,7 +331,7 @@ class ReplayRun:
         restore_objects(
             self.run_id, iteration, self.checkpointer.objects, loop_name=self.spec.main_loop,
             map_location=map_location, weights_only=False, training_state=True, files_root=self.tree,
-            config=self.config,
+            point=point, config=self.config,
         )
         self.counters["restores"] += 1
 

@@ -37,9 +37,6 @@ class StepKind(Enum):
     SILENT = "silent"  # executed in full to rebuild state, its logs dropped (another worker owns them)
     FULL = "full"  # executed in full, nested loops included, logs kept
     VALIDATE = "validate"  # executed with nested loops skipped; state restored where they end
-    #: A pseudoresume point whose checkpoint was taken where the first nested loop ended: executed
-    #: like VALIDATE (so the rest of the body runs once, on the recorded state), its logs dropped.
-    RESUME = "resume"
 
 
 @dataclass(frozen=True)
@@ -79,8 +76,8 @@ class RecordedRun:
     timings: tuple[tuple[int, str, float], ...] = ()
     #: ``(ctx_id, loop_name, iteration, materialize_seconds)``, one per checkpointed iteration.
     checkpoints: tuple[tuple[int, str, int, float], ...] = ()
-    #: ctx ids of the checkpoints taken where the iteration's first nested loop ended
-    #: (checkpoints.CheckpointPoint.NESTED); the others hold the state at the iteration's end.
+    #: ctx ids of the checkpoints that also hold the state where the iteration's first nested loop
+    #: ended (checkpoints.CheckpointPoint.NESTED); every checkpoint holds the iteration's end.
     nested_checkpoints: frozenset[int] = frozenset()
     unavailable: str | None = None  # why the snapshot cannot be used (then old_source is None)
     #: path -> the snapshot's text of the project's other modules that log a requested name today
@@ -151,7 +148,7 @@ class RunPlan:
     modules: Mapping[str, str] = field(default_factory=dict)  # path -> propagated text of other modules
     old_modules: Mapping[str, str] = field(default_factory=dict)  # path -> their recorded text (for --diff)
     argv: tuple[str, ...] = ()  # the script's recorded arguments, passed again (before the --kwargs)
-    nested: tuple[int, ...] = ()  # the checkpointed iterations whose state is at their nested point
+    nested: tuple[int, ...] = ()  # the checkpointed iterations that also hold their nested point
 
     @property
     def version(self) -> str:

@@ -2,25 +2,24 @@
 
 For each selected run the new statements are propagated into its recorded version; the deepest
 position among those placed is the run's scan. A scan becomes a :class:`Schedule`: one step per
-recorded iteration of the main loop. With checkpoints at ``*`` (the state where the
-iteration's first nested loop ended, checkpoints.CheckpointPoint.NESTED) and ``n = 8``::
+recorded iteration of the main loop. With checkpoints at ``*`` (the state at the END of that
+iteration, and where its first nested loop ended: checkpoints.CheckpointPoint) and ``n = 8``::
 
     iteration        0   1*  2   3   4*  5   6   7*
-    suffix           .   .   .   .   .   .   .   M        M restore where the nested loop ended, run
-                                                            the rest of the body (logs dropped), then
-                                                            the tail
-    validation       F   V   F   F   V   F   F   V        V nested loops skipped, state restored
-                                                            where they end; F run in full (no
+    suffix           .   .   .   .   .   .   .   R        R restore (the end), then run the tail
+    validation       F   V   F   F   V   F   F   V        V nested loops skipped, the nested point
+                                                            restored where they end, the rest of the
+                                                            body run once; F run in full (no
                                                             checkpoint to restore)
-    validation [4,8) .   M   S   S   V   F   F   V        with workers: segments like a range scan
-    range [5, 8)     .   .   .   .   M   F   F   F        pseudoresume from 4*, then the segment
+    validation [4,8) .   R   S   S   V   F   F   V        with workers: segments like a range scan
+    range [5, 8)     .   .   .   .   R   F   F   F        pseudoresume from 4*, then the segment
     range [0, 5)     F   F   F   F   F   stop             stop after the segment (another worker
                                                             has the rest)
     (. skip: never executed; a later restore covers it. S rebuilds state, logs dropped.)
 
-A checkpoint of an iteration's END (an iteration without a nested loop; stores before schema 5)
-is restored instead of M without running the body (R), and never validates: those iterations
-run in full (F).
+A checkpoint without a nested point (an iteration without a nested loop; stores before schema 5)
+never validates: restoring the iteration's end where its nested loop ends would run the rest of
+the body on state it already changed (issue 12.1), so those iterations run in full (F).
 
 An estimate is the sum of the recorded seconds of the parts a schedule executes: the prefix,
 each executed iteration (minus its nested loops for V), each restore, and the tail; plus what
@@ -51,14 +50,12 @@ def split_segments(n: int, workers: int) -> tuple[tuple[int, int], ...]:
     return tuple((bounds[i], bounds[i + 1]) for i in range(parts))
 
 
-def _exact_state_after(last: int, checkpointed: frozenset[int], nested: frozenset[int]) -> list[Step]:
+def _exact_state_after(last: int, checkpointed: frozenset[int]) -> list[Step]:
     """Steps for iterations ``0..last`` that leave the state exactly as the record had it after ``last``."""
     anchor = max((c for c in checkpointed if c <= last), default=-1)
     steps = [Step(StepKind.SKIP) for _ in range(anchor)]
     if anchor >= 0:
-        # A checkpoint of the nested point holds the state before the rest of the anchor's body:
-        # that part runs once more (its logs dropped) to reach the state at the anchor's end.
-        steps.append(Step(StepKind.RESUME if anchor in nested else StepKind.RESTORE))
+        steps.append(Step(StepKind.RESTORE))
     steps.extend(Step(StepKind.SILENT) for _ in range(anchor + 1, last + 1))
     return steps
 
@@ -72,24 +69,22 @@ def schedule_scan(
 ) -> Schedule:
     """The main-loop steps of one replay process (see the module docstring).
 
-    ``nested``: the checkpointed iterations whose state was taken where their first nested loop
-    ended (checkpoints.CheckpointPoint.NESTED). Only those validate: restoring a checkpoint of an
-    iteration's end where its nested loop ends would run the rest of the body on state it already
-    changed (issue 12.1: a scheduler stepped twice), so such iterations run in full instead.
+    ``nested``: the checkpointed iterations that also hold the state where their first nested loop
+    ended (checkpoints.CheckpointPoint.NESTED). Only those validate (see the module docstring).
     """
     ckpt = frozenset(i for i in checkpointed if 0 <= i < n)
     at_nested = frozenset(i for i in nested if i in ckpt)
     if depth is Position.PREFIX:
         return Schedule(steps=(), stop_after=True, writes_prefix=True, writes_suffix=False)
     if depth is Position.SUFFIX:
-        steps = _exact_state_after(n - 1, ckpt, at_nested)
+        steps = _exact_state_after(n - 1, ckpt)
         return Schedule(tuple(steps), stop_after=False, writes_prefix=True, writes_suffix=True)
     start, stop = segment if segment is not None else (0, n)
     if depth is Position.VALIDATION:
         scan = [Step(StepKind.VALIDATE) if i in at_nested else Step(StepKind.FULL) for i in range(start, stop)]
     else:
         scan = [Step(StepKind.FULL) for _ in range(start, stop)]
-    steps = _exact_state_after(start - 1, ckpt, at_nested) + scan
+    steps = _exact_state_after(start - 1, ckpt) + scan
     return Schedule(tuple(steps), stop_after=stop < n, writes_prefix=start == 0, writes_suffix=stop >= n)
 
 
@@ -124,7 +119,7 @@ class RunCosts:
                 seconds += self.restore
             elif step.kind in (StepKind.FULL, StepKind.SILENT):
                 seconds += self.iteration[i]
-            elif step.kind in (StepKind.VALIDATE, StepKind.RESUME):
+            elif step.kind is StepKind.VALIDATE:
                 seconds += max(self.iteration[i] - self.inner[i], 0.0) + self.restore
         if not schedule.stop_after:
             seconds += self.suffix

@@ -55,9 +55,9 @@ def load_recorded_runs(config: Config, run_ids: Sequence[str]) -> list[RecordedR
             outer = [(c, n, i) for c, parent, n, i, _v in loop_contexts(conn, rid) if parent == 0]
             timings = conn.execute("SELECT ctx_id, kind, seconds FROM timings WHERE run_id = ?", (rid,)).fetchall()
             checkpoints = conn.execute(
-                "SELECT ctx_id, loop_name, iteration, SUM(materialize_seconds) FROM checkpoints WHERE run_id = ? "
-                "GROUP BY ctx_id, loop_name, iteration ORDER BY ctx_id",
-                (rid,),
+                "SELECT ctx_id, loop_name, iteration, SUM(materialize_seconds) FROM checkpoints "
+                "WHERE run_id = ? AND (point IS NULL OR point = ?) GROUP BY ctx_id, loop_name, iteration ORDER BY ctx_id",
+                (rid, CheckpointPoint.END),
             ).fetchall()
             nested = conn.execute(
                 "SELECT DISTINCT ctx_id FROM checkpoints WHERE run_id = ? AND point = ?", (rid, CheckpointPoint.NESTED)
