@@ -74,13 +74,14 @@ TRICKY = {
     "crlf newlines": "x = 1\r\ny = 2\r\n",
     "form feed": "x = 1\n\x0c\ny = 2\n",
     "byte-order mark": "\ufeffx = 1\n",
+    "a line separator in a comment": "x = 1  # a\u2028b\n\ny = 2\n",
     "coding cookie": "# -*- coding: latin-1 -*-\nx = 1\n",
     "repeated identical statements": "x = 1\n\nx = 1\n\nx = 1\n\nx = 1\n\ny = 2\n",
     "async and with": "async def f():\n    async with a as b:\n        await b\nwith open('f') as g, open('h'):\n    pass\n",
 }
 
 # texts the assembly leaves to a whole parse: only the whole text tells how LibCST reads them
-WHOLE = {"mixed indentation", "crlf newlines", "form feed", "byte-order mark"}
+WHOLE = {"mixed indentation", "crlf newlines", "form feed", "byte-order mark", "a line separator in a comment"}
 
 
 def _sources() -> Iterator[tuple[str, str]]:

@@ -17,6 +17,7 @@ chunks it has used (one set per propagation), and a chunk used already is parsed
 from __future__ import annotations
 
 import ast
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ class _Chunk:
 
 
 _CHUNKS: OrderedDict[tuple[str, bool, bool], _Chunk] = OrderedDict()
+_LOCK = threading.Lock()  # propagations may run on several threads (the LRU's moves are not atomic)
 
 
 def parse_module(source: str, tree: ast.Module | None, used: set[tuple[str, bool, bool]] | None) -> cst.Module:
@@ -90,6 +92,8 @@ def _cuts(source: str, body: Sequence[ast.stmt]) -> list[int] | None:
     if not body or "\r" in source or "\f" in source or source.startswith("\ufeff"):
         return None
     lines = source.splitlines(keepends=True)
+    if len(lines) != source.count("\n") + (not source.endswith("\n")):
+        return None  # str.splitlines breaks at characters (\x1c, \u2028, ...) that Python's lines do not
     cuts: list[int] = []
     previous_end = 0
     for number, stmt in enumerate(body):
@@ -106,10 +110,12 @@ def _cuts(source: str, body: Sequence[ast.stmt]) -> list[int] | None:
 
 def _chunk(key: tuple[str, bool, bool], fresh: bool) -> _Chunk | None:
     """The parsed chunk for ``key`` (text, is first, is last); None when it cannot stand alone."""
-    found = None if fresh else _CHUNKS.get(key)
-    if found is not None:
-        _CHUNKS.move_to_end(key)
-        return found
+    if not fresh:
+        with _LOCK:
+            found = _CHUNKS.get(key)
+            if found is not None:
+                _CHUNKS.move_to_end(key)
+                return found
     text, is_first, is_last = key
     module = cst.parse_module(text)
     if module.default_newline != "\n" or not module.body:
@@ -132,9 +138,10 @@ def _chunk(key: tuple[str, bool, bool], fresh: bool) -> _Chunk | None:
         encoding=module.encoding,
     )
     if not fresh:
-        _CHUNKS[key] = chunk
-        while len(_CHUNKS) > _CAPACITY:
-            _CHUNKS.popitem(last=False)
+        with _LOCK:
+            _CHUNKS[key] = chunk
+            while len(_CHUNKS) > _CAPACITY:
+                _CHUNKS.popitem(last=False)
     return chunk
 
 
