@@ -3,9 +3,9 @@
 Old versions of one script share most of their code, and LibCST's parse is the largest cost of a
 propagation (about half of it for a 1,000-line script). A module is cut into chunks at top-level
 statement boundaries (per chunk: the blank and comment lines before a statement, then the
-statement), each distinct chunk text is parsed once (an LRU keyed by the text, never by an object),
-and the module is put together from the chunks' statements. The result is the tree a parse of the
-whole text gives: a cut is made only where that tree is known to split there (the lines between two
+statement), each distinct chunk text that holds an indented block is parsed once (an LRU keyed by
+the text, never by an object), and the module is put together from the chunks' statements. The
+result is the tree a parse of the whole text gives: a cut is made only where that tree is known to split there (the lines between two
 statements are empty or comments at column 0, which LibCST gives to the next statement), and any
 text with something unusual (another newline convention, a form feed, a byte-order mark, mixed
 indentation, a syntax LibCST rejects) is parsed whole instead.
@@ -137,7 +137,9 @@ def _chunk(key: tuple[str, bool, bool], fresh: bool) -> _Chunk | None:
         has_trailing_newline=module.has_trailing_newline,
         encoding=module.encoding,
     )
-    if not fresh:
+    # only chunks with an indented block are kept: a simple line costs less to parse again than to
+    # keep (its objects would be walked by every later garbage collection of the process)
+    if not fresh and blocks:
         with _LOCK:
             _CHUNKS[key] = chunk
             while len(_CHUNKS) > _CAPACITY:
