@@ -4,11 +4,13 @@ Old versions of one script share most of their code, and LibCST's parse is the l
 propagation (about half of it for a 1,000-line script). A module is cut into chunks at top-level
 statement boundaries (per chunk: the blank and comment lines before a statement, then the
 statement), each distinct chunk text that holds an indented block is parsed once (an LRU keyed by
-the text, never by an object), and the module is put together from the chunks' statements. The
-result is the tree a parse of the whole text gives: a cut is made only where that tree is known to split there (the lines between two
-statements are empty or comments at column 0, which LibCST gives to the next statement), and any
-text with something unusual (another newline convention, a form feed, a byte-order mark, mixed
-indentation, a syntax LibCST rejects) is parsed whole instead.
+the text, never by an object), and the module is put together from the chunks' statements.
+
+The result is the tree a parse of the whole text gives: a cut is made only where that tree is
+known to split there (the lines between two statements are empty or comments at column 0, which
+LibCST gives to the next statement), and any text with something unusual (another newline
+convention, a form feed, a byte-order mark, mixed indentation, a syntax LibCST rejects) is parsed
+whole instead.
 
 A cached statement node may sit in several modules, but never twice in one: the caller passes the
 chunks it has used (one set per propagation), and a chunk used already is parsed afresh.
