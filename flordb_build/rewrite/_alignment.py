@@ -80,14 +80,17 @@ def _sharing(words: Counter[str], postings: dict[str, list[tuple[int, Stmt]]], e
 class Alignment:
     """A one-to-one mapping of today's statements onto the old version's."""
 
-    def __init__(self, today: ScriptIndex, old: ScriptIndex, is_new: Callable[[Stmt], bool]) -> None:
+    def __init__(self, today: ScriptIndex, old: ScriptIndex, is_new: Callable[[Stmt], bool],
+                 digests: dict[int, int] | None = None) -> None:
+        """``digests``: today's digests computed already under the same ``is_new`` (kept across old versions)."""
         self.today, self.old, self.is_new = today, old, is_new
         self.t2o: dict[int, Stmt] = {}
         self.o2t: dict[int, Stmt] = {}
         self.how: dict[int, str] = {}  # today stmt id -> "identical" / "same header" / "similar" / "anchor"
         self.ambiguous: dict[int, list[Stmt]] = {}  # today stmt id -> equally good old candidates
         self.why: dict[int, str] = {}  # today scope id -> why it has no counterpart
-        self._digests: dict[int, int] = {}
+        self._digests: dict[int, int] = digests if digests is not None else {}
+        self._scopes: dict[tuple[type, str | None], list[Stmt]] | None = None
         self._anchor_scopes()
         self._identical_subtrees()
         self._align_blocks()
@@ -154,13 +157,22 @@ class Alignment:
                 raise Unaligned(f"the old version has {len(found)} flor.loop '{name}' in the same place")
             return self._renamed_loop(stmt, name)
         qual = today.qualname(stmt)
-        found = [s for s in old.stmts if type(s.node) is type(stmt.node) and old.qualname(s) == qual]
+        found = self._old_scopes().get((type(stmt.node), qual), [])
         kind = "function" if isinstance(stmt.node, cst.FunctionDef) else "class"
         if len(found) == 1:
             return found[0]
         if found:
             raise Unaligned(f"the old version defines {kind} '{qual}' {len(found)} times")
         raise Unaligned(f"its enclosing {kind} '{qual}' does not exist in the old version")
+
+    def _old_scopes(self) -> dict[tuple[type, str | None], list[Stmt]]:
+        """The old version's defs and classes by kind and qualified name, in source order."""
+        if self._scopes is None:
+            self._scopes = {}
+            for s in self.old.stmts:
+                if isinstance(s.node, cst.FunctionDef | cst.ClassDef):
+                    self._scopes.setdefault((type(s.node), self.old.qualname(s)), []).append(s)
+        return self._scopes
 
     def _loop_shape(self, index: ScriptIndex, stmt: Stmt) -> tuple[str, ...]:
         """A flor.loop's header without its name, and its nesting depth: evidence for a rename."""

@@ -22,6 +22,7 @@ import libcst as cst
 
 from ..errors import RewriteError
 from ._model import LogSite, LoopSite, Position, ScriptAnalysis, deepest
+from ._parsing import parse_module
 
 FLOR_MODULE = "flordb_build"
 _CODEGEN = cst.Module(body=())
@@ -293,22 +294,31 @@ class ScriptIndex:
     """Every statement of a parsed script with its frames, flor calls, loops and positions."""
 
     @classmethod
-    def parse(cls, source: str, label: str) -> ScriptIndex:
-        """Parse and index ``source``; ``label`` names it in errors ("the old version")."""
+    def parse(cls, source: str, label: str, chunks: set[tuple[str, bool, bool]] | None = None) -> ScriptIndex:
+        """Parse and index ``source``; ``label`` names it in errors ("the old version").
+
+        :param chunks: assemble the LibCST module from cached statement parses (see ``_parsing``),
+            recording the chunks used in this set (one per propagation); None parses it whole.
+        """
         try:
-            module = cst.parse_module(source)
+            tree: ast.Module | None = ast.parse(source)
+        except SyntaxError:
+            tree = None  # reported below, after LibCST's own message as before
+        try:
+            module = parse_module(source, tree, chunks if tree is not None else None)
         except cst.ParserSyntaxError as exc:
             raise RewriteError(
                 f"Could not parse {label} at line {exc.raw_line}: {exc.message}. "
                 "Fix the syntax error in that version before replaying it."
             ) from exc
-        try:
-            tree = ast.parse(source)
-        except SyntaxError as exc:
-            raise RewriteError(
-                f"Could not parse {label} at line {exc.lineno}: {exc.msg}. "
-                "Fix the syntax error in that version before replaying it."
-            ) from exc
+        if tree is None:
+            try:
+                tree = ast.parse(source)
+            except SyntaxError as exc:
+                raise RewriteError(
+                    f"Could not parse {label} at line {exc.lineno}: {exc.msg}. "
+                    "Fix the syntax error in that version before replaying it."
+                ) from exc
         return cls(module, tree, source, label)
 
     def __init__(self, module: cst.Module, tree: ast.Module, source: str, label: str) -> None:
@@ -325,6 +335,9 @@ class ScriptIndex:
         self.loops = [s for s in self.stmts if s.is_flor_loop]
         self._calls: _CallGraph | None = None
         self.project: ProjectIndex | None = None  # set when the script is one module of several
+        # results that depend on this index and a key alone, kept for the next propagation (today's
+        # version serves every old one): see _propagation._NewOnly
+        self.memo: dict[object, object] = {}
         self.main_loop = self._find_main_loop()
         self._markers = self._main_markers()
 
@@ -334,6 +347,12 @@ class ScriptIndex:
         self._calls = None
         self.main_loop = self._find_main_loop()
         self._markers = self._main_markers()
+
+    def release(self) -> None:
+        """Drop the call graph, which refers back to this index: the index is then freed by
+        reference counting when its last user lets go, not by a garbage collection later (it is
+        rebuilt if asked for again)."""
+        self._calls = None
 
     # -- indexing -----------------------------------------------------------------------------------
     def _walk(self, body: Sequence[cst.BaseStatement], trees: Sequence[ast.stmt], owner: Block,
@@ -938,9 +957,11 @@ class ProjectIndex:
             index._relink(self)
 
     @classmethod
-    def parse(cls, sources: dict[str, str], label: str) -> ProjectIndex:
-        """Parse and index every module; ``label`` names the version in errors."""
-        return cls({path: ScriptIndex.parse(text, f"{label} of '{path}'") for path, text in sources.items()})
+    def parse(cls, sources: dict[str, str], label: str, cached: bool = False) -> ProjectIndex:
+        """Parse and index every module; ``label`` names the version in errors; ``cached``: from
+        cached statement parses (see ``_parsing``), no node shared between two of the modules."""
+        chunks: set[tuple[str, bool, bool]] | None = set() if cached else None
+        return cls({path: ScriptIndex.parse(text, f"{label} of '{path}'", chunks) for path, text in sources.items()})
 
     def lookup(self, module: str, name: str) -> Stmt | None:
         """The module-level def or class ``name`` of project module ``module``."""

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+import gc
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import libcst as cst
@@ -27,6 +29,7 @@ from ._model import NotPlaced, Placed, Position, ProjectPropagationResult, Propa
 
 _SHOWN = 60  # characters of code quoted in a reason
 _CACHED = 8  # today's versions kept parsed: one propagation per old version reuses today's index
+_MEMO = 8  # sets of new names whose per-statement results today's index keeps
 
 
 def _show(code: str) -> str:
@@ -175,22 +178,40 @@ def _free_names(trees: Iterable[ast.AST]) -> tuple[list[str], set[str]]:
     return sorted({n for n in loaded if n not in stored}), stored
 
 
-class _Propagation:
-    """One propagation from today's version into one old version."""
+class _NewOnly:
+    """Which of today's statements do nothing but log new names, and which names (memoized).
 
-    def __init__(self, today: ScriptIndex, old: ScriptIndex, new_names: set[str]) -> None:
+    It depends on today's version and the set of new names alone, so one serves every old version
+    that lacks the same names (kept on today's index); it holds no propagation, so a propagation's
+    objects are freed when it returns, not at the next garbage collection.
+    """
+
+    def __init__(self, today: ScriptIndex, new_names: set[str]) -> None:
         self.today = today
-        self.old = old
         self.new_names = new_names
-        self._new_only: dict[int, list[str] | None] = {}
-        self.imports: dict[int, Stmt] = {}  # today's flor imports the placed statements need in the old module
-        self.align = Alignment(today, old, lambda s: self.new_only(s) is not None)
+        self._found: dict[int, list[str] | None] = {}
+        self.digests: dict[int, int] = {}  # today's statement digests without the new ones (Alignment)
 
-    # -- units ------------------------------------------------------------------------------------
-    def new_only(self, stmt: Stmt) -> list[str] | None:
+    @classmethod
+    def of(cls, today: ScriptIndex, new_names: set[str]) -> _NewOnly:
+        """The one for ``today`` and ``new_names``, made once per index and set of names."""
+        key = ("new only", frozenset(new_names))
+        found = today.memo.pop(key, None)
+        if not isinstance(found, _NewOnly):
+            found = cls(today, new_names)
+        today.memo[key] = found
+        while len(today.memo) > _MEMO:
+            today.memo.pop(next(iter(today.memo)))
+        return found
+
+    def is_new(self, stmt: Stmt) -> bool:
+        """True when ``stmt`` only logs new names: one of the statements to place."""
+        return self(stmt) is not None
+
+    def __call__(self, stmt: Stmt) -> list[str] | None:
         """The new names a statement logs when it does nothing but log new names, else None."""
-        if id(stmt) in self._new_only:
-            return self._new_only[id(stmt)]
+        if id(stmt) in self._found:
+            return self._found[id(stmt)]
         node = stmt.node
         result: list[str] | None
         if isinstance(node, cst.SimpleStatementLine):
@@ -201,13 +222,26 @@ class _Propagation:
             result = _names_of_smalls(stmt.inline, self.today.flor, self.new_names) if stmt.inline else []
             for _, kids in stmt.children:
                 for child in kids:
-                    names = self.new_only(child) if result is not None else None
+                    names = self(child) if result is not None else None
                     result = None if names is None or result is None else result + names
             if not result:
                 result = None
-        self._new_only[id(stmt)] = result
+        self._found[id(stmt)] = result
         return result
 
+
+class _Propagation:
+    """One propagation from today's version into one old version."""
+
+    def __init__(self, today: ScriptIndex, old: ScriptIndex, new_names: set[str]) -> None:
+        self.today = today
+        self.old = old
+        self.new_names = new_names
+        self.new_only = _NewOnly.of(today, new_names)
+        self.imports: dict[int, Stmt] = {}  # today's flor imports the placed statements need in the old module
+        self.align = Alignment(today, old, self.new_only.is_new, self.new_only.digests)
+
+    # -- units ------------------------------------------------------------------------------------
     def units(self, wanted: set[str]) -> tuple[list[_Unit], list[NotPlaced]]:
         """The statements to insert for ``wanted`` names, lifted to the largest log-only block."""
         units: dict[int, _Unit] = {}
@@ -498,6 +532,24 @@ def _today_index(source: str) -> ScriptIndex:
     return found
 
 
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for one propagation, as it was after it.
+
+    A propagation builds two trees of some 10^5 objects that live until it returns; with the
+    collector on, each generation-2 pass walks all of them (and today's cached index) again, which
+    took about as long as the propagation itself. Its garbage is freed by reference counting or by
+    the first collection after it.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def propagate(today_source: str, old_source: str, names: Iterable[str] | None = None) -> PropagationResult:
     """Insert today's new flor.log statements into ``old_source`` where they align, or say why not.
 
@@ -512,14 +564,18 @@ def propagate(today_source: str, old_source: str, names: Iterable[str] | None = 
         refusal (name, reason), and the requested names the old version logs itself.
     :raises RewriteError: a version does not parse, or a requested name is not logged today.
     """
-    today = _today_index(today_source)
-    old = ScriptIndex.parse(old_source, "the old version")
-    today_names = today.log_names()
-    requested = set(names) if names is not None else today_names - old.log_names()
-    unknown = sorted(requested - today_names)
-    if unknown:
-        raise _unknown_names(unknown, today_names)
-    return _propagate(today, old, requested)
+    with _collector_paused():
+        today = _today_index(today_source)
+        old = ScriptIndex.parse(old_source, "the old version", chunks=set())
+        try:
+            today_names = today.log_names()
+            requested = set(names) if names is not None else today_names - old.log_names()
+            unknown = sorted(requested - today_names)
+            if unknown:
+                raise _unknown_names(unknown, today_names)
+            return _propagate(today, old, requested)
+        finally:
+            old.release()
 
 
 def _unknown_names(unknown: Iterable[str], logged: Iterable[str]) -> RewriteError:
@@ -579,8 +635,15 @@ def propagate_project(
     :param names: the names to propagate; default: every name today logs that the old project lacks.
     :raises RewriteError: a module does not parse, or a requested name is logged in no module today.
     """
+    with _collector_paused():
+        return _propagate_project(today, old, names)
+
+
+def _propagate_project(
+    today: Mapping[str, str], old: Mapping[str, str], names: Iterable[str] | None
+) -> ProjectPropagationResult:
     todays = ProjectIndex.parse(dict(today), "today's version")
-    olds = ProjectIndex.parse({p: s for p, s in old.items() if p in today}, "the old version")
+    olds = ProjectIndex.parse({p: s for p, s in old.items() if p in today}, "the old version", cached=True)
     logged_today = {path: index.log_names() for path, index in todays.indexes.items()}
     logged_old = set().union(*(index.log_names() for index in olds.indexes.values()))
     everywhere = set().union(*logged_today.values())
