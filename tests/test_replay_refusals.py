@@ -48,6 +48,7 @@ STATEMENTS = {
         '        flor.log("v", state["w"] * 2)\n',
         [6, 12, 18],
     ),
+    "range": ('            state["w"] += 1\n', '            flor.log("r", state["w"])\n', list(range(1, 10))),
 }
 
 
@@ -102,12 +103,18 @@ def report_row(stdout: str, run: str) -> list[str]:
 # -- no false withholding -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("depth", sorted(STATEMENTS))
-def test_a_deterministic_replay_is_written_at_every_depth(project: Project, depth: str) -> None:
+@pytest.mark.parametrize(
+    ("depth", "workers"),
+    [("prefix", 1), ("suffix", 1), ("validation", 1), ("validation", 2), ("range", 1), ("range", 2)],
+)
+def test_a_deterministic_replay_is_written_at_every_depth(project: Project, depth: str, workers: int) -> None:
     record(project, DETERMINISTIC, depth)
     name, values = STATEMENTS[depth][1].split('"')[1], STATEMENTS[depth][2]
 
-    out = project.cli("replay", name, "--yes")
+    out = project.cli("replay", name, "--yes", "--workers", str(workers))
+    assert f"{depth} x2" in out.stdout if workers == 2 else f" {depth} " in out.stdout, (
+        out.stdout
+    )  # as planned
     assert "withheld" not in out.stdout and "nondeterminism" not in out.stdout, out.stdout
     assert "nothing replayed" not in out.stdout
     row = report_row(out.stdout, run_id())

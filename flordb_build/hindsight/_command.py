@@ -133,11 +133,12 @@ def replay(
         print(format_report(report), file=stream)
     if not report.ok:
         failed = [o.run_id for o in report.outcomes if not o.ok]
-        lead = "nothing replayed: " if report.nothing_replayed is not None else ""
-        raise ReplayError(
-            f"{lead}Replay failed or was withheld for run(s) {', '.join(failed)}, whose replayed values were not "
-            f"written: {report.first_error}"
+        what = (
+            f"failed or was withheld for run(s) {', '.join(failed)}, whose replayed values were not written: "
+            f"{report.first_error}"
         )
+        # Not one run written: the message says so first, as the command line's last line does.
+        raise ReplayError(f"nothing replayed: the replay {what}" if report.nothing_replayed else f"Replay {what}")
     return report
 
 
