@@ -112,9 +112,8 @@ def test_a_deterministic_replay_is_written_at_every_depth(project: Project, dept
     name, values = STATEMENTS[depth][1].split('"')[1], STATEMENTS[depth][2]
 
     out = project.cli("replay", name, "--yes", "--workers", str(workers))
-    assert f"{depth} x2" in out.stdout if workers == 2 else f" {depth} " in out.stdout, (
-        out.stdout
-    )  # as planned
+    planned = f" {depth} x2 " if workers == 2 else f" {depth} "  # the plan's depth column
+    assert planned in out.stdout, out.stdout
     assert "withheld" not in out.stdout and "nondeterminism" not in out.stdout, out.stdout
     assert "nothing replayed" not in out.stdout
     row = report_row(out.stdout, run_id())
