@@ -69,6 +69,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
     frame = table.frame.copy()
     frame.insert(6, "exit_code", table.extra["exit_code"])
     frame.insert(7, "snapshot", table.extra["snapshot"].map(lambda s: s[:12] if isinstance(s, str) else s))
+    if table.extra["divergent"].notna().any():  # only where some replay was written with --accept-divergent
+        frame["replay_divergent"] = table.extra["divergent"]
     _print_frame(frame, args.format, "(no runs match)" if (args.where or args.task or args.status) else "(no runs recorded yet)")
     return 0
 

@@ -16,9 +16,11 @@ per line::
 A replay journal (``.flor/replays/<run_id>.jsonl`` on the shadow branch, hindsight/_journal.py)
 holds a run's replayed state::
 
-    {"replay": {"run_id": ..., "names": [...], "tstamp": ...}}
+    {"replay": {"run_id": ..., "names": [...], "tstamp": ..., "divergent": {name: why}}}
     {"loops": [[ctx_id, parent_ctx, name, iteration, count, value], ...]}
     {"logs": [[seq, ctx_id, name, value, kind], ...]}
+
+(``divergent`` only where names were written with ``--accept-divergent``; older journals lack it.)
 
 Appending a run journal:
 
@@ -40,8 +42,8 @@ import fcntl
 import json
 import os
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -153,13 +155,22 @@ class ReplayJournal:
     names: list[str]
     loops: list[list[Any]]
     logs: list[list[Any]]
+    #: Replayed names written although the replay diverged from the record (--accept-divergent): name -> why.
+    divergent: dict[str, str] = field(default_factory=dict)
 
 
 def replay_journal_text(
-    run_id: str, names: Sequence[str], loops: Sequence[Sequence[Any]], logs: Sequence[Sequence[Any]]
+    run_id: str,
+    names: Sequence[str],
+    loops: Sequence[Sequence[Any]],
+    logs: Sequence[Sequence[Any]],
+    divergent: Mapping[str, str] | None = None,
 ) -> str:
-    """The journal of a run's replayed state: loop blocks and ``(seq, ctx_id, name, value, kind)`` rows."""
-    header = {"run_id": run_id, "names": list(names), "tstamp": time.time()}
+    """The journal of a run's replayed state: loop blocks and ``(seq, ctx_id, name, value, kind)`` rows,
+    and the names of that state marked divergent (the header's ``divergent``, only when there are some)."""
+    header: dict[str, Any] = {"run_id": run_id, "names": list(names), "tstamp": time.time()}
+    if divergent:
+        header["divergent"] = dict(divergent)
     lines = [{"replay": header}, {"loops": [list(row) for row in loops]}, {"logs": [list(row) for row in logs]}]
     return "".join(json.dumps(line) + "\n" for line in lines)
 
@@ -181,7 +192,9 @@ def parse_replay_journal(text: str) -> ReplayJournal:
         logs.extend(entry.get("logs", ()))
     if not header.get("run_id"):
         raise ValueError("it has no replay header with a run_id")
-    return ReplayJournal(str(header["run_id"]), list(header.get("names", [])), loops, logs)
+    marks = header.get("divergent") or {}
+    divergent = {str(k): str(v) for k, v in marks.items()} if isinstance(marks, dict) else {}
+    return ReplayJournal(str(header["run_id"]), list(header.get("names", [])), loops, logs, divergent)
 
 
 class JournalFile:

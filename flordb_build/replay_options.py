@@ -37,6 +37,7 @@ class ReplayOptions:
     yes: bool = False
     rel_tol: float = DEFAULT_REL_TOL
     cold: bool = False
+    accept_divergent: bool = False
 
 
 #: One row per option of the replay command, in doit's ``cmd_options`` form; ``name`` is the
@@ -59,6 +60,9 @@ REPLAY_OPTIONS: tuple[dict[str, Any], ...] = (
     {"name": "cold", "long": "cold", "type": bool, "default": False,
      "help": "start every replay in a fresh interpreter instead of forking it from a warm server that has the "
              "script's libraries imported (see 'flordb-build warm --help')"},
+    {"name": "accept_divergent", "long": "accept-divergent", "type": bool, "default": False,
+     "help": "write a run's replayed values even where values both the record and the replay log differ beyond "
+             "--rel-tol, marked divergent (by default such a run's values are withheld and the command fails)"},
 )
 
 

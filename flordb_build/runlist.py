@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -40,7 +41,7 @@ class RunList:
     total: int
     arg_names: tuple[str, ...]
     value_names: tuple[str, ...]
-    extra: pd.DataFrame  # per row of ``frame``: exit_code, snapshot, pipeline_id, started
+    extra: pd.DataFrame  # per row of ``frame``: exit_code, snapshot, pipeline_id, divergent (names or None)
 
 
 def read_run_table(store: Store, where: str | None = None) -> RunList:
@@ -55,6 +56,7 @@ def read_run_table(store: Store, where: str | None = None) -> RunList:
         "SELECT run_id, status, host, seconds, exit_code, args, snapshot, pipeline_id, started FROM runs"
     ).fetchall()
     facts = {r[0]: r for r in rows}
+    divergent = _divergent_names(store)
     arg_names: dict[str, None] = {}
     for row in rows:
         for name in _arg_names(row[5]):
@@ -83,11 +85,24 @@ def read_run_table(store: Store, where: str | None = None) -> RunList:
             "exit_code": pd.array([facts[r][4] if r in facts else None for r in run_ids], dtype="Int64"),
             "snapshot": pd.Series([facts[r][6] if r in facts else None for r in run_ids], dtype=object),
             "pipeline_id": pd.Series([facts[r][7] if r in facts else None for r in run_ids], dtype=object),
+            "divergent": pd.Series([divergent.get(r) for r in run_ids], dtype=object),
         }
     )
     order = sort_positions(out, DEFAULT_SORT, descending=True)
     out, extra = out.iloc[order].reset_index(drop=True), extra.iloc[order].reset_index(drop=True)
     return RunList(out, len(out), args, rest, extra)
+
+
+def _divergent_names(store: Store) -> dict[str, str]:
+    """run_id -> its replayed names written with --accept-divergent, comma-separated (hindsight/_journal.py)."""
+    try:
+        rows = store.conn.execute("SELECT run_id, name FROM replay_divergent ORDER BY run_id, name").fetchall()
+    except sqlite3.OperationalError:  # no replay has opened this store: no marks
+        return {}
+    names: dict[str, list[str]] = {}
+    for run_id, name in rows:
+        names.setdefault(str(run_id), []).append(str(name))
+    return {run_id: ",".join(found) for run_id, found in names.items()}
 
 
 def select_runs(

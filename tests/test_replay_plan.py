@@ -202,10 +202,20 @@ def test_run_replay_calls_the_executor_once_per_segment_and_reports() -> None:
     report = run_replay(plan, executor, progress=lambda run, done, total: seen.append((run.run_id, done, total)))
     assert sorted(calls) == [("a", 0, (0, 2)), ("a", 1, (2, 4)), ("b", 0, (0, 2)), ("b", 1, (2, 4))]
     assert [o.run_id for o in report.outcomes] == ["a", "b"]
-    assert [o.ok for o in report.outcomes] == [True, False] and not report.ok
+    # Run a succeeded but its worker 1 logged a value the record has otherwise: withheld.
+    assert [o.ok for o in report.outcomes] == [False, False] and not report.ok
+    assert str(report.outcomes[0].withheld).startswith(
+        "the replay cannot guarantee equal values: 'val' differs from the record beyond --rel-tol 1e-06 at "
+        "epoch 3: recorded 1, replayed 2 (1 of 2 values differ)"
+    )
+    assert str(report.nothing_replayed).startswith("nothing replayed: every run's values were left out (1 failed, 1 withheld)")
     assert report.outcomes[0].stored == 8 and report.outcomes[1].errors == ("worker 0: boom", "worker 1: boom")
     assert [(m.run_id, m.differing) for m in report.mismatches] == [("a", 1), ("b", 1)]
     assert ("a", 6, 6) in seen  # segment 0 has 2 steps, segment 1 has 4 (2 to pseudoresume)
+
+    accepted = run_replay(plan, executor, accept_divergent=True)
+    assert [(o.ok, o.divergent) for o in accepted.outcomes] == [(True, True), (False, False)]
+    assert accepted.nothing_replayed is None and not accepted.ok
 
 
 def test_values_match_is_exact_for_ints_and_strings_and_tolerant_for_floats() -> None:

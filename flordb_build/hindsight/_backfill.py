@@ -1,7 +1,9 @@
 """A replay's backfill: all or nothing per run, and the store always agrees with the git journal.
 
 Replay processes stage their values (``_staging.py``); no reader sees them. When every job of a
-run is done, :func:`decide` says whether the run is finished or withheld, and
+run is done, :func:`decide` says whether the run is finished or withheld (a job failed, or values
+both the record and the replay logged differ, unless ``--accept-divergent``: then finished with
+the run's replayed names marked divergent, in the journal and in ``replay_divergent``), and
 :meth:`Backfill.settle` carries that out, one run at a time (``.flor/locks/replay-finish.lock``)::
 
     withhold:   drop the session's staging of the run         the store shows what it showed
@@ -40,13 +42,14 @@ from ..journalfile import replay_journal_text
 from ..store import Store
 from ._journal import (
     commit_replay_journal,
+    divergent_marks,
     ensure_journal_table,
     load_replay_journal,
     newest_journal_commit,
     read_replay_journal,
     recorded_journal_commit,
 )
-from ._model import RunOutcome, RunPlan
+from ._model import DEFAULT_REL_TOL, Mismatch, RunOutcome, RunPlan
 from ._staging import (
     begin_finishing,
     discard,
@@ -79,6 +82,9 @@ class Decision:
     """Finish a run (its staged values become its replayed values) or withhold them, and why."""
 
     withheld: str | None = None  # None: finish
+    #: Finish although these values of the record and the replay differ (--accept-divergent):
+    #: the run's replayed names are marked divergent in the store and the journal.
+    divergent: tuple[Mismatch, ...] = ()
 
     @property
     def finish(self) -> bool:
@@ -86,13 +92,26 @@ class Decision:
         return self.withheld is None
 
 
-def decide(outcome: RunOutcome) -> Decision:
-    """The one decision point: a run's replayed values are written only when every job succeeded."""
+def decide(outcome: RunOutcome, *, rel_tol: float = DEFAULT_REL_TOL, accept_divergent: bool = False) -> Decision:
+    """The one decision point: a run's replayed values are written only when every job succeeded
+    and every value both the record and the replay logged is equal (within ``rel_tol``).
+
+    Those values are the evidence that the replay retraced the recorded run; where they differ,
+    the new values may be wrong too, so they are withheld unless ``accept_divergent`` says to
+    write them anyway (then marked).
+    """
     if not outcome.ok:
         # The first error's first line: the script's output that follows it is in the report already.
         first = outcome.errors[0].splitlines()[0] if outcome.errors else "a replay process failed"
         return Decision(withheld=first.split("; its last output")[0])
-    return Decision()
+    if outcome.mismatches and not accept_divergent:
+        earliest = outcome.mismatches[0]
+        return Decision(
+            withheld=f"the replay cannot guarantee equal values: '{earliest.name}' differs from the record "
+            f"beyond --rel-tol {rel_tol:g} at {earliest.example} ({earliest.differing} of {earliest.compared} values "
+            "differ); --accept-divergent writes them anyway, marked divergent"
+        )
+    return Decision(divergent=outcome.mismatches)
 
 
 class Backfill:
@@ -132,7 +151,7 @@ class Backfill:
             if not decision.finish:
                 discard(conn, self.session, run.run_id)
                 return decision
-            return self._finish(conn, run)
+            return self._finish(conn, run, decision.divergent)
 
     def close(self) -> None:
         """End the session: complete or roll back a finish it was interrupted in, drop its staging."""
@@ -146,34 +165,37 @@ class Backfill:
 
     # -- the finish protocol ---------------------------------------------------------------------
 
-    def _finish(self, conn: sqlite3.Connection, run: RunPlan) -> Decision:
+    def _finish(self, conn: sqlite3.Connection, run: RunPlan, divergent: tuple[Mismatch, ...]) -> Decision:
         loops, logs, changed = promoted_state(conn, self.session, run.run_id, run.names)
         pause_for_tests(FinishStep.STAGED)
         if not changed:  # nothing staged and nothing to replace: the run keeps what it has
             discard(conn, self.session, run.run_id)
             return Decision()
+        # This replay's names are marked when it diverged (and unmarked when it did not); the
+        # marks of the run's other replayed names stay as they are.
+        marks = {name: f"'{divergent[0].name}' differs at {divergent[0].example}" for name in run.names} if divergent else {}
+        state_marks = {n: why for n, why in divergent_marks(conn, run.run_id).items() if n not in run.names} | marks
         commit: str | None = None
         if self.config.in_git:
             begin_finishing(conn, self.session, run.run_id)
             pause_for_tests(FinishStep.INTENT)
             try:
-                commit = commit_replay_journal(
-                    self.config, run.run_id, replay_journal_text(run.run_id, run.names, loops, logs), run.names
-                )
+                text = replay_journal_text(run.run_id, run.names, loops, logs, state_marks)
+                commit = commit_replay_journal(self.config, run.run_id, text, run.names)
             except SnapshotError as exc:
                 landed = self._reconcile(conn, run.run_id)  # git failed before its ref moved, but make sure
                 discard(conn, self.session, run.run_id)
                 return Decision() if landed else Decision(withheld=f"its replay journal could not be committed: {exc}")
             pause_for_tests(FinishStep.JOURNALED)
         try:
-            promote(conn, self.session, run.run_id, run.names, commit)
+            promote(conn, self.session, run.run_id, run.names, commit, marks)
         except sqlite3.Error as exc:
             return Decision(
                 withheld=f"they are journaled in {str(commit)[:12]} but the store refused them ({exc}); the next "
                 "replay or 'flordb-build rebuild' brings them in"
             )
         pause_for_tests(FinishStep.PROMOTED)
-        return Decision()
+        return Decision(divergent=divergent)
 
     # -- recovery --------------------------------------------------------------------------------
 

@@ -92,6 +92,7 @@ def replay(
     quiet: bool = False,
     config: Config | None = None,
     warm: bool | None = None,
+    accept_divergent: bool = False,
 ) -> ReplayReport:
     """Replay today's new ``flor.log`` statements ``names`` in the recorded runs ``where`` selects.
 
@@ -99,8 +100,11 @@ def replay(
     Prints the plan, a progress line per run and the estimated-vs-actual table to stderr (unless
     ``quiet``); with ``dry_run`` it stops after the plan (the report then has no outcomes).
     ``warm=False`` starts every replay process fresh instead of forking it from a warm server.
+    A run whose replay logged other values than its record (beyond ``rel_tol``) is withheld unless
+    ``accept_divergent`` (then its values are written, marked divergent). When the plan has no run
+    to replay, the report's ``ok`` is False and ``nothing_replayed`` says why.
 
-    :raises ReplayError: unknown names, no matching run, or a replay that failed.
+    :raises ReplayError: unknown names, no matching run, or a run that failed or was withheld.
     """
     from ._execute import ProgressLine, format_placements, format_plan, format_report, run_replay
     from ._select import prepare_replay
@@ -114,19 +118,27 @@ def replay(
         print(format_plan(plan), file=stream)
         if dry_run and plan.runs:
             print(format_placements(plan), file=stream)
-    if dry_run or not plan.runs:
+    if dry_run:
         return ReplayReport(plan=plan, outcomes=())
+    if not plan.runs:
+        nothing = ReplayReport(plan=plan, outcomes=(), no_runs=plan.why_no_runs())
+        if stream is not None:
+            print(nothing.nothing_replayed, file=stream)
+        return nothing
     report = run_replay(
-        plan, config=config, progress=ProgressLine(stream) if stream else None, rel_tol=rel_tol, warm=warm
+        plan, config=config, progress=ProgressLine(stream) if stream else None, rel_tol=rel_tol, warm=warm,
+        accept_divergent=accept_divergent,
     )
     if stream is not None:
         print(format_report(report), file=stream)
     if not report.ok:
         failed = [o.run_id for o in report.outcomes if not o.ok]
-        raise ReplayError(
-            f"Replay failed for run(s) {', '.join(failed)}, whose replayed values were not written: "
+        what = (
+            f"failed or was withheld for run(s) {', '.join(failed)}, whose replayed values were not written: "
             f"{report.first_error}"
         )
+        # Not one run written: the message says so first, as the command line's last line does.
+        raise ReplayError(f"nothing replayed: the replay {what}" if report.nothing_replayed else f"Replay {what}")
     return report
 
 
@@ -183,9 +195,9 @@ def run_replay_command(
     out.flush()
     if options.dry_run:
         return 0
-    if not plan.runs:
-        print("nothing to replay", file=out)
-        return 0
+    if not plan.runs:  # a replay asked to run that has nothing to run fails, so that scripts notice
+        print(f"nothing replayed: {plan.why_no_runs()}", file=out)
+        return 1
     if not options.yes:
         question = f"Replay {len(plan.runs)} run(s), about {plan.estimate:.1f}s? [y/N] "
         answer = confirm(question) if confirm is not None else None
@@ -197,7 +209,10 @@ def run_replay_command(
         if not answer:
             print("not replayed", file=out)
             return 0
-    report = run_replay(plan, progress=ProgressLine(sys.stderr), rel_tol=options.rel_tol, warm=warm)
+    report = run_replay(
+        plan, progress=ProgressLine(sys.stderr), rel_tol=options.rel_tol, warm=warm,
+        accept_divergent=options.accept_divergent,
+    )
     print(format_report(report), file=out)
     return 0 if report.ok else 1
 

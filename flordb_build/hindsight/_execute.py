@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import functools
 import json
 import math
 import os
@@ -102,19 +103,23 @@ def run_replay(
     progress: Callable[[RunPlan, int, int], None] | None = None,
     rel_tol: float = DEFAULT_REL_TOL,
     warm: bool | None = None,
+    accept_divergent: bool = False,
 ) -> ReplayReport:
     """Execute ``plan``: runs one after another, the segments of a run in parallel processes.
 
     :param executor: runs one job; default :class:`SubprocessExecutor` for the project.
     :param progress: called with (run, iterations done, iterations total) as replays advance.
     :param warm: fork processes from warm servers (None: the project's setting, on by default).
+    :param accept_divergent: write a run's values although values both the record and the replay
+        logged differ beyond ``rel_tol`` (marked divergent); by default they are withheld.
     """
     owned = executor is None
     if executor is None:
         executor = SubprocessExecutor(config or load_config(), rel_tol=rel_tol, warm=warm)
     notes: tuple[str, ...] = ()
     try:
-        outcomes = [_replay_run(run, jobs_of(run, plan.device), executor, progress) for run in plan.runs]
+        decider = functools.partial(decide, rel_tol=rel_tol, accept_divergent=accept_divergent)
+        outcomes = [_replay_run(run, jobs_of(run, plan.device), executor, progress, decider) for run in plan.runs]
     finally:
         if owned:
             notes = executor.close()  # type: ignore[attr-defined]
@@ -126,6 +131,7 @@ def _replay_run(
     jobs: Sequence[ReplayJob],
     executor: ReplayExecutor,
     progress: Callable[[RunPlan, int, int], None] | None,
+    decider: Callable[[RunOutcome], Decision] = decide,
 ) -> RunOutcome:
     """Run the jobs of one run (in parallel threads that wait on their processes)."""
     done = [0] * len(jobs)
@@ -159,13 +165,14 @@ def _replay_run(
                     cancel()
                 raise
     outcome = _outcome(run, results, time.perf_counter() - started)
-    decision = decide(outcome)
+    decision = decider(outcome)
     finish = getattr(executor, "finish_run", None)
     if finish is not None:
         decision = finish(run, decision)
     # The run's bookkeeping (its journal commit and promotion) is part of what it cost.
     return dataclasses.replace(
-        outcome, ok=outcome.ok and decision.finish, withheld=decision.withheld, seconds=time.perf_counter() - started
+        outcome, ok=outcome.ok and decision.finish, withheld=decision.withheld, seconds=time.perf_counter() - started,
+        divergent=decision.finish and bool(decision.divergent),
     )
 
 
@@ -217,18 +224,24 @@ def compare_values(
     describe: Callable[[int], str] = str,
     rel_tol: float = DEFAULT_REL_TOL,
 ) -> tuple[Mismatch, ...]:
-    """Per name: how many values logged at the same context (in the same order) differ."""
+    """Per name: how many values logged at the same context (in the same order) differ.
+
+    The names come in the order of their first difference (contexts in the order the run made
+    them), so the first mismatch is the earliest point where the replay left the record.
+    """
     stats: dict[str, list[Any]] = {}
     for key in sorted(replayed.keys() & recorded.keys()):
         ctx, name = key
-        entry = stats.setdefault(name, [0, 0, ""])
+        entry = stats.setdefault(name, [0, 0, "", (math.inf, "")])
         for old, new in zip(recorded[key], replayed[key], strict=False):
             entry[0] += 1
             if not values_match(old, new, rel_tol):
                 entry[1] += 1
                 if not entry[2]:
                     entry[2] = f"{describe(ctx)}: recorded {old!r}, replayed {new!r}"
-    return tuple(Mismatch(run_id, name, c, d, ex) for name, (c, d, ex) in sorted(stats.items()) if d)
+                    entry[3] = (ctx, name)
+    differing = sorted((entry[3], name) for name, entry in stats.items() if entry[1])
+    return tuple(Mismatch(run_id, name, *stats[name][:3]) for _first, name in differing)
 
 
 def merge_mismatches(mismatches: Sequence[Mismatch]) -> tuple[Mismatch, ...]:
@@ -680,7 +693,7 @@ def format_plan(plan: ReplayPlan) -> str:
 def format_report(report: ReplayReport) -> str:
     """Estimated vs actual seconds per run, then errors, withheld values and nondeterminism warnings."""
     rows = [
-        [o.run_id, "ok" if o.ok else "FAILED", "warm" if o.warm else "cold",
+        [o.run_id, ("divergent" if o.divergent else "ok") if o.ok else "FAILED", "warm" if o.warm else "cold",
          "withheld" if o.withheld is not None else str(o.stored),
          format_seconds(o.estimate), format_seconds(o.seconds),
          f"{(o.seconds - o.estimate) / o.estimate:+.0%}" if o.estimate > 0 else "-"]
@@ -695,6 +708,11 @@ def format_report(report: ReplayReport) -> str:
                 f"withheld: run {outcome.run_id}: none of its replayed values were written, so it shows what it "
                 f"showed before the replay: {outcome.withheld}"
             )
+        if outcome.divergent:
+            parts.append(
+                f"divergent: run {outcome.run_id}: its replayed values were written as --accept-divergent asks, "
+                "marked divergent (table replay_divergent; 'flordb-build runs' shows them)"
+            )
         for note in outcome.notes:
             parts.append(f"note: run {outcome.run_id}: {note}")
     for m in report.mismatches:
@@ -703,6 +721,8 @@ def format_report(report: ReplayReport) -> str:
             f"values recorded and replayed (first at {m.example})"
         )
     parts.extend(f"note: {note}" for note in report.notes)
+    if report.nothing_replayed is not None:
+        parts.append(report.nothing_replayed)
     return "\n".join(parts)
 
 

@@ -28,6 +28,12 @@ TRAILER = "Flor-Replay"
 _JOURNALS_DDL = (
     "CREATE TABLE IF NOT EXISTS replay_journals (run_id TEXT PRIMARY KEY, journal_commit TEXT, loaded REAL)"
 )
+#: Replayed names of a run written with --accept-divergent although values both the record and the
+#: replay logged differ; ``why`` names the first difference. The journal header carries the same
+#: marks (``divergent``), so a rebuilt store keeps them.
+_DIVERGENT_DDL = (
+    "CREATE TABLE IF NOT EXISTS replay_divergent (run_id TEXT, name TEXT, why TEXT, PRIMARY KEY (run_id, name))"
+)
 
 
 def replays_dir_in_tree(config: Config) -> str:
@@ -73,9 +79,34 @@ def read_replay_journal(config: Config, commit: str, run_id: str) -> str:
 
 
 def ensure_journal_table(conn: sqlite3.Connection) -> None:
-    """Create ``replay_journals`` where it is missing (a replay session does, when it opens)."""
+    """Create ``replay_journals`` and ``replay_divergent`` where missing (a replay session does, when it opens)."""
     with write_transaction(conn):
         conn.execute(_JOURNALS_DDL)
+        conn.execute(_DIVERGENT_DDL)
+
+
+def divergent_marks(conn: sqlite3.Connection, run_id: str) -> dict[str, str]:
+    """The run's replayed names marked divergent: name -> why (none on a store without the table)."""
+    try:
+        rows = conn.execute("SELECT name, why FROM replay_divergent WHERE run_id = ?", (run_id,)).fetchall()
+    except sqlite3.OperationalError:  # a store no replay session has opened yet
+        return {}
+    return {str(name): str(why) for name, why in rows}
+
+
+def replace_divergent_marks(
+    conn: sqlite3.Connection, run_id: str, names: Sequence[str] | None, marks: dict[str, str]
+) -> None:
+    """Inside the caller's transaction: the marks of ``names`` (None: every name) become ``marks``."""
+    conn.execute(_DIVERGENT_DDL)
+    if names is None:
+        conn.execute("DELETE FROM replay_divergent WHERE run_id = ?", (run_id,))
+    else:
+        conn.executemany("DELETE FROM replay_divergent WHERE run_id = ? AND name = ?", [(run_id, n) for n in names])
+    conn.executemany(
+        "INSERT OR REPLACE INTO replay_divergent (run_id, name, why) VALUES (?, ?, ?)",
+        [(run_id, name, why) for name, why in marks.items()],
+    )
 
 
 def recorded_journal_commit(conn: sqlite3.Connection, run_id: str) -> str | None:
@@ -109,6 +140,7 @@ def load_replay_journal(conn: Any, text: str, *, commit: str | None = None) -> i
             "VALUES (?, ?, ?, ?, ?, ?, 'replay')",
             [(run_id, *row) for row in logs],
         )
+        replace_divergent_marks(conn, run_id, None, journal.divergent)
         if commit is not None:
             record_journal_commit(conn, run_id, commit)
     return len(logs)

@@ -171,6 +171,16 @@ class ReplayPlan:
         """Total estimated seconds, runs one after another."""
         return sum(run.estimate for run in self.runs)
 
+    def why_no_runs(self) -> str:
+        """Why the plan replays no run: what its skipped runs say (for ``nothing replayed: ...``)."""
+        names = ", ".join(f"'{name}'" for name in self.names)
+        if not self.skipped:
+            return "no recorded run was selected"
+        if all(skipped.unaffected for skipped in self.skipped):
+            return f"no selected run's script logs {names} today ({len(self.skipped)} run(s) selected)"
+        first = next(skipped for skipped in self.skipped if not skipped.unaffected)
+        return f"every selected run was skipped ({len(self.skipped)}); first: run {first.run_id}: {first.reason}"
+
 
 @dataclass(frozen=True)
 class ReplayJob:
@@ -227,6 +237,9 @@ class RunOutcome:
     warm: bool = False  # every process of the run was forked from a warm server
     #: Why none of the run's replayed values were written (None: they were; _backfill.py).
     withheld: str | None = None
+    #: Written although the values both the record and the replay logged differ (--accept-divergent):
+    #: the store marks the run's names as divergent (table ``replay_divergent``).
+    divergent: bool = False
 
 
 @dataclass(frozen=True)
@@ -236,11 +249,31 @@ class ReplayReport:
     plan: ReplayPlan
     outcomes: tuple[RunOutcome, ...]
     notes: tuple[str, ...] = ()  # about the session as a whole (a warm server kept up)
+    #: Why a replay that was asked to run had no run to run (None: it had, or it was a dry run).
+    no_runs: str | None = None
 
     @property
     def ok(self) -> bool:
-        """True when every run replayed without error and its values were written."""
-        return all(outcome.ok for outcome in self.outcomes)
+        """True when every run replayed without error and its values were written (and there was a run)."""
+        return self.no_runs is None and all(outcome.ok for outcome in self.outcomes)
+
+    @property
+    def nothing_replayed(self) -> str | None:
+        """``nothing replayed: <why>`` when not one run's values were written; None when some were.
+
+        Scripts and CI read it as a failure (the command exits non-zero): a replay that wrote
+        nothing did not do what it was asked, whatever the reason.
+        """
+        if self.no_runs is not None:
+            return f"nothing replayed: {self.no_runs}"
+        if not self.outcomes or any(outcome.ok for outcome in self.outcomes):
+            return None
+        withheld = sum(1 for o in self.outcomes if not o.errors)
+        failed = len(self.outcomes) - withheld
+        counts = ", ".join(
+            f"{n} {what}" for n, what in ((failed, "failed"), (withheld, "withheld")) if n
+        )
+        return f"nothing replayed: every run's values were left out ({counts}); first: {self.first_error}"
 
     @property
     def first_error(self) -> str | None:

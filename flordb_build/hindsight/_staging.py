@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from ..store import LOOP_INSERT, write_transaction
@@ -149,15 +149,21 @@ def staging_sessions(conn: sqlite3.Connection) -> set[str]:
 
 
 def promote(
-    conn: sqlite3.Connection, session: str, run_id: str, names: Iterable[str], journal_commit: str | None
+    conn: sqlite3.Connection,
+    session: str,
+    run_id: str,
+    names: Sequence[str],
+    journal_commit: str | None,
+    divergent: dict[str, str] | None = None,
 ) -> None:
     """Make the session's staged values of ``run_id`` the run's replayed values of ``names``.
 
     One transaction: the run's earlier replayed values of ``names`` go, the staged rows come in
-    (``source = 'replay'``), the journal commit this state corresponds to is recorded, and the
-    staging and the finish note of the run are dropped.
+    (``source = 'replay'``), the divergence marks of ``names`` become ``divergent`` (name -> why;
+    none: unmarked), the journal commit this state corresponds to is recorded, and the staging
+    and the finish note of the run are dropped.
     """
-    from ._journal import record_journal_commit
+    from ._journal import record_journal_commit, replace_divergent_marks
 
     with write_transaction(conn):
         conn.executemany(
@@ -170,6 +176,7 @@ def promote(
             (session, run_id),
         )
         conn.executemany(LOOP_INSERT, [(run_id, *row) for row in staged_loops(conn, session, run_id)])
+        replace_divergent_marks(conn, run_id, names, divergent or {})
         if journal_commit is not None:
             record_journal_commit(conn, run_id, journal_commit)
         _delete(conn, session, run_id)
