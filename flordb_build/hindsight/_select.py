@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config, load_config
+from ..empty_state import EMPTY_JSON_BYTES
 from ..errors import ReplayError, SnapshotError, WarmStartError
 from ..snapshot import run_git, run_git_bytes
 from ..store import Store, loop_contexts
@@ -57,6 +58,10 @@ def load_recorded_runs(config: Config, run_ids: Sequence[str]) -> list[RecordedR
                 "GROUP BY ctx_id, loop_name, iteration ORDER BY ctx_id",
                 (rid,),
             ).fetchall()
+            stateless = conn.execute(  # issue 12.7: checkpoints of objects that hold nothing (empty_state.py)
+                "SELECT name FROM checkpoints WHERE run_id = ? GROUP BY name HAVING MIN(format = 'json' AND bytes <= ?) = 1",
+                (rid, EMPTY_JSON_BYTES),
+            ).fetchall()
             source, unavailable = _snapshot_source(config.root, snapshot, filename)
             runs.append(
                 RecordedRun(
@@ -65,7 +70,7 @@ def load_recorded_runs(config: Config, run_ids: Sequence[str]) -> list[RecordedR
                     outer_loops=tuple((int(c), str(n), int(i)) for c, n, i in outer),
                     timings=tuple((int(c), str(k), float(s)) for c, k, s in timings),
                     checkpoints=tuple((int(c), str(n), int(i), float(m or 0.0)) for c, n, i, m in checkpoints),
-                    unavailable=unavailable,
+                    unavailable=unavailable, stateless=tuple(str(n) for (n,) in stateless),
                 )
             )
         return runs
