@@ -278,21 +278,17 @@ class _Script:
 
     # -- statements -----------------------------------------------------------------------------
 
-    def statements(
-        self, body: Sequence[cst.CSTNode], path: tuple[int, ...], requested: frozenset[str]
-    ) -> list[_Stmt]:
+    def statements(self, body: Sequence[cst.CSTNode], path: tuple[int, ...]) -> list[_Stmt]:
         """The simple statements of ``body`` in order, compound statements as their header then their suites."""
         out: list[_Stmt] = []
         for stmt in body:
-            out.extend(self._statement(stmt, path, requested))
+            out.extend(self._statement(stmt, path))
         return out
 
-    def _statement(
-        self, stmt: cst.CSTNode, path: tuple[int, ...], requested: frozenset[str]
-    ) -> Iterator[_Stmt]:
+    def _statement(self, stmt: cst.CSTNode, path: tuple[int, ...]) -> Iterator[_Stmt]:
         if isinstance(stmt, cst.SimpleStatementLine):
             for small in stmt.body:
-                yield self._simple(small, path, requested)
+                yield self._simple(small, path)
             return
         if isinstance(stmt, cst.FunctionDef | cst.ClassDef):
             header = _Stmt(stmt, self.line(stmt), self.line(stmt), path=path, kind="assign")
@@ -340,21 +336,15 @@ class _Script:
             header.mutates.update(header.reads)
         yield header
         for suite, conditional in suites:
-            yield from self.statements(suite, (*path, next(self._suites)) if conditional else path, requested)
+            yield from self.statements(suite, (*path, next(self._suites)) if conditional else path)
 
-    def _simple(
-        self, small: cst.BaseSmallStatement, path: tuple[int, ...], requested: frozenset[str]
-    ) -> _Stmt:
+    def _simple(self, small: cst.BaseSmallStatement, path: tuple[int, ...]) -> _Stmt:
         record = _Stmt(small, self.line(small), self.end(small), path=path)
         self._collect(small, record)
         value = small.value if isinstance(small, cst.Expr) else None
-        logs_requested = any(
-            (call := self.flor_call(n, "log")) is not None
-            and (not call.args or _literal(call.args[0].value) in requested)
-            for n in _walk(small)
-        )
-        if logs_requested:
-            record.kind = "effect"  # a replayed statement: what it reads is what the replay stores
+        logs = any(self.flor_call(n, "log") is not None for n in _walk(small))
+        if logs:
+            record.kind = "effect"  # stored (a replayed name) or compared with the record (any other)
         elif value is not None and m.matches(value, m.Call(func=m.Name("print"))):
             record.kind = "sink"  # printed, never stored nor compared
         elif isinstance(small, cst.Assign | cst.AugAssign | cst.AnnAssign) and not record.mutates:
@@ -403,7 +393,7 @@ class _Script:
             if self.enclosing_function(definition) is not None or _in_class(self, definition):
                 continue  # methods and inner functions are not what a bare name calls at module level
             local = self.function_locals(definition)
-            for part in self.statements(definition.body.body, (), frozenset()):
+            for part in self.statements(definition.body.body, ()):
                 summary.reads |= {n for n in part.reads if n not in local}
                 summary.rebinds |= {n for n in part.rebinds if n not in local}
                 summary.mutates |= {p for p in part.mutates if p.split(".")[0] not in local}
@@ -535,9 +525,7 @@ def _is_held(path: str, held: set[str]) -> bool:
     return any(".".join(parts[:i]) in held for i in range(1, len(parts) + 1))
 
 
-def _after(
-    script: _Script, node: cst.CSTNode, scope: cst.CSTNode | None, requested: frozenset[str]
-) -> list[_Stmt]:
+def _after(script: _Script, node: cst.CSTNode, scope: cst.CSTNode | None) -> list[_Stmt]:
     """The statements that run after ``node`` in its scope: its later siblings, then theirs, up to the scope."""
     records: list[_Stmt] = []
     current: cst.CSTNode = node
@@ -548,7 +536,7 @@ def _after(
         body = getattr(parent, "body", None)
         if isinstance(body, Sequence) and current in body and not isinstance(parent, cst.SimpleStatementLine):
             later = list(body)[list(body).index(current) + 1 :]
-            records += script.statements(later, (), requested)
+            records += script.statements(later, ())
         if isinstance(parent, cst.FunctionDef | cst.ClassDef | cst.Module):
             break
         current = parent
@@ -583,16 +571,13 @@ def find_carried(
     source: str,
     main_loop: str | None,
     skipping: Skipping,
-    requested: Iterable[str],
     stateless: Iterable[str] = (),
 ) -> tuple[CarriedName, ...]:
     """The names that the parts ``skipping`` skips change and the later code reads, held by no checkpoint.
 
     :param source: the version the replay runs (the recorded script with the new statements).
-    :param requested: the names the replay stores; statements that log other names are only compared.
     :param stateless: ``flor.checkpointing`` keywords whose checkpoints held no state: they hold nothing.
     """
-    wanted = frozenset(requested)
     try:
         script = _Script(source)
     except cst.ParserSyntaxError:
@@ -603,9 +588,9 @@ def find_carried(
         return ()
     held = _held(script, frozenset(stateless))
     scope = script.enclosing_function(main)
-    body = script.statements(main.body.body, (), wanted)
-    target = set(script.statements([main], (), wanted)[0].rebinds)  # rebound by every iteration
-    suffix = _after(script, main, scope, wanted) if skipping.suffix else []
+    body = script.statements(main.body.body, ())
+    target = set(script.statements([main], ())[0].rebinds)  # rebound by every iteration
+    suffix = _after(script, main, scope) if skipping.suffix else []
     nested_in_body = [
         (node, name)
         for node, name in loops
@@ -640,12 +625,12 @@ def find_carried(
         for node, nested_name in loops:
             if node is main:
                 continue
-            inner = script.statements(node.body.body, (), wanted)
+            inner = script.statements(node.body.body, ())
             changed = _changed(inner, script)
-            for t in script.statements([node], (), wanted)[0].rebinds:
+            for t in script.statements([node], ())[0].rebinds:
                 changed.setdefault(t, script.line(node))
             own_scope = script.enclosing_function(node)
-            rest = _after(script, node, own_scope, wanted)
+            rest = _after(script, node, own_scope)
             if own_scope is scope:
                 rest = [r for r in rest if r.line <= script.end(main)]  # the rest of the iteration
                 later = rest + (next_iterations if skipping.later_iterations else []) + suffix

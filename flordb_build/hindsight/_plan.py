@@ -287,7 +287,7 @@ def _plan_run(
     if depth in (Position.RANGE, Position.VALIDATION):  # scans of the main loop split across workers
         segments = split_segments(n, workers)
     schedules = [schedule_scan(depth, n, checkpointed, segment if len(segments) > 1 else None) for segment in segments]
-    refusal = _carried_refusal(run, source, main_name, schedules, tuple(dict.fromkeys(p.name for p in placed)))
+    refusal = _carried_refusal(run, source, main_name, schedules)
     if refusal is not None:
         return skip(refusal)
     costs = RunCosts(run, main_ctxs)
@@ -318,9 +318,7 @@ def _plan_run(
     )
 
 
-def _carried_refusal(
-    run: RecordedRun, source: str, main_loop: str | None, schedules: Sequence[Schedule], names: tuple[str, ...]
-) -> str | None:
+def _carried_refusal(run: RecordedRun, source: str, main_loop: str | None, schedules: Sequence[Schedule]) -> str | None:
     """Why the schedules would give wrong values: state the skipped code changes that no checkpoint restores."""
     skipping: Skipping | None = None
     for schedule in schedules:
@@ -331,7 +329,7 @@ def _carried_refusal(
         return None  # a prefix scan or a full re-run: nothing is skipped, nothing has to be restored
     if run.stateless:
         return describe_stateless(run.stateless)
-    carried = _find_carried(source, main_loop, skipping, names, run.stateless)
+    carried = _find_carried(source, main_loop, skipping, run.stateless)
     return describe_carried(carried) if carried else None
 
 
