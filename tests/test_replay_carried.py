@@ -147,6 +147,47 @@ def test_what_only_printing_reads_and_prefix_or_full_runs_are_never_refused() ->
     assert Skipping.of(full) is None
 
 
+def test_a_loop_after_the_main_loop_runs_in_full_in_validation_and_is_not_taken_for_a_nested_one() -> None:
+    source = """\
+        import flordb_build as flor
+        history = []
+        with flor.checkpointing(model=model):
+            for epoch in flor.loop("epoch", range(5)):
+                for step in flor.loop("step", range(3)):
+                    model.step(step)
+                flor.log("new", model.weight.norm())
+        for batch in flor.loop("test", range(3)):
+            history.append(model.score(batch))
+        flor.log("test_sum", sum(history))
+        """
+    assert carried(source, VALIDATION) == set()
+
+
+def test_a_shuffling_generator_carries_its_rng_into_range_segments_but_not_into_validation_ones() -> None:
+    # the nested loop's iterable draws from `rng` when it is iterated: a range segment that starts
+    # mid-loop iterates it with the rng of a fresh start; a validation segment never iterates it
+    source = """\
+        import numpy as np
+        import flordb_build as flor
+        rng = np.random.RandomState(0)
+
+        def batches(data):
+            for i in rng.permutation(len(data)):
+                yield data[i]
+
+        with flor.checkpointing(reg=reg):
+            for epoch in flor.loop("epoch", range(4)):
+                for batch in flor.loop("step", batches(data)):
+                    reg.partial_fit(batch)
+                flor.log("new", reg.coef_)
+        """
+    assert carried(source, MID_LOOP) == {"rng"}
+    mid_loop_validation = Skipping(
+        iterations=True, nested=True, later_iterations=True, later_nested=False, suffix=True
+    )
+    assert carried(source, mid_loop_validation) == set()
+
+
 SCRIPT_V1 = """\
 import flordb_build as flor
 

@@ -623,13 +623,13 @@ def find_carried(
         found += _carried(changed, later, held, name, killed)
     if skipping.nested:
         for node, nested_name in loops:
-            if node is main:
-                continue
+            own_scope = script.enclosing_function(node)
+            if node is main or (own_scope is scope and (node, nested_name) not in nested_in_body):
+                continue  # not nested: a loop of the main loop's scope before or after it runs in full
             inner = script.statements(node.body.body, ())
             changed = _changed(inner, script)
             for t in script.statements([node], ())[0].rebinds:
                 changed.setdefault(t, script.line(node))
-            own_scope = script.enclosing_function(node)
             rest = _after(script, node, own_scope)
             if own_scope is scope:
                 rest = [r for r in rest if r.line <= script.end(main)]  # the rest of the iteration
@@ -638,23 +638,17 @@ def find_carried(
                     changed, later, held, nested_name or "nested", target if skipping.later_iterations else ()
                 )
                 continue
-            # a nested loop in a function the main loop calls: its locals live on in the rest of the
-            # function; what it changes of the module's globals lives on in the main loop's scope
+            # a nested loop in a function (maybe one the main loop calls; taken to be): its locals
+            # live on in the rest of the function, what it changes of the globals in the main loop
             local = script.function_locals(own_scope) if own_scope is not None else set()
+            loop = nested_name or "nested"
             found += _carried(
-                {p: ln for p, ln in changed.items() if p.split(".")[0] in local},
-                rest,
-                held,
-                nested_name or "nested",
+                {p: ln for p, ln in changed.items() if p.split(".")[0] in local}, rest, held, loop
             )
-            if scope is None:
-                later = (next_iterations if skipping.later_iterations else []) + suffix
-                found += _carried(
-                    {p: ln for p, ln in changed.items() if p.split(".")[0] not in local},
-                    later,
-                    held,
-                    nested_name or "nested",
-                )
+            later = (next_iterations if skipping.later_iterations else []) + suffix
+            found += _carried(
+                {p: ln for p, ln in changed.items() if p.split(".")[0] not in local}, later, held, loop
+            )
     unique: dict[str, CarriedName] = {}
     for carried in found:
         unique.setdefault(carried.name, carried)
