@@ -33,12 +33,14 @@ Not seen (known gaps): a change through an alias (``for p in params: p.add_(...)
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import cast
 
 import libcst as cst
 import libcst.matchers as m
 from libcst.metadata import (
+    CodeRange,
     ExpressionContext,
     ExpressionContextProvider,
     MetadataWrapper,
@@ -202,18 +204,25 @@ class _Script:
     """The parsed script with the metadata the analysis needs, and its flor and import names."""
 
     def __init__(self, source: str) -> None:
-        self.wrapper = MetadataWrapper(cst.parse_module(source))
+        self.wrapper = MetadataWrapper(cst.parse_module(source), unsafe_skip_copy=True)  # our own fresh tree
         self.module = self.wrapper.module
-        self.context = self.wrapper.resolve(ExpressionContextProvider)
-        self.position = self.wrapper.resolve(PositionProvider)
-        self.parent = self.wrapper.resolve(ParentNodeProvider)
+        # one batched pass for the three providers; libcst's ``node.children`` runs a visitor per
+        # call, so the walks below go through the children the parent map already lists, in order
+        meta = self.wrapper.resolve_many([ExpressionContextProvider, PositionProvider, ParentNodeProvider])
+        self.context = cast(Mapping[cst.CSTNode, ExpressionContext], meta[ExpressionContextProvider])
+        self.position = cast(Mapping[cst.CSTNode, CodeRange], meta[PositionProvider])
+        self.parent = cast(Mapping[cst.CSTNode, cst.CSTNode], meta[ParentNodeProvider])
+        self._children: dict[cst.CSTNode, list[cst.CSTNode]] = {}
+        for child, parent in self.parent.items():
+            self._children.setdefault(parent, []).append(child)
+        self.nodes = list(self.walk(self.module))  # every node, in source order
         self.imported: set[str] = set()  # names bound by import statements (modules, library functions)
         self.flor: set[str] = set()  # names of the flordb_build module
         self.flor_functions: dict[str, str] = {}  # local name -> flordb_build function it is
         self.functions: dict[str, list[cst.FunctionDef]] = {}  # def name -> its definitions
         self._summaries: dict[str, _Stmt] = {}
         self._suites = itertools.count(1)
-        for node in _walk(self.module):
+        for node in self.nodes:
             if isinstance(node, cst.Import):
                 for alias in node.names:
                     bound = alias.evaluated_alias or alias.evaluated_name.split(".")[0]
@@ -229,6 +238,20 @@ class _Script:
                         self.flor_functions[bound] = alias.evaluated_name
             elif isinstance(node, cst.FunctionDef):
                 self.functions.setdefault(node.name.value, []).append(node)
+
+    def walk(self, node: cst.CSTNode, into_defs: bool = True) -> Iterator[cst.CSTNode]:
+        """Every node under ``node`` (itself included), optionally not into nested defs and classes."""
+        stack: list[cst.CSTNode] = [node]
+        while stack:
+            current = stack.pop()
+            yield current
+            if (
+                not into_defs
+                and current is not node
+                and isinstance(current, cst.FunctionDef | cst.ClassDef | cst.Lambda)
+            ):
+                continue
+            stack.extend(reversed(self._children.get(current, ())))
 
     def line(self, node: cst.CSTNode) -> int:
         return self.position[node].start.line
@@ -254,7 +277,7 @@ class _Script:
     def flor_loops(self) -> list[tuple[cst.For, str | None]]:
         """Every ``for ... in flor.loop(name, ...)`` with its literal name."""
         found = []
-        for node in _walk(self.module):
+        for node in self.nodes:
             if isinstance(node, cst.For) and (call := self.flor_call(node.iter, "loop")) is not None:
                 found.append((node, _literal(call.args[0].value) if call.args else None))
         return found
@@ -269,7 +292,7 @@ class _Script:
         """The names local to ``func``: its parameters and what it binds, less what it declares global."""
         names = {p.name.value for p in _params(func.params)}
         declared: set[str] = set()
-        for node in _walk(func.body, into_defs=False):
+        for node in self.walk(func.body, into_defs=False):
             if isinstance(node, cst.Name) and self.context.get(node) is ExpressionContext.STORE:
                 names.add(node.value)
             elif isinstance(node, cst.Global | cst.Nonlocal):
@@ -342,7 +365,7 @@ class _Script:
         record = _Stmt(small, self.line(small), self.end(small), path=path)
         self._collect(small, record)
         value = small.value if isinstance(small, cst.Expr) else None
-        logs = any(self.flor_call(n, "log") is not None for n in _walk(small))
+        logs = any(self.flor_call(n, "log") is not None for n in self.walk(small))
         if logs:
             record.kind = "effect"  # stored (a replayed name) or compared with the record (any other)
         elif value is not None and m.matches(value, m.Call(func=m.Name("print"))):
@@ -353,7 +376,7 @@ class _Script:
 
     def _collect(self, node: cst.CSTNode, record: _Stmt) -> None:
         """Add what ``node`` reads, rebinds and mutates to ``record``."""
-        for sub in _walk(node, into_defs=False):
+        for sub in self.walk(node, into_defs=False):
             if isinstance(sub, cst.Name):
                 context = self.context.get(sub)
                 if context is ExpressionContext.STORE:
@@ -417,19 +440,6 @@ def _in_class(script: _Script, node: cst.CSTNode) -> bool:
     return False
 
 
-def _walk(node: cst.CSTNode | Sequence[cst.CSTNode], into_defs: bool = True) -> Iterator[cst.CSTNode]:
-    """Every node under ``node`` (itself included), optionally not into nested defs and classes."""
-    stack: list[cst.CSTNode] = list(reversed(node)) if isinstance(node, Sequence) else [node]
-    first = True
-    while stack:
-        current = stack.pop()
-        yield current
-        if not into_defs and not first and isinstance(current, cst.FunctionDef | cst.ClassDef | cst.Lambda):
-            continue
-        first = False
-        stack.extend(reversed(current.children))
-
-
 def _params(params: cst.Parameters) -> Iterator[cst.Param]:
     yield from params.posonly_params
     yield from params.params
@@ -487,7 +497,8 @@ def _relevant(records: Sequence[_Stmt]) -> set[str]:
 def _held(script: _Script, stateless: frozenset[str]) -> set[str]:
     """Paths the checkpoints hold: the values of ``flor.checkpointing(name=value)`` that are names or attributes."""
     held: set[str] = set()
-    for node in _walk(script.module):
+    calls = [node for node in script.nodes if isinstance(node, cst.Call)]
+    for node in calls:
         call = script.flor_call(node, "checkpointing")
         if call is None:
             continue
@@ -503,11 +514,8 @@ def _held(script: _Script, stateless: frozenset[str]) -> set[str]:
             params = [p.name.value for p in _params(definition.params)]
             if params and params[0] == "self" and _in_class(script, definition):
                 params = params[1:]
-            for node in _walk(script.module):
-                if not (
-                    isinstance(node, cst.Call)
-                    and m.matches(node.func, m.Name(name) | m.Attribute(attr=m.Name(name)))
-                ):
+            for node in calls:
+                if not m.matches(node.func, m.Name(name) | m.Attribute(attr=m.Name(name))):
                     continue
                 for index, arg in enumerate(node.args):
                     path = _dotted(arg.value)
