@@ -131,6 +131,19 @@ def test_a_nested_loop_in_a_helper_that_leaves_an_accumulator_for_its_caller_is_
     assert carried(source.replace('    flor.log("avg_loss", train_loss / 4)\n', ""), VALIDATION) == set()
 
 
+def test_a_comprehension_variable_is_not_state_of_the_loop() -> None:
+    # bench_replay's range statement: `p` lives in the generator's own scope
+    source = """\
+        import flordb_build as flor
+        with flor.checkpointing(model=model, optimizer=optimizer):
+            for epoch in flor.loop("epoch", range(5)):
+                for step in flor.loop("step", range(3)):
+                    optimizer.step()
+                    flor.log("new", float(sum(p.grad.norm() for p in model.parameters())))
+        """
+    assert carried(source, MID_LOOP) == set()
+
+
 def test_what_only_printing_reads_and_prefix_or_full_runs_are_never_refused() -> None:
     source = """\
         import flordb_build as flor

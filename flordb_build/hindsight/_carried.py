@@ -216,6 +216,19 @@ class _Script:
         for child, parent in self.parent.items():
             self._children.setdefault(parent, []).append(child)
         self.nodes = list(self.walk(self.module))  # every node, in source order
+        # the names a comprehension binds live in its own scope: ``sum(p.norm() for p in ps)``
+        # neither rebinds nor reads a ``p`` of the statement's scope
+        self._comprehension_local: set[cst.Name] = set()
+        for node in self.nodes:
+            if isinstance(node, cst.GeneratorExp | cst.ListComp | cst.SetComp | cst.DictComp):
+                targets: set[str] = set()
+                comp: cst.CompFor | None = node.for_in
+                while comp is not None:
+                    targets |= {n.value for n in self.walk(comp.target) if isinstance(n, cst.Name)}
+                    comp = comp.inner_for_in
+                self._comprehension_local |= {
+                    n for n in self.walk(node) if isinstance(n, cst.Name) and n.value in targets
+                }
         self.imported: set[str] = set()  # names bound by import statements (modules, library functions)
         self.flor: set[str] = set()  # names of the flordb_build module
         self.flor_functions: dict[str, str] = {}  # local name -> flordb_build function it is
@@ -377,6 +390,8 @@ class _Script:
     def _collect(self, node: cst.CSTNode, record: _Stmt) -> None:
         """Add what ``node`` reads, rebinds and mutates to ``record``."""
         for sub in self.walk(node, into_defs=False):
+            if isinstance(sub, cst.Name) and sub in self._comprehension_local:
+                continue
             if isinstance(sub, cst.Name):
                 context = self.context.get(sub)
                 if context is ExpressionContext.STORE:
