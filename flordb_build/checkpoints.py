@@ -268,10 +268,12 @@ class Checkpointer:
     """The objects of one ``flor.checkpointing`` block and its checkpointing decisions."""
 
     def __init__(self, run: ActiveRun, objects: Mapping[str, Any], settings: CheckpointSettings) -> None:
+        from .empty_state import warn_empty_state
         from .state import check_checkpointable
 
         for name, obj in objects.items():
             check_checkpointable(name, obj)
+            warn_empty_state(name, obj)  # issue 12.7: a checkpoint that holds nothing cannot be restored
         self.run = run
         self.objects = dict(objects)
         self.settings = settings

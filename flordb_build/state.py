@@ -110,6 +110,8 @@ def copy_state(obj: object) -> StateCopy:
     if np is not None and isinstance(obj, np.ndarray) and obj.dtype != object:
         return StateCopy(StateFormat.NUMPY, obj.copy(), int(obj.nbytes))
     source = obj.state_dict() if is_stateful(obj) else obj  # type: ignore[attr-defined]
+    if is_stateful(obj) and isinstance(source, dict) and not source:
+        return StateCopy(StateFormat.JSON, {}, 0)  # no state: '{}', which replay planning reads as such (12.7)
     is_tree = isinstance(source, dict | list) or (torch is not None and isinstance(source, torch.Tensor))
     if is_tree:
         counter = [0, False]

@@ -50,6 +50,12 @@ CAUSES = {
 #: Today's failing cases and the causes each needs fixed before it can pass, as observed (and,
 #: where one cause hides another, as read from the script: e.g. online_sgd's range segments crash
 #: on 12.4 before its RandomState, 12.7, would make them wrong).
+#: Cases that 12.7 now refuses up front (accepted) no longer have an entry; the other causes they
+#: showed would come back once their carried state is checkpointed: vae sample_mean (12.2) and z_probe
+#: (12.9, 12.2); word_language_model batch_loss-w2 (12.2, and 12.5 in v2/v3), v3-lr_now-w2 (12.5),
+#: final_lr (12.6, 12.8), best_file_val and test_bpc (12.6: refused because their command replays
+#: final_lr too); forward_forward's -w2 cases (12.8), v3-g_gap-w2 (12.5); online_sgd batch_mse-w2
+#: (12.4, 12.8, and 12.5 in v2/v3).
 FAILING: dict[str, tuple[str, ...]] = {
     # mnist
     "mnist-v1-lr": ("12.1",),
@@ -59,56 +65,6 @@ FAILING: dict[str, tuple[str, ...]] = {
     "mnist-v3-lr": ("12.1",),
     "mnist-v3-lr-w2": ("12.1",),
     # vae
-    "vae-v1-sample_mean": ("12.7",),
-    "vae-v1-sample_mean-w2": ("12.7",),
-    "vae-v2-sample_mean": ("12.7",),
-    "vae-v2-sample_mean-w2": ("12.7",),
-    "vae-v3-sample_mean": ("12.7",),
-    "vae-v3-sample_mean-w2": ("12.7",),
-    "vae-v2-enc_norm": ("12.7",),
-    "vae-v2-enc_norm-w2": ("12.7",),
-    "vae-v3-enc_norm": ("12.7",),
-    "vae-v3-enc_norm-w2": ("12.7",),
-    "vae-v2-z_probe": ("12.9", "12.7"),
-    "vae-v2-z_probe-w2": ("12.9", "12.7"),
-    "vae-v3-z_probe": ("12.9", "12.7"),
-    "vae-v3-z_probe-w2": ("12.9", "12.7"),
-    # word_language_model
-    "word_language_model-v1-batch_loss-w2": ("12.7",),
-    "word_language_model-v2-batch_loss-w2": ("12.7",),
-    "word_language_model-v3-batch_loss-w2": ("12.7",),
-    "word_language_model-v1-lr_now-w2": ("12.7",),
-    "word_language_model-v2-lr_now-w2": ("12.7",),
-    "word_language_model-v3-lr_now-w2": ("12.7",),
-    "word_language_model-v3-best_val-w2": ("12.7",),
-    "word_language_model-v1-final_lr": ("12.6", "12.7", "12.8"),
-    "word_language_model-v2-final_lr": ("12.6", "12.7", "12.8"),
-    "word_language_model-v3-final_lr": ("12.6", "12.7", "12.8"),
-    "word_language_model-v1-best_file_val": ("12.6",),
-    "word_language_model-v2-best_file_val": ("12.6",),
-    "word_language_model-v3-best_file_val": ("12.6",),
-    "word_language_model-v1-test_bpc": ("12.6",),
-    "word_language_model-v2-test_bpc": ("12.6",),
-    "word_language_model-v3-test_bpc": ("12.6",),
-    # forward_forward
-    "forward_forward-v1-h_pos_norm": ("12.7",),
-    "forward_forward-v1-h_pos_norm-w2": ("12.7", "12.8"),
-    "forward_forward-v2-h_pos_norm": ("12.7",),
-    "forward_forward-v2-h_pos_norm-w2": ("12.7", "12.8"),
-    "forward_forward-v3-h_pos_norm": ("12.7",),
-    "forward_forward-v3-h_pos_norm-w2": ("12.7", "12.8"),
-    "forward_forward-v1-layer_bias": ("12.7",),
-    "forward_forward-v1-layer_bias-w2": ("12.7", "12.8"),
-    "forward_forward-v2-layer_bias": ("12.7",),
-    "forward_forward-v2-layer_bias-w2": ("12.7", "12.8"),
-    "forward_forward-v3-layer_bias": ("12.7",),
-    "forward_forward-v3-layer_bias-w2": ("12.7", "12.8"),
-    "forward_forward-v1-g_gap-w2": ("12.7", "12.8"),
-    "forward_forward-v2-g_gap-w2": ("12.7", "12.8"),
-    "forward_forward-v3-g_gap-w2": ("12.7", "12.8"),
-    "forward_forward-v1-train_acc": ("12.7",),
-    "forward_forward-v2-train_acc": ("12.7",),
-    "forward_forward-v3-train_acc": ("12.7",),
     # tutorial
     "tutorial-v1-test_logit": ("12.9",),
     "tutorial-v1-test_logit-w2": ("12.9",),
@@ -117,9 +73,6 @@ FAILING: dict[str, tuple[str, ...]] = {
     "tutorial-v3-test_logit": ("12.9",),
     "tutorial-v3-test_logit-w2": ("12.9",),
     # online_sgd
-    "online_sgd-v1-batch_mse-w2": ("12.8", "12.7"),
-    "online_sgd-v2-batch_mse-w2": ("12.8", "12.7"),
-    "online_sgd-v3-batch_mse-w2": ("12.8", "12.7"),
 }
 
 

@@ -82,6 +82,8 @@ class RecordedRun:
     unavailable: str | None = None  # why the snapshot cannot be used (then old_source is None)
     #: path -> the snapshot's text of the project's other modules that log a requested name today
     old_modules: Mapping[str, str] = field(default_factory=dict)
+    #: ``flor.checkpointing`` keywords whose every checkpoint held no state (``{}``; empty_state.py)
+    stateless: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

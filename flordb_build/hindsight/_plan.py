@@ -30,11 +30,13 @@ process forks from a warm server (:class:`StartCosts`, learned from earlier repl
 from __future__ import annotations
 
 import ast
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 
 from ..errors import ReplayError, RewriteError
 from ..redaction import MASK
 from ..rewrite import Position, analyze_script, module_name, propagate, propagate_project
+from ._carried import Skipping, describe_carried, describe_stateless, find_carried
 from ._model import RecordedRun, ReplayPlan, RunPlan, Schedule, SkippedRun, StartCosts, Step, StepKind
 
 #: Restore seconds per materialize second before a run's restores were measured (dissertation 4.3).
@@ -297,13 +299,15 @@ def _plan_run(
     segments: tuple[tuple[int, int], ...] = ((0, n),)
     if depth in (Position.RANGE, Position.VALIDATION):  # scans of the main loop split across workers
         segments = split_segments(n, workers)
+    schedules = [
+        schedule_scan(depth, n, checkpointed, segment if len(segments) > 1 else None, nested) for segment in segments
+    ]
+    refusal = _carried_refusal(run, source, main_name, schedules)
+    if refusal is not None:
+        return skip(refusal)
     costs = RunCosts(run, main_ctxs)
     start_seconds = start.seconds(run.filename, warm, costs.prefix, costs.startup) if start is not None else 0.0
-    estimates = tuple(
-        costs.estimate(schedule_scan(depth, n, checkpointed, segment if len(segments) > 1 else None, nested))
-        + start_seconds
-        for segment in segments
-    )
+    estimates = tuple(costs.estimate(schedule) + start_seconds for schedule in schedules)
     return RunPlan(
         run_id=run.run_id,
         task=run.task,
@@ -329,3 +333,22 @@ def _plan_run(
         argv=run.argv or (),
         nested=nested,
     )
+
+
+def _carried_refusal(run: RecordedRun, source: str, main_loop: str | None, schedules: Sequence[Schedule]) -> str | None:
+    """Why the schedules would give wrong values: state the skipped code changes that no checkpoint restores."""
+    skipping: Skipping | None = None
+    for schedule in schedules:
+        part = Skipping.of(schedule)
+        if part is not None:
+            skipping = part if skipping is None else skipping.merged(part)
+    if skipping is None:
+        return None  # a prefix scan or a full re-run: nothing is skipped, nothing has to be restored
+    if run.stateless:
+        return describe_stateless(run.stateless)
+    carried = _find_carried(source, main_loop, skipping, run.stateless)
+    return describe_carried(carried) if carried else None
+
+
+#: Runs of one version share their analysis (a libcst parse with scope metadata per call).
+_find_carried = functools.lru_cache(maxsize=64)(find_carried)

@@ -10,6 +10,7 @@ from typing import Any
 
 from ..checkpoints import CheckpointPoint
 from ..config import Config, load_config
+from ..empty_state import EMPTY_JSON_BYTES
 from ..errors import ReplayError, SnapshotError, WarmStartError
 from ..snapshot import run_git, run_git_bytes
 from ..store import Store, loop_contexts
@@ -62,6 +63,11 @@ def load_recorded_runs(config: Config, run_ids: Sequence[str]) -> list[RecordedR
             nested = conn.execute(
                 "SELECT DISTINCT ctx_id FROM checkpoints WHERE run_id = ? AND point = ?", (rid, CheckpointPoint.NESTED)
             ).fetchall()
+            stateless = conn.execute(  # issue 12.7: checkpoints of objects that hold nothing (empty_state.py)
+                "SELECT name FROM checkpoints WHERE run_id = ? AND name NOT LIKE ? GROUP BY name "
+                "HAVING MIN(format = 'json' AND bytes <= ?) = 1",
+                (rid, CheckpointPoint.PREFIX + "%", EMPTY_JSON_BYTES),
+            ).fetchall()
             source, unavailable = _snapshot_source(config.root, snapshot, filename)
             runs.append(
                 RecordedRun(
@@ -71,7 +77,7 @@ def load_recorded_runs(config: Config, run_ids: Sequence[str]) -> list[RecordedR
                     timings=tuple((int(c), str(k), float(s)) for c, k, s in timings),
                     checkpoints=tuple((int(c), str(n), int(i), float(m or 0.0)) for c, n, i, m in checkpoints),
                     nested_checkpoints=frozenset(int(c) for (c,) in nested),
-                    unavailable=unavailable,
+                    unavailable=unavailable, stateless=tuple(str(n) for (n,) in stateless),
                 )
             )
         return runs
