@@ -57,14 +57,6 @@ CAUSES = {
 #: final_lr too); forward_forward's -w2 cases (12.8), v3-g_gap-w2 (12.5); online_sgd batch_mse-w2
 #: (12.4, 12.8, and 12.5 in v2/v3).
 FAILING: dict[str, tuple[str, ...]] = {
-    # mnist
-    "mnist-v1-lr": ("12.1",),
-    "mnist-v1-lr-w2": ("12.1",),
-    "mnist-v2-lr": ("12.1",),
-    "mnist-v2-lr-w2": ("12.1",),
-    "mnist-v3-lr": ("12.1",),
-    "mnist-v3-lr-w2": ("12.1",),
-    # vae
     # tutorial
     "tutorial-v1-test_logit": ("12.9",),
     "tutorial-v1-test_logit-w2": ("12.9",),
@@ -72,7 +64,6 @@ FAILING: dict[str, tuple[str, ...]] = {
     "tutorial-v2-test_logit-w2": ("12.9",),
     "tutorial-v3-test_logit": ("12.9",),
     "tutorial-v3-test_logit-w2": ("12.9",),
-    # online_sgd
 }
 
 
