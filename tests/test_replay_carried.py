@@ -225,6 +225,7 @@ def _recorded_run(source: str, stateless: tuple[str, ...] = ()) -> RecordedRun:
         old_source=source,
         outer_loops=tuple((i + 1, "epoch", i) for i in range(4)),
         checkpoints=tuple((i + 1, "epoch", i, 0.01) for i in range(4)),
+        nested_checkpoints=frozenset(i + 1 for i in range(4)),  # each epoch also kept its nested point
         stateless=stateless,
     )
 
