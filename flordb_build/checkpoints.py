@@ -282,25 +282,27 @@ class Checkpointer:
         self.checkpoints = 0  # k
         self.compute_seconds = 0.0
         self._last_ctx = -1
-        self._decided_ctx = -1  # the iteration whose checkpoint was decided at its nested point
         self._end_due = -1  # the iteration whose nested point was taken: its end is taken too
         self._estimated_bytes: int | None = None
         self._materializer: Materializer | None = None
 
     def end_nested(self, ctx_id: int, loop_name: str, index: int, seconds: float) -> None:
         """Called when the first nested ``flor.loop`` of outer iteration ``index`` has run to its end
-        (``seconds`` into the iteration): the iteration's checkpoint decision is taken here, since
-        a checkpoint now takes the state twice, here and at the iteration's end (CheckpointPoint)."""
+        (``seconds`` into the iteration): a checkpoint decided here takes the state twice, here and
+        at the iteration's end (CheckpointPoint)."""
         self._raise_background_error()
-        self._decided_ctx = ctx_id
-        n, compute = self.iterations + 1, self.compute_seconds + seconds
-        if self._decide(n, compute, copies=2):
+        # The iteration is not over: count it at the mean length of the finished ones (the rest of
+        # its body, an evaluation say, is still to come), or at what it took so far if it is the first.
+        n = self.iterations + 1
+        mean = self.compute_seconds / self.iterations if self.iterations else 0.0
+        if self._decide(n, self.compute_seconds + max(seconds, mean), copies=2):
             self.checkpoint(ctx_id, loop_name, index, seconds, CheckpointPoint.NESTED)
             self._end_due = ctx_id
 
     def end_iteration(self, ctx_id: int, loop_name: str, index: int, seconds: float) -> None:
-        """Called by the outermost ``flor.loop`` after each iteration: checkpoint if the invariant holds
-        (or as decided at the iteration's nested point)."""
+        """Called by the outermost ``flor.loop`` after each iteration: checkpoint as decided at the
+        iteration's nested point, else if the invariant holds for its end alone (one copy: an
+        iteration declined at its nested point may still be a restore point, without validating)."""
         self._raise_background_error()
         self.iterations += 1
         self.compute_seconds += seconds
@@ -308,7 +310,7 @@ class Checkpointer:
             if self._materializer is not None:
                 self._materializer.wait_for_room(MAX_PENDING)
             self.checkpoint(ctx_id, loop_name, index, seconds)
-        elif ctx_id != self._decided_ctx and self._decide(self.iterations, self.compute_seconds, copies=1):
+        elif self._decide(self.iterations, self.compute_seconds, copies=1):
             self.checkpoint(ctx_id, loop_name, index, seconds)
 
     def _decide(self, n: int, compute: float, copies: int) -> bool:
