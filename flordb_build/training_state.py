@@ -130,28 +130,22 @@ def _grad_copy(obj: Any) -> StateCopy | None:
 # -- restore (replay) ---------------------------------------------------------------------------
 
 
-def restore(objects: Mapping[str, Any], loaded: Mapping[str, Any], files_root: Path | None = None) -> list[str]:
-    """Put the loaded generator states, gradients and (under ``files_root``) files back; returns
-    the names restored.
+def restore(objects: Mapping[str, Any], loaded: Mapping[str, Any], files_root: Path | None = None) -> None:
+    """Put the loaded generator states, gradients and (under ``files_root``) files back.
 
     :raises CheckpointError: a gradient does not fit its parameter (the model is built differently),
-        or a file cannot be written.
+        or a file cannot be written inside ``files_root``.
     """
-    restored = []
     if RNG_NAME in loaded:
         set_rng_state(loaded[RNG_NAME])
-        restored.append(RNG_NAME)
     for name, obj in objects.items():
         grads = loaded.get(grad_name(name))
         if grads is not None:
             _restore_grads(name, obj, grads)
-            restored.append(grad_name(name))
     if files_root is not None:
         for name, data in loaded.items():
             if name.startswith(FILE_PREFIX):
                 _write_file(files_root, name.removeprefix(FILE_PREFIX), data)
-                restored.append(name)
-    return restored
 
 
 def _write_file(root: Path, relative: str, data: bytes) -> None:
@@ -159,6 +153,13 @@ def _write_file(root: Path, relative: str, data: bytes) -> None:
     if path.is_absolute() or ".." in path.parts:  # written_files.py notes only paths under the root
         raise CheckpointError(f"a checkpointed file has a path outside the project: '{relative}'")
     target = root.joinpath(*path.parts)
+    # The replay's tree may link directories of the user's (replay_links = ["data"]): writing through
+    # such a link would change the user's files, which a replay never does.
+    if not target.resolve().is_relative_to(root.resolve()):
+        raise CheckpointError(
+            f"the run wrote '{relative}', which in the replay's directory leads outside it (through a link "
+            "such as replay_links); it is not restored there, and this replay cannot have the file as recorded"
+        )
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data)

@@ -346,3 +346,21 @@ def test_a_suffix_that_reads_a_file_the_loop_wrote_finds_it_as_recorded(project:
     assert report.ok and [r.depth.value for r in report.plan.runs] == ["suffix"], report
     replayed = _replayed_values(report, "best_bias")
     assert replayed == _fresh_values(project, report, "best_bias") and len(replayed[0]) == 1
+
+
+def test_a_restored_file_is_never_written_through_a_link_out_of_the_replay_directory(tmp_path: Path) -> None:
+    from flordb_build.training_state import FILE_PREFIX, restore
+
+    outside = tmp_path / "users_data"
+    outside.mkdir()
+    (outside / "out.bin").write_bytes(b"the user's own")
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "data").symlink_to(outside)  # what replay_links = ["data"] puts in a replay's tree
+    with pytest.raises(CheckpointError, match="leads outside it"):
+        restore({}, {FILE_PREFIX + "data/out.bin": b"recorded"}, tree)
+    assert (outside / "out.bin").read_bytes() == b"the user's own"
+    with pytest.raises(CheckpointError, match="outside the project"):
+        restore({}, {FILE_PREFIX + "../escape.bin": b"recorded"}, tree)
+    restore({}, {FILE_PREFIX + "models/best.pt": b"recorded"}, tree)
+    assert (tree / "models" / "best.pt").read_bytes() == b"recorded"
