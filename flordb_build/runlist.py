@@ -105,6 +105,17 @@ def _divergent_names(store: Store) -> dict[str, str]:
     return {run_id: ",".join(found) for run_id, found in names.items()}
 
 
+def divergent_marks(store: Store, run_id: str) -> dict[str, str]:
+    """The run's replayed names written with --accept-divergent, each with why it diverged."""
+    try:
+        rows = store.conn.execute(
+            "SELECT name, why FROM replay_divergent WHERE run_id = ? ORDER BY name", (run_id,)
+        ).fetchall()
+    except sqlite3.OperationalError:  # no replay has opened this store: no marks
+        return {}
+    return {str(name): str(why) for name, why in rows}
+
+
 def select_runs(
     table: RunList,
     *,
