@@ -195,6 +195,12 @@ def _object_store_url(key: str, value: Any) -> str:
             f"'{key}' in [tool.flordb_build] must be an fsspec URL such as \"s3://bucket/prefix\" "
             f"or \"file:///shared/objects\", got '{value}'."
         )
+    if "@" in value.split("://", 1)[1].split("/", 1)[0]:
+        # pyproject.toml is committed and snapshotted: a secret here would travel with every clone.
+        raise ConfigError(
+            f"'{key}' in [tool.flordb_build] must not carry credentials ('user:secret@' in '{value.split('@')[-1]}'); "
+            "they come from the environment or the backend's own files (for S3: AWS_ACCESS_KEY_ID, ~/.aws/credentials)."
+        )
     return value.rstrip("/")
 
 

@@ -178,6 +178,12 @@ def test_the_objects_key_takes_fsspec_urls_only(tmp_path: Path) -> None:
     (tmp_path / "pyproject.toml").write_text('[tool.flordb_build]\nobjects = "shared/objects"\n')
     with pytest.raises(ConfigError, match="must be an fsspec URL such as"):
         config_of_root(tmp_path, False)
+    (tmp_path / "pyproject.toml").write_text(
+        '[tool.flordb_build]\nobjects = "s3://AKIA:hunter2@bucket/prefix"\n'
+    )
+    with pytest.raises(ConfigError, match="must not carry credentials") as refused:
+        config_of_root(tmp_path, False)
+    assert "hunter2" not in str(refused.value)
 
 
 # -- end to end: record on one machine, replay on another that never saw the run ------------------
@@ -254,3 +260,25 @@ def test_a_replay_on_a_machine_that_never_recorded_the_run_restores_from_s3(
     # the restored checkpoints came from S3 and were verified into the clone's cache
     cached = {info.sha256 for info in ObjectStore(clone.root / ".flor" / "objects").iter_objects()}
     assert cached and cached <= shas
+
+
+def test_objects_a_run_could_not_upload_are_pushed_later_by_push_objects(s3: Any, project: Project) -> None:
+    s3.delete_bucket(Bucket=BUCKET)  # the store is unreachable while the run records
+    project.write("pyproject.toml", PYPROJECT)
+    project.write("train.py", RECORDED)
+    project.commit_all("recorded version")
+    proc = project.run("train.py")
+    assert (
+        "were not uploaded to 's3://flor-objects/team'" in proc.stderr
+        and "flordb-build push-objects" in proc.stderr
+    )
+    shas = _checkpoint_shas(project.root / ".flor" / "flor.db")
+    assert len(shas) >= 3  # the run itself lost nothing: its checkpoints are in the local cache
+
+    s3.create_bucket(Bucket=BUCKET)
+    s3.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
+    local = {info.sha256 for info in ObjectStore(project.root / ".flor" / "objects").iter_objects()}
+    assert project.cli("push-objects").stdout == f"uploaded {len(local)} objects to {URL}\n"
+    assert {v["Key"].rsplit("/", 1)[-1] for v in _versions(s3)} == local >= shas
+    assert project.cli("push-objects").stdout == f"uploaded 0 objects to {URL}\n"
+    assert len(_versions(s3)) == len(local)
