@@ -172,6 +172,26 @@ def test_two_processes_creating_one_object_at_once_leave_one_intact_object(s3: A
     assert sha256_of(body) == sha
 
 
+def test_a_file_url_store_behaves_the_same_without_s3(tmp_path: Path) -> None:
+    url = (tmp_path / "shared").as_uri()
+    data = b"state" * 1000
+    machine_a = ObjectStore(tmp_path / "a", RemoteObjects(url))
+    sha = machine_a.put(data).sha256
+    remote_path = tmp_path / "shared" / sha[:2] / sha
+    assert remote_path.read_bytes() == data
+    assert [p.name for p in remote_path.parent.iterdir()] == [sha]  # no temporary name left behind
+    mtime = remote_path.stat().st_mtime_ns
+    machine_b = ObjectStore(tmp_path / "b", RemoteObjects(url))
+    machine_b.put(data)
+    assert remote_path.stat().st_mtime_ns == mtime  # found there: not written again
+    machine_c = ObjectStore(tmp_path / "c", RemoteObjects(url))
+    assert machine_c.get(sha) == data and machine_c.path_of(sha).read_bytes() == data
+    remote_path.write_bytes(b"x" * len(data))
+    with pytest.raises(ObjectCorruptError, match="nothing was cached"):
+        ObjectStore(tmp_path / "d", RemoteObjects(url)).get(sha)
+    assert not (tmp_path / "d").exists() or not any((tmp_path / "d").rglob("*"))
+
+
 def test_the_objects_key_takes_fsspec_urls_only(tmp_path: Path) -> None:
     (tmp_path / "pyproject.toml").write_text('[tool.flordb_build]\nobjects = "s3://bucket/prefix/"\n')
     assert config_of_root(tmp_path, False).objects == "s3://bucket/prefix"
