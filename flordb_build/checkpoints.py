@@ -21,6 +21,9 @@ The last iteration is always checkpointed (replay of a suffix needs the final st
       -> next iteration                                -> run.queue_checkpoint_rows(...)
                                                           (the flusher writes them to SQLite,
                                                            only after the object file exists)
+                                                       -> uploader thread (with ``objects = URL``):
+                                                          the remote store, unless it has it;
+                                                          leaving the block waits for it
 
 Thread, not fork (the dissertation forks). bench/bench_checkpoints.py --variants
 plain,thread,fork measured, checkpointing ~32 MB of MLP + Adam state every ~1.6 s epoch on a
