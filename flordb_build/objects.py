@@ -171,7 +171,10 @@ class ObjectStore:
 
     def _fetch(self, remote: RemoteObjects, sha256: str) -> bytes:
         """Download ``sha256``, verify it, then cache it: bytes that fail the check never reach the cache."""
-        data = remote.fetch(sha256)
+        try:
+            data = remote.fetch(sha256)
+        except ObjectMissingError:
+            raise ObjectMissingError(f"object '{sha256}' is missing from '{self.root}' and from '{remote.url}'") from None
         actual = sha256_of(data)
         if actual != sha256:
             raise ObjectCorruptError(

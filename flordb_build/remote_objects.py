@@ -76,7 +76,7 @@ class RemoteObjects:
         try:
             return bytes(self.fs.cat_file(self.key_of(sha256)))
         except FileNotFoundError:
-            raise ObjectMissingError(f"object '{sha256}' is missing from '{self.url}' too") from None
+            raise ObjectMissingError(f"object '{sha256}' is missing from '{self.url}'") from None
         except OSError as exc:
             raise ObjectStoreError(f"Could not download object '{sha256}' from '{self.url}': {exc}.") from exc
 
