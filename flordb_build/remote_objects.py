@@ -67,7 +67,7 @@ class RemoteObjects:
             self.fs.info(key)
         except FileNotFoundError:
             return False
-        except OSError as exc:
+        except Exception as exc:  # botocore's connection errors are no OSError
             raise ObjectStoreError(f"Could not look up object '{sha256}' in '{self.url}': {exc}.") from exc
         return True
 
@@ -77,7 +77,7 @@ class RemoteObjects:
             return bytes(self.fs.cat_file(self.key_of(sha256)))
         except FileNotFoundError:
             raise ObjectMissingError(f"object '{sha256}' is missing from '{self.url}'") from None
-        except OSError as exc:
+        except Exception as exc:  # botocore's connection errors are no OSError
             raise ObjectStoreError(f"Could not download object '{sha256}' from '{self.url}': {exc}.") from exc
 
     def upload(self, sha256: str, local_path: Path) -> bool:
@@ -100,8 +100,8 @@ class RemoteObjects:
                 self._upload_by_rename(sha256, local_path, key)
         except FileExistsError:
             return False  # another writer created it between our look-up and our write
-        except OSError as exc:
-            # S3 without If-None-Match support answers differently; a present object is still a lost race.
+        except Exception as exc:  # botocore's connection errors are no OSError
+            # S3 without If-None-Match support answers differently: a present object is still a lost race.
             if self.exists(sha256):
                 return False
             raise ObjectStoreError(f"Could not upload object '{sha256}' to '{self.url}': {exc}.") from exc
@@ -116,7 +116,7 @@ class RemoteObjects:
         except BaseException:
             try:
                 self.fs.rm_file(tmp)
-            except OSError:
+            except Exception:  # a leftover temporary name is harmless: names() skips it
                 pass
             raise
 
@@ -127,7 +127,7 @@ class RemoteObjects:
             paths = self.fs.find(self.root)
         except FileNotFoundError:
             return set()
-        except OSError as exc:
+        except Exception as exc:  # botocore's connection errors are no OSError
             raise ObjectStoreError(f"Could not list the object store '{self.url}': {exc}.") from exc
         names = {str(p).rsplit("/", 1)[-1] for p in paths}
         return {n for n in names if len(n) == 64 and not n.startswith(TMP_PREFIX)}

@@ -27,7 +27,7 @@ boto3 = pytest.importorskip("boto3", reason="moto[server] (with boto3) is not in
 
 import flordb_build as flor  # noqa: E402
 from flordb_build.config import config_of_root  # noqa: E402
-from flordb_build.errors import ConfigError, ObjectCorruptError, ObjectMissingError  # noqa: E402
+from flordb_build.errors import ConfigError, ObjectCorruptError, ObjectMissingError, ObjectStoreError  # noqa: E402
 from flordb_build.objects import ObjectStore, sha256_of  # noqa: E402
 from flordb_build.remote_objects import RemoteObjects  # noqa: E402
 
@@ -134,7 +134,9 @@ def test_a_corrupt_remote_object_is_refused_and_never_cached(s3: Any, tmp_path: 
     ):
         fresh.get(sha)
     assert not fresh.path_of(sha).exists() and list(fresh.iter_objects()) == []
-    with pytest.raises(ObjectMissingError, match="missing from '.*fresh/objects' and from 's3://flor-objects/team'"):
+    with pytest.raises(
+        ObjectMissingError, match="missing from '.*fresh/objects' and from 's3://flor-objects/team'"
+    ):
         fresh.get("0" * 64)
     # a machine whose cache is intact reads its own copy; an intact remote copy heals a damaged cache
     s3.put_object(Bucket=BUCKET, Key=f"team/{sha[:2]}/{sha}", Body=data)
@@ -170,6 +172,24 @@ def test_two_processes_creating_one_object_at_once_leave_one_intact_object(s3: A
     assert len(_versions(s3, sha)) == 1
     body = s3.get_object(Bucket=BUCKET, Key=f"team/{sha[:2]}/{sha}")["Body"].read()
     assert sha256_of(body) == sha
+
+
+def test_an_unreachable_store_is_an_object_store_error_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import s3fs
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")  # nothing listens there
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    s3fs.S3FileSystem.clear_instance_cache()  # fsspec reuses instances, which keep their endpoint
+    try:
+        store = ObjectStore(tmp_path / "objects", RemoteObjects(URL))
+        with pytest.raises(ObjectStoreError, match=f"Could not download object '{'a' * 64}' from '{URL}'"):
+            store.get("a" * 64)
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
 
 
 def test_a_file_url_store_behaves_the_same_without_s3(tmp_path: Path) -> None:
