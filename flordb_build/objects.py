@@ -179,9 +179,10 @@ class ObjectStore:
         if actual != sha256:
             raise ObjectCorruptError(
                 f"object '{sha256}' at '{remote.url}' is corrupted: its content hashes to '{actual}'; "
-                "nothing was cached. Re-upload it from a machine that has it (flordb-build push-objects)."
+                f"nothing was cached. Delete '{remote.key_of(sha256)}' there, then run 'flordb-build push-objects' "
+                "on a machine whose cache holds it intact."
             )
-        self.delete(sha256)  # a damaged cache entry of the same name (os.replace would keep it otherwise)
+        self.delete(sha256)  # a damaged cache entry of the same size would otherwise count as present
         self._put_local(data)
         return data
 
