@@ -21,6 +21,9 @@ The last iteration is always checkpointed (replay of a suffix needs the final st
       -> next iteration                                -> run.queue_checkpoint_rows(...)
                                                           (the flusher writes them to SQLite,
                                                            only after the object file exists)
+                                                       -> uploader thread (with ``objects = URL``):
+                                                          the remote store, unless it has it;
+                                                          leaving the block waits for it
 
 Thread, not fork (the dissertation forks). bench/bench_checkpoints.py --variants
 plain,thread,fork measured, checkpointing ~32 MB of MLP + Adam state every ~1.6 s epoch on a
@@ -63,6 +66,7 @@ if TYPE_CHECKING:
     import queue
 
     from .objects import ObjectStore
+    from .remote_objects import ObjectUploader
     from .runtime import ActiveRun
     from .state import StateCopy
     from .training_state import RawRng
@@ -202,6 +206,14 @@ class Materializer:
         self._lock = threading.Condition()
         self._thread = threading.Thread(target=self._work, name="flordb_build-checkpoints", daemon=True)
         self._thread.start()
+        # Uploads to a remote object store run on their own thread: the checkpoint's row is queued
+        # once the local file exists, and a slow network never holds up the next checkpoint.
+        self._uploader: ObjectUploader | None = None
+        if objects.remote is not None:
+            from .remote_objects import ObjectUploader
+
+            self._uploader = ObjectUploader(objects.upload)
+            self._remote_url = objects.remote.url
 
     @property
     def pending(self) -> int:
@@ -220,9 +232,19 @@ class Materializer:
         self._queue.put(job)
 
     def close(self) -> None:
-        """Wait until every queued checkpoint is written, then stop the thread."""
+        """Wait until every queued checkpoint is written (and uploaded), then stop the threads."""
         self._queue.put(None)
         self._thread.join()
+        if self._uploader is not None:
+            failures = self._uploader.close()
+            if failures:
+                sha256, exc = failures[0]
+                warnings.warn(
+                    f"{len(failures)} checkpoint object(s) were not uploaded to '{self._remote_url}' "
+                    f"(first: '{sha256}': {exc}); they are safe in the local cache: run "
+                    "'flordb-build push-objects' to upload them.",
+                    FlorBuildWarning, stacklevel=2,
+                )
 
     def _work(self) -> None:
         while True:
@@ -250,13 +272,15 @@ class Materializer:
             # and on a busy machine wall time here mostly measures the training thread.
             started = time.thread_time()
             try:
-                stored = self.objects.put(serialize(copy))
+                stored = self.objects.put(serialize(copy), upload=False)
             except ObjectStoreError as exc:
                 raise CheckpointError(
                     f"Could not write the checkpoint of '{name}' at {job.loop_name} {job.iteration}: {exc}"
                 ) from exc
             seconds = copy_seconds + time.thread_time() - started
             total += seconds
+            if self._uploader is not None:
+                self._uploader.submit(stored.sha256)
             rows.append(
                 (job.ctx_id, job.loop_name, job.iteration, name, stored.sha256, stored.bytes, seconds,
                  job.block_seconds, copy.format.value, job.point)
