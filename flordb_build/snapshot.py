@@ -32,14 +32,23 @@ import subprocess
 import tempfile
 import time
 import warnings
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import config_of_root
+from .config import Config, config_of_root
 from .errors import FlorBuildWarning, SnapshotError
 from .redaction import redact_mapping
-from .untracked import SnapshotPolicy, left_out_message, select_untracked
+from .store import ignore_flor_dir
+from .untracked import (
+    UNTRACKED_CACHE_NAME,
+    SnapshotPolicy,
+    UntrackedFile,
+    UntrackedHashCache,
+    left_out_message,
+    select_untracked_stats,
+)
 
 SHADOW_BRANCH = "flor.shadow"
 SHADOW_REF = "refs/heads/" + SHADOW_BRANCH
@@ -122,38 +131,165 @@ def capture_code(root: Path, policy: SnapshotPolicy | None = None) -> CodeState:
     files that ``policy`` allows (default: ``[tool.flordb_build]`` of ``root``).
 
     Warns once (:class:`FlorBuildWarning`) naming the untracked files it left out.
+    Four git processes when no untracked file goes in, five when some do (see :func:`_add_untracked`).
     """
+    config = config_of_root(root, True)
     if policy is None:
-        policy = SnapshotPolicy.from_config(config_of_root(root, True))
-    head = resolve(root, "HEAD")
-    try:
-        branch: str | None = run_git(root, "symbolic-ref", "--quiet", "--short", "HEAD")
-    except SnapshotError:
-        branch = None  # detached HEAD
+        policy = SnapshotPolicy.from_config(config)
+    facts = _head_facts(root)
+    started_ns = time.time_ns()  # before any stat: what changed after it is "racy" (untracked.py)
     with tempfile.TemporaryDirectory(prefix="flor-index-") as tmp:
         index = Path(tmp) / "index"
-        user_index = git_dir(root) / "index"
+        user_index = facts.git_dir / "index"
         if user_index.exists():
             shutil.copyfile(user_index, index)
         env = {"GIT_INDEX_FILE": str(index)}
         run_git(root, "add", "--update", "--", ".", env=env)  # tracked files: changes and deletions
-        # Untracked files: listed once, stat-ed, and only the allowed ones hashed into the index.
+        # Untracked files: listed once, stat-ed, and only the allowed ones go into the index.
         listing = run_git_bytes(root, "ls-files", "--others", "--exclude-standard", "-z", env=env)
-        taken, left_out = select_untracked(os.fsencode(root), listing.split(b"\0"), policy)
+        cache_path = config.flor_dir / UNTRACKED_CACHE_NAME
+        own = os.fsencode(cache_path.relative_to(root).as_posix()) if cache_path.is_relative_to(root) else b""
+        taken, left_out = select_untracked_stats(
+            os.fsencode(root), (p for p in listing.split(b"\0") if p != own), policy
+        )
         if taken:
-            run_git(root, "update-index", "--add", "-z", "--stdin", env=env, input=b"\0".join(taken) + b"\0")
+            _add_untracked(root, env, taken, cache_path, started_ns, config, facts.git_dir)
         tree = run_git(root, "write-tree", env=env)
+        _remember_index(root, tree, index)
     if left_out:
         # stacklevel 4: capture_code <- Session.start <- flor.log <- the user's line
         warnings.warn(left_out_message(left_out), FlorBuildWarning, stacklevel=4)
-    head_tree = run_git(root, "rev-parse", head + "^{tree}") if head else None
-    return CodeState(head=head, branch=branch, code_tree=tree, dirty=tree != head_tree)
+    return CodeState(head=facts.head, branch=facts.branch, code_tree=tree, dirty=tree != facts.head_tree)
+
+
+@dataclass(frozen=True)
+class _HeadFacts:
+    git_dir: Path
+    head: str | None
+    head_tree: str | None
+    branch: str | None
+
+
+def _head_facts(root: Path) -> _HeadFacts:
+    """The git directory, HEAD's commit and tree, and the branch: one ``rev-parse`` (three without commits)."""
+    proc = _git(root, ("rev-parse", "--absolute-git-dir", "HEAD", "HEAD^{tree}", "--abbrev-ref", "HEAD"))
+    lines = proc.stdout.decode(errors="replace").splitlines()
+    if proc.returncode == 0 and len(lines) == 4:
+        # ``--abbrev-ref`` prints HEAD itself for a detached HEAD (git forbids a branch named HEAD).
+        return _HeadFacts(Path(lines[0]), lines[1], lines[2], None if lines[3] == "HEAD" else lines[3])
+    # No commit yet (an unborn branch): rev-parse refuses HEAD; ask for what exists.
+    try:
+        branch: str | None = run_git(root, "symbolic-ref", "--quiet", "--short", "HEAD")
+    except SnapshotError:
+        branch = None
+    return _HeadFacts(git_dir(root), resolve(root, "HEAD"), None, branch)
+
+
+def _add_untracked(
+    root: Path,
+    env: Mapping[str, str],
+    taken: list[UntrackedFile],
+    cache_path: Path,
+    started_ns: int,
+    config: Config,
+    git: Path,
+) -> None:
+    """Put the ``taken`` untracked files into the private index at ``env``'s ``GIT_INDEX_FILE``.
+
+    A file whose stat data the cache knows goes in by its blob id (``--index-info``: nothing is
+    read); the others are hashed by git (``--add --stdin``), and those that have settled are
+    read back from the index (``ls-files -s``) into the cache, so an unchanged 200 MB data file
+    is hashed once, not on every run. Same tree as hashing them all: the cache only skips work.
+    """
+    cache = UntrackedHashCache.load(cache_path, _cache_fingerprint(root, git))
+    known: list[bytes] = []
+    unknown: list[UntrackedFile] = []
+    for item in taken:
+        entry = cache.lookup(item)
+        if entry is None:
+            unknown.append(item)
+        else:
+            known.append(b"%s %s\t%s" % (entry.mode.encode(), entry.oid.encode(), item.path))
+    if known:
+        run_git(root, "update-index", "-z", "--index-info", env=env, input=b"\0".join(known) + b"\0")
+    if unknown:
+        paths = b"\0".join(item.path for item in unknown) + b"\0"
+        run_git(root, "update-index", "--add", "-z", "--stdin", env=env, input=paths)
+        settled = [item for item in unknown if item.settled_before(started_ns)]
+        for item, (mode, oid) in zip(settled, _index_entries(root, env, [i.path for i in settled]), strict=True):
+            cache.keep(item, mode, oid)
+    cache.retain(item.path for item in taken)
+    if cache.changed:
+        ignore_flor_dir(config)  # the cache must never show up as an untracked file itself
+        cache.save()
+
+
+def _index_entries(root: Path, env: Mapping[str, str], paths: list[bytes]) -> list[tuple[str, str]]:
+    """``(mode, blob id)`` of each of ``paths`` in the index at ``env``, in the order given."""
+    found: dict[bytes, tuple[str, str]] = {}
+    for chunk in _chunks(paths, 64 * 1024):
+        # ``--literal-pathspecs``: a file named ``a[1].py`` is that file, never a glob.
+        out = run_git_bytes(root, "--literal-pathspecs", "ls-files", "-s", "-z", "--", *map(os.fsdecode, chunk), env=env)
+        for record in out.split(b"\0"):
+            if record:
+                meta, path = record.split(b"\t", 1)
+                mode, oid, _stage = meta.split(b" ")
+                found[path] = (mode.decode(), oid.decode())
+    return [found[path] for path in paths]
+
+
+def _chunks(paths: list[bytes], max_bytes: int) -> list[list[bytes]]:
+    """``paths`` in runs of at most ``max_bytes`` of names (a command line has a length limit)."""
+    chunks: list[list[bytes]] = []
+    size = max_bytes
+    for path in paths:
+        if size + len(path) > max_bytes:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(path)
+        size += len(path) + 1
+    return chunks
+
+
+def _cache_fingerprint(root: Path, git: Path) -> list[list[int]]:
+    """Stat data of the files that decide which blob git makes of a file's bytes (config, attributes).
+
+    When one changes (``core.autocrlf``, a filter, ``.gitattributes`` at the root), every cached
+    blob id is dropped. A ``.gitattributes`` deeper in the tree is not watched: git's own stat
+    cache of tracked files does not re-hash on attribute changes either.
+    """
+    places = [root / ".gitattributes", Path.home() / ".gitconfig", Path.home() / ".config" / "git" / "config"]
+    places += [git / "config", git / "info" / "attributes"]
+    prints = []
+    for place in places:
+        try:
+            st = os.stat(place)
+            prints.append([st.st_size, st.st_mtime_ns, st.st_ino])
+        except OSError:
+            prints.append([])
+    return prints
+
+
+#: Index bytes of the last few captures, by tree: the run's snapshot commit starts from them
+#: instead of reading the tree into a new index (one git process less per run). A run that
+#: finds none (another process captured, or it was evicted) reads the tree as before.
+_CAPTURED_INDEXES: OrderedDict[tuple[Path, str], bytes] = OrderedDict()
+_CAPTURED_KEEP = 4
+
+
+def _remember_index(root: Path, tree: str, index: Path) -> None:
+    try:
+        _CAPTURED_INDEXES[(root, tree)] = index.read_bytes()
+    except OSError:
+        return
+    _CAPTURED_INDEXES.move_to_end((root, tree))
+    while len(_CAPTURED_INDEXES) > _CAPTURED_KEEP:
+        _CAPTURED_INDEXES.popitem(last=False)
 
 
 def commit_snapshot(root: Path, code_tree: str, journal: Path, journal_path_in_tree: str, message: str) -> str:
     """Commit ``code_tree`` plus the run's journal onto the shadow branch; return the commit sha."""
-    blob = run_git(root, "hash-object", "-w", "--", str(journal))
-    return _append_to_shadow(root, _tree_with(root, code_tree, blob, journal_path_in_tree), message)
+    return _append_to_shadow(root, _tree_with_file(root, code_tree, journal, journal_path_in_tree), message)
 
 
 def commit_file(root: Path, content: bytes, path_in_tree: str, message: str) -> str:
@@ -162,12 +298,45 @@ def commit_file(root: Path, content: bytes, path_in_tree: str, message: str) -> 
     return _append_to_shadow(root, _tree_with(root, None, blob, path_in_tree), message)
 
 
+def commit_path(root: Path, path_in_tree: str, message: str) -> str:
+    """Commit a tree holding only the work-tree file at ``path_in_tree`` (a pipeline journal) onto the shadow branch."""
+    return _append_to_shadow(root, _tree_with_file(root, None, root / path_in_tree, path_in_tree), message)
+
+
+def _tree_with_file(root: Path, base_tree: str | None, file: Path, path_in_tree: str) -> str:
+    """``base_tree`` (or an empty tree) plus the content of ``file`` at ``path_in_tree``.
+
+    When ``file`` is the work-tree file at ``path_in_tree`` (a run's journal is), ``update-index
+    --add`` hashes it and adds it in one process; otherwise its blob is written first.
+    """
+    if os.path.abspath(file) != os.path.abspath(root / path_in_tree):
+        blob = run_git(root, "hash-object", "-w", "--", str(file))
+        return _tree_with(root, base_tree, blob, path_in_tree)
+    with tempfile.TemporaryDirectory(prefix="flor-index-") as tmp:
+        index = Path(tmp) / "index"
+        env = {"GIT_INDEX_FILE": str(index)}
+        _start_index(root, base_tree, index, env)
+        run_git(root, "--literal-pathspecs", "update-index", "--add", "--", path_in_tree, env=env)
+        return run_git(root, "write-tree", env=env)
+
+
+def _start_index(root: Path, base_tree: str | None, index: Path, env: Mapping[str, str]) -> None:
+    """Fill the private ``index`` with ``base_tree``: from a capture's index when this process has it."""
+    if base_tree is None:
+        return
+    captured = _CAPTURED_INDEXES.get((root, base_tree))
+    if captured is not None:
+        index.write_bytes(captured)
+    else:
+        run_git(root, "read-tree", base_tree, env=env)
+
+
 def _tree_with(root: Path, base_tree: str | None, blob: str, path_in_tree: str) -> str:
     """``base_tree`` (or an empty tree) plus ``blob`` at ``path_in_tree``, written with a private index."""
     with tempfile.TemporaryDirectory(prefix="flor-index-") as tmp:
-        env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
-        if base_tree is not None:
-            run_git(root, "read-tree", base_tree, env=env)
+        index = Path(tmp) / "index"
+        env = {"GIT_INDEX_FILE": str(index)}
+        _start_index(root, base_tree, index, env)
         run_git(root, "update-index", "--add", "--cacheinfo", f"100644,{blob},{path_in_tree}", env=env)
         return run_git(root, "write-tree", env=env)
 
@@ -175,14 +344,23 @@ def _tree_with(root: Path, base_tree: str | None, blob: str, path_in_tree: str) 
 def _append_to_shadow(root: Path, tree: str, message: str) -> str:
     """Commit ``tree`` on the shadow tip and move the branch to it (compare-and-swap); the commit sha.
 
+    The first attempt takes the tip from the ref file itself (:func:`_read_shadow_tip`, no
+    process); a wrong or stale read only makes the compare-and-swap fail, and every retry asks git.
     Two failures are retried: another run moved the tip between our read and our write (rebuild
     on the new tip), and a ref lock that exists (wait while it is young, remove it once stale).
     Anything else fails at once.
     """
     for attempt in range(100):
-        parent = resolve(root, SHADOW_REF)
+        guessed, parent = _read_shadow_tip(root) if attempt == 0 else (False, None)
+        if not guessed:
+            parent = resolve(root, SHADOW_REF)
         parent_args = ["-p", parent] if parent else []
-        commit = run_git(root, "commit-tree", tree, *parent_args, env=IDENTITY, input=message.encode())
+        made = _git(root, ("commit-tree", tree, *parent_args), env=IDENTITY, input=message.encode())
+        if made.returncode != 0:
+            if guessed:
+                continue  # the ref file named no commit: ask git
+            raise _failure(root, ("commit-tree", tree), made)
+        commit = made.stdout.decode().strip()
         args = ("update-ref", "-m", "flordb_build snapshot", SHADOW_REF, commit, parent or ZERO_SHA)
         proc = _git(root, args, env={"LC_ALL": "C", "LANGUAGE": "C"})  # English messages to read below
         if proc.returncode == 0:
@@ -193,8 +371,44 @@ def _append_to_shadow(root: Path, tree: str, message: str) -> str:
             clear_stale_lock(root, Path(lock.group(1)))
         elif "but expected" not in stderr and "reference already exists" not in stderr:
             raise _failure(root, args, proc)
+        if guessed:
+            continue  # perhaps only the ref file was out of date: ask git at once, no back-off
         time.sleep(random.uniform(0.001, 0.02) * (attempt + 1))
     raise SnapshotError(f"Could not update '{SHADOW_BRANCH}' after 100 attempts; is another tool rewriting it?")
+
+
+_OID = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
+
+
+def _read_shadow_tip(root: Path) -> tuple[bool, str | None]:
+    """``(True, tip)`` as the shadow ref's files say (tip None: no branch yet), or ``(False, None)``.
+
+    Only for a plain ``.git`` directory with files-backend refs: a loose ref wins over
+    ``packed-refs``; a worktree's ``.git`` file, a reftable store or anything unexpected says
+    ``(False, None)`` and the caller asks git.
+    """
+    unknown = (False, None)
+    git = root / ".git"
+    if not git.is_dir() or (git / "reftable").exists():
+        return unknown
+    try:
+        loose = (git / SHADOW_REF).read_text().strip()
+        return (True, loose) if _OID.match(loose) else unknown
+    except FileNotFoundError:
+        pass
+    except (OSError, UnicodeDecodeError):  # a directory where the ref would be, unreadable: let git say
+        return unknown
+    try:
+        packed = (git / "packed-refs").read_text(errors="replace")
+    except FileNotFoundError:
+        return (True, None)
+    except OSError:
+        return unknown
+    for line in packed.splitlines():
+        oid, _, name = line.partition(" ")
+        if name == SHADOW_REF:
+            return (True, oid) if _OID.match(oid) else unknown
+    return (True, None)
 
 
 def clear_stale_lock(root: Path, lock: Path) -> None:
