@@ -131,97 +131,156 @@ def capture_code(root: Path, policy: SnapshotPolicy | None = None) -> CodeState:
     files that ``policy`` allows (default: ``[tool.flordb_build]`` of ``root``).
 
     Warns once (:class:`FlorBuildWarning`) naming the untracked files it left out.
-    Four git processes when no untracked file goes in, five when some do (see :func:`_add_untracked`).
+    Three git processes when anything changed (``status``, ``update-index``, ``write-tree``),
+    two when nothing did::
+
+        user's index --copy--> private index --status--> HEAD, branch, changed and untracked paths
+        changed tracked paths + allowed untracked files --update-index--> --write-tree--> code tree
+
+    ``status`` reports the same tracked changes ``git add --update`` would stage and the same
+    untracked files as ``ls-files --others --exclude-standard``; untracked files the hash
+    cache knows go in by blob id, the others are hashed (:func:`_update_index`).
     """
     config = config_of_root(root, True)
     if policy is None:
         policy = SnapshotPolicy.from_config(config)
-    facts = _head_facts(root)
     started_ns = time.time_ns()  # before any stat: what changed after it is "racy" (untracked.py)
+    git = _plain_git_dir(root) or git_dir(root)
     with tempfile.TemporaryDirectory(prefix="flor-index-") as tmp:
         index = Path(tmp) / "index"
-        user_index = facts.git_dir / "index"
+        user_index = git / "index"
         if user_index.exists():
             shutil.copyfile(user_index, index)
         env = {"GIT_INDEX_FILE": str(index)}
-        run_git(root, "add", "--update", "--", ".", env=env)  # tracked files: changes and deletions
-        # Untracked files: listed once, stat-ed, and only the allowed ones go into the index.
-        listing = run_git_bytes(root, "ls-files", "--others", "--exclude-standard", "-z", env=env)
+        status = _read_status(run_git_bytes(root, *STATUS_ARGS, env=env))
         cache_path = config.flor_dir / UNTRACKED_CACHE_NAME
         own = os.fsencode(cache_path.relative_to(root).as_posix()) if cache_path.is_relative_to(root) else b""
-        taken, left_out = select_untracked_stats(
-            os.fsencode(root), (p for p in listing.split(b"\0") if p != own), policy
-        )
-        if taken:
-            _add_untracked(root, env, taken, cache_path, started_ns, config, facts.git_dir)
+        taken, left_out = select_untracked_stats(os.fsencode(root), (p for p in status.untracked if p != own), policy)
+        if taken or status.changed:
+            _update_index(root, env, status.changed, taken, cache_path, started_ns, config, git)
         tree = run_git(root, "write-tree", env=env)
         _remember_index(root, tree, index)
     if left_out:
         # stacklevel 4: capture_code <- Session.start <- flor.log <- the user's line
         warnings.warn(left_out_message(left_out), FlorBuildWarning, stacklevel=4)
-    return CodeState(head=facts.head, branch=facts.branch, code_tree=tree, dirty=tree != facts.head_tree)
+    if status.head is None:
+        dirty = True  # no commit yet: everything is new
+    elif status.staged:
+        # A staged change the work tree undid leaves the tree equal to HEAD's: only git can tell.
+        dirty = tree != run_git(root, "rev-parse", status.head + "^{tree}")
+    else:
+        # The index is HEAD's tree; any work-tree change or untracked file taken makes it differ.
+        dirty = bool(status.changed or taken)
+    return CodeState(head=status.head, branch=status.branch, code_tree=tree, dirty=dirty)
+
+
+#: ``status`` as capture_code reads it: porcelain v2 with the branch header, every untracked
+#: file, no rename pairs, submodules compared by commit only (their own dirt is not the
+#: superproject's code, and checking it would start a git per submodule), no ahead/behind count.
+STATUS_ARGS = (
+    "status",
+    "--porcelain=v2",
+    "-z",
+    "--branch",
+    "--no-ahead-behind",
+    "--untracked-files=all",
+    "--no-renames",
+    "--ignore-submodules=dirty",
+)
 
 
 @dataclass(frozen=True)
-class _HeadFacts:
-    git_dir: Path
-    head: str | None
-    head_tree: str | None
-    branch: str | None
+class _Status:
+    head: str | None  # None: no commit yet
+    branch: str | None  # None: detached HEAD
+    changed: list[bytes]  # tracked paths whose work-tree file differs from the index (or is gone)
+    staged: bool  # some index entry differs from HEAD (or is unmerged)
+    untracked: list[bytes]
 
 
-def _head_facts(root: Path) -> _HeadFacts:
-    """The git directory, HEAD's commit and tree, and the branch: one ``rev-parse`` (three without commits)."""
-    proc = _git(root, ("rev-parse", "--absolute-git-dir", "HEAD", "HEAD^{tree}", "--abbrev-ref", "HEAD"))
-    lines = proc.stdout.decode(errors="replace").splitlines()
-    if proc.returncode == 0 and len(lines) == 4:
-        # ``--abbrev-ref`` prints HEAD itself for a detached HEAD (git forbids a branch named HEAD).
-        return _HeadFacts(Path(lines[0]), lines[1], lines[2], None if lines[3] == "HEAD" else lines[3])
-    # No commit yet (an unborn branch): rev-parse refuses HEAD; ask for what exists.
-    try:
-        branch: str | None = run_git(root, "symbolic-ref", "--quiet", "--short", "HEAD")
-    except SnapshotError:
-        branch = None
-    return _HeadFacts(git_dir(root), resolve(root, "HEAD"), None, branch)
+def _read_status(out: bytes) -> _Status:
+    """The fields of ``git status --porcelain=v2 -z --branch`` that a capture needs."""
+    head: str | None = None
+    branch: str | None = None
+    changed: list[bytes] = []
+    untracked: list[bytes] = []
+    staged = False
+    for record in out.split(b"\0"):
+        if record.startswith(b"# branch.oid "):
+            oid = record[len(b"# branch.oid ") :].decode()
+            head = None if oid == "(initial)" else oid
+        elif record.startswith(b"# branch.head "):
+            name = os.fsdecode(record[len(b"# branch.head ") :])
+            branch = None if name == "(detached)" else name
+        elif record.startswith(b"? "):
+            untracked.append(record[2:])
+        elif record.startswith(b"1 "):  # "1 XY sub mH mI mW hH hI path"
+            fields = record.split(b" ", 8)
+            staged = staged or fields[1][:1] != b"."
+            if fields[1][1:2] != b".":
+                changed.append(fields[8])
+        elif record.startswith(b"u "):  # "u XY sub m1 m2 m3 mW h1 h2 h3 path": add --update resolves it
+            staged = True
+            changed.append(record.split(b" ", 10)[10])
+    return _Status(head, branch, changed, staged, untracked)
 
 
-def _add_untracked(
+def _plain_git_dir(root: Path) -> Path | None:
+    """``root/.git`` when it is the repository's directory (no ``GIT_DIR`` set); None: ask git."""
+    if "GIT_DIR" in os.environ:
+        return None
+    git = root / ".git"
+    return git if git.is_dir() else None
+
+
+def _update_index(
     root: Path,
     env: Mapping[str, str],
+    changed: list[bytes],
     taken: list[UntrackedFile],
     cache_path: Path,
     started_ns: int,
     config: Config,
     git: Path,
 ) -> None:
-    """Put the ``taken`` untracked files into the private index at ``env``'s ``GIT_INDEX_FILE``.
+    """Bring the private index at ``env``'s ``GIT_INDEX_FILE`` to the work tree: one ``update-index``.
 
-    A file whose stat data the cache knows goes in by its blob id (``--index-info``: nothing is
-    read); the others are hashed by git (``--add --stdin``), and those that have settled are
+    ``changed`` tracked paths are re-hashed or removed (what ``git add --update`` does). Of the
+    ``taken`` untracked files, one whose stat data the cache knows goes in by its blob id
+    (``--cacheinfo``: nothing is read); the others are hashed, and those that have settled are
     read back from the index (``ls-files -s``) into the cache, so an unchanged 200 MB data file
     is hashed once, not on every run. Same tree as hashing them all: the cache only skips work.
     """
-    cache = UntrackedHashCache.load(cache_path, _cache_fingerprint(root, git))
-    known: list[bytes] = []
+    cache = UntrackedHashCache.load(cache_path, _cache_fingerprint(root, git)) if taken else None
+    known: list[tuple[str, str, str]] = []
     unknown: list[UntrackedFile] = []
     for item in taken:
-        entry = cache.lookup(item)
+        entry = cache.lookup(item) if cache is not None else None
         if entry is None:
             unknown.append(item)
         else:
-            known.append(b"%s %s\t%s" % (entry.mode.encode(), entry.oid.encode(), item.path))
-    if known:
-        run_git(root, "update-index", "-z", "--index-info", env=env, input=b"\0".join(known) + b"\0")
-    if unknown:
-        paths = b"\0".join(item.path for item in unknown) + b"\0"
-        run_git(root, "update-index", "--add", "-z", "--stdin", env=env, input=paths)
-        settled = [item for item in unknown if item.settled_before(started_ns)]
-        for item, (mode, oid) in zip(settled, _index_entries(root, env, [i.path for i in settled]), strict=True):
-            cache.keep(item, mode, oid)
+            known.append((entry.mode, entry.oid, os.fsdecode(item.path)))
+    options = ["--add", "--remove"]
+    if sum(len(p) + 60 for _, _, p in known) <= _MAX_CACHEINFO_BYTES:
+        options += [arg for mode, oid, path in known for arg in ("--cacheinfo", f"{mode},{oid},{path}")]
+    else:  # too long for one command line: the blob ids go through stdin, in a call of their own
+        lines = "".join(f"{mode} {oid}\t{path}\0" for mode, oid, path in known)
+        run_git_bytes(root, "update-index", "-z", "--index-info", env=env, input=os.fsencode(lines))
+    paths = [*changed, *(item.path for item in unknown)]
+    run_git(root, "update-index", *options, "-z", "--stdin", env=env, input=b"".join(p + b"\0" for p in paths))
+    if cache is None:
+        return
+    settled = [item for item in unknown if item.settled_before(started_ns)]
+    for item, (mode, oid) in zip(settled, _index_entries(root, env, [i.path for i in settled]), strict=True):
+        cache.keep(item, mode, oid)
     cache.retain(item.path for item in taken)
     if cache.changed:
         ignore_flor_dir(config)  # the cache must never show up as an untracked file itself
         cache.save()
+
+
+#: Blob ids of cached untracked files go as ``--cacheinfo`` arguments up to this many bytes.
+_MAX_CACHEINFO_BYTES = 64 * 1024
 
 
 def _index_entries(root: Path, env: Mapping[str, str], paths: list[bytes]) -> list[tuple[str, str]]:

@@ -47,9 +47,15 @@ def git_commands(trace: Path) -> list[list[str]]:
     return commands
 
 
-def hashed_paths(commands: list[list[str]]) -> int:
-    """How many ``update-index --add --stdin`` calls (git reading untracked files) ran."""
-    return sum(1 for argv in commands if "update-index" in argv and "--stdin" in argv)
+def given_by_blob_id(commands: list[list[str]]) -> set[str]:
+    """Paths an ``update-index`` got as ``--cacheinfo mode,oid,path``: put in without git reading them."""
+    return {
+        argv[i + 1].split(",", 2)[2]
+        for argv in commands
+        if "update-index" in argv
+        for i, arg in enumerate(argv)
+        if arg == "--cacheinfo"
+    }
 
 
 def wait_for_fs_clock_past(path: Path, probe_dir: Path) -> None:
@@ -103,8 +109,10 @@ def test_capture_and_cached_captures_make_the_tree_git_add_all_makes(
     assert (
         first.dirty and first.branch == "main" and first.head == data_project.git("rev-parse", "HEAD").strip()
     )
-    assert hashed_paths(first_commands) == 1 and hashed_paths(second_commands) == 0  # nothing read again
-    assert len(second_commands) == 5  # rev-parse, add -u, ls-files, update-index --index-info, write-tree
+    untracked_files = {"notes.txt", "with space [1].py", "naïve/data.csv", "tool.sh", "link-to-notes"}
+    assert given_by_blob_id(first_commands) == set() and given_by_blob_id(second_commands) == untracked_files
+    # status, update-index, write-tree; and rev-parse: a staged change could have been undone
+    assert [argv[0] for argv in second_commands] == ["status", "update-index", "write-tree", "rev-parse"]
 
 
 def test_a_settled_big_file_is_hashed_once_and_an_edit_is_still_captured(
@@ -120,9 +128,11 @@ def test_a_settled_big_file_is_hashed_once_and_an_edit_is_still_captured(
     trace = tmp_path / "trace.json"
     monkeypatch.setenv("GIT_TRACE2_EVENT", str(trace))
     snapshot.capture_code(project.root)
-    assert hashed_paths(git_commands(trace)) == 1
+    assert given_by_blob_id(git_commands(trace)) == set()
     snapshot.capture_code(project.root)
-    assert hashed_paths(git_commands(trace)) == 0  # unchanged: not read again
+    commands = git_commands(trace)
+    assert given_by_blob_id(commands) == {"data/train.bin"}  # unchanged: not read again
+    assert [argv[0] for argv in commands] == ["status", "update-index", "write-tree"]
     monkeypatch.delenv("GIT_TRACE2_EVENT")
 
     # Same size, same mtime restored: only the ctime tells, and it must.
@@ -215,3 +225,93 @@ def test_commits_chain_onto_a_packed_shadow_tip(project: Project) -> None:
     project.git("update-ref", "refs/heads/flor.shadow", first)
     third = snapshot.commit_path(project.root, ".flor/pipelines/p1.jsonl", "three\n")
     assert project.git("rev-parse", f"{third}^").strip() == first
+
+
+def staged_then_undone(project: Project) -> None:
+    project.write("README.md", "# staged\n")
+    project.git("add", "README.md")
+    project.write("README.md", "# test project\n")  # the work tree is HEAD's again
+
+
+def intent_to_add(project: Project) -> None:
+    project.write("new.py", "x = 1\n")
+    project.git("add", "-N", "new.py")
+
+
+def type_change(project: Project) -> None:
+    (project.root / "README.md").unlink()
+    (project.root / "README.md").symlink_to("lib.py")
+
+
+def removed_from_index_only(project: Project) -> None:
+    project.git("rm", "-q", "--cached", "lib.py")  # still in the work tree, now untracked
+
+
+def detached_head(project: Project) -> None:
+    project.git("checkout", "-q", "--detach")
+    project.write("lib.py", "B = 2\n")
+
+
+def nested_repository(project: Project) -> None:
+    nested = project.root / "vendor" / "other"
+    nested.mkdir(parents=True)
+    subprocess.run(["git", "init", "-q"], cwd=nested, check=True)
+    (nested / "x.py").write_text("x = 1\n")
+
+
+def merge_conflict(project: Project) -> None:
+    project.git("checkout", "-q", "-b", "other")
+    project.write("lib.py", "B = 'other'\n")
+    project.commit_all("other")
+    project.git("checkout", "-q", "main")
+    project.write("lib.py", "B = 'main'\n")
+    project.commit_all("main")
+    subprocess.run(["git", "merge", "-q", "other"], cwd=project.root, capture_output=True)  # conflicts
+
+
+@pytest.mark.parametrize(
+    "make_state",
+    [
+        staged_then_undone,
+        intent_to_add,
+        type_change,
+        removed_from_index_only,
+        detached_head,
+        nested_repository,
+        merge_conflict,
+    ],
+)
+def test_capture_matches_git_in_unusual_index_states(project: Project, make_state) -> None:  # type: ignore[no-untyped-def]
+    project.write(".gitignore", ".flor/\n")
+    project.write("lib.py", "B = 1\n")
+    project.commit_all("lib")
+    make_state(project)
+    head_tree = project.git("rev-parse", "HEAD^{tree}").strip()
+    if make_state is nested_repository:  # a nested repository is no content of this one
+        expected = reference_tree_without(project, "vendor/other")
+    else:
+        expected = reference_tree(project)
+    code = snapshot.capture_code(project.root)
+    assert code.code_tree == expected
+    assert code.dirty == (expected != head_tree)
+    symbolic = subprocess.run(
+        ["git", "symbolic-ref", "--quiet", "--short", "HEAD"],
+        cwd=project.root,
+        capture_output=True,
+        text=True,
+    )
+    assert code.branch == (symbolic.stdout.strip() or None)
+    assert code.head == project.git("rev-parse", "HEAD").strip()
+
+
+def reference_tree_without(project: Project, path: str) -> str:
+    """:func:`reference_tree` with ``path`` left out."""
+    with tempfile.TemporaryDirectory() as tmp:
+        index = Path(tmp) / "index"
+        shutil.copyfile(project.root / ".git" / "index", index)
+        env = {**os.environ, "GIT_INDEX_FILE": str(index)}
+        for args in (["add", "--all", "--", ".", f":(exclude){path}"], ["write-tree"]):
+            out = subprocess.run(
+                ["git", *args], cwd=project.root, env=env, capture_output=True, text=True, check=True
+            )
+        return out.stdout.strip()
