@@ -134,11 +134,12 @@ def relative_path(path: str | os.PathLike[str], root: Path) -> str:
 
 
 def _unclean(path: str | os.PathLike[str]) -> bool:
-    """True unless ``path`` is relative and already normal (``src/a.txt``: no ``.``, ``..``, ``//``)."""
+    """False when ``path`` is relative and surely normal (``src/a.txt``): then ``cwd/path`` needs no normpath.
+
+    Conservative: a component starting with a dot (``.cache/x``) also counts as unclean.
+    """
     text = os.fspath(path)
-    if os.sep != "/" or not text or text.startswith("/") or text.endswith("/") or "//" in text:
-        return True
-    return any(part in (".", "..") for part in text.split("/"))
+    return os.sep != "/" or not text or text[0] == "/" or text[-1] == "/" or "//" in text or "/." in "/" + text
 
 
 @dataclass(frozen=True)
