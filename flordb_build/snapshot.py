@@ -333,7 +333,7 @@ def _cache_fingerprint(root: Path, git: Path) -> list[list[int]]:
 #: instead of reading the tree into a new index (one git process less per run). A run that
 #: finds none (another process captured, or it was evicted) reads the tree as before.
 _CAPTURED_INDEXES: OrderedDict[tuple[Path, str], bytes] = OrderedDict()
-_CAPTURED_KEEP = 4
+_CAPTURED_KEEP = 2  # one run at a time per process; an index is ~100 bytes per tracked file
 
 
 def _remember_index(root: Path, tree: str, index: Path) -> None:
