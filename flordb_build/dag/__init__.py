@@ -34,7 +34,9 @@ if TYPE_CHECKING:
 _MODULE_OF = {
     **dict.fromkeys(("RecordingRun", "RecordingReporter", "FlorTask"), "_doit"),
     **dict.fromkeys(("PLUGIN_LOCATION", "InitStep", "init_project", "template_makefile"), "_init"),
-    **dict.fromkeys(("PipelineOrigin", "RecipeResult", "find_make_process", "make_pipeline", "run_recipe"), "_make"),
+    **dict.fromkeys(
+        ("PipelineOrigin", "RecipeResult", "find_make_process", "make_pipeline", "run_recipe"), "_make"
+    ),
     **dict.fromkeys(
         (
             "BuildRecorder",
