@@ -205,7 +205,8 @@ def _read_status(out: bytes) -> _Status:
     changed: list[bytes] = []
     untracked: list[bytes] = []
     staged = False
-    for record in out.split(b"\0"):
+    records = iter(out.split(b"\0"))
+    for record in records:
         if record.startswith(b"# branch.oid "):
             oid = record[len(b"# branch.oid ") :].decode()
             head = None if oid == "(initial)" else oid
@@ -219,6 +220,12 @@ def _read_status(out: bytes) -> _Status:
             staged = staged or fields[1][:1] != b"."
             if fields[1][1:2] != b".":
                 changed.append(fields[8])
+        elif record.startswith(b"2 "):  # "2 XY sub mH mI mW hH hI Xscore path" NUL origPath: not with
+            fields = record.split(b" ", 9)  # --no-renames, but read right should a config bring it back
+            next(records, None)
+            staged = staged or fields[1][:1] != b"."
+            if fields[1][1:2] != b".":
+                changed.append(fields[9])
         elif record.startswith(b"u "):  # "u XY sub m1 m2 m3 mW h1 h2 h3 path": add --update resolves it
             staged = True
             changed.append(record.split(b" ", 10)[10])
