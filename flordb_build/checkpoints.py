@@ -308,6 +308,7 @@ class Checkpointer:
         self.compute_seconds = 0.0
         self._last_ctx = -1
         self._end_due = -1  # the iteration whose nested point was taken: its end is taken too
+        self._nested_ctx = -1  # the iteration whose nested point was reached (taken or not)
         # The generators at the end of an iteration that took no checkpoint, kept until the next
         # iteration's nested point: a checkpoint there holds them too (training_state.RNG_BEFORE_NAME).
         self._rng_before: RawRng | None = None
@@ -329,6 +330,7 @@ class Checkpointer:
         self._raise_background_error()
         # The iteration is not over: count it at the mean length of the finished ones (the rest of
         # its body, an evaluation say, is still to come), or at what it took so far if it is the first.
+        self._nested_ctx = ctx_id
         n = self.iterations + 1
         mean = self.compute_seconds / self.iterations if self.iterations else 0.0
         if self._decide(n, self.compute_seconds + max(seconds, mean), copies=2):
@@ -338,8 +340,9 @@ class Checkpointer:
 
     def end_iteration(self, ctx_id: int, loop_name: str, index: int, seconds: float) -> None:
         """Called by the outermost ``flor.loop`` after each iteration: checkpoint as decided at the
-        iteration's nested point, else if the invariant holds for its end alone (one copy: an
-        iteration declined at its nested point may still be a restore point, without validating)."""
+        iteration's nested point, else if the invariant holds now, the iteration counted in full (an
+        iteration declined at its nested point, counted there at the mean length, may still be a
+        restore point, without validating)."""
         self._raise_background_error()
         self.iterations += 1
         self.compute_seconds += seconds
@@ -348,7 +351,10 @@ class Checkpointer:
             if self._materializer is not None:
                 self._materializer.wait_for_room(MAX_PENDING)
             self.checkpoint(ctx_id, loop_name, index, seconds)
-        elif self._decide(self.iterations, self.compute_seconds, copies=1):
+        elif self._decide(self.iterations, self.compute_seconds, copies=2 if ctx_id == self._nested_ctx else 1):
+            # An iteration with a nested loop pays for the nested point too, although this end takes one
+            # copy: else single copies, cheaper, would spend the budget as soon as it allows one, and no
+            # later nested point (the one a validation replay restores) would ever be admitted.
             self.checkpoint(ctx_id, loop_name, index, seconds)
         else:
             self._keep_rng_before()

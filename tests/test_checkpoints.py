@@ -16,6 +16,8 @@ import pytest
 import flordb_build as flor
 from flordb_build.checkpoints import (
     DEFAULT_RESTORE_FACTOR,
+    Checkpointer,
+    CheckpointSettings,
     JointInvariant,
     checkpointed_iterations,
     load_settings,
@@ -465,3 +467,41 @@ def test_gc_applies_budgets_keeping_final_and_evenly_spaced_checkpoints(project:
     newest = flor.query("SELECT run_id FROM runs ORDER BY tstamp DESC LIMIT 1")["run_id"].iloc[0]
     kept = checkpointed_iterations(newest)
     assert kept[-1] == 5 and len(kept) == 2
+
+
+class _DecisionsOnly(Checkpointer):
+    """The adaptive rule alone: a fixed M per copy, and checkpoints noted instead of taken."""
+
+    def __init__(self, materialize_seconds: float) -> None:
+        from types import SimpleNamespace
+
+        from flordb_build.config import config_of_root
+
+        run = SimpleNamespace(config=config_of_root(Path("/nonexistent-flordb-project"), False), filename="train.py")
+        super().__init__(run, {}, CheckpointSettings())  # type: ignore[arg-type]
+        self.materialize_seconds = materialize_seconds
+        self.taken: list[tuple[int, str]] = []
+
+    def expected_materialize_seconds(self) -> float:
+        return self.materialize_seconds
+
+    def checkpoint(self, ctx_id: int, loop_name: str, index: int, seconds: float, point: str = "end", **_: Any) -> None:
+        self.taken.append((index, point))
+        if point == "end":
+            self.checkpoints += 1
+            self._last_ctx = ctx_id
+
+
+def test_single_copies_at_epoch_ends_do_not_starve_the_nested_points() -> None:
+    # 1 s epochs whose nested loop ends at 0.9 s, M = 0.2 s a copy, epsilon 0.0667: one copy fits the
+    # invariant every ~3 epochs, two copies (a nested point and its end) every ~6. Taking the single
+    # copy whenever it fits spent the budget before a nested point ever fitted: no validation replay
+    # could skip a step loop.
+    rule = _DecisionsOnly(materialize_seconds=0.2)
+    for index in range(30):
+        rule.end_nested(index + 1, "epoch", index, 0.9)
+        rule.end_iteration(index + 1, "epoch", index, 1.0)
+    nested = [i for i, point in rule.taken if point == "nested"]
+    ends = [i for i, point in rule.taken if point == "end"]
+    assert len(nested) >= 3, rule.taken
+    assert ends == nested, rule.taken  # every restore point of these epochs can validate
