@@ -112,14 +112,14 @@ def _remotes(key: str, value: Any) -> Mapping[str, Remote]:
         url = table.get("url")
         if not isinstance(url, str) or not url.startswith(("postgresql://", "postgres://")):
             raise ConfigError(f"{where} needs url = \"postgresql://host:port/database\".")
-        unknown = sorted(set(table) - REMOTE_OPTIONS - {"url"})
-        if unknown:
-            raise ConfigError(f"Unknown key '{unknown[0]}' in {where}; the known keys are url, {', '.join(sorted(REMOTE_OPTIONS))}.")
         if "password" in table or _url_password(url) is not None:
             raise ConfigError(
                 f"{where} holds a password, and a password in the project would land in every clone and "
                 "snapshot. Remove it; give it through PGPASSWORD, ~/.pgpass or a service file (PGSERVICEFILE)."
             )
+        unknown = sorted(set(table) - REMOTE_OPTIONS - {"url"})
+        if unknown:
+            raise ConfigError(f"Unknown key '{unknown[0]}' in {where}; the known keys are url, {', '.join(sorted(REMOTE_OPTIONS))}.")
         remotes[name] = Remote(name, url, MappingProxyType({k: str(v) for k, v in table.items() if k != "url"}))
     return MappingProxyType(remotes)
 

@@ -248,10 +248,10 @@ def query(
     if check_store_kind(store) == "team":
         return _query_team(sql, params, config, remote, timeout)
     guard = StatementGuard(timeout, pragmas=_SAFE_PRAGMAS)
-    store = open_read_only(config, prepare=_query_views)
-    if store is None:
+    local = open_read_only(config, prepare=_query_views)
+    if local is None:
         raise QueryError(f"No flordb_build store at '{config.db_path}' yet; record a run first.")
-    conn = store.conn
+    conn = local.conn
     shown = sql.strip()[:80]
     try:
         with guard.installed(conn):
@@ -280,7 +280,7 @@ def query(
             except (ValueError, sqlite3.Warning) as exc:
                 raise QueryError(f"query failed: {exc}.") from exc
     finally:
-        store.close()
+        local.close()
     columns = [d[0] for d in cursor.description or ()]
     frame = pd.DataFrame.from_records(rows, columns=columns)
     return keep_integers(frame, rows)

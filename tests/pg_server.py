@@ -61,7 +61,17 @@ class PgServer:
 
     def psql(self, database: str, sql: str) -> str:
         out = subprocess.run(
-            [str(self.bin_dir / "psql"), "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql, self.url(database)],
+            [
+                str(self.bin_dir / "psql"),
+                "-X",
+                "-q",
+                "-At",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                sql,
+                self.url(database),
+            ],
             env={**os.environ, **self.env()},
             capture_output=True,
             text=True,
@@ -82,8 +92,12 @@ def _as_server_user(argv: list[str]) -> list[str]:
 
 
 @contextmanager
-def running_server(bin_dir: Path) -> Iterator[PgServer]:
-    """Start a throwaway cluster and yield it; stop it and remove its files afterwards."""
+def running_server(bin_dir: Path, *, durable: bool = False) -> Iterator[PgServer]:
+    """Start a throwaway cluster and yield it; stop it and remove its files afterwards.
+
+    :param durable: keep PostgreSQL's default fsync and commit settings (the benchmarks do);
+        tests turn them off, since a test server's data never outlives its session.
+    """
     workdir = Path(tempfile.mkdtemp(prefix="flor-pg-"))
     if os.geteuid() == 0:
         shutil.chown(workdir, user="nobody")
@@ -94,20 +108,46 @@ def running_server(bin_dir: Path) -> Iterator[PgServer]:
         shutil.chown(pwfile, user="nobody")
     data = workdir / "data"
     subprocess.run(
-        _as_server_user([
-            str(bin_dir / "initdb"), "-D", str(data), "-U", USER, f"--pwfile={pwfile}", "--auth-host=scram-sha-256",
-            "--auth-local=trust", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync",
-        ]),
+        _as_server_user(
+            [
+                str(bin_dir / "initdb"),
+                "-D",
+                str(data),
+                "-U",
+                USER,
+                f"--pwfile={pwfile}",
+                "--auth-host=scram-sha-256",
+                "--auth-local=trust",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
+                *([] if durable else ["--no-sync"]),
+            ]
+        ),
         check=True,
         capture_output=True,
     )
     pwfile.unlink()
     port = _free_port()
     proc = subprocess.Popen(
-        _as_server_user([
-            str(bin_dir / "postgres"), "-D", str(data), "-k", str(workdir), "-h", "127.0.0.1", "-p", str(port),
-            "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
-        ]),
+        _as_server_user(
+            [
+                str(bin_dir / "postgres"),
+                "-D",
+                str(data),
+                "-k",
+                str(workdir),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                *(
+                    []
+                    if durable
+                    else ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
+                ),
+            ]
+        ),
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,

@@ -44,10 +44,10 @@ def open_team_reader(config: Config, remote_name: str | None = None) -> Iterator
     remote = resolve_remote(config, remote_name)
     with connect_team(remote, read_only=True) as conn:
         try:
-            pushed = conn.execute("SELECT to_regclass('team_units') IS NOT NULL").fetchone()[0]
+            row = conn.execute("SELECT to_regclass('team_units') IS NOT NULL").fetchone()
         except psycopg.Error as exc:
             raise TeamStoreError(f"Could not read the team store '{remote.name}': {first_line(exc)}") from exc
-        if not pushed:
+        if row is None or not row[0]:
             raise TeamStoreError(
                 f"The team store '{remote.name}' holds no flordb_build tables yet; push runs first (flordb-build push)."
             )

@@ -31,10 +31,14 @@ def resolve_remote(config: Config, name: str | None = None) -> Remote:
         )
     if name is None:
         if len(remotes) > 1:
-            raise TeamStoreError(f"Several team stores are configured ({', '.join(remotes)}); pick one with --remote NAME.")
+            raise TeamStoreError(
+                f"Several team stores are configured ({', '.join(remotes)}); pick one with --remote NAME."
+            )
         return next(iter(remotes.values()))
     if name not in remotes:
-        raise TeamStoreError(f"No remote '{name}' in [tool.flordb_build.remotes]; the configured ones: {', '.join(remotes)}.")
+        raise TeamStoreError(
+            f"No remote '{name}' in [tool.flordb_build.remotes]; the configured ones: {', '.join(remotes)}."
+        )
     return remotes[name]
 
 
@@ -45,6 +49,7 @@ def connect_team(remote: Remote, *, read_only: bool = False) -> psycopg.Connecti
     """
     try:
         import psycopg
+        import psycopg.conninfo
     except ImportError as exc:
         raise TeamStoreError(f"The team store needs psycopg 3: {INSTALL_HINT}.") from exc
     options = dict(remote.options)
@@ -52,9 +57,12 @@ def connect_team(remote: Remote, *, read_only: bool = False) -> psycopg.Connecti
         # Every transaction of this session is READ ONLY unless it says otherwise, which ours never do.
         options["options"] = (options.get("options", "") + " -c default_transaction_read_only=on").strip()
     try:
-        conn = psycopg.connect(remote.url, application_name="flordb_build", **options)
+        conninfo = psycopg.conninfo.make_conninfo(remote.url, application_name="flordb_build", **options)
+        conn = psycopg.connect(conninfo)
     except psycopg.Error as exc:
-        raise TeamStoreError(f"Could not connect to the team store '{remote.name}': {first_line(exc)}") from exc
+        raise TeamStoreError(
+            f"Could not connect to the team store '{remote.name}': {first_line(exc)}"
+        ) from exc
     conn.read_only = read_only or None
     return conn
 

@@ -78,8 +78,12 @@ class PostgresReader:
         from ..pivot import _closure_complete
 
         names: dict[str, int] = {}
-        parts: dict[str, list[np.ndarray]] = {k: [] for k in ("code", "ctx", "parent", "name", "iteration", "value")}
-        levels_sql = "SELECT name, sum(count) FROM loops WHERE run_id = %s GROUP BY name ORDER BY sum(count), name"
+        parts: dict[str, list[np.ndarray]] = {
+            k: [] for k in ("code", "ctx", "parent", "name", "iteration", "value")
+        }
+        levels_sql = (
+            "SELECT name, sum(count) FROM loops WHERE run_id = %s GROUP BY name ORDER BY sum(count), name"
+        )
         blocks_sql = "SELECT ctx_id, parent_ctx, iteration, count FROM loops WHERE run_id = %s AND name = %s"
         values_sql = (
             "SELECT ctx_id, value_int, value_float, value_text, value_bool FROM loops WHERE run_id = %s AND name = %s "
@@ -91,7 +95,9 @@ class PostgresReader:
             read_ctx: list[np.ndarray] = []
             read_parent: list[np.ndarray] = []
             for level, _count in self.conn.execute(levels_sql, (run_id,)).fetchall() if wanted.size else ():
-                blocks = np.array([tuple(r) for r in self.conn.execute(blocks_sql, (run_id, level))], dtype=_BLOCK)
+                blocks = np.array(
+                    [tuple(r) for r in self.conn.execute(blocks_sql, (run_id, level))], dtype=_BLOCK
+                )
                 ctx, parent, iteration = expand_blocks(blocks)
                 order = np.argsort(ctx, kind="stable")
                 ctx, parent, iteration = ctx[order], parent[order], iteration[order]
@@ -165,7 +171,9 @@ def query_team(
             while chunk := cursor.fetchmany(50_000):
                 rows.extend(chunk)
                 if len(rows) > max_rows:
-                    raise QueryError(f"query returned more than {max_rows:,} rows ('{shown}'); add a LIMIT or aggregate.")
+                    raise QueryError(
+                        f"query returned more than {max_rows:,} rows ('{shown}'); add a LIMIT or aggregate."
+                    )
             columns = [d.name for d in cursor.description or ()]
     except psycopg.errors.QueryCanceled as exc:
         raise QueryError(
@@ -173,7 +181,11 @@ def query_team(
             "timeout=... (flordb-build query --timeout SECONDS)."
         ) from exc
     except psycopg.errors.ReadOnlySqlTransaction as exc:
-        raise QueryError(f"query() is read-only: the team store refused '{shown}' ({first_line(exc)}).") from exc
+        raise QueryError(
+            f"query() is read-only: the team store refused '{shown}' ({first_line(exc)})."
+        ) from exc
     except psycopg.Error as exc:
-        raise QueryError(f"query failed on the team store: {first_line(exc)} in '{sql.strip()[:200]}'.") from exc
+        raise QueryError(
+            f"query failed on the team store: {first_line(exc)} in '{sql.strip()[:200]}'."
+        ) from exc
     return columns, rows

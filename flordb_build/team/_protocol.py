@@ -98,7 +98,9 @@ class SQLiteReader:
 
     def divergent_names(self) -> dict[str, str]:
         try:
-            rows = self.conn.execute("SELECT run_id, name FROM replay_divergent ORDER BY run_id, name").fetchall()
+            rows = self.conn.execute(
+                "SELECT run_id, name FROM replay_divergent ORDER BY run_id, name"
+            ).fetchall()
         except sqlite3.OperationalError:  # no replay has opened this store: no marks
             return {}
         return join_names(rows)

@@ -52,7 +52,9 @@ class PushResult:
     unfinished: tuple[str, ...] = field(default=())  # runs still running: left for a later push
 
 
-def push_store(config: Config, remote_name: str | None = None, *, progress: Progress | None = None) -> PushResult:
+def push_store(
+    config: Config, remote_name: str | None = None, *, progress: Progress | None = None
+) -> PushResult:
     """Push every finished unit of the local store that the team store lacks.
 
     :raises TeamStoreError: no remote, the server is unreachable, or it refused a write.
@@ -83,7 +85,9 @@ class _Pusher:
     def push_all(self, remote: str) -> PushResult:
         runs, replays, pipelines, unfinished = [], [], [], []
         values = already = 0
-        for run_id, status in self.local.execute("SELECT run_id, status FROM runs ORDER BY tstamp").fetchall():
+        for run_id, status in self.local.execute(
+            "SELECT run_id, status FROM runs ORDER BY tstamp"
+        ).fetchall():
             if status == "running":  # a live run: its rows are still arriving
                 unfinished.append(run_id)
                 continue
@@ -97,13 +101,17 @@ class _Pusher:
             if replayed is not None:
                 replays.append(run_id)
                 values += replayed
-        finished = self.local.execute("SELECT pipeline_id FROM pipelines WHERE status != 'running' ORDER BY started")
+        finished = self.local.execute(
+            "SELECT pipeline_id FROM pipelines WHERE status != 'running' ORDER BY started"
+        )
         for (pipeline_id,) in finished.fetchall():
             if self.push_pipeline(pipeline_id):
                 pipelines.append(pipeline_id)
             else:
                 already += 1
-        return PushResult(remote, tuple(runs), tuple(replays), tuple(pipelines), values, already, tuple(unfinished))
+        return PushResult(
+            remote, tuple(runs), tuple(replays), tuple(pipelines), values, already, tuple(unfinished)
+        )
 
     # -- units ----------------------------------------------------------------------------------
 
@@ -122,7 +130,11 @@ class _Pusher:
             if not self._take(run_id, "run", ""):
                 return None
             self._copy_rows("runs", "run_id = ?", (run_id,), digest)
-            env_ids = [r[0] for r in self.local.execute("SELECT env_id FROM runs WHERE run_id = ?", (run_id,)) if r[0]]
+            env_ids = [
+                r[0]
+                for r in self.local.execute("SELECT env_id FROM runs WHERE run_id = ?", (run_id,))
+                if r[0]
+            ]
             for env_id in env_ids:
                 self._copy_rows("envs", "env_id = ?", (env_id,), digest)
             self._copy_loops(run_id, digest, upsert=False)
@@ -134,7 +146,8 @@ class _Pusher:
             self._copy_rows("checkpoints", "run_id = ?", (run_id,), digest)
             self._copy_rows("timings", "run_id = ?", (run_id,), digest)
             self.pg.execute(
-                "UPDATE team_units SET content_hash = %s WHERE unit_id = %s AND kind = 'run'", (digest.hexdigest(), run_id)
+                "UPDATE team_units SET content_hash = %s WHERE unit_id = %s AND kind = 'run'",
+                (digest.hexdigest(), run_id),
             )
         self.progress("pushed", "run", run_id, count)
         return int(count)
@@ -164,7 +177,9 @@ class _Pusher:
             self._copy_loops(run_id, None, upsert=True)  # a replay may add loop contexts the record lacks
             self._write_logs(run_id, "replay", [replayed], None)
             with self.pg.cursor() as cur:
-                cur.executemany("INSERT INTO replay_divergent (run_id, name, why) VALUES (%s, %s, %s)", divergent)
+                cur.executemany(
+                    "INSERT INTO replay_divergent (run_id, name, why) VALUES (%s, %s, %s)", divergent
+                )
         self.progress("pushed", "replay", run_id, len(replayed))
         return len(replayed)
 
@@ -225,7 +240,8 @@ class _Pusher:
 
     def _copy_logs(self, run_id: str, source: str, digest: Any) -> None:
         cursor = self.local.execute(
-            "SELECT seq, ctx_id, name, value, kind FROM logs WHERE run_id = ? AND source = ?", (run_id, source)
+            "SELECT seq, ctx_id, name, value, kind FROM logs WHERE run_id = ? AND source = ?",
+            (run_id, source),
         )
         self._write_logs(run_id, source, _chunks(cursor), digest)
 
@@ -238,7 +254,9 @@ class _Pusher:
                     digest.update(repr(chunk).encode())
                 for seq, ctx_id, name, value, kind in chunk:
                     if kind == 0 and type(value) is float:  # the bulk: plain floats
-                        copy.write_row((run_id, name, source, seq, ctx_id, 0, None, value, None, None, None, None))
+                        copy.write_row(
+                            (run_id, name, source, seq, ctx_id, 0, None, value, None, None, None, None)
+                        )
                     else:
                         stored_kind, typed = typed_value(value, kind)
                         copy.write_row((run_id, name, source, seq, ctx_id, stored_kind, *typed))
@@ -252,7 +270,9 @@ def _chunks(cursor: sqlite3.Cursor) -> Iterator[list[Any]]:
 
 def _divergent_rows(conn: sqlite3.Connection, run_id: str) -> list[tuple[str, str, str]]:
     try:
-        rows = conn.execute("SELECT name, why FROM replay_divergent WHERE run_id = ? ORDER BY name", (run_id,))
+        rows = conn.execute(
+            "SELECT name, why FROM replay_divergent WHERE run_id = ? ORDER BY name", (run_id,)
+        )
         return [(run_id, name, why) for name, why in rows.fetchall()]
     except sqlite3.OperationalError:  # no replay has opened this store
         return []
