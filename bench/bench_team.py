@@ -35,8 +35,10 @@ SCRIPT = """
 import sys
 import flordb_build as flor
 
-for step in flor.loop("step", range(int(sys.argv[1]))):
-    flor.log("loss", step / 7)
+EPOCHS = 20
+for epoch in flor.loop("epoch", range(EPOCHS)):
+    for step in flor.loop("step", range(int(sys.argv[1]) // EPOCHS)):
+        flor.log("loss", step / 7)
 """
 
 

@@ -30,6 +30,32 @@ def _value(row: Sequence[Any]) -> Any:
     return None
 
 
+# Plain floats and ints of the requested names, per (name, source), as big-endian int64/float64
+# bytes: one row per name instead of one per value. The aggregates of one group see its rows in
+# one order, so the i-th seq, ctx and value belong together.
+_PACKED_SQL = (
+    "SELECT name, source, "
+    "string_agg(int8send(seq), ''::bytea) FILTER (WHERE value_float IS NOT NULL), "
+    "string_agg(int8send(ctx_id), ''::bytea) FILTER (WHERE value_float IS NOT NULL), "
+    "string_agg(float8send(value_float), ''::bytea) FILTER (WHERE value_float IS NOT NULL), "
+    "string_agg(int8send(seq), ''::bytea) FILTER (WHERE value_int IS NOT NULL), "
+    "string_agg(int8send(ctx_id), ''::bytea) FILTER (WHERE value_int IS NOT NULL), "
+    "string_agg(int8send(value_int), ''::bytea) FILTER (WHERE value_int IS NOT NULL) "
+    "FROM logs WHERE run_id = %s AND name = ANY(%s) AND kind = 0 AND num_nonnulls(value_float, value_int) = 1 "
+    "GROUP BY name, source"
+)
+# Every other value (text, bools, JSON, big ints, None) as a row.
+_ROWS_SQL = (
+    "SELECT name, source, seq, ctx_id, kind, value_int, value_float, value_text, value_bool, value_bigint::text, "
+    "value_json FROM logs WHERE run_id = %s AND name = ANY(%s) "
+    "AND NOT (kind = 0 AND num_nonnulls(value_float, value_int) = 1)"
+)
+
+
+def _int64s(packed: bytes) -> np.ndarray:
+    return np.frombuffer(packed, dtype=">i8").astype(np.int64)
+
+
 class PostgresReader:
     """:class:`~flordb_build.team.StoreReader` over a read-only connection to the team store."""
 
@@ -44,34 +70,59 @@ class PostgresReader:
         return RunTable({c: [r[i] for r in rows] for i, c in enumerate(RUN_COLUMNS)})
 
     def read_logs(self, run_ids: list[str], names: list[str]) -> LogArrays:
+        """As pivot.read_logs: plain floats and ints (the bulk) arrive packed, a few bytes a value,
+        and go straight into numpy; only other values come as rows."""
         position = {name: code for code, name in enumerate(names)}
-        code_of: list[int] = []
-        ctx_of: list[int] = []
-        name_of: list[int] = []
-        value_of: list[Any] = []
-        kind_of: list[int] = []
-        replay_of: list[bool] = []
-        sql = (
-            "SELECT name, source, ctx_id, kind, value_int, value_float, value_text, value_bool, value_bigint::text, "
-            "value_json FROM logs WHERE run_id = %s AND name = ANY(%s) ORDER BY name, source, seq"
-        )
+        parts: dict[str, list[np.ndarray]] = {
+            k: [] for k in ("code", "ctx", "name", "value", "kind", "replay", "seq")
+        }
+
+        def add(
+            code: int, name: str, source: str, seq: np.ndarray, ctx: np.ndarray, values: np.ndarray, kind: Any
+        ) -> None:
+            n = len(seq)
+            parts["code"].append(np.full(n, code, dtype=np.int64))
+            parts["name"].append(np.full(n, position[name], dtype=np.int64))
+            parts["replay"].append(np.full(n, source == "replay", dtype=bool))
+            parts["seq"].append(seq)
+            parts["ctx"].append(ctx)
+            parts["value"].append(values)
+            parts["kind"].append(np.broadcast_to(np.asarray(kind, dtype=np.int64), (n,)))
+
         for code, run_id in enumerate(run_ids):
-            for name, source, ctx, kind, *columns in self.conn.execute(sql, (run_id, names)):
-                code_of.append(code)
-                ctx_of.append(ctx)
-                name_of.append(position[name])
-                value_of.append(_value(columns))
-                kind_of.append(kind)
-                replay_of.append(source == "replay")
-        values = np.empty(len(value_of), dtype=object)
-        values[:] = value_of
+            for name, source, *packed in self.conn.execute(_PACKED_SQL, (run_id, names), binary=True):
+                for seq, ctx, values, dtype in ((*packed[0:3], ">f8"), (*packed[3:6], ">i8")):
+                    if seq is None:
+                        continue
+                    numbers = np.frombuffer(values, dtype=dtype).astype(dtype[1:]).astype(object)
+                    add(code, name, source, _int64s(seq), _int64s(ctx), numbers, 0)
+            for name, source, seq, ctx, kind, *columns in self.conn.execute(_ROWS_SQL, (run_id, names)):
+                value = np.empty(1, dtype=object)
+                value[0] = _value(columns)
+                add(
+                    code,
+                    name,
+                    source,
+                    np.array([seq], dtype=np.int64),
+                    np.array([ctx], dtype=np.int64),
+                    value,
+                    kind,
+                )
+
+        def joined(key: str, dtype: Any) -> np.ndarray:
+            return np.concatenate(parts[key]) if parts[key] else np.empty(0, dtype=dtype)
+
+        codes, name_codes = joined("code", np.int64), joined("name", np.int64)
+        replays, seqs = joined("replay", bool), joined("seq", np.int64)
+        # The local store's order: by run, name, recorded before replayed, then as logged.
+        order = np.lexsort((seqs, replays, name_codes, codes))
         return LogArrays(
-            code=np.array(code_of, dtype=np.int64),
-            ctx=np.array(ctx_of, dtype=np.int64),
-            name=np.array(name_of, dtype=np.int64),
-            value=values,
-            kind=np.array(kind_of, dtype=np.int64),
-            replay=np.array(replay_of, dtype=bool),
+            code=codes[order],
+            ctx=joined("ctx", np.int64)[order],
+            name=name_codes[order],
+            value=joined("value", object)[order],
+            kind=joined("kind", np.int64)[order],
+            replay=replays[order],
         )
 
     def read_loops(self, run_ids: list[str], logs: LogArrays) -> LoopArrays:

@@ -31,8 +31,9 @@ from ..config import Config
 from ..errors import TeamStoreError
 from ..reader import open_read_only, show_dead_runs_killed
 from ..store import TABLES
+from ._binary import HEADER, TRAILER, encode_block, encode_columns, encode_row
 from ._connect import connect_team, first_line, resolve_remote
-from ._schema import LOOP_VALUE_COLUMNS, VALUE_COLUMNS, ensure_team_schema, loop_value_columns, typed_value
+from ._schema import LOOP_VALUE_COLUMNS, VALUE_COLUMNS, ensure_team_schema, loop_value_columns
 
 _CHUNK = 50_000
 #: ``progress(event, kind, unit_id, values)``: "copying" before a unit's rows go, "pushed" after its commit.
@@ -125,29 +126,25 @@ class _Pusher:
 
     def push_run(self, run_id: str) -> int | None:
         """Push a finished run's recorded unit; the values copied, None when it was there already."""
-        digest = hashlib.sha256()
         with self.pg.transaction():
             if not self._take(run_id, "run", ""):
                 return None
-            self._copy_rows("runs", "run_id = ?", (run_id,), digest)
-            env_ids = [
-                r[0]
-                for r in self.local.execute("SELECT env_id FROM runs WHERE run_id = ?", (run_id,))
-                if r[0]
-            ]
-            for env_id in env_ids:
-                self._copy_rows("envs", "env_id = ?", (env_id,), digest)
-            self._copy_loops(run_id, digest, upsert=False)
+            (run,) = self._read("runs", "run_id = ?", (run_id,))
+            self._copy_plain("runs", [run])
+            env_id = run[list(TABLES["runs"]["columns"]).index("env_id")]
+            if env_id:
+                self._insert_shared("envs", self._read("envs", "env_id = ?", (env_id,)))
+            self._copy_loops(run_id, upsert=False)
             (count,) = self.local.execute(
                 "SELECT count(*) FROM logs WHERE run_id = ? AND source = 'record'", (run_id,)
             ).fetchone()
             self.progress("copying", "run", run_id, count)
-            self._copy_logs(run_id, "record", digest)
-            self._copy_rows("checkpoints", "run_id = ?", (run_id,), digest)
-            self._copy_rows("timings", "run_id = ?", (run_id,), digest)
+            self._copy_logs(run_id, "record")
+            self._copy_plain("checkpoints", self._read("checkpoints", "run_id = ?", (run_id,)))
+            self._copy_timings(run_id)
             self.pg.execute(
                 "UPDATE team_units SET content_hash = %s WHERE unit_id = %s AND kind = 'run'",
-                (digest.hexdigest(), run_id),
+                (_run_hash(run, count), run_id),
             )
         self.progress("pushed", "run", run_id, count)
         return int(count)
@@ -174,8 +171,8 @@ class _Pusher:
             self.progress("copying", "replay", run_id, len(replayed))
             self.pg.execute("DELETE FROM logs WHERE run_id = %s AND source = 'replay'", (run_id,))
             self.pg.execute("DELETE FROM replay_divergent WHERE run_id = %s", (run_id,))
-            self._copy_loops(run_id, None, upsert=True)  # a replay may add loop contexts the record lacks
-            self._write_logs(run_id, "replay", [replayed], None)
+            self._copy_loops(run_id, upsert=True)  # a replay may add loop contexts the record lacks
+            self._write_logs(run_id, "replay", [replayed])
             with self.pg.cursor() as cur:
                 cur.executemany(
                     "INSERT INTO replay_divergent (run_id, name, why) VALUES (%s, %s, %s)", divergent
@@ -185,12 +182,14 @@ class _Pusher:
 
     def push_pipeline(self, pipeline_id: str) -> bool:
         """Push a finished pipeline with its tasks and files; False when it was there already."""
-        digest = hashlib.sha256()
         with self.pg.transaction():
             if not self._take(pipeline_id, "pipeline", ""):
                 return False
+            digest = hashlib.sha256()
             for table in ("pipelines", "tasks", "files"):
-                self._copy_rows(table, "pipeline_id = ?", (pipeline_id,), digest)
+                rows = self._read(table, "pipeline_id = ?", (pipeline_id,))
+                digest.update(repr(rows).encode())
+                self._copy_plain(table, rows)
             self.pg.execute(
                 "UPDATE team_units SET content_hash = %s WHERE unit_id = %s AND kind = 'pipeline'",
                 (digest.hexdigest(), pipeline_id),
@@ -200,32 +199,69 @@ class _Pusher:
 
     # -- rows -----------------------------------------------------------------------------------
 
-    def _copy_rows(self, table: str, where: str, params: Sequence[Any], digest: Any) -> int:
-        """Insert ``table``'s local rows matching ``where`` (a constant filter with ? parameters);
-        rows the team store holds already (a shared environment) are kept as they are."""
-        columns = list(TABLES[table]["columns"])
-        names = ", ".join(columns)  # identifiers from store.TABLES only
-        rows = self.local.execute(f"SELECT {names} FROM {table} WHERE {where}", params).fetchall()  # noqa: S608
+    def _read(self, table: str, where: str, params: Sequence[Any]) -> list[Any]:
+        """``table``'s local rows matching ``where`` (a constant filter with ? parameters), every column."""
+        names = ", ".join(TABLES[table]["columns"])  # identifiers from store.TABLES only
+        return list(self.local.execute(f"SELECT {names} FROM {table} WHERE {where}", params).fetchall())  # noqa: S608
+
+    def _copy_plain(self, table: str, rows: Sequence[Any]) -> None:
+        """``COPY`` rows of a table the unit's key makes new to the team store (a run's, a pipeline's)."""
         if not rows:
-            return 0
-        digest.update(repr(rows).encode())
+            return
+        names = ", ".join(TABLES[table]["columns"])
+        with self.pg.cursor() as cur, cur.copy(f"COPY {table} ({names}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+
+    def _insert_shared(self, table: str, rows: Sequence[Any]) -> None:
+        """Insert rows that other units may have pushed already (an environment): those stay as they are."""
+        columns = list(TABLES[table]["columns"])
         placeholders = ", ".join(["%s"] * len(columns))
         with self.pg.cursor() as cur:
             cur.executemany(
-                f"INSERT INTO {table} ({names}) VALUES ({placeholders}) ON CONFLICT DO NOTHING",  # noqa: S608
+                f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({placeholders}) ON CONFLICT DO NOTHING",  # noqa: S608
                 rows,
             )
-        return len(rows)
 
-    def _copy_loops(self, run_id: str, digest: Any, *, upsert: bool) -> None:
+    def _copy_timings(self, run_id: str) -> None:
+        """A run's timings (one row per outer iteration: as many as its steps) as binary blocks per kind."""
+        rows = self.local.execute(
+            "SELECT ctx_id, kind, seconds FROM timings WHERE run_id = ? ORDER BY kind, ctx_id", (run_id,)
+        ).fetchall()
+        if not rows:
+            return
+        with (
+            self.pg.cursor() as cur,
+            cur.copy("COPY timings (run_id, ctx_id, kind, seconds) FROM STDIN (FORMAT BINARY)") as copy,
+        ):
+            copy.write(HEADER)
+            for kind, block in _runs_of(rows, 1):
+                ctxs, _kinds, seconds = zip(*block, strict=True)
+                columns = [("text", run_id), ("int8", ctxs), ("text", kind), ("float8", seconds)]
+                encoded = encode_columns(columns, len(block))
+                if encoded is None:  # a NULL among them: row by row
+                    for ctx, _kind, second in block:
+                        encoded_row = encode_columns(
+                            [
+                                ("text", run_id),
+                                ("int8", [ctx]),
+                                ("text", kind),
+                                ("null", None) if second is None else ("float8", [second]),
+                            ],
+                            1,
+                        )
+                        copy.write(encoded_row or b"")
+                    continue
+                copy.write(encoded)
+            copy.write(TRAILER)
+
+    def _copy_loops(self, run_id: str, *, upsert: bool) -> None:
         cursor = self.local.execute(
             "SELECT ctx_id, parent_ctx, name, iteration, count, value FROM loops WHERE run_id = ?", (run_id,)
         )
         rows = [(run_id, c, p, n, i, k, *loop_value_columns(v)) for c, p, n, i, k, v in cursor]
         if not rows:
             return
-        if digest is not None:
-            digest.update(repr(rows).encode())
         columns = "run_id, ctx_id, parent_ctx, name, iteration, count, " + ", ".join(LOOP_VALUE_COLUMNS)
         if upsert:
             with self.pg.cursor() as cur:
@@ -238,28 +274,52 @@ class _Pusher:
             for row in rows:
                 copy.write_row(row)
 
-    def _copy_logs(self, run_id: str, source: str, digest: Any) -> None:
+    def _copy_logs(self, run_id: str, source: str) -> None:
         cursor = self.local.execute(
-            "SELECT seq, ctx_id, name, value, kind FROM logs WHERE run_id = ? AND source = ?",
+            "SELECT seq, ctx_id, name, value, kind FROM logs WHERE run_id = ? AND source = ? ORDER BY name, seq",
             (run_id, source),
         )
-        self._write_logs(run_id, source, _chunks(cursor), digest)
+        self._write_logs(run_id, source, _chunks(cursor))
 
-    def _write_logs(self, run_id: str, source: str, chunks: Iterable[Sequence[Any]], digest: Any) -> None:
-        """``COPY`` chunks of ``(seq, ctx_id, name, value, kind)`` log rows into ``logs``."""
+    def _write_logs(self, run_id: str, source: str, chunks: Iterable[Sequence[Any]]) -> None:
+        """``COPY`` chunks of ``(seq, ctx_id, name, value, kind)`` log rows into ``logs`` (binary format,
+        team/_binary.py): rows of one name in a row, all floats or all ints, go as one numpy block."""
         columns = "run_id, name, source, seq, ctx_id, kind, " + ", ".join(VALUE_COLUMNS)
-        with self.pg.cursor() as cur, cur.copy(f"COPY logs ({columns}) FROM STDIN") as copy:
+        with self.pg.cursor() as cur, cur.copy(f"COPY logs ({columns}) FROM STDIN (FORMAT BINARY)") as copy:
+            copy.write(HEADER)
             for chunk in chunks:
-                if digest is not None:
-                    digest.update(repr(chunk).encode())
-                for seq, ctx_id, name, value, kind in chunk:
-                    if kind == 0 and type(value) is float:  # the bulk: plain floats
-                        copy.write_row(
-                            (run_id, name, source, seq, ctx_id, 0, None, value, None, None, None, None)
-                        )
-                    else:
-                        stored_kind, typed = typed_value(value, kind)
-                        copy.write_row((run_id, name, source, seq, ctx_id, stored_kind, *typed))
+                for name, rows in _runs_of(chunk, 2):
+                    seqs, ctxs, _names, values, kinds = zip(*rows, strict=True)
+                    block = encode_block(run_id, name, source, seqs, ctxs, values) if not any(kinds) else None
+                    if block is not None:
+                        copy.write(block)
+                        continue
+                    for seq, ctx_id, _name, value, kind in rows:
+                        copy.write(encode_row(run_id, name, source, seq, ctx_id, value, kind))
+            copy.write(TRAILER)
+
+
+def _runs_of(rows: Sequence[Any], field: int) -> Iterator[tuple[Any, Sequence[Any]]]:
+    """Consecutive rows that share the value at ``field`` (a name, a kind), with that value."""
+    start = 0
+    for end in range(1, len(rows) + 1):
+        if end == len(rows) or rows[end][field] != rows[start][field]:
+            yield rows[start][field], rows[start:end]
+            start = end
+
+
+def _run_hash(run: Sequence[Any], values: int) -> str:
+    """A recorded run's content hash: its row, its value count and its journal's bytes (which hold
+    every value it logged), without hashing a million rows one by one."""
+    from pathlib import Path
+
+    digest = hashlib.sha256(repr((tuple(run), values)).encode())
+    journal = run[list(TABLES["runs"]["columns"]).index("journal")]
+    try:
+        digest.update(Path(journal).read_bytes() if journal else b"")
+    except OSError:  # the journal moved or went with a cleanup: the row and the count still say much
+        pass
+    return digest.hexdigest()
 
 
 def _chunks(cursor: sqlite3.Cursor) -> Iterator[list[Any]]:
