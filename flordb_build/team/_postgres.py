@@ -30,26 +30,26 @@ def _value(row: Sequence[Any]) -> Any:
     return None
 
 
-# Plain floats and ints of the requested names, per (name, source), as big-endian int64/float64
-# bytes: one row per name instead of one per value. The aggregates of one group see its rows in
-# one order, so the i-th seq, ctx and value belong together.
+# Plain floats and ints of one name and source as big-endian int64/float64 bytes: one row instead
+# of one per value. The aggregates see the rows in one order, so the i-th seq, ctx and value belong
+# together; no ORDER BY (a sort of a million rows): the reader sorts by seq itself.
 _PACKED_SQL = (
-    "SELECT name, source, "
+    "SELECT "
     "string_agg(int8send(seq), ''::bytea) FILTER (WHERE value_float IS NOT NULL), "
     "string_agg(int8send(ctx_id), ''::bytea) FILTER (WHERE value_float IS NOT NULL), "
     "string_agg(float8send(value_float), ''::bytea) FILTER (WHERE value_float IS NOT NULL), "
     "string_agg(int8send(seq), ''::bytea) FILTER (WHERE value_int IS NOT NULL), "
     "string_agg(int8send(ctx_id), ''::bytea) FILTER (WHERE value_int IS NOT NULL), "
     "string_agg(int8send(value_int), ''::bytea) FILTER (WHERE value_int IS NOT NULL) "
-    "FROM logs WHERE run_id = %s AND name = ANY(%s) AND kind = 0 AND num_nonnulls(value_float, value_int) = 1 "
-    "GROUP BY name, source"
+    "FROM logs WHERE run_id = %s AND name = %s AND source = %s AND kind = 0"
 )
 # Every other value (text, bools, JSON, big ints, None) as a row.
 _ROWS_SQL = (
     "SELECT name, source, seq, ctx_id, kind, value_int, value_float, value_text, value_bool, value_bigint::text, "
     "value_json FROM logs WHERE run_id = %s AND name = ANY(%s) "
-    "AND NOT (kind = 0 AND num_nonnulls(value_float, value_int) = 1)"
+    "AND (kind <> 0 OR (value_float IS NULL AND value_int IS NULL))"
 )
+_SOURCES = ("record", "replay")
 
 
 def _int64s(packed: bytes) -> np.ndarray:
@@ -90,24 +90,26 @@ class PostgresReader:
             parts["kind"].append(np.broadcast_to(np.asarray(kind, dtype=np.int64), (n,)))
 
         for code, run_id in enumerate(run_ids):
-            for name, source, *packed in self.conn.execute(_PACKED_SQL, (run_id, names), binary=True):
+            for name, source in ((name, source) for name in names for source in _SOURCES):
+                row = self.conn.execute(_PACKED_SQL, (run_id, name, source), binary=True).fetchone()
+                packed: list[Any] = list(row) if row is not None else [None] * 6
                 for seq, ctx, values, dtype in ((*packed[0:3], ">f8"), (*packed[3:6], ">i8")):
                     if seq is None:
                         continue
                     numbers = np.frombuffer(values, dtype=dtype).astype(dtype[1:]).astype(object)
                     add(code, name, source, _int64s(seq), _int64s(ctx), numbers, 0)
-            for name, source, seq, ctx, kind, *columns in self.conn.execute(_ROWS_SQL, (run_id, names)):
-                value = np.empty(1, dtype=object)
-                value[0] = _value(columns)
-                add(
-                    code,
-                    name,
-                    source,
-                    np.array([seq], dtype=np.int64),
-                    np.array([ctx], dtype=np.int64),
-                    value,
-                    kind,
-                )
+            rows = self.conn.execute(_ROWS_SQL, (run_id, names)).fetchall()
+            if rows:
+                n = len(rows)
+                values = np.empty(n, dtype=object)
+                values[:] = [_value(r[5:]) for r in rows]
+                parts["code"].append(np.full(n, code, dtype=np.int64))
+                parts["name"].append(np.array([position[r[0]] for r in rows], dtype=np.int64))
+                parts["replay"].append(np.array([r[1] == "replay" for r in rows], dtype=bool))
+                parts["seq"].append(np.array([r[2] for r in rows], dtype=np.int64))
+                parts["ctx"].append(np.array([r[3] for r in rows], dtype=np.int64))
+                parts["value"].append(values)
+                parts["kind"].append(np.array([r[4] for r in rows], dtype=np.int64))
 
         def joined(key: str, dtype: Any) -> np.ndarray:
             return np.concatenate(parts[key]) if parts[key] else np.empty(0, dtype=dtype)

@@ -42,10 +42,13 @@ DDL: tuple[str, ...] = (
     "CREATE TABLE IF NOT EXISTS loops (run_id text, ctx_id bigint, parent_ctx bigint, name text, iteration bigint, "
     "count bigint, value_int bigint, value_float double precision, value_text text, value_bool boolean, "
     "PRIMARY KEY (run_id, name, ctx_id))",
-    # Clustered reads by (run, name), as locally; the key also refuses a row pushed twice.
+    # No key on logs: team_units already lets each run's rows in once (team/_push.py), and a btree
+    # over a million rows a run would double the cost of pushing them. A run's rows arrive in one
+    # COPY, so they sit in consecutive pages, and a BRIN index (a few kB) finds them.
     "CREATE TABLE IF NOT EXISTS logs (run_id text, name text, source text, seq bigint, ctx_id bigint, "
     "kind smallint, value_int bigint, value_float double precision, value_text text, value_bool boolean, "
-    "value_bigint numeric, value_json text, PRIMARY KEY (run_id, name, source, seq))",
+    "value_bigint numeric, value_json text)",
+    "CREATE INDEX IF NOT EXISTS logs_run ON logs USING brin (run_id) WITH (pages_per_range = 16)",
     "CREATE TABLE IF NOT EXISTS replay_divergent (run_id text, name text, why text, PRIMARY KEY (run_id, name))",
     # unit_id: a run id or a pipeline id; kind: 'run', 'replay' or 'pipeline'.
     "CREATE TABLE IF NOT EXISTS team_units (unit_id text, kind text, content_hash text NOT NULL, "
