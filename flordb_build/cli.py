@@ -136,6 +136,7 @@ def _store_of(args: argparse.Namespace) -> str:
 
 def cmd_push(args: argparse.Namespace) -> int:
     from .config import load_config
+    from .reader import store_version
     from .team import push_store
 
     def progress(event: str, kind: str, unit_id: str, values: int) -> None:
@@ -144,6 +145,8 @@ def cmd_push(args: argparse.Namespace) -> int:
 
     config = load_config()
     while True:
+        # The version before the push: a run that ends while this push copies is pushed by the next.
+        seen = store_version(config)
         result = push_store(config, args.remote, progress=progress)
         print(
             f"pushed to '{result.remote}': {len(result.runs)} runs, {len(result.replays)} replays, "
@@ -153,16 +156,15 @@ def cmd_push(args: argparse.Namespace) -> int:
         )
         if not args.watch:
             return 0
-        _wait_for_store_change(config)
+        _wait_for_store_change(config, seen)
 
 
-def _wait_for_store_change(config: Config) -> None:
-    """Return once a writer has committed to the local store (its file or WAL changed)."""
+def _wait_for_store_change(config: Config, seen: tuple[int, ...]) -> None:
+    """Return once a writer has committed to the local store since it was at version ``seen``."""
     import time
 
     from .reader import store_version
 
-    seen = store_version(config)
     while store_version(config) == seen:
         time.sleep(WATCH_INTERVAL_S)
 

@@ -214,6 +214,32 @@ def test_an_unfinished_run_is_not_pushed_until_it_ends(
     assert _count(pg_server, team_url, "SELECT count(*) FROM runs WHERE status = 'running'") == 0
 
 
+def test_push_watch_pushes_each_run_as_it_ends(
+    clones: tuple[Project, Project], pg_server: PgServer, team_url: str
+) -> None:
+    a, _b = clones
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "flordb_build", "push", "--watch"],
+        cwd=a.root,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **GIT_ENV},
+    )
+    assert watch.stdout is not None
+    try:
+        assert watch.stdout.readline().startswith("pushed to 'team': 0 runs")  # nothing recorded yet
+        a.run("train.py")
+        (run_id,) = flor.query("SELECT run_id FROM runs", config=config_of_root(a.root, True))["run_id"]
+        for line in watch.stdout:  # the watcher reports each unit as it commits it
+            if line.startswith(f"pushed run {run_id}"):
+                break
+        assert _count(pg_server, team_url, "SELECT count(*) FROM runs WHERE run_id = %s", run_id) == 1
+    finally:
+        watch.kill()
+        watch.wait()
+        watch.stdout.close()
+
+
 def test_a_password_in_the_remote_is_refused_and_no_secret_lands_anywhere(
     clones: tuple[Project, Project], pg_server: PgServer, team_url: str
 ) -> None:
