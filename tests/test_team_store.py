@@ -294,3 +294,22 @@ def test_importing_flordb_build_needs_no_psycopg() -> None:
     code = "import sys, flordb_build, flordb_build.team; print('psycopg' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_remote_options_reach_libpq_and_the_remote_is_chosen_by_name(
+    clones: tuple[Project, Project], pg_server: PgServer, team_url: str
+) -> None:
+    a, _b = clones
+    # The test server has no TLS: sslmode=require must reach libpq and fail there, naming SSL.
+    (a.root / "pyproject.toml").write_text(_pyproject(team_url, sslmode="require"))
+    refused = a.cli("push", check=False)
+    assert refused.returncode == 1 and "SSL" in refused.stderr
+    (a.root / "pyproject.toml").write_text(
+        _pyproject(team_url, sslmode="disable")
+        + '\n[tool.flordb_build.remotes.other]\nurl = "postgresql://nowhere/x"\n'
+    )
+    several = a.cli("push", check=False)
+    assert several.returncode == 1 and "--remote NAME" in several.stderr
+    assert "pushed to 'team'" in a.cli("push", "--remote", "team").stdout
+    unknown = a.cli("push", "--remote", "tem", check=False)
+    assert unknown.returncode == 1 and "No remote 'tem'" in unknown.stderr

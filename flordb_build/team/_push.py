@@ -61,20 +61,21 @@ def push_store(
     :raises TeamStoreError: no remote, the server is unreachable, or it refused a write.
     """
     remote = resolve_remote(config, remote_name)
-    local = open_read_only(config, prepare=show_dead_runs_killed)
-    if local is None:
-        return PushResult(remote.name)
-    try:
+    # The team store first, even with nothing to push: a wrong url or option shows at once.
+    with connect_team(remote) as pg:
         import psycopg
 
-        with connect_team(remote) as pg:
-            pusher = _Pusher(local.conn, pg, progress or (lambda *_: None))
+        try:
             ensure_team_schema(pg)
-            return pusher.push_all(remote.name)
-    except psycopg.Error as exc:
-        raise TeamStoreError(f"Push to the team store '{remote.name}' failed: {first_line(exc)}") from exc
-    finally:
-        local.close()
+            local = open_read_only(config, prepare=show_dead_runs_killed)
+            if local is None:
+                return PushResult(remote.name)
+            try:
+                return _Pusher(local.conn, pg, progress or (lambda *_: None)).push_all(remote.name)
+            finally:
+                local.close()
+        except psycopg.Error as exc:
+            raise TeamStoreError(f"Push to the team store '{remote.name}' failed: {first_line(exc)}") from exc
 
 
 class _Pusher:
