@@ -31,7 +31,7 @@ from ..config import Config
 from ..errors import TeamStoreError
 from ..reader import open_read_only, show_dead_runs_killed
 from ..store import TABLES
-from ._binary import HEADER, TRAILER, encode_block, encode_columns, encode_row
+from ._binary import HEADER, TRAILER, Column, encode_block, encode_columns, encode_row
 from ._connect import connect_team, first_line, resolve_remote
 from ._schema import LOOP_VALUE_COLUMNS, VALUE_COLUMNS, ensure_team_schema, loop_value_columns
 
@@ -237,23 +237,21 @@ class _Pusher:
         ):
             copy.write(HEADER)
             for kind, block in _runs_of(rows, 1):
-                ctxs, _kinds, seconds = zip(*block, strict=True)
-                columns = [("text", run_id), ("int8", ctxs), ("text", kind), ("float8", seconds)]
-                encoded = encode_columns(columns, len(block))
-                if encoded is None:  # a NULL among them: row by row
-                    for ctx, _kind, second in block:
-                        encoded_row = encode_columns(
-                            [
-                                ("text", run_id),
-                                ("int8", [ctx]),
-                                ("text", kind),
-                                ("null", None) if second is None else ("float8", [second]),
-                            ],
-                            1,
+                # seconds is REAL locally, so a float or NULL; NULLs go in a block of their own.
+                for with_seconds in (True, False):
+                    part = [r for r in block if (r[2] is not None) == with_seconds]
+                    if not part:
+                        continue
+                    seconds: Column = (
+                        ("float8", [float(r[2]) for r in part]) if with_seconds else ("null", None)
+                    )
+                    columns = [("text", run_id), ("int8", [r[0] for r in part]), ("text", kind), seconds]
+                    encoded = encode_columns(columns, len(part))
+                    if encoded is None:
+                        raise TeamStoreError(
+                            f"Run '{run_id}' has a timing that is not a number: {part[0]!r}."
                         )
-                        copy.write(encoded_row or b"")
-                    continue
-                copy.write(encoded)
+                    copy.write(encoded)
             copy.write(TRAILER)
 
     def _copy_loops(self, run_id: str, *, upsert: bool) -> None:
