@@ -21,6 +21,9 @@ The last iteration is always checkpointed (replay of a suffix needs the final st
       -> next iteration                                -> run.queue_checkpoint_rows(...)
                                                           (the flusher writes them to SQLite,
                                                            only after the object file exists)
+                                                       -> uploader thread (with ``objects = URL``):
+                                                          the remote store, unless it has it;
+                                                          leaving the block waits for it
 
 Thread, not fork (the dissertation forks). bench/bench_checkpoints.py --variants
 plain,thread,fork measured, checkpointing ~32 MB of MLP + Adam state every ~1.6 s epoch on a
@@ -63,8 +66,10 @@ if TYPE_CHECKING:
     import queue
 
     from .objects import ObjectStore
+    from .remote_objects import ObjectUploader
     from .runtime import ActiveRun
     from .state import StateCopy
+    from .training_state import RawRng
 
 DEFAULT_EPSILON = DEFAULT_CHECKPOINT_EPSILON
 DEFAULT_RESTORE_FACTOR = 1.38
@@ -201,6 +206,14 @@ class Materializer:
         self._lock = threading.Condition()
         self._thread = threading.Thread(target=self._work, name="flordb_build-checkpoints", daemon=True)
         self._thread.start()
+        # Uploads to a remote object store run on their own thread: the checkpoint's row is queued
+        # once the local file exists, and a slow network never holds up the next checkpoint.
+        self._uploader: ObjectUploader | None = None
+        if objects.remote is not None:
+            from .remote_objects import ObjectUploader
+
+            self._uploader = ObjectUploader(objects.upload)
+            self._remote_url = objects.remote.url
 
     @property
     def pending(self) -> int:
@@ -219,9 +232,19 @@ class Materializer:
         self._queue.put(job)
 
     def close(self) -> None:
-        """Wait until every queued checkpoint is written, then stop the thread."""
+        """Wait until every queued checkpoint is written (and uploaded), then stop the threads."""
         self._queue.put(None)
         self._thread.join()
+        if self._uploader is not None:
+            failures = self._uploader.close()
+            if failures:
+                sha256, exc = failures[0]
+                warnings.warn(
+                    f"{len(failures)} checkpoint object(s) were not uploaded to '{self._remote_url}' "
+                    f"(first: '{sha256}': {exc}); they are safe in the local cache: run "
+                    "'flordb-build push-objects' to upload them.",
+                    FlorBuildWarning, stacklevel=2,
+                )
 
     def _work(self) -> None:
         while True:
@@ -249,13 +272,15 @@ class Materializer:
             # and on a busy machine wall time here mostly measures the training thread.
             started = time.thread_time()
             try:
-                stored = self.objects.put(serialize(copy))
+                stored = self.objects.put(serialize(copy), upload=False)
             except ObjectStoreError as exc:
                 raise CheckpointError(
                     f"Could not write the checkpoint of '{name}' at {job.loop_name} {job.iteration}: {exc}"
                 ) from exc
             seconds = copy_seconds + time.thread_time() - started
             total += seconds
+            if self._uploader is not None:
+                self._uploader.submit(stored.sha256)
             rows.append(
                 (job.ctx_id, job.loop_name, job.iteration, name, stored.sha256, stored.bytes, seconds,
                  job.block_seconds, copy.format.value, job.point)
@@ -283,8 +308,19 @@ class Checkpointer:
         self.compute_seconds = 0.0
         self._last_ctx = -1
         self._end_due = -1  # the iteration whose nested point was taken: its end is taken too
+        # The generators at the end of an iteration that took no checkpoint, kept until the next
+        # iteration's nested point: a checkpoint there holds them too (training_state.RNG_BEFORE_NAME).
+        self._rng_before: RawRng | None = None
+        self._rng_seconds = 0.0  # what taking them last cost
+        self._rng_start: RawRng | None = None  # where the main loop started, for the first checkpoint
         self._estimated_bytes: int | None = None
         self._materializer: Materializer | None = None
+
+    def begin_loop(self, loop_name: str) -> None:
+        """The outermost loop starts: the generators as they are now go with the first checkpoint."""
+        from .training_state import raw_rng_state
+
+        self._rng_start = raw_rng_state()
 
     def end_nested(self, ctx_id: int, loop_name: str, index: int, seconds: float) -> None:
         """Called when the first nested ``flor.loop`` of outer iteration ``index`` has run to its end
@@ -296,8 +332,9 @@ class Checkpointer:
         n = self.iterations + 1
         mean = self.compute_seconds / self.iterations if self.iterations else 0.0
         if self._decide(n, self.compute_seconds + max(seconds, mean), copies=2):
-            self.checkpoint(ctx_id, loop_name, index, seconds, CheckpointPoint.NESTED)
+            self.checkpoint(ctx_id, loop_name, index, seconds, CheckpointPoint.NESTED, rng_before=self._rng_before)
             self._end_due = ctx_id
+        self._rng_before = None
 
     def end_iteration(self, ctx_id: int, loop_name: str, index: int, seconds: float) -> None:
         """Called by the outermost ``flor.loop`` after each iteration: checkpoint as decided at the
@@ -306,12 +343,28 @@ class Checkpointer:
         self._raise_background_error()
         self.iterations += 1
         self.compute_seconds += seconds
+        self._rng_before = None  # an iteration without a nested loop did not use its predecessor's
         if ctx_id == self._end_due:  # the nested point was taken: its iteration's end must be too
             if self._materializer is not None:
                 self._materializer.wait_for_room(MAX_PENDING)
             self.checkpoint(ctx_id, loop_name, index, seconds)
         elif self._decide(self.iterations, self.compute_seconds, copies=1):
             self.checkpoint(ctx_id, loop_name, index, seconds)
+        else:
+            self._keep_rng_before()
+
+    def _keep_rng_before(self) -> None:
+        """Keep the generators' states at the end of an iteration that took no checkpoint, for the
+        next iteration's nested point; only where that costs under 0.5% of an iteration (the states
+        are copied, not encoded: ~0.1 ms). Without them a validation replay runs the next iteration
+        in full instead of checking the state it arrives with (hindsight/_generators.py)."""
+        from .training_state import raw_rng_state
+
+        if self._rng_seconds * 200 > self.compute_seconds / max(self.iterations, 1):
+            return
+        started = time.perf_counter()
+        self._rng_before = raw_rng_state()
+        self._rng_seconds = time.perf_counter() - started
 
     def _decide(self, n: int, compute: float, copies: int) -> bool:
         """The Joint Invariant's decision with ``n`` iterations of ``compute`` seconds so far, for a
@@ -349,12 +402,14 @@ class Checkpointer:
         return self._estimated_bytes / INITIAL_BYTES_PER_SECOND
 
     def checkpoint(
-        self, ctx_id: int, loop_name: str, index: int, seconds: float, point: str = CheckpointPoint.END
+        self, ctx_id: int, loop_name: str, index: int, seconds: float, point: str = CheckpointPoint.END,
+        *, rng_before: RawRng | None = None,
     ) -> None:
-        """Copy every object's state now and queue it for writing in the background."""
+        """Copy every object's state now and queue it for writing in the background (with
+        ``rng_before``: the generators at the previous iteration's end, training_state.capture)."""
         from .objects import ObjectStore
         from .state import copy_state
-        from .training_state import capture
+        from .training_state import RNG_BEFORE_NAME, RNG_START_NAME, capture
 
         items: list[tuple[str, StateCopy, float]] = []
         for name, obj in self.objects.items():
@@ -366,7 +421,10 @@ class Checkpointer:
             items.append((name, copy, time.perf_counter() - started))
         started = time.perf_counter()
         # RNG states, gradients and the files the run wrote: a replay restores them too
-        extra = capture(self.objects, self.run.written_files(), self.run.config.root)
+        earlier = {RNG_BEFORE_NAME: rng_before} if rng_before is not None else {}
+        if self._rng_start is not None:
+            earlier[RNG_START_NAME], self._rng_start = self._rng_start, None
+        extra = capture(self.objects, self.run.written_files(), self.run.config.root, earlier)
         seconds_each = (time.perf_counter() - started) / len(extra)
         items.extend((name, copy, seconds_each) for name, copy in extra)
         if point == CheckpointPoint.NESTED:
@@ -564,6 +622,41 @@ def restore_objects(
     finally:
         store.close()
     return RestoreResult(run_id, ctx_id, chosen_loop, chosen_iteration, restored, seconds)
+
+
+class RecordedGenerators:
+    """The random generators' states a recorded run had at its main loop's iteration ends, where a
+    checkpoint holds them: what a replay that ran an iteration compares its own with (issue 12.9)."""
+
+    def __init__(self, records: list[CheckpointRecord], loop_name: str, config: Config) -> None:
+        from .training_state import RNG_BEFORE_NAME, RNG_NAME, RNG_START_NAME
+
+        self._config = config
+        self._where: dict[int, CheckpointRecord] = {}
+        for point in (CheckpointPoint.NESTED, CheckpointPoint.END):  # where the loop started
+            for record in _at_point(records, point):
+                if record.loop_name == loop_name and record.name == RNG_START_NAME:
+                    self._where.setdefault(-1, record)
+        for record in _at_point(records, CheckpointPoint.NESTED):  # the end of the iteration before
+            if record.loop_name == loop_name and record.name == RNG_BEFORE_NAME:
+                self._where[record.iteration - 1] = record
+        for record in _at_point(records, CheckpointPoint.END):  # an iteration's own end comes first
+            if record.loop_name == loop_name and record.name == RNG_NAME:
+                self._where[record.iteration] = record
+
+    @classmethod
+    def of_run(cls, store: Store, run_id: str, loop_name: str, config: Config) -> RecordedGenerators:
+        return cls(checkpoint_records(store, run_id), loop_name, config)
+
+    def at_end_of(self, iteration: int) -> dict[str, Any] | None:
+        """The states at the end of ``iteration`` (training_state.rng_state's form), None where no
+        checkpoint holds them."""
+        record = self._where.get(iteration)
+        if record is None:
+            return None
+        where = f"run '{record.run_id}' at {record.loop_name} {record.iteration}"
+        state = _load_object(record, where, None, True, self._config)
+        return state if isinstance(state, dict) else None
 
 
 def _at_point(records: list[CheckpointRecord], point: str) -> list[CheckpointRecord]:

@@ -215,6 +215,19 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_push_objects(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .objects import ObjectStore
+
+    config = load_config()
+    if config.objects is None:
+        print("no remote object store: set objects = \"s3://bucket/prefix\" in [tool.flordb_build]", file=sys.stderr)
+        return 1
+    uploaded = ObjectStore.for_config(config).push_objects()
+    print(f"uploaded {uploaded} objects to {config.objects}")
+    return 0
+
+
 # -- build context (dag/, lineage.py, rundiff.py) ---------------------------------------------
 
 
@@ -569,6 +582,12 @@ def build_parser() -> argparse.ArgumentParser:
         "delete objects in .flor/objects that nothing references. Prints what it frees.",
     )
     p.add_argument("--dry-run", action="store_true", help="report what would be evicted and freed; change nothing")
+    add(
+        "push-objects",
+        cmd_push_objects,
+        "Upload every object of .flor/objects that the remote object store (objects in "
+        "[tool.flordb_build]) lacks: what a run killed before its uploads finished left local.",
+    )
     _add_build_commands(add)
     _add_replay_command(add)
     _add_view_commands(add)

@@ -73,6 +73,9 @@ class Config:
     params: str | None = None
     #: Team stores (``[tool.flordb_build.remotes.NAME]``) that ``flordb-build push`` writes to, by name.
     remotes: Mapping[str, Remote] = field(default_factory=lambda: MappingProxyType({}))
+    #: An fsspec URL (``s3://bucket/prefix``, ``file:///path``) holding the objects; ``.flor/objects``
+    #: becomes its local cache (objects.py, remote_objects.py). None: objects stay local.
+    objects: str | None = None
 
     @property
     def flor_dir(self) -> Path:
@@ -237,6 +240,22 @@ def _text(key: str, value: Any) -> str:
     return value
 
 
+def _object_store_url(key: str, value: Any) -> str:
+    # A URL, not a path: a bare path here would silently become a second local store.
+    if not isinstance(value, str) or "://" not in value or value.startswith("://"):
+        raise ConfigError(
+            f"'{key}' in [tool.flordb_build] must be an fsspec URL such as \"s3://bucket/prefix\" "
+            f"or \"file:///shared/objects\", got '{value}'."
+        )
+    if "@" in value.split("://", 1)[1].split("/", 1)[0]:
+        # pyproject.toml is committed and snapshotted: a secret here would travel with every clone.
+        raise ConfigError(
+            f"'{key}' in [tool.flordb_build] must not carry credentials ('user:secret@' in '{value.split('@')[-1]}'); "
+            "they come from the environment or the backend's own files (for S3: AWS_ACCESS_KEY_ID, ~/.aws/credentials)."
+        )
+    return value.rstrip("/")
+
+
 def _path_text(key: str, value: Any) -> str:
     if not isinstance(value, str):
         raise ConfigError(f"'{key}' in [tool.flordb_build] must be a path string.")
@@ -266,6 +285,7 @@ SETTINGS: Mapping[str, Callable[[str, Any], Any]] = MappingProxyType({
     "replay_keep_warm": _seconds,
     "params": _path_text,
     "remotes": _remotes,
+    "objects": _object_store_url,
 })
 
 

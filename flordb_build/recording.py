@@ -123,6 +123,9 @@ class LoopObserver(Protocol):
 
     objects: dict[str, Any]
 
+    def begin_loop(self, loop_name: str) -> None:
+        """The outermost loop is about to take its first element."""
+
     def end_nested(self, ctx_id: int, loop_name: str, index: int, seconds: float) -> None:
         """The first nested loop of outermost iteration ``index`` ran to its end, ``seconds`` into it."""
 
@@ -285,6 +288,8 @@ class Run(Recorder):
         elif self._outer_end is not None:
             self._between_seconds += started - self._outer_end
         ctx, index, seconds = -1, -1, 0.0
+        if self.checkpointer is not None:
+            self.checkpointer.begin_loop(name)
         try:
             for index, element in enumerate(iterable):
                 ctx = next_ctx()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -90,6 +91,17 @@ def read_run_table(store: Store | StoreReader, where: str | None = None) -> RunL
     order = sort_positions(out, DEFAULT_SORT, descending=True)
     out, extra = out.iloc[order].reset_index(drop=True), extra.iloc[order].reset_index(drop=True)
     return RunList(out, len(out), args, rest, extra)
+
+
+def divergent_marks(store: Store, run_id: str) -> dict[str, str]:
+    """The run's replayed names written with --accept-divergent, each with why it diverged."""
+    try:
+        rows = store.conn.execute(
+            "SELECT name, why FROM replay_divergent WHERE run_id = ? ORDER BY name", (run_id,)
+        ).fetchall()
+    except sqlite3.OperationalError:  # no replay has opened this store: no marks
+        return {}
+    return {str(name): str(why) for name, why in rows}
 
 
 def select_runs(

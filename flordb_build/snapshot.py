@@ -32,14 +32,23 @@ import subprocess
 import tempfile
 import time
 import warnings
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import config_of_root
+from .config import Config, config_of_root
 from .errors import FlorBuildWarning, SnapshotError
 from .redaction import redact_mapping
-from .untracked import SnapshotPolicy, left_out_message, select_untracked
+from .store import ignore_flor_dir
+from .untracked import (
+    UNTRACKED_CACHE_NAME,
+    SnapshotPolicy,
+    UntrackedFile,
+    UntrackedHashCache,
+    left_out_message,
+    select_untracked_stats,
+)
 
 SHADOW_BRANCH = "flor.shadow"
 SHADOW_REF = "refs/heads/" + SHADOW_BRANCH
@@ -122,38 +131,231 @@ def capture_code(root: Path, policy: SnapshotPolicy | None = None) -> CodeState:
     files that ``policy`` allows (default: ``[tool.flordb_build]`` of ``root``).
 
     Warns once (:class:`FlorBuildWarning`) naming the untracked files it left out.
+    Three git processes when anything changed (``status``, ``update-index``, ``write-tree``),
+    two when nothing did::
+
+        user's index --copy--> private index --status--> HEAD, branch, changed and untracked paths
+        changed tracked paths + allowed untracked files --update-index--> --write-tree--> code tree
+
+    ``status`` reports the same tracked changes ``git add --update`` would stage and the same
+    untracked files as ``ls-files --others --exclude-standard``; untracked files the hash
+    cache knows go in by blob id, the others are hashed (:func:`_update_index`).
     """
+    config = config_of_root(root, True)
     if policy is None:
-        policy = SnapshotPolicy.from_config(config_of_root(root, True))
-    head = resolve(root, "HEAD")
-    try:
-        branch: str | None = run_git(root, "symbolic-ref", "--quiet", "--short", "HEAD")
-    except SnapshotError:
-        branch = None  # detached HEAD
+        policy = SnapshotPolicy.from_config(config)
+    started_ns = time.time_ns()  # before any stat: what changed after it is "racy" (untracked.py)
+    git = _plain_git_dir(root) or git_dir(root)
     with tempfile.TemporaryDirectory(prefix="flor-index-") as tmp:
         index = Path(tmp) / "index"
-        user_index = git_dir(root) / "index"
+        user_index = git / "index"
         if user_index.exists():
             shutil.copyfile(user_index, index)
         env = {"GIT_INDEX_FILE": str(index)}
-        run_git(root, "add", "--update", "--", ".", env=env)  # tracked files: changes and deletions
-        # Untracked files: listed once, stat-ed, and only the allowed ones hashed into the index.
-        listing = run_git_bytes(root, "ls-files", "--others", "--exclude-standard", "-z", env=env)
-        taken, left_out = select_untracked(os.fsencode(root), listing.split(b"\0"), policy)
-        if taken:
-            run_git(root, "update-index", "--add", "-z", "--stdin", env=env, input=b"\0".join(taken) + b"\0")
+        status = _read_status(run_git_bytes(root, *STATUS_ARGS, env=env))
+        cache_path = config.flor_dir / UNTRACKED_CACHE_NAME
+        own = os.fsencode(cache_path.relative_to(root).as_posix()) if cache_path.is_relative_to(root) else b""
+        taken, left_out = select_untracked_stats(os.fsencode(root), (p for p in status.untracked if p != own), policy)
+        if taken or status.changed:
+            _update_index(root, env, status.changed, taken, cache_path, started_ns, config, git)
         tree = run_git(root, "write-tree", env=env)
+        _remember_index(root, tree, index)
     if left_out:
         # stacklevel 4: capture_code <- Session.start <- flor.log <- the user's line
         warnings.warn(left_out_message(left_out), FlorBuildWarning, stacklevel=4)
-    head_tree = run_git(root, "rev-parse", head + "^{tree}") if head else None
-    return CodeState(head=head, branch=branch, code_tree=tree, dirty=tree != head_tree)
+    if status.head is None:
+        dirty = True  # no commit yet: everything is new
+    elif status.staged:
+        # A staged change the work tree undid leaves the tree equal to HEAD's: only git can tell.
+        dirty = tree != run_git(root, "rev-parse", status.head + "^{tree}")
+    else:
+        # The index is HEAD's tree; any work-tree change or untracked file taken makes it differ.
+        dirty = bool(status.changed or taken)
+    return CodeState(head=status.head, branch=status.branch, code_tree=tree, dirty=dirty)
+
+
+#: ``status`` as capture_code reads it: porcelain v2 with the branch header, every untracked
+#: file, no rename pairs, submodules compared by commit only (their own dirt is not the
+#: superproject's code, and checking it would start a git per submodule), no ahead/behind count.
+STATUS_ARGS = (
+    "status",
+    "--porcelain=v2",
+    "-z",
+    "--branch",
+    "--no-ahead-behind",
+    "--untracked-files=all",
+    "--no-renames",
+    "--ignore-submodules=dirty",
+)
+
+
+@dataclass(frozen=True)
+class _Status:
+    head: str | None  # None: no commit yet
+    branch: str | None  # None: detached HEAD
+    changed: list[bytes]  # tracked paths whose work-tree file differs from the index (or is gone)
+    staged: bool  # some index entry differs from HEAD (or is unmerged)
+    untracked: list[bytes]
+
+
+def _read_status(out: bytes) -> _Status:
+    """The fields of ``git status --porcelain=v2 -z --branch`` that a capture needs."""
+    head: str | None = None
+    branch: str | None = None
+    changed: list[bytes] = []
+    untracked: list[bytes] = []
+    staged = False
+    records = iter(out.split(b"\0"))
+    for record in records:
+        if record.startswith(b"# branch.oid "):
+            oid = record[len(b"# branch.oid ") :].decode()
+            head = None if oid == "(initial)" else oid
+        elif record.startswith(b"# branch.head "):
+            name = os.fsdecode(record[len(b"# branch.head ") :])
+            branch = None if name == "(detached)" else name
+        elif record.startswith(b"? "):
+            untracked.append(record[2:])
+        elif record.startswith(b"1 "):  # "1 XY sub mH mI mW hH hI path"
+            fields = record.split(b" ", 8)
+            staged = staged or fields[1][:1] != b"."
+            if fields[1][1:2] != b".":
+                changed.append(fields[8])
+        elif record.startswith(b"2 "):  # "2 XY sub mH mI mW hH hI Xscore path" NUL origPath: not with
+            fields = record.split(b" ", 9)  # --no-renames, but read right should a config bring it back
+            next(records, None)
+            staged = staged or fields[1][:1] != b"."
+            if fields[1][1:2] != b".":
+                changed.append(fields[9])
+        elif record.startswith(b"u "):  # "u XY sub m1 m2 m3 mW h1 h2 h3 path": add --update resolves it
+            staged = True
+            changed.append(record.split(b" ", 10)[10])
+    return _Status(head, branch, changed, staged, untracked)
+
+
+def _plain_git_dir(root: Path) -> Path | None:
+    """``root/.git`` when it is the repository's directory (no ``GIT_DIR`` set); None: ask git."""
+    if "GIT_DIR" in os.environ:
+        return None
+    git = root / ".git"
+    return git if git.is_dir() else None
+
+
+def _update_index(
+    root: Path,
+    env: Mapping[str, str],
+    changed: list[bytes],
+    taken: list[UntrackedFile],
+    cache_path: Path,
+    started_ns: int,
+    config: Config,
+    git: Path,
+) -> None:
+    """Bring the private index at ``env``'s ``GIT_INDEX_FILE`` to the work tree: one ``update-index``.
+
+    ``changed`` tracked paths are re-hashed or removed (what ``git add --update`` does). Of the
+    ``taken`` untracked files, one whose stat data the cache knows goes in by its blob id
+    (``--cacheinfo``: nothing is read); the others are hashed, and those that have settled are
+    read back from the index (``ls-files -s``) into the cache, so an unchanged 200 MB data file
+    is hashed once, not on every run. Same tree as hashing them all: the cache only skips work.
+    """
+    cache = UntrackedHashCache.load(cache_path, _cache_fingerprint(root, git)) if taken else None
+    known: list[tuple[str, str, str]] = []
+    unknown: list[UntrackedFile] = []
+    for item in taken:
+        entry = cache.lookup(item) if cache is not None else None
+        if entry is None:
+            unknown.append(item)
+        else:
+            known.append((entry.mode, entry.oid, os.fsdecode(item.path)))
+    options = ["--add", "--remove"]
+    if sum(len(p) + 60 for _, _, p in known) <= _MAX_CACHEINFO_BYTES:
+        options += [arg for mode, oid, path in known for arg in ("--cacheinfo", f"{mode},{oid},{path}")]
+    else:  # too long for one command line: the blob ids go through stdin, in a call of their own
+        lines = "".join(f"{mode} {oid}\t{path}\0" for mode, oid, path in known)
+        run_git_bytes(root, "update-index", "-z", "--index-info", env=env, input=os.fsencode(lines))
+    paths = [*changed, *(item.path for item in unknown)]
+    run_git(root, "update-index", *options, "-z", "--stdin", env=env, input=b"".join(p + b"\0" for p in paths))
+    if cache is None:
+        return
+    settled = [item for item in unknown if item.settled_before(started_ns)]
+    for item, (mode, oid) in zip(settled, _index_entries(root, env, [i.path for i in settled]), strict=True):
+        cache.keep(item, mode, oid)
+    cache.retain(item.path for item in taken)
+    if cache.changed:
+        ignore_flor_dir(config)  # the cache must never show up as an untracked file itself
+        cache.save()
+
+
+#: Blob ids of cached untracked files go as ``--cacheinfo`` arguments up to this many bytes.
+_MAX_CACHEINFO_BYTES = 64 * 1024
+
+
+def _index_entries(root: Path, env: Mapping[str, str], paths: list[bytes]) -> list[tuple[str, str]]:
+    """``(mode, blob id)`` of each of ``paths`` in the index at ``env``, in the order given."""
+    found: dict[bytes, tuple[str, str]] = {}
+    for chunk in _chunks(paths, 64 * 1024):
+        # ``--literal-pathspecs``: a file named ``a[1].py`` is that file, never a glob.
+        out = run_git_bytes(root, "--literal-pathspecs", "ls-files", "-s", "-z", "--", *map(os.fsdecode, chunk), env=env)
+        for record in out.split(b"\0"):
+            if record:
+                meta, path = record.split(b"\t", 1)
+                mode, oid, _stage = meta.split(b" ")
+                found[path] = (mode.decode(), oid.decode())
+    return [found[path] for path in paths]
+
+
+def _chunks(paths: list[bytes], max_bytes: int) -> list[list[bytes]]:
+    """``paths`` in runs of at most ``max_bytes`` of names (a command line has a length limit)."""
+    chunks: list[list[bytes]] = []
+    size = max_bytes
+    for path in paths:
+        if size + len(path) > max_bytes:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(path)
+        size += len(path) + 1
+    return chunks
+
+
+def _cache_fingerprint(root: Path, git: Path) -> list[list[int]]:
+    """Stat data of the files that decide which blob git makes of a file's bytes (config, attributes).
+
+    When one changes (``core.autocrlf``, a filter, ``.gitattributes`` at the root), every cached
+    blob id is dropped. A ``.gitattributes`` deeper in the tree is not watched: git's own stat
+    cache of tracked files does not re-hash on attribute changes either.
+    """
+    places = [root / ".gitattributes", Path.home() / ".gitconfig", Path.home() / ".config" / "git" / "config"]
+    places += [git / "config", git / "info" / "attributes"]
+    prints = []
+    for place in places:
+        try:
+            st = os.stat(place)
+            prints.append([st.st_size, st.st_mtime_ns, st.st_ino])
+        except OSError:
+            prints.append([])
+    return prints
+
+
+#: Index bytes of the last few captures, by tree: the run's snapshot commit starts from them
+#: instead of reading the tree into a new index (one git process less per run). A run that
+#: finds none (another process captured, or it was evicted) reads the tree as before.
+_CAPTURED_INDEXES: OrderedDict[tuple[Path, str], bytes] = OrderedDict()
+_CAPTURED_KEEP = 2  # one run at a time per process; an index is ~100 bytes per tracked file
+
+
+def _remember_index(root: Path, tree: str, index: Path) -> None:
+    try:
+        _CAPTURED_INDEXES[(root, tree)] = index.read_bytes()
+    except OSError:
+        return
+    _CAPTURED_INDEXES.move_to_end((root, tree))
+    while len(_CAPTURED_INDEXES) > _CAPTURED_KEEP:
+        _CAPTURED_INDEXES.popitem(last=False)
 
 
 def commit_snapshot(root: Path, code_tree: str, journal: Path, journal_path_in_tree: str, message: str) -> str:
     """Commit ``code_tree`` plus the run's journal onto the shadow branch; return the commit sha."""
-    blob = run_git(root, "hash-object", "-w", "--", str(journal))
-    return _append_to_shadow(root, _tree_with(root, code_tree, blob, journal_path_in_tree), message)
+    return _append_to_shadow(root, _tree_with_file(root, code_tree, journal, journal_path_in_tree), message)
 
 
 def commit_file(root: Path, content: bytes, path_in_tree: str, message: str) -> str:
@@ -162,12 +364,45 @@ def commit_file(root: Path, content: bytes, path_in_tree: str, message: str) -> 
     return _append_to_shadow(root, _tree_with(root, None, blob, path_in_tree), message)
 
 
+def commit_path(root: Path, path_in_tree: str, message: str) -> str:
+    """Commit a tree holding only the work-tree file at ``path_in_tree`` (a pipeline journal) onto the shadow branch."""
+    return _append_to_shadow(root, _tree_with_file(root, None, root / path_in_tree, path_in_tree), message)
+
+
+def _tree_with_file(root: Path, base_tree: str | None, file: Path, path_in_tree: str) -> str:
+    """``base_tree`` (or an empty tree) plus the content of ``file`` at ``path_in_tree``.
+
+    When ``file`` is the work-tree file at ``path_in_tree`` (a run's journal is), ``update-index
+    --add`` hashes it and adds it in one process; otherwise its blob is written first.
+    """
+    if os.path.abspath(file) != os.path.abspath(root / path_in_tree):
+        blob = run_git(root, "hash-object", "-w", "--", str(file))
+        return _tree_with(root, base_tree, blob, path_in_tree)
+    with tempfile.TemporaryDirectory(prefix="flor-index-") as tmp:
+        index = Path(tmp) / "index"
+        env = {"GIT_INDEX_FILE": str(index)}
+        _start_index(root, base_tree, index, env)
+        run_git(root, "--literal-pathspecs", "update-index", "--add", "--", path_in_tree, env=env)
+        return run_git(root, "write-tree", env=env)
+
+
+def _start_index(root: Path, base_tree: str | None, index: Path, env: Mapping[str, str]) -> None:
+    """Fill the private ``index`` with ``base_tree``: from a capture's index when this process has it."""
+    if base_tree is None:
+        return
+    captured = _CAPTURED_INDEXES.get((root, base_tree))
+    if captured is not None:
+        index.write_bytes(captured)
+    else:
+        run_git(root, "read-tree", base_tree, env=env)
+
+
 def _tree_with(root: Path, base_tree: str | None, blob: str, path_in_tree: str) -> str:
     """``base_tree`` (or an empty tree) plus ``blob`` at ``path_in_tree``, written with a private index."""
     with tempfile.TemporaryDirectory(prefix="flor-index-") as tmp:
-        env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
-        if base_tree is not None:
-            run_git(root, "read-tree", base_tree, env=env)
+        index = Path(tmp) / "index"
+        env = {"GIT_INDEX_FILE": str(index)}
+        _start_index(root, base_tree, index, env)
         run_git(root, "update-index", "--add", "--cacheinfo", f"100644,{blob},{path_in_tree}", env=env)
         return run_git(root, "write-tree", env=env)
 
@@ -175,14 +410,23 @@ def _tree_with(root: Path, base_tree: str | None, blob: str, path_in_tree: str) 
 def _append_to_shadow(root: Path, tree: str, message: str) -> str:
     """Commit ``tree`` on the shadow tip and move the branch to it (compare-and-swap); the commit sha.
 
+    The first attempt takes the tip from the ref file itself (:func:`_read_shadow_tip`, no
+    process); a wrong or stale read only makes the compare-and-swap fail, and every retry asks git.
     Two failures are retried: another run moved the tip between our read and our write (rebuild
     on the new tip), and a ref lock that exists (wait while it is young, remove it once stale).
     Anything else fails at once.
     """
     for attempt in range(100):
-        parent = resolve(root, SHADOW_REF)
+        guessed, parent = _read_shadow_tip(root) if attempt == 0 else (False, None)
+        if not guessed:
+            parent = resolve(root, SHADOW_REF)
         parent_args = ["-p", parent] if parent else []
-        commit = run_git(root, "commit-tree", tree, *parent_args, env=IDENTITY, input=message.encode())
+        made = _git(root, ("commit-tree", tree, *parent_args), env=IDENTITY, input=message.encode())
+        if made.returncode != 0:
+            if guessed:
+                continue  # the ref file named no commit: ask git
+            raise _failure(root, ("commit-tree", tree), made)
+        commit = made.stdout.decode().strip()
         args = ("update-ref", "-m", "flordb_build snapshot", SHADOW_REF, commit, parent or ZERO_SHA)
         proc = _git(root, args, env={"LC_ALL": "C", "LANGUAGE": "C"})  # English messages to read below
         if proc.returncode == 0:
@@ -193,8 +437,44 @@ def _append_to_shadow(root: Path, tree: str, message: str) -> str:
             clear_stale_lock(root, Path(lock.group(1)))
         elif "but expected" not in stderr and "reference already exists" not in stderr:
             raise _failure(root, args, proc)
+        if guessed:
+            continue  # perhaps only the ref file was out of date: ask git at once, no back-off
         time.sleep(random.uniform(0.001, 0.02) * (attempt + 1))
     raise SnapshotError(f"Could not update '{SHADOW_BRANCH}' after 100 attempts; is another tool rewriting it?")
+
+
+_OID = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
+
+
+def _read_shadow_tip(root: Path) -> tuple[bool, str | None]:
+    """``(True, tip)`` as the shadow ref's files say (tip None: no branch yet), or ``(False, None)``.
+
+    Only for a plain ``.git`` directory with files-backend refs: a loose ref wins over
+    ``packed-refs``; a worktree's ``.git`` file, a reftable store or anything unexpected says
+    ``(False, None)`` and the caller asks git.
+    """
+    unknown = (False, None)
+    git = root / ".git"
+    if not git.is_dir() or (git / "reftable").exists():
+        return unknown
+    try:
+        loose = (git / SHADOW_REF).read_text().strip()
+        return (True, loose) if _OID.match(loose) else unknown
+    except FileNotFoundError:
+        pass
+    except (OSError, UnicodeDecodeError):  # a directory where the ref would be, unreadable: let git say
+        return unknown
+    try:
+        packed = (git / "packed-refs").read_text(errors="replace")
+    except FileNotFoundError:
+        return (True, None)
+    except OSError:
+        return unknown
+    for line in packed.splitlines():
+        oid, _, name = line.partition(" ")
+        if name == SHADOW_REF:
+            return (True, oid) if _OID.match(oid) else unknown
+    return (True, None)
 
 
 def clear_stale_lock(root: Path, lock: Path) -> None:

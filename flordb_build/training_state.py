@@ -38,6 +38,12 @@ from .state import StateCopy, StateFormat
 
 #: The checkpoint object holding every random generator's state.
 RNG_NAME = "flor.rng"
+#: Held by a checkpoint taken at an iteration's nested point when the iteration before it has no
+#: checkpoint: the generators' states at that iteration's end, so that a validation replay can
+#: check the state it arrives with (hindsight/_generators.py, issue 12.9) without a checkpoint there.
+RNG_BEFORE_NAME = "flor.rng_before"
+#: Held by a run's first checkpoint: the generators' states where its main loop started.
+RNG_START_NAME = "flor.rng_start"
 #: Suffix of the checkpoint object holding a module's parameter gradients.
 GRAD_SUFFIX = ".grad"
 #: Prefix of the checkpoint objects holding a written file's contents (then its project-relative path).
@@ -48,7 +54,7 @@ MAX_FILE_BYTES = 1 << 30
 
 def is_training_state_name(name: str) -> bool:
     """True for the checkpoint objects this module adds (never a ``flor.checkpointing`` keyword)."""
-    return name == RNG_NAME or name.endswith(GRAD_SUFFIX) or name.startswith(FILE_PREFIX)
+    return name in (RNG_NAME, RNG_BEFORE_NAME, RNG_START_NAME) or name.endswith(GRAD_SUFFIX) or name.startswith(FILE_PREFIX)
 
 
 def grad_name(name: str) -> str:
@@ -60,11 +66,16 @@ def grad_name(name: str) -> str:
 
 
 def capture(
-    objects: Mapping[str, Any], files: Iterable[str] = (), root: Path | None = None
+    objects: Mapping[str, Any], files: Iterable[str] = (), root: Path | None = None,
+    earlier: Mapping[str, RawRng] | None = None,
 ) -> list[tuple[str, StateCopy]]:
     """The generators' states, the gradients of ``objects``' torch modules and the current contents
-    of ``files`` (paths relative to ``root`` the run wrote, written_files.py), as state copies."""
+    of ``files`` (paths relative to ``root`` the run wrote, written_files.py), as state copies;
+    ``earlier`` generator states (:func:`raw_rng_state`) kept under their names
+    (:data:`RNG_BEFORE_NAME`, :data:`RNG_START_NAME`) too."""
     copies = [(RNG_NAME, StateCopy(StateFormat.JSON, rng_state(), 0))]
+    for name, raw in (earlier or {}).items():
+        copies.append((name, StateCopy(StateFormat.JSON, encode_rng_state(raw), 0)))
     for name, obj in objects.items():
         grads = _grad_copy(obj)
         if grads is not None:
@@ -88,22 +99,58 @@ def _read_file(path: Path) -> bytes | None:
         return None
 
 
-def rng_state() -> dict[str, Any]:
-    """Every loaded generator's state as a JSON-plain object."""
-    version, internal, gauss = random.getstate()
-    state: dict[str, Any] = {"python": [version, list(internal), gauss]}
+#: The generators' states as their modules return them (:func:`raw_rng_state`): a copy, not encoded.
+RawRng = dict[str, Any]
+
+
+def raw_rng_state() -> RawRng:
+    """Every loaded generator's state as its module returns it: the cheap half of :func:`rng_state`
+    (encoding is most of its cost), for a state that is kept only in case a checkpoint follows."""
+    state: RawRng = {"python": random.getstate()}
     np = sys.modules.get("numpy")
     if np is not None and hasattr(np, "random"):
-        name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
-        state["numpy"] = [name, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)]
+        state["numpy"] = np.random.get_state(legacy=True)
     torch = sys.modules.get("torch")
     if torch is not None and hasattr(torch, "get_rng_state"):
-        state["torch"] = _b64(torch.get_rng_state())
+        state["torch"] = torch.get_rng_state()
         cuda = getattr(torch, "cuda", None)
         # Only generators already in use: asking for them would initialize CUDA in a CPU script.
         if cuda is not None and cuda.is_available() and cuda.is_initialized():
-            state["cuda"] = [_b64(s) for s in cuda.get_rng_state_all()]
+            state["cuda"] = cuda.get_rng_state_all()
     return state
+
+
+def encode_rng_state(raw: RawRng) -> dict[str, Any]:
+    """:func:`raw_rng_state`'s result as a JSON-plain object (what :func:`set_rng_state` takes)."""
+    version, internal, gauss = raw["python"]
+    state: dict[str, Any] = {"python": [version, list(internal), gauss]}
+    if "numpy" in raw:
+        name, keys, pos, has_gauss, cached = raw["numpy"]
+        state["numpy"] = [name, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)]
+    if "torch" in raw:
+        state["torch"] = _b64(raw["torch"])
+    if "cuda" in raw:
+        state["cuda"] = [_b64(s) for s in raw["cuda"]]
+    return state
+
+
+def rng_state() -> dict[str, Any]:
+    """Every loaded generator's state as a JSON-plain object."""
+    return encode_rng_state(raw_rng_state())
+
+
+#: How the generators of :func:`rng_state` are named to a user.
+GENERATOR_NAMES = {"python": "Python's random", "numpy": "numpy's global generator",
+                   "torch": "torch's CPU generator", "cuda": "torch's CUDA generators"}
+
+
+def differing_generators(recorded: Mapping[str, Any], live: Mapping[str, Any]) -> list[str]:
+    """The keys of the generators (:data:`GENERATOR_NAMES`) whose states differ between two
+    :func:`rng_state` objects, JSON-decoded or not; one that either lacks is not compared."""
+    import json
+
+    recorded, live = json.loads(json.dumps(recorded)), json.loads(json.dumps(live))  # tuples vs lists
+    return [key for key in recorded if key in live and recorded[key] != live[key]]
 
 
 def _b64(tensor: Any) -> str:

@@ -17,11 +17,13 @@ matches from the project root (``data/raw``, ``configs/*.json``).
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import DEFAULT_SNAPSHOT_MAX_FILE_BYTES, parse_settings
@@ -198,26 +200,149 @@ def format_size(size: int) -> str:
 
 
 def select_untracked(root: bytes, paths: Iterable[bytes], policy: SnapshotPolicy) -> tuple[list[bytes], list[LeftOut]]:
-    """Split untracked ``paths`` (as ``git ls-files -z`` prints them) into those to take and those left out.
+    """Split untracked ``paths`` (as ``git ls-files -z`` prints them) into those to take and those left out."""
+    taken, left_out = select_untracked_stats(root, paths, policy)
+    return [item.path for item in taken], left_out
+
+
+def select_untracked_stats(
+    root: bytes, paths: Iterable[bytes], policy: SnapshotPolicy
+) -> tuple[list[UntrackedFile], list[LeftOut]]:
+    """:func:`select_untracked`, keeping the ``lstat`` of each file taken (the hash cache's key).
 
     A directory entry (``sub/``: git lists a nested repository that way) is skipped: its gitlink
     would hold only a commit id of another repository, no content of this one.
     """
-    taken: list[bytes] = []
+    taken: list[UntrackedFile] = []
     left_out: list[LeftOut] = []
     for path in paths:
         if not path or path.endswith(b"/"):
             continue
         try:
-            size = os.lstat(os.path.join(root, path)).st_size
+            st = os.lstat(os.path.join(root, path))
         except FileNotFoundError:
             continue  # deleted since git listed it
-        verdict = policy.check(os.fsdecode(path), size)
+        verdict = policy.check(os.fsdecode(path), st.st_size)
         if verdict is None:
-            taken.append(path)
+            taken.append(UntrackedFile(path, st))
         else:
             left_out.append(verdict)
     return taken, left_out
+
+
+# -- the hash cache of untracked files ------------------------------------------------------------
+
+#: The cache's file in ``.flor/``.
+UNTRACKED_CACHE_NAME = "untracked-hashes.json"
+#: A file whose mtime or ctime is this close to the capture may change again within the same
+#: timestamp tick without its stat data changing (git's "racily clean" files): its blob id is
+#: not kept, so it is hashed again next time. 2 s covers the coarsest common clocks (FAT, SMB).
+RACY_NS = 2_000_000_000
+_CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class UntrackedFile:
+    """An untracked file a snapshot takes: its path (as git lists it) and its ``lstat``."""
+
+    path: bytes
+    stat: os.stat_result
+
+    def key(self) -> list[int]:
+        """What must be equal for the content to count as unchanged: size, times, inode, device, mode."""
+        st = self.stat
+        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, st.st_mode]
+
+    def last_change_ns(self) -> int:
+        """The later of its mtime and ctime: a rewrite that restores the mtime still moves the ctime."""
+        return max(self.stat.st_mtime_ns, self.stat.st_ctime_ns)
+
+    def settled_before(self, now_ns: int) -> bool:
+        """True when it last changed more than :data:`RACY_NS` before ``now_ns``."""
+        return self.last_change_ns() < now_ns - RACY_NS
+
+
+@dataclass(frozen=True)
+class CachedBlob:
+    """The index entry git made of an untracked file: its mode and blob id."""
+
+    mode: str
+    oid: str
+
+
+class UntrackedHashCache:
+    """Blob ids of untracked files by their stat data, so a snapshot need not read them again.
+
+    git keeps such a cache for tracked files in the index; untracked files have no index
+    entry, so without this one a 200 MB untracked data file was read and hashed on every run.
+    An entry is used only when the file's stat data (:meth:`UntrackedFile.key`) is what it was
+    and the file last changed before the cache was written (git's racy-git rule: the cache
+    file's own mtime is the reference, from the same clock as the file's), and entries are kept
+    only for files that had settled (:data:`RACY_NS`). A changed ``fingerprint`` (git config,
+    attributes) empties it. A cache that cannot be read is empty; one that cannot be written
+    is skipped: a miss only costs hashing.
+    """
+
+    def __init__(self, path: Path, fingerprint: list[list[int]], entries: dict[str, list[Any]], written_ns: int) -> None:
+        self.path = path
+        self.fingerprint = fingerprint
+        self.entries = entries
+        self.written_ns = written_ns
+        self.changed = False
+
+    @classmethod
+    def load(cls, path: Path, fingerprint: list[list[int]]) -> UntrackedHashCache:
+        """The cache at ``path``, empty when missing, unreadable, of another version or fingerprint."""
+        try:
+            with open(path, "rb") as handle:
+                written_ns = os.fstat(handle.fileno()).st_mtime_ns
+                data = json.loads(handle.read())
+        except (OSError, ValueError):
+            return cls(path, fingerprint, {}, 0)
+        valid = (
+            isinstance(data, dict)
+            and data.get("version") == _CACHE_VERSION
+            and data.get("fingerprint") == fingerprint
+            and isinstance(data.get("entries"), dict)
+        )
+        if not valid:
+            return cls(path, fingerprint, {}, 0)
+        return cls(path, fingerprint, data["entries"], written_ns)
+
+    def lookup(self, item: UntrackedFile) -> CachedBlob | None:
+        """The blob of ``item`` when it is unchanged since it was hashed, else None."""
+        entry = self.entries.get(os.fsdecode(item.path))
+        if not isinstance(entry, list) or len(entry) != 3:
+            return None
+        key, mode, oid = entry
+        if key != item.key() or item.last_change_ns() >= self.written_ns:
+            return None
+        return CachedBlob(str(mode), str(oid))
+
+    def keep(self, item: UntrackedFile, mode: str, oid: str) -> None:
+        """Remember the blob git made of ``item`` (a file that has settled: :meth:`UntrackedFile.settled_before`)."""
+        self.entries[os.fsdecode(item.path)] = [item.key(), mode, oid]
+        self.changed = True
+
+    def retain(self, paths: Iterable[bytes]) -> None:
+        """Forget every file not among ``paths`` (deleted, now ignored or tracked)."""
+        names = {os.fsdecode(p) for p in paths}
+        for name in [n for n in self.entries if n not in names]:
+            del self.entries[name]
+            self.changed = True
+
+    def save(self) -> None:
+        """Write the cache atomically (concurrent runs: the last rename wins, none is torn)."""
+        data = {"version": _CACHE_VERSION, "fingerprint": self.fingerprint, "entries": self.entries}
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.{os.urandom(4).hex()}")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # surrogateescape names (undecodable bytes) go through ensure_ascii's \u escapes.
+            tmp.write_text(json.dumps(data))
+            os.replace(tmp, self.path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+        self.changed = False
 
 
 def left_out_message(left_out: Sequence[LeftOut]) -> str:

@@ -91,10 +91,17 @@ class Outcome(Enum):
     WRONG = "wrong"  # values written that differ from the fresh run's (or missing/extra contexts)
     FLAGGED = "flagged"  # values written, and the replay called this deterministic script nondeterministic
     REFUSED = "refused"  # not placed or not replayed, with a reason, before anything ran
+    # replayed, and nothing written because the replay found its statement draws from a generator the
+    # script's later code draws from (issue 12.9): no replay from the record's checkpoints can give a
+    # fresh run's values then, and the replay said so instead of writing the record's world
+    WITHHELD = "withheld"
     FAILED = "failed"  # the replay of the run failed (``partial``: it left values of the statement)
 
 
-ACCEPTED = frozenset({Outcome.EQUAL, Outcome.REFUSED})
+ACCEPTED = frozenset({Outcome.EQUAL, Outcome.REFUSED, Outcome.WITHHELD})
+#: The words of a run withheld for its statements' draws (hindsight/_generators.py). A run withheld
+#: for any other reason in these deterministic scripts is a replay that failed to retrace its run.
+DRAWS_REASON = "the replayed statements draw random numbers"
 
 # -- the corpus ------------------------------------------------------------------------------------
 
@@ -308,6 +315,7 @@ class RunReport:
     status: str | None  # the report row's status ("ok", "FAILED"), None when the run has no row
     errors: tuple[str, ...]
     nondeterminism: tuple[str, ...]
+    withheld: str | None = None  # why the run's values were withheld (None: they were not)
 
 
 @dataclass(frozen=True)
@@ -363,7 +371,10 @@ class ReplayCommand:
         warnings = tuple(
             m["what"] for line in everything if (m := re.match(rf"warning: nondeterminism in run {rid}: (?P<what>.*)$", line))
         )
-        return RunReport(depth, refusals, status, errors, warnings)
+        withheld = next(
+            (m["why"] for line in report if (m := re.match(rf"withheld: run {rid}: (?P<why>.*)$", line))), None
+        )
+        return RunReport(depth, refusals, status, errors, warnings, withheld)
 
 
 # -- results ---------------------------------------------------------------------------------------
@@ -383,7 +394,7 @@ class CaseResult:
 
     @property
     def accepted(self) -> bool:
-        """Issue 12's target: equal, or refused up front with a reason."""
+        """Issue 12's target: equal, or refused with a reason (up front, or withheld for the statement's draws)."""
         return self.outcome in ACCEPTED
 
     def describe(self) -> str:
@@ -431,7 +442,8 @@ class ScriptResult:
             for run in self.recorded:
                 report = command.run_report(run.run_id)
                 refused = "*" in report.refusals or command.refused_up_front is not None
-                failed += not refused and (report.status != "ok" or bool(report.errors))
+                withheld = report.withheld is not None and DRAWS_REASON in report.withheld and not report.errors
+                failed += not refused and not withheld and (report.status != "ok" or bool(report.errors))
         return failed
 
 
@@ -588,6 +600,8 @@ class ScriptRun:
         if refusal and (not replayed or "*" in report.refusals):
             return result(Outcome.REFUSED, refusal)
         difference = first_difference(wanted, replayed)
+        if report.withheld and DRAWS_REASON in report.withheld and not replayed and not report.errors:
+            return result(Outcome.WITHHELD, report.withheld)
         if report.status != "ok" or report.errors:
             why = report.errors[0] if report.errors else f"status {report.status or 'missing'}, exit {command.returncode}"
             if difference and replayed:
@@ -727,7 +741,7 @@ def format_summary(result: CorpusResult, *, cases: bool = True) -> str:
     lines += [
         "",
         f"equal to a fresh run in {total.counts[Outcome.EQUAL]} of {total.total} cases; accepted by issue 12's target "
-        f"(equal, or refused up front) {accepted} of {total.total}",
+        f"(equal, or refused with a reason, up front or for the statement's draws) {accepted} of {total.total}",
         f"wrong values written: {total.counts[Outcome.WRONG]} silently, {total.counts[Outcome.FLAGGED]} reported as "
         f"nondeterminism; failed: {total.counts[Outcome.FAILED]} ({total.partial} left partial values)",
         f"run replays that failed: {failed} of {run_replays}; corpus wall time {result.seconds:.0f}s",

@@ -10,6 +10,7 @@ selected to run, every run skipped, failed or withheld) says "nothing replayed: 
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from typing import Any
 
@@ -227,3 +228,20 @@ def test_a_replay_whose_every_run_failed_says_nothing_replayed(project: Project)
     assert "nothing replayed: every run's values were left out (1 failed); first: " in out.stdout
     assert "ZeroDivisionError" in out.stdout
     assert replayed_rows(project, "s") == 0 and journal_header(project, run_id()) is None
+
+
+def test_the_ui_shows_a_run_written_divergent_and_why(project: Project) -> None:
+    pytest.importorskip("flask", reason="the UI extra (flask) is not installed")
+    from flordb_build.ui import create_app
+
+    record(project, NOISY, "validation")
+    run = run_id()
+    client = create_app().test_client()
+    assert 'class="divergent"' not in client.get("/").get_data(as_text=True)
+
+    flor.replay("v", quiet=True, accept_divergent=True)
+    runs_page = client.get("/").get_data(as_text=True)
+    assert re.search(r'<span class="divergent" title="replayed with --accept-divergent: v">divergent</span>', runs_page)
+    run_page = client.get(f"/run/{run}").get_data(as_text=True)
+    mark = re.search(r'<td colspan="3" class="divergent" id="divergent">(.*?)</td>', run_page, re.S)
+    assert mark is not None and "<b>v</b> (&#39;val&#39; differs at epoch 0: recorded " in mark.group(1), run_page

@@ -5,40 +5,60 @@
 - :func:`run_recipe`: ``flordb-build exec`` for Make recipes (the top-level ``templates/Makefile``).
 - :func:`init_project`: ``flordb-build init [--make]``.
 
-The doit part imports doit, so it loads only when doit asks for the plugin (PEP 562
-``__getattr__``); ``exec`` in every Make recipe stays light.
+Every name loads its module on first use (PEP 562 ``__getattr__``): doit asking for the
+plugin loads the doit part and the recorder, not the Make and init parts (every up-to-date
+``doit`` pays for what it imports), and ``exec`` in every Make recipe never imports doit.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
-
-from ._init import PLUGIN_LOCATION, InitStep, init_project, template_makefile
-from ._make import PipelineOrigin, RecipeResult, find_make_process, make_pipeline, run_recipe
-from ._record import (
-    BuildRecorder,
-    DagNode,
-    FileFact,
-    FileHasher,
-    FileRole,
-    PipelineStatus,
-    TaskRecord,
-    TaskStatus,
-    sha256_file,
-)
 
 if TYPE_CHECKING:
     from ._doit import FlorTask, RecordingReporter, RecordingRun
+    from ._init import PLUGIN_LOCATION, InitStep, init_project, template_makefile
+    from ._make import PipelineOrigin, RecipeResult, find_make_process, make_pipeline, run_recipe
+    from ._record import (
+        BuildRecorder,
+        DagNode,
+        FileFact,
+        FileHasher,
+        FileRole,
+        PipelineStatus,
+        TaskRecord,
+        TaskStatus,
+        sha256_file,
+    )
 
-_LAZY = {"RecordingRun", "RecordingReporter", "FlorTask"}
+_MODULE_OF = {
+    **dict.fromkeys(("RecordingRun", "RecordingReporter", "FlorTask"), "_doit"),
+    **dict.fromkeys(("PLUGIN_LOCATION", "InitStep", "init_project", "template_makefile"), "_init"),
+    **dict.fromkeys(
+        ("PipelineOrigin", "RecipeResult", "find_make_process", "make_pipeline", "run_recipe"), "_make"
+    ),
+    **dict.fromkeys(
+        (
+            "BuildRecorder",
+            "DagNode",
+            "FileFact",
+            "FileHasher",
+            "FileRole",
+            "PipelineStatus",
+            "TaskRecord",
+            "TaskStatus",
+            "sha256_file",
+        ),
+        "_record",
+    ),
+}
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        from . import _doit
-
-        return getattr(_doit, name)
-    raise AttributeError(f"module 'flordb_build.dag' has no attribute '{name}'")
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'flordb_build.dag' has no attribute '{name}'")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
 
 
 __all__ = [

@@ -374,7 +374,8 @@ class RecordingReporter:
         record = TaskRecord(task.name, status, checked, now, actions=[action_text(a) for a in task._actions])
 
         def queue() -> None:
-            files = recorder.hasher.facts(sorted(task.file_dep), task.targets) if status is TaskStatus.UP_TO_DATE else []
+            up_to_date = status is TaskStatus.UP_TO_DATE
+            files = recorder.hasher.observe(sorted(task.file_dep), task.targets) if up_to_date else []
             recorder.queue_task(record, files)
 
         self._guard(queue)

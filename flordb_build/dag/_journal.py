@@ -121,10 +121,11 @@ class PipelineJournal:
         """
         if not self.config.in_git:
             return None
-        from ..snapshot import commit_file  # git plumbing loads only when a pipeline commits
+        from ..snapshot import commit_path  # git plumbing loads only when a pipeline commits
 
+        # The file itself, as it lies in the work tree: git hashes it while adding it.
         in_tree = f"{pipelines_dir_in_tree(self.config)}/{self.pipeline_id}.jsonl"
-        return commit_file(self.config.root, self.path.read_bytes(), in_tree, message)
+        return commit_path(self.config.root, in_tree, message)
 
 
 def merge_dag_node(dag_text: str | None, node: Mapping[str, Any]) -> str:

@@ -18,6 +18,7 @@ this "racily clean"), so such a hash is never reused.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -106,9 +107,15 @@ class DagNode:
             "task_dep": self.task_dep,
             "file_dep": self.file_dep,
             "targets": self.targets,
-            "actions": [redact_command(action) for action in self.actions],  # no secret reaches the DAG JSON
+            "actions": [redacted_action(action) for action in self.actions],  # no secret reaches the DAG JSON
             "doc": self.doc,
         }
+
+
+@functools.lru_cache(maxsize=8192)
+def redacted_action(action: str) -> str:
+    """:func:`redact_command` of a task's action, remembered: the DAG JSON and the task row both need it."""
+    return redact_command(action)
 
 
 def new_pipeline_id() -> str:
@@ -126,8 +133,34 @@ def relative_path(path: str | os.PathLike[str], root: Path) -> str:
     return absolute.replace(os.sep, "/")
 
 
+def _unclean(path: str | os.PathLike[str]) -> bool:
+    """False when ``path`` is relative and surely normal (``src/a.txt``): then ``cwd/path`` needs no normpath.
+
+    Conservative: a component starting with a dot (``.cache/x``) also counts as unclean.
+    """
+    text = os.fspath(path)
+    return os.sep != "/" or not text or text[0] == "/" or text[-1] == "/" or "//" in text or "/." in "/" + text
+
+
+@dataclass(frozen=True)
+class FileStat:
+    """A dep or target stat-ed when its task was checked, whose hash is looked up later in a batch."""
+
+    path: str  # as the task names it (relative to the cwd)
+    rel: str
+    role: FileRole
+    size: int
+    mtime_ns: int
+    racy: bool
+
+
 class FileHasher:
-    """sha256 of deps and targets, reading each content once (see the module docstring)."""
+    """sha256 of deps and targets, reading each content once (see the module docstring).
+
+    :meth:`facts` answers at once; :meth:`observe` + :meth:`resolve` split the same work for
+    the many tasks of an up-to-date run: each task's files are stat-ed when doit checks it, and
+    every hash the memo lacks is looked up in the store by one query for all of them.
+    """
 
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -137,30 +170,79 @@ class FileHasher:
 
     def fact(self, path: str, role: FileRole) -> FileFact:
         """Stat and (if needed) hash ``path``; a missing or non-regular file gets no hash."""
-        rel = relative_path(path, self.root)
-        try:
-            st = os.stat(path)
-        except OSError:
-            return FileFact(rel, role, None, None, None)
-        if not stat.S_ISREG(st.st_mode):
-            return FileFact(rel, role, None, None, None)
-        key = (rel, st.st_size, st.st_mtime_ns)
-        with self._lock:
-            sha = self._memo.get(key)
-        if sha is None:
-            row = self.store.conn.execute(
-                "SELECT sha256 FROM files WHERE path = ? AND size = ? AND mtime_ns = ? AND sha256 IS NOT NULL LIMIT 1",
-                key,
-            ).fetchone()
-            sha = row[0] if row else sha256_file(path)
-            with self._lock:
-                self._memo[key] = sha
-        racy = time.time() - st.st_mtime_ns / 1e9 < RACY_SECONDS
-        return FileFact(rel, role, sha, st.st_size, None if racy else st.st_mtime_ns)
+        observed = self.observe([path], []) if role is FileRole.DEP else self.observe([], [path])
+        return self.resolve([observed])[0][0]
 
     def facts(self, deps: Iterable[str], targets: Iterable[str]) -> list[FileFact]:
         """Facts of a task's deps then targets."""
-        return [self.fact(p, FileRole.DEP) for p in deps] + [self.fact(p, FileRole.TARGET) for p in targets]
+        return self.resolve([self.observe(deps, targets)])[0]
+
+    def observe(self, deps: Iterable[str], targets: Iterable[str]) -> list[FileFact | FileStat]:
+        """Stat a task's deps then targets now; a file the memo knows is a finished :class:`FileFact`."""
+        now = time.time()
+        prefix = os.path.join(str(self.root), "")
+        cwd = os.getcwd()  # once per task, not once per file (os.path.abspath asks for it every time)
+        cwd_prefix = os.path.join(cwd, "")
+        observed: list[FileFact | FileStat] = []
+        for role, paths in ((FileRole.DEP, deps), (FileRole.TARGET, targets)):
+            for path in paths:
+                absolute = os.path.normpath(os.path.join(cwd, path)) if _unclean(path) else cwd_prefix + os.fspath(path)
+                rel = (absolute[len(prefix) :] if absolute.startswith(prefix) else absolute).replace(os.sep, "/")
+                try:
+                    st = os.stat(path)
+                except OSError:
+                    observed.append(FileFact(rel, role, None, None, None))
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    observed.append(FileFact(rel, role, None, None, None))
+                    continue
+                racy = now - st.st_mtime_ns / 1e9 < RACY_SECONDS
+                with self._lock:
+                    sha = self._memo.get((rel, st.st_size, st.st_mtime_ns))
+                if sha is None:
+                    observed.append(FileStat(os.fspath(path), rel, role, st.st_size, st.st_mtime_ns, racy))
+                else:
+                    observed.append(FileFact(rel, role, sha, st.st_size, None if racy else st.st_mtime_ns))
+        return observed
+
+    def resolve(self, observed: Sequence[Sequence[FileFact | FileStat]]) -> list[list[FileFact]]:
+        """The facts of :meth:`observe`'s results: stored hashes by one query, the rest read from disk."""
+        unknown = [item for items in observed for item in items if isinstance(item, FileStat)]
+        stored = self._stored_hashes(unknown)
+        resolved: dict[int, FileFact] = {}
+        for item, sha in zip(unknown, stored, strict=True):
+            resolved[id(item)] = self._finish(item, sha)
+        return [[resolved[id(i)] if isinstance(i, FileStat) else i for i in items] for items in observed]
+
+    def _stored_hashes(self, unknown: Sequence[FileStat]) -> list[str | None]:
+        """For each file, the sha256 of a ``files`` row with its ``(path, size, mtime_ns)``; one query for all."""
+        if not unknown:
+            return []
+        keys = json.dumps([[u.rel, u.size, u.mtime_ns] for u in unknown])
+        rows = self.store.conn.execute(
+            "SELECT (SELECT f.sha256 FROM files f WHERE f.path = json_extract(k.value, '$[0]') "
+            "AND f.size = json_extract(k.value, '$[1]') AND f.mtime_ns = json_extract(k.value, '$[2]') "
+            "AND f.sha256 IS NOT NULL LIMIT 1) FROM json_each(?) AS k ORDER BY k.key",
+            (keys,),
+        ).fetchall()
+        return [row[0] for row in rows]
+
+    def _finish(self, item: FileStat, sha: str | None) -> FileFact:
+        """The fact of a file stat-ed earlier: the stored hash, else its content hashed now."""
+        key = (item.rel, item.size, item.mtime_ns)
+        mtime_ns: int | None = None if item.racy else item.mtime_ns
+        if sha is None:
+            try:
+                sha = sha256_file(item.path)
+                after = os.stat(item.path)
+            except OSError:
+                return FileFact(item.rel, item.role, None, None, None)
+            if (after.st_size, after.st_mtime_ns) != (item.size, item.mtime_ns):
+                # Changed since its task was checked: the hash is of what is there now, never reused.
+                return FileFact(item.rel, item.role, sha, after.st_size, None)
+        with self._lock:
+            self._memo[key] = sha
+        return FileFact(item.rel, item.role, sha, item.size, mtime_ns)
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -178,7 +260,7 @@ class BuildRecorder:
         self.hasher = FileHasher(store)
         self.journal = PipelineJournal(store.config, pipeline_id)
         self._lock = threading.Lock()
-        self._pending: list[tuple[TaskRecord, list[FileFact]]] = []
+        self._pending: list[tuple[TaskRecord, Sequence[FileFact | FileStat]]] = []
 
     def start_pipeline(
         self, tool: str, argv: Sequence[str], dag: Mapping[str, Any], started: float | None = None
@@ -224,8 +306,12 @@ class BuildRecorder:
         ).fetchone()
         return dict(zip(PIPELINE_COLUMNS, row, strict=True)) if row else {"pipeline_id": self.pipeline_id}
 
-    def queue_task(self, record: TaskRecord, files: list[FileFact]) -> None:
-        """Keep a task's rows for the next :meth:`flush` (cheap rows of skipped tasks)."""
+    def queue_task(self, record: TaskRecord, files: Sequence[FileFact | FileStat]) -> None:
+        """Keep a task's rows for the next :meth:`flush` (cheap rows of skipped tasks).
+
+        ``files`` may be :meth:`FileHasher.observe`'s results: their hashes are looked up at
+        the flush, for all queued tasks together.
+        """
         with self._lock:
             self._pending.append((record, files))
 
@@ -237,9 +323,11 @@ class BuildRecorder:
     def flush(self) -> None:
         """Write every queued task row and its file rows in one transaction."""
         with self._lock:
-            pending, self._pending = self._pending, []
-            if not pending:
+            queued, self._pending = self._pending, []
+            if not queued:
                 return
+            facts = self.hasher.resolve([files for _, files in queued])
+            pending = [(record, files) for (record, _), files in zip(queued, facts, strict=True)]
             task_rows = [
                 (
                     self.pipeline_id,
@@ -249,7 +337,7 @@ class BuildRecorder:
                     r.started,
                     r.ended,
                     r.ended - r.started,
-                    json.dumps([redact_command(action) for action in r.actions]),
+                    json.dumps([redacted_action(action) for action in r.actions]),
                     redact_command(r.error) if r.error else r.error,  # it may quote the command line
                 )
                 for r, _ in pending

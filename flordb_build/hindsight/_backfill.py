@@ -49,7 +49,7 @@ from ._journal import (
     read_replay_journal,
     recorded_journal_commit,
 )
-from ._model import DEFAULT_REL_TOL, Mismatch, RunOutcome, RunPlan
+from ._model import DEFAULT_REL_TOL, GENERATORS, Mismatch, RunOutcome, RunPlan
 from ._staging import (
     begin_finishing,
     discard,
@@ -104,6 +104,13 @@ def decide(outcome: RunOutcome, *, rel_tol: float = DEFAULT_REL_TOL, accept_dive
         # The first error's first line: the script's output that follows it is in the report already.
         first = outcome.errors[0].splitlines()[0] if outcome.errors else "a replay process failed"
         return Decision(withheld=first.split("; its last output")[0])
+    drawn = [m for m in outcome.mismatches if m.name == GENERATORS]
+    if drawn and not accept_divergent:
+        return Decision(
+            withheld=f"the replay cannot give a fresh run's values: {drawn[0].example}. Draw from a generator of "
+            "the statement's own (torch.Generator, numpy.random.default_rng) to leave the script's draws as "
+            "they were; --accept-divergent writes the values computed on the record's states, marked divergent"
+        )
     if outcome.mismatches and not accept_divergent:
         earliest = outcome.mismatches[0]
         return Decision(
@@ -173,7 +180,11 @@ class Backfill:
             return Decision()
         # This replay's names are marked when it diverged (and unmarked when it did not); the
         # marks of the run's other replayed names stay as they are.
-        marks = {name: f"'{divergent[0].name}' differs at {divergent[0].example}" for name in run.names} if divergent else {}
+        why = ""
+        if divergent:
+            first = divergent[0]
+            why = first.example if first.name == GENERATORS else f"'{first.name}' differs at {first.example}"
+        marks = {name: why for name in run.names} if divergent else {}
         state_marks = {n: why for n, why in divergent_marks(conn, run.run_id).items() if n not in run.names} | marks
         commit: str | None = None
         if self.config.in_git:

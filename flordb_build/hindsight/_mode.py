@@ -21,6 +21,10 @@ run row, no journal, no snapshot. It is composed of the recording layer's public
       SILENT    body run in full, values dropped     FULL      body run in full, values kept
       VALIDATE  body run, nested flor.loops yield nothing; the iteration's checkpoint of the point
                 where the first of them ended is restored there; the rest of the body runs once
+
+  and compares its random generators with the record's after each iteration it runs
+  (``_generators.py``): a VALIDATE step where nothing recorded them runs as FULL, and a run whose
+  statements drew before a restore is reported for withholding (issue 12.9).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..args import resolve_arg
-from ..checkpoints import CheckpointPoint
+from ..checkpoints import CheckpointPoint, RecordedGenerators
 from ..config import Config, config_of_root
 from ..errors import ArgError, ReplayError
 from ..recorder import LOOP_CONTEXT, ROOT_CTX, Flusher, Recorder
@@ -43,6 +47,7 @@ from ..recording import LoopObserver, load_params, process_age
 from ..redaction import contains_mask, redact_value
 from ..store import Store, coalesce_loops, loop_contexts
 from ..values import encode_value, simple_loop_value
+from ._generators import GeneratorCheck
 from ._model import PROGRESS_FD_ENV, REPLAY_ENV, ReplaySpec, Step, StepKind
 from ._staging import stage_batch
 
@@ -116,6 +121,8 @@ class ReplayRun:
         self._main_seen = False
         self._skip_nested = False
         self._pending_restore: int | None = None
+        #: Issue 12.9's comparison of the generators with the record's, once the main loop starts.
+        self.generator_check: GeneratorCheck | None = None
         self._device: str | None = None
         self._progress_fd = spec.progress_fd
         if self._progress_fd is None and os.environ.get(PROGRESS_FD_ENV, "").isdigit():
@@ -277,6 +284,10 @@ class ReplayRun:
         occurrence = self._next_occurrence(ROOT_CTX, name)
         total = len(steps)
         self._progress(0, total)
+        check = self.generator_check = GeneratorCheck(
+            RecordedGenerators.of_run(self.store, self.run_id, name, self.config), name
+        )
+        verified = check.verify(-1)  # the code before the loop ran here, as it did when recorded
         iterator = iter(iterable)
         for index, step in enumerate(steps):
             try:
@@ -284,8 +295,16 @@ class ReplayRun:
             except StopIteration:
                 self.notes.append(f"the main loop '{name}' ended after {index} iterations; the record had {total}")
                 break
+            if step.kind is StepKind.VALIDATE and check.drift is None and not verified:
+                # Nothing recorded the generators where this process arrives: restoring the record's
+                # state could hide a statement's draws, so the iteration runs on its own state.
+                step = Step(StepKind.FULL)
+                self.counters["validations_run_in_full"] = self.counters.get("validations_run_in_full", 0) + 1
+            if step.kind in (StepKind.VALIDATE, StepKind.RESTORE):
+                check.restoring(index)
             self._run_step(index, step)
             if step.kind in (StepKind.SKIP, StepKind.RESTORE):
+                verified = step.kind is StepKind.RESTORE  # the record's own state, generators included
                 self._progress(index + 1, total)
                 continue
             self._keeping = step.kind in (StepKind.FULL, StepKind.VALIDATE)
@@ -301,9 +320,13 @@ class ReplayRun:
             if self._pending_restore is not None:  # no nested loop ran: restore at the iteration's end
                 self._restore(index)
                 self._pending_restore = None
+                verified = True
+            else:
+                verified = check.verify(index)
             self._flusher.wake.set()
             self._progress(index + 1, total)
         if schedule.stop_after:
+            check.handing_over()
             self._end_process()
         self._keeping = schedule.writes_suffix
 
@@ -407,6 +430,7 @@ class ReplayRun:
             result = {
                 "status": status, "error": error, "notes": self.notes, "counters": self.counters,
                 "compare": self._compare, "seconds": time.time() - self.started,
+                "generators": self.generator_check.divergence if self.generator_check is not None else None,
                 "prefix_seconds": self._prefix_seconds, "process_seconds": process_age(),
             }
             Path(self.spec.result).write_text(json.dumps(result, default=str), encoding="utf-8")

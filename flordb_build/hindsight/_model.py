@@ -196,6 +196,11 @@ class ReplayJob:
     estimate: float
 
 
+#: The name of the :class:`Mismatch` a replay reports when its random generators left the record's
+#: (hindsight/_generators.py): no value of the record differs, its trajectory does.
+GENERATORS = "flor.rng"
+
+
 @dataclass(frozen=True)
 class Mismatch:
     """Values that both the record and the replay logged, and that differ."""

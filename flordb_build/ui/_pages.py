@@ -13,7 +13,7 @@ from ..config import Config
 from ..errors import SnapshotError, ViewError
 from ..plot import name_figure, run_labels
 from ..reader import shown_status
-from ..runlist import run_level_values
+from ..runlist import divergent_marks, run_level_values
 from ..series import NOT_LOGGED, is_loop_level, logged_names, read_series
 from ..store import Store
 from ..table import is_missing
@@ -78,6 +78,7 @@ def run_facts(store: Store, run_id: str) -> dict[str, Any]:
         raise ViewError(f"No run '{run_id}' in this store.")
     facts = dict(zip([d[0] for d in cursor.description], row, strict=True))
     facts["status"] = shown_status(store, run_id, facts.get("status"), facts.get("host"))
+    facts["divergent"] = divergent_marks(store, run_id)
     return facts
 
 

@@ -1,0 +1,75 @@
+"""An up-to-date doit run looks up its tasks' file hashes in one query, with the facts unchanged."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from flordb_build.config import load_config
+from flordb_build.dag import BuildRecorder, FileRole, TaskRecord, TaskStatus
+from flordb_build.dag._record import FileFact
+from flordb_build.store import Store
+from tests.conftest import Project
+
+OLD = 1_600_000_000  # an mtime long past: not racy
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def settled_files(project: Project, n: int) -> list[str]:
+    paths = []
+    for i in range(n):
+        path = project.write(f"src/{i}.txt", f"input {i}\n")
+        os.utime(path, (OLD, OLD))
+        paths.append(f"src/{i}.txt")
+    return paths
+
+
+def test_skipped_tasks_hashes_come_from_one_query_for_all_of_them(project: Project) -> None:
+    paths = settled_files(project, 50)
+    store = Store.open(load_config())
+    first = BuildRecorder(store, "p1")
+    first.start_pipeline("test", ["t"], {"tasks": []})
+    for i, path in enumerate(paths):
+        first.record_task(TaskRecord(f"t{i}", TaskStatus.EXECUTED, 1.0, 2.0), first.hasher.facts([path], []))
+
+    second = BuildRecorder(store, "p2")  # a new invocation: an empty memo
+    second.start_pipeline("test", ["t"], {"tasks": []})
+    statements: list[str] = []
+    store.conn.set_trace_callback(statements.append)
+    for i, path in enumerate(paths):
+        second.queue_task(
+            TaskRecord(f"t{i}", TaskStatus.UP_TO_DATE, 3.0, 3.0), second.hasher.observe([path], [])
+        )
+    assert statements == []  # nothing is asked of the store while doit checks the tasks
+    second.flush()
+    store.conn.set_trace_callback(None)
+
+    lookups = [s for s in statements if s.lstrip().upper().startswith("SELECT") and "FROM files" in s]
+    assert len(lookups) == 1
+    rows = store.conn.execute(
+        "SELECT path, role, sha256, size, mtime_ns FROM files WHERE pipeline_id = 'p2' ORDER BY path"
+    ).fetchall()
+    expected = sorted(
+        (p, "dep", sha256(project.root / p), len(f"input {i}\n"), OLD * 10**9) for i, p in enumerate(paths)
+    )
+    assert sorted(rows) == expected
+    store.close()
+
+
+def test_a_file_changed_after_its_task_was_checked_is_never_given_the_old_key(project: Project) -> None:
+    (path,) = settled_files(project, 1)
+    store = Store.open(load_config())
+    recorder = BuildRecorder(store, "p1")
+    recorder.start_pipeline("test", ["t"], {"tasks": []})
+    observed = recorder.hasher.observe([path], ["missing.txt"])
+    (project.root / path).write_text("changed later, longer\n")  # a later task rewrote it before the flush
+    (fact, missing) = recorder.hasher.resolve([observed])[0]
+    assert fact == FileFact(
+        path, FileRole.DEP, sha256(project.root / path), len("changed later, longer\n"), None
+    )
+    assert (missing.sha256, missing.size, missing.role) == (None, None, FileRole.TARGET)
+    store.close()
