@@ -16,7 +16,12 @@ from .sqlguard import DEFAULT_TIMEOUT_S
 if TYPE_CHECKING:
     import pandas as pd
 
+    from .config import Config
+    from .runlist import RunList
+
 PROG = "flordb-build"
+#: How often ``push --watch`` looks whether the local store changed.
+WATCH_INTERVAL_S = 1.0
 FORMATS = ("table", "csv", "json")
 
 
@@ -58,6 +63,13 @@ def cmd_runs(args: argparse.Namespace) -> int:
     from .reader import open_read_only
     from .runlist import read_run_table, select_runs
 
+    if args.team:
+        from .team import open_team_reader
+
+        with open_team_reader(load_config(), args.remote) as team:
+            table = select_runs(read_run_table(team, args.where), task=args.task, status=args.status, limit=args.limit)
+        _print_runs(table, args)
+        return 0
     store = open_read_only(load_config())
     if store is None:
         _print_frame(_no_runs(), args.format, "(no runs recorded yet)")
@@ -66,13 +78,17 @@ def cmd_runs(args: argparse.Namespace) -> int:
         table = select_runs(read_run_table(store, args.where), task=args.task, status=args.status, limit=args.limit)
     finally:
         store.close()
+    _print_runs(table, args)
+    return 0
+
+
+def _print_runs(table: RunList, args: argparse.Namespace) -> None:
     frame = table.frame.copy()
     frame.insert(6, "exit_code", table.extra["exit_code"])
     frame.insert(7, "snapshot", table.extra["snapshot"].map(lambda s: s[:12] if isinstance(s, str) else s))
     if table.extra["divergent"].notna().any():  # only where some replay was written with --accept-divergent
         frame["replay_divergent"] = table.extra["divergent"]
     _print_frame(frame, args.format, "(no runs match)" if (args.where or args.task or args.status) else "(no runs recorded yet)")
-    return 0
 
 
 def _no_runs() -> pd.DataFrame:
@@ -87,7 +103,9 @@ def cmd_dataframe(args: argparse.Namespace) -> int:
     from .errors import QueryError
     from .query import dataframe, latest
 
-    frame = dataframe(*args.names, where=args.where, timeout=args.timeout or None)
+    frame = dataframe(
+        *args.names, where=args.where, timeout=args.timeout or None, store=_store_of(args), remote=args.remote
+    )
     if args.latest:
         frame = latest(frame)
     if args.columns:
@@ -107,8 +125,48 @@ def cmd_dataframe(args: argparse.Namespace) -> int:
 def cmd_query(args: argparse.Namespace) -> int:
     from .query import query
 
-    _print_frame(query(args.sql, args.param, timeout=args.timeout or None), args.format, "(no rows)")
+    frame = query(args.sql, args.param, timeout=args.timeout or None, store=_store_of(args), remote=args.remote)
+    _print_frame(frame, args.format, "(no rows)")
     return 0
+
+
+def _store_of(args: argparse.Namespace) -> str:
+    return "team" if args.team else "local"
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .reader import store_version
+    from .team import push_store
+
+    def progress(event: str, kind: str, unit_id: str, values: int) -> None:
+        # One line per step, flushed: a watcher (or a test) sees each as it happens.
+        print(f"{event} {kind} {unit_id}" + (f" ({values} values)" if kind != "pipeline" else ""), flush=True)
+
+    config = load_config()
+    while True:
+        # The version before the push: a run that ends while this push copies is pushed by the next.
+        seen = store_version(config)
+        result = push_store(config, args.remote, progress=progress)
+        print(
+            f"pushed to '{result.remote}': {len(result.runs)} runs, {len(result.replays)} replays, "
+            f"{len(result.pipelines)} pipelines, {result.values} values; {result.already} already there"
+            + (f"; {len(result.unfinished)} still running, left for a later push" if result.unfinished else ""),
+            flush=True,
+        )
+        if not args.watch:
+            return 0
+        _wait_for_store_change(config, seen)
+
+
+def _wait_for_store_change(config: Config, seen: tuple[int, ...]) -> None:
+    """Return once a writer has committed to the local store since it was at version ``seen``."""
+    import time
+
+    from .reader import store_version
+
+    while store_version(config) == seen:
+        time.sleep(WATCH_INTERVAL_S)
 
 
 def cmd_rebuild(args: argparse.Namespace) -> int:
@@ -395,6 +453,14 @@ def _add_view_commands(add: Callable[[str, Callable[[argparse.Namespace], int], 
     p.add_argument("--open", action="store_true", help="open the app in the default web browser")
 
 
+def add_team_options(parser: argparse.ArgumentParser, note: str = "") -> None:
+    parser.add_argument(
+        "--team", action="store_true",
+        help="read the team store (what every clone pushed with 'flordb-build push') instead of this clone's" + note,
+    )
+    parser.add_argument("--remote", metavar="NAME", help="with --team: which remote (default: the only one configured)")
+
+
 def add_format_option(parser: argparse.ArgumentParser) -> None:
     """``--format table|csv|json`` for a command that prints a frame."""
     parser.add_argument(
@@ -449,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--where", metavar="EXPR", help="SQL expression over flor.dataframe()'s columns, e.g. \"lr < 0.01\"")
     p.add_argument("--task", metavar="T", help="only runs of this task")
     p.add_argument("--status", metavar="S", help="only runs with this status (ok, failed, killed, running)")
+    add_team_options(p)
     add_format_option(p)
 
     p = add(
@@ -463,6 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_timeout_option(p, "the --where filter")
     p.add_argument("--limit", type=int, metavar="N", help="print at most N rows")
     p.add_argument("--columns", metavar="A,B,...", help="print only these columns, in this order")
+    add_team_options(p)
     add_format_option(p)
 
     p = add(
@@ -473,9 +541,24 @@ def build_parser() -> argparse.ArgumentParser:
         "refused; Ctrl-C stops it.",
     )
     p.add_argument("sql", help="a SELECT statement; use ? placeholders with --param")
-    p.add_argument("--param", action="append", default=[], metavar="VALUE", help="bind a value to the next ?")
+    p.add_argument(
+        "--param", action="append", default=[], metavar="VALUE", help="bind a value to the next ? (%%s with --team)"
+    )
     add_timeout_option(p, "the query")
+    add_team_options(p, "; SQL in PostgreSQL's dialect, over the same tables, values in typed columns")
     add_format_option(p)
+
+    p = add(
+        "push",
+        cmd_push,
+        "Copy finished runs (their recorded and replayed values, loops, checkpoints, timings, environment) "
+        "and finished pipelines (tasks, files) into the team store, a PostgreSQL database named in "
+        "[tool.flordb_build.remotes.NAME] url = \"postgresql://host:port/db\". Idempotent: a unit the team "
+        "store holds is never copied twice, a killed push leaves nothing half-copied. Runs still running "
+        "wait for a later push. The password comes from PGPASSWORD, ~/.pgpass or a service file, never the project.",
+    )
+    p.add_argument("--remote", metavar="NAME", help="the remote to push to (default: the only one configured)")
+    p.add_argument("--watch", action="store_true", help="keep going: push again whenever the local store changes (Ctrl-C stops)")
 
     p = add(
         "rebuild",

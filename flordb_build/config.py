@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -71,6 +71,8 @@ class Config:
     replay_keep_warm: float = DEFAULT_REPLAY_KEEP_WARM
     #: A DVC-style params file (relative to the root) that ``flor.arg`` reads defaults from (args.py).
     params: str | None = None
+    #: Team stores (``[tool.flordb_build.remotes.NAME]``) that ``flordb-build push`` writes to, by name.
+    remotes: Mapping[str, Remote] = field(default_factory=lambda: MappingProxyType({}))
     #: An fsspec URL (``s3://bucket/prefix``, ``file:///path``) holding the objects; ``.flor/objects``
     #: becomes its local cache (objects.py, remote_objects.py). None: objects stay local.
     objects: str | None = None
@@ -84,6 +86,56 @@ class Config:
     def runs_dir(self) -> Path:
         """Per-run journals (``<run_id>.jsonl``) that the snapshot commits carry."""
         return self.flor_dir / "runs"
+
+
+@dataclass(frozen=True)
+class Remote:
+    """A team store: a PostgreSQL ``url`` without a password, and the libpq options passed beside it
+    (``sslmode``, ``sslrootcert``, ...). Passwords come from ``PGPASSWORD``, ``~/.pgpass`` or a
+    service file only, so none is ever in the project (team/_connect.py)."""
+
+    name: str
+    url: str
+    options: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+
+#: libpq connection options a remote may set beside ``url`` (TLS, timeouts, a service file entry).
+REMOTE_OPTIONS = frozenset({
+    "sslmode", "sslrootcert", "sslcert", "sslkey", "sslcrl", "sslcompression", "sslsni", "service",
+    "connect_timeout", "application_name", "target_session_attrs", "options",
+})
+
+
+def _remotes(key: str, value: Any) -> Mapping[str, Remote]:
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise ConfigError(f"'{key}' in [tool.flordb_build] must hold tables: [tool.flordb_build.remotes.NAME].")
+    remotes: dict[str, Remote] = {}
+    for name, table in value.items():
+        where = f"[tool.flordb_build.remotes.{name}]"
+        url = table.get("url")
+        if not isinstance(url, str) or not url.startswith(("postgresql://", "postgres://")):
+            raise ConfigError(f"{where} needs url = \"postgresql://host:port/database\".")
+        if "password" in table or _url_password(url) is not None:
+            raise ConfigError(
+                f"{where} holds a password, and a password in the project would land in every clone and "
+                "snapshot. Remove it; give it through PGPASSWORD, ~/.pgpass or a service file (PGSERVICEFILE)."
+            )
+        unknown = sorted(set(table) - REMOTE_OPTIONS - {"url"})
+        if unknown:
+            raise ConfigError(f"Unknown key '{unknown[0]}' in {where}; the known keys are url, {', '.join(sorted(REMOTE_OPTIONS))}.")
+        remotes[name] = Remote(name, url, MappingProxyType({k: str(v) for k, v in table.items() if k != "url"}))
+    return MappingProxyType(remotes)
+
+
+def _url_password(url: str) -> str | None:
+    """The password a connection url carries, in its authority (``user:pw@``) or its query (``password=``)."""
+    from urllib.parse import parse_qs, urlsplit
+
+    parts = urlsplit(url)
+    if parts.password is not None:
+        return parts.password
+    found = parse_qs(parts.query).get("password")
+    return found[0] if found else None
 
 
 def find_project_root(start: Path) -> tuple[Path, bool]:
@@ -232,6 +284,7 @@ SETTINGS: Mapping[str, Callable[[str, Any], Any]] = MappingProxyType({
     "replay_warm": _flag,
     "replay_keep_warm": _seconds,
     "params": _path_text,
+    "remotes": _remotes,
     "objects": _object_store_url,
 })
 

@@ -27,6 +27,10 @@ class NotAStoreError(StoreError):
     """The store's file exists but is empty or not an SQLite database, so it holds no runs to read."""
 
 
+class TeamStoreError(FlorBuildError):
+    """The team store (PostgreSQL) could not be reached, written or read."""
+
+
 class QueryError(FlorBuildError):
     """A read query was refused (it writes) or failed in SQLite."""
 

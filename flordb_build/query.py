@@ -25,21 +25,30 @@ from .config import Config, load_config
 from .errors import QueryError
 from .expression import WhereExpression, filter_rows, parse_where
 from .reader import open_read_only, show_dead_runs_killed
-from .runtable import RUN_COLUMNS, RunTable, read_run_rows
+from .runtable import RUN_COLUMNS, RunTable
 from .sqlguard import DEFAULT_TIMEOUT_S, StatementGuard
 from .store import Store
+from .team._protocol import SQLiteReader, StoreReader
 from .values import decode_value
 
 if TYPE_CHECKING:
     import pandas as pd
 
 def dataframe(
-    *names: str, where: str | None = None, config: Config | None = None, timeout: float | None = DEFAULT_TIMEOUT_S
+    *names: str,
+    where: str | None = None,
+    config: Config | None = None,
+    timeout: float | None = DEFAULT_TIMEOUT_S,
+    store: str = "local",
+    remote: str | None = None,
 ) -> pd.DataFrame:
     """One row per distinct context of the requested names (see the module docstring).
 
     :param where: a SQL expression over the frame's columns, evaluated read-only.
     :param timeout: seconds the ``where`` filter may run (default 60; None: no limit).
+    :param store: ``"local"`` (this clone's ``.flor/flor.db``) or ``"team"`` (the PostgreSQL team
+        store every clone pushes to: ``flordb-build push``); the frame has the same shape either way.
+    :param remote: the name of the team store (``[tool.flordb_build.remotes.NAME]``) when several are set.
     """
     for name in names:
         if not isinstance(name, str) or not name:
@@ -48,22 +57,40 @@ def dataframe(
             raise QueryError(f"'{name}' is always a column of the dataframe; request logged names only.")
     expression = parse_where(where) if where is not None else None
     config = config or load_config()
+    if check_store_kind(store) == "team":
+        from .team import open_team_reader
+
+        with open_team_reader(config, remote) as team:
+            frame = read_dataframe(team, names, expression, timeout=timeout)
+            warn_incomplete_runs(team, frame)
+            return frame
     # A replayed script reads what its run read (asof.py).
-    store = open_read_only(config, prepare=lambda s: as_of_replay(s.conn))
-    if store is None:
+    local = open_read_only(config, prepare=lambda s: as_of_replay(s.conn))
+    if local is None:
         return _empty_frame(list(names))
     try:
-        frame = read_dataframe(store.conn, names, expression, timeout=timeout)
-        warn_incomplete_runs(store.conn, frame)
+        reader = SQLiteReader(local.conn, local)
+        frame = read_dataframe(reader, names, expression, timeout=timeout)
+        warn_incomplete_runs(reader, frame)
         return frame
     finally:
-        store.close()
+        local.close()
 
 
-def warn_incomplete_runs(conn: sqlite3.Connection, frame: pd.DataFrame) -> None:
+def check_store_kind(store: str) -> str:
+    """``store`` when it is one the readers know ("local" or "team").
+
+    :raises QueryError: for anything else.
+    """
+    if store not in ("local", "team"):
+        raise QueryError(f"store must be 'local' or 'team', got {store!r}.")
+    return store
+
+
+def warn_incomplete_runs(reader: StoreReader, frame: pd.DataFrame) -> None:
     """One warning when the frame draws on runs whose rows could not all be stored (recording.py:
     status ``incomplete``), so that a missing value is never mistaken for one never logged."""
-    incomplete = {r for (r,) in conn.execute("SELECT run_id FROM runs WHERE status = 'incomplete'")}
+    incomplete = reader.incomplete_run_ids()
     shown = sorted(incomplete.intersection(frame["run_id"])) if incomplete and len(frame) else []
     if shown:
         import warnings
@@ -80,22 +107,24 @@ def warn_incomplete_runs(conn: sqlite3.Connection, frame: pd.DataFrame) -> None:
 
 
 def read_dataframe(
-    conn: sqlite3.Connection,
+    source: sqlite3.Connection | StoreReader,
     names: Sequence[str],
     expression: WhereExpression | None = None,
     *,
     timeout: float | None = DEFAULT_TIMEOUT_S,
 ) -> pd.DataFrame:
-    """``dataframe(*names)`` over an open connection (a read-only one works: this only reads)."""
-    runs = read_run_rows(conn)
+    """``dataframe(*names)`` over a store's reader, or an open local connection (a read-only one
+    works: this only reads). ``expression`` is evaluated here, the same way over every store."""
+    reader = _as_reader(source)
+    runs = reader.run_rows()
     if expression is not None and _reads_run_columns_only(expression):
         # The filter reads run columns only: apply it before reading any log row.
         runs = runs.take(filter_rows(expression, runs.columns, len(runs), timeout=timeout))
         expression = None
     if names:
-        columns = _pivot(conn, runs, list(dict.fromkeys(names)))
+        columns = _pivot(reader, runs, list(dict.fromkeys(names)))
     else:
-        columns = _run_level(conn, runs)
+        columns = _run_level(reader, runs)
     frame = _to_frame(columns)
     if expression is not None and len(frame):
         used = expression.columns_used(frame.columns)
@@ -129,20 +158,26 @@ def _empty_frame(names: list[str]) -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype=object) for c in [*RUN_COLUMNS, *names]})
 
 
-def _pivot(conn: sqlite3.Connection, runs: RunTable, names: list[str]) -> dict[str, Any]:
-    from .pivot import ContextPivot, read_logs, read_loops
+def _as_reader(source: sqlite3.Connection | StoreReader) -> StoreReader:
+    """A reader over ``source``: a bare local connection reads through :class:`SQLiteReader`."""
+    if isinstance(source, sqlite3.Connection):
+        return SQLiteReader(source)
+    return source
 
-    logs = read_logs(conn, runs.run_ids, names)
-    loops = read_loops(conn, runs.run_ids, logs)
+
+def _pivot(reader: StoreReader, runs: RunTable, names: list[str]) -> dict[str, Any]:
+    from .pivot import ContextPivot
+
+    logs = reader.read_logs(runs.run_ids, names)
+    loops = reader.read_loops(runs.run_ids, logs)
     return ContextPivot(runs, names, loops, logs).columns()
 
 
-def _run_level(conn: sqlite3.Connection, runs: RunTable) -> dict[str, Any]:
+def _run_level(reader: StoreReader, runs: RunTable) -> dict[str, Any]:
     """``dataframe()`` with no names: one row per run with every run-level name."""
     out: dict[str, Any] = {c: list(runs.columns[c]) for c in RUN_COLUMNS}
-    sql = "SELECT name, value, kind, source FROM logs WHERE run_id = ? AND ctx_id = 0"
     for position, run_id in enumerate(runs.run_ids):
-        rows = conn.execute(sql, (run_id,)).fetchall()
+        rows = reader.run_level_rows(run_id)
         # Replayed values first so that recorded ones, written after, take precedence.
         for name, value, kind, _source in sorted(rows, key=lambda r: r[3] == "record"):
             column = out.setdefault(name, [None] * len(runs))
@@ -192,10 +227,14 @@ def query(
     config: Config | None = None,
     *,
     timeout: float | None = DEFAULT_TIMEOUT_S,
+    store: str = "local",
+    remote: str | None = None,
 ) -> pd.DataFrame:
     """Run one read-only SQL statement over the store with bound ``params``; return a dataframe.
 
     The statement may read and call SQLite's ordinary functions only (sqlguard.py); Ctrl-C stops it.
+    With ``store="team"`` it runs on the team store in PostgreSQL's dialect (``%s`` placeholders),
+    in a read-only transaction.
 
     :param timeout: seconds it may run (default 60; None: no limit).
     :raises QueryError: when the statement would write, calls another function, runs past
@@ -205,12 +244,14 @@ def query(
 
     if not isinstance(sql, str) or not sql.strip():
         raise QueryError("query() needs a SQL SELECT statement.")
-    guard = StatementGuard(timeout, pragmas=_SAFE_PRAGMAS)
     config = config or load_config()
-    store = open_read_only(config, prepare=_query_views)
-    if store is None:
+    if check_store_kind(store) == "team":
+        return _query_team(sql, params, config, remote, timeout)
+    guard = StatementGuard(timeout, pragmas=_SAFE_PRAGMAS)
+    local = open_read_only(config, prepare=_query_views)
+    if local is None:
         raise QueryError(f"No flordb_build store at '{config.db_path}' yet; record a run first.")
-    conn = store.conn
+    conn = local.conn
     shown = sql.strip()[:80]
     try:
         with guard.installed(conn):
@@ -239,10 +280,23 @@ def query(
             except (ValueError, sqlite3.Warning) as exc:
                 raise QueryError(f"query failed: {exc}.") from exc
     finally:
-        store.close()
+        local.close()
     columns = [d[0] for d in cursor.description or ()]
     frame = pd.DataFrame.from_records(rows, columns=columns)
     return keep_integers(frame, rows)
+
+
+def _query_team(
+    sql: str, params: Sequence[Any] | dict[str, Any], config: Config, remote: str | None, timeout: float | None
+) -> pd.DataFrame:
+    import pandas as pd
+
+    from .team import open_team_reader
+    from .team._postgres import query_team
+
+    with open_team_reader(config, remote) as team:
+        columns, rows = query_team(team.conn, sql, params, timeout=timeout, max_rows=MAX_QUERY_ROWS)
+    return keep_integers(pd.DataFrame.from_records(rows, columns=columns), rows)
 
 
 def _query_views(store: Store) -> None:

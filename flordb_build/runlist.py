@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import QueryError
 from .expression import parse_where
-from .reader import shown_status
 from .store import Store
+from .team._protocol import SQLiteReader, StoreReader
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -44,22 +44,25 @@ class RunList:
     extra: pd.DataFrame  # per row of ``frame``: exit_code, snapshot, pipeline_id, divergent (names or None)
 
 
-def read_run_table(store: Store, where: str | None = None) -> RunList:
-    """Every run (newest first) with status, seconds, args and run-level values; ``where`` filters."""
+def read_run_table(store: Store | StoreReader, where: str | None = None) -> RunList:
+    """Every run (newest first) with status, seconds, args and run-level values; ``where`` filters.
+
+    :param store: the local store, or any store's reader (the team store's: ``runs --team``).
+    """
     import pandas as pd
 
     from .query import read_dataframe
 
+    reader = SQLiteReader(store.conn, store) if isinstance(store, Store) else store
     expression = parse_where(where) if where is not None else None
-    values = read_dataframe(store.conn, (), expression)
-    rows = store.conn.execute(
-        "SELECT run_id, status, host, seconds, exit_code, args, snapshot, pipeline_id, started FROM runs"
-    ).fetchall()
+    values = read_dataframe(reader, (), expression)
+    # run_id, status, seconds, exit_code, args, snapshot, pipeline_id, started (RUN_FACT_COLUMNS)
+    rows = reader.run_facts()
     facts = {r[0]: r for r in rows}
-    divergent = _divergent_names(store)
+    divergent = reader.divergent_names()
     arg_names: dict[str, None] = {}
     for row in rows:
-        for name in _arg_names(row[5]):
+        for name in _arg_names(row[4]):
             arg_names.setdefault(name, None)
     logged = [c for c in values.columns if c not in ("projid", "run_id", "tstamp", "task", "filename")]
     args = tuple(n for n in arg_names if n in logged)
@@ -71,38 +74,23 @@ def read_run_table(store: Store, where: str | None = None) -> RunList:
             "tstamp": values["tstamp"],
             "task": values["task"],
             "filename": values["filename"],
-            "status": pd.Series(
-                [shown_status(store, r, facts[r][1], facts[r][2]) if r in facts else None for r in run_ids],
-                dtype=object,
-            ),
-            "seconds": pd.Series([facts[r][3] if r in facts else None for r in run_ids], dtype="float64"),
+            "status": pd.Series([facts[r][1] if r in facts else None for r in run_ids], dtype=object),
+            "seconds": pd.Series([facts[r][2] if r in facts else None for r in run_ids], dtype="float64"),
         }
     )
     for name in (*args, *rest):
         out[name] = values[name]
     extra = pd.DataFrame(
         {
-            "exit_code": pd.array([facts[r][4] if r in facts else None for r in run_ids], dtype="Int64"),
-            "snapshot": pd.Series([facts[r][6] if r in facts else None for r in run_ids], dtype=object),
-            "pipeline_id": pd.Series([facts[r][7] if r in facts else None for r in run_ids], dtype=object),
+            "exit_code": pd.array([facts[r][3] if r in facts else None for r in run_ids], dtype="Int64"),
+            "snapshot": pd.Series([facts[r][5] if r in facts else None for r in run_ids], dtype=object),
+            "pipeline_id": pd.Series([facts[r][6] if r in facts else None for r in run_ids], dtype=object),
             "divergent": pd.Series([divergent.get(r) for r in run_ids], dtype=object),
         }
     )
     order = sort_positions(out, DEFAULT_SORT, descending=True)
     out, extra = out.iloc[order].reset_index(drop=True), extra.iloc[order].reset_index(drop=True)
     return RunList(out, len(out), args, rest, extra)
-
-
-def _divergent_names(store: Store) -> dict[str, str]:
-    """run_id -> its replayed names written with --accept-divergent, comma-separated (hindsight/_journal.py)."""
-    try:
-        rows = store.conn.execute("SELECT run_id, name FROM replay_divergent ORDER BY run_id, name").fetchall()
-    except sqlite3.OperationalError:  # no replay has opened this store: no marks
-        return {}
-    names: dict[str, list[str]] = {}
-    for run_id, name in rows:
-        names.setdefault(str(run_id), []).append(str(name))
-    return {run_id: ",".join(found) for run_id, found in names.items()}
 
 
 def divergent_marks(store: Store, run_id: str) -> dict[str, str]:

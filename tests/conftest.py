@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.pg_server import PgServer, find_pg_bin, running_server
+
 GIT_ENV = {
     "GIT_CONFIG_NOSYSTEM": "1",
     "GIT_AUTHOR_NAME": "Test User",
@@ -110,3 +112,13 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Project
     proj.commit_all("initial")
     monkeypatch.chdir(root)
     yield proj
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """One real PostgreSQL for the session (tests/pg_server.py); skipped only where none is installed."""
+    bin_dir = find_pg_bin()
+    if bin_dir is None:
+        pytest.skip("no PostgreSQL server binaries (initdb) on PATH or under /usr/lib/postgresql/*/bin")
+    with running_server(bin_dir) as server:
+        yield server

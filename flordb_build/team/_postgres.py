@@ -1,0 +1,244 @@
+"""Reading the team store: :class:`PostgresReader` (the reader interface over PostgreSQL) and
+:func:`query_team` (read-only SQL in PostgreSQL's dialect).
+
+Every read runs in a read-only session (team/_connect.py), so a statement that would write fails
+server side. The reads mirror pivot.py's over the local store, one run at a time, with the value
+taken from the typed column its kind uses (team/_schema.py), so the frame is the local one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ..errors import QueryError
+from ..pivot import LogArrays, LoopArrays, expand_blocks, unique
+from ..runtable import RUN_COLUMNS, RunTable
+from ._connect import first_line
+from ._protocol import join_names
+
+_BLOCK = np.dtype([("ctx", np.int64), ("parent", np.int64), ("iteration", np.int64), ("count", np.int64)])
+
+
+def _value(row: Sequence[Any]) -> Any:
+    """The one non-null typed column of a row's value columns (they follow its kind)."""
+    for column in row:
+        if column is not None:
+            return column
+    return None
+
+
+# Plain floats and ints of one name and source as big-endian int64/float64 bytes: one row instead
+# of one per value. The aggregates see the rows in one order, so the i-th seq, ctx and value belong
+# together; no ORDER BY (a sort of a million rows): the reader sorts by seq itself.
+_PACKED_SQL = (
+    "SELECT "
+    "string_agg(int8send(seq), ''::bytea) FILTER (WHERE value_float IS NOT NULL), "
+    "string_agg(int8send(ctx_id), ''::bytea) FILTER (WHERE value_float IS NOT NULL), "
+    "string_agg(float8send(value_float), ''::bytea) FILTER (WHERE value_float IS NOT NULL), "
+    "string_agg(int8send(seq), ''::bytea) FILTER (WHERE value_int IS NOT NULL), "
+    "string_agg(int8send(ctx_id), ''::bytea) FILTER (WHERE value_int IS NOT NULL), "
+    "string_agg(int8send(value_int), ''::bytea) FILTER (WHERE value_int IS NOT NULL) "
+    "FROM logs WHERE run_id = %s AND name = %s AND source = %s AND kind = 0"
+)
+# Every other value (text, bools, JSON, big ints, None) as a row.
+_ROWS_SQL = (
+    "SELECT name, source, seq, ctx_id, kind, value_int, value_float, value_text, value_bool, value_bigint::text, "
+    "value_json FROM logs WHERE run_id = %s AND name = ANY(%s) "
+    "AND (kind <> 0 OR (value_float IS NULL AND value_int IS NULL))"
+)
+_SOURCES = ("record", "replay")
+
+
+def _int64s(packed: bytes) -> np.ndarray:
+    return np.frombuffer(packed, dtype=">i8").astype(np.int64)
+
+
+class PostgresReader:
+    """:class:`~flordb_build.team.StoreReader` over a read-only connection to the team store."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    def run_rows(self) -> RunTable:
+        # tstamps are ISO text: byte order ("C") is time order, whatever the database's collation.
+        rows = self.conn.execute(
+            'SELECT projid, run_id, tstamp, task, filename FROM runs ORDER BY tstamp COLLATE "C", run_id'
+        ).fetchall()
+        return RunTable({c: [r[i] for r in rows] for i, c in enumerate(RUN_COLUMNS)})
+
+    def read_logs(self, run_ids: list[str], names: list[str]) -> LogArrays:
+        """As pivot.read_logs: plain floats and ints (the bulk) arrive packed, a few bytes a value,
+        and go straight into numpy; only other values come as rows."""
+        position = {name: code for code, name in enumerate(names)}
+        parts: dict[str, list[np.ndarray]] = {
+            k: [] for k in ("code", "ctx", "name", "value", "kind", "replay", "seq")
+        }
+
+        def add(
+            code: int, name: str, source: str, seq: np.ndarray, ctx: np.ndarray, values: np.ndarray, kind: Any
+        ) -> None:
+            n = len(seq)
+            parts["code"].append(np.full(n, code, dtype=np.int64))
+            parts["name"].append(np.full(n, position[name], dtype=np.int64))
+            parts["replay"].append(np.full(n, source == "replay", dtype=bool))
+            parts["seq"].append(seq)
+            parts["ctx"].append(ctx)
+            parts["value"].append(values)
+            parts["kind"].append(np.broadcast_to(np.asarray(kind, dtype=np.int64), (n,)))
+
+        for code, run_id in enumerate(run_ids):
+            for name, source in ((name, source) for name in names for source in _SOURCES):
+                row = self.conn.execute(_PACKED_SQL, (run_id, name, source), binary=True).fetchone()
+                packed: list[Any] = list(row) if row is not None else [None] * 6
+                for seq, ctx, values, dtype in ((*packed[0:3], ">f8"), (*packed[3:6], ">i8")):
+                    if seq is None:
+                        continue
+                    numbers = np.frombuffer(values, dtype=dtype).astype(dtype[1:]).astype(object)
+                    add(code, name, source, _int64s(seq), _int64s(ctx), numbers, 0)
+            rows = self.conn.execute(_ROWS_SQL, (run_id, names)).fetchall()
+            if rows:
+                n = len(rows)
+                values = np.empty(n, dtype=object)
+                values[:] = [_value(r[5:]) for r in rows]
+                parts["code"].append(np.full(n, code, dtype=np.int64))
+                parts["name"].append(np.array([position[r[0]] for r in rows], dtype=np.int64))
+                parts["replay"].append(np.array([r[1] == "replay" for r in rows], dtype=bool))
+                parts["seq"].append(np.array([r[2] for r in rows], dtype=np.int64))
+                parts["ctx"].append(np.array([r[3] for r in rows], dtype=np.int64))
+                parts["value"].append(values)
+                parts["kind"].append(np.array([r[4] for r in rows], dtype=np.int64))
+
+        def joined(key: str, dtype: Any) -> np.ndarray:
+            return np.concatenate(parts[key]) if parts[key] else np.empty(0, dtype=dtype)
+
+        codes, name_codes = joined("code", np.int64), joined("name", np.int64)
+        replays, seqs = joined("replay", bool), joined("seq", np.int64)
+        # The local store's order: by run, name, recorded before replayed, then as logged.
+        order = np.lexsort((seqs, replays, name_codes, codes))
+        return LogArrays(
+            code=codes[order],
+            ctx=joined("ctx", np.int64)[order],
+            name=name_codes[order],
+            value=joined("value", object)[order],
+            kind=joined("kind", np.int64)[order],
+            replay=replays[order],
+        )
+
+    def read_loops(self, run_ids: list[str], logs: LogArrays) -> LoopArrays:
+        from ..pivot import _closure_complete
+
+        names: dict[str, int] = {}
+        parts: dict[str, list[np.ndarray]] = {
+            k: [] for k in ("code", "ctx", "parent", "name", "iteration", "value")
+        }
+        levels_sql = (
+            "SELECT name, sum(count) FROM loops WHERE run_id = %s GROUP BY name ORDER BY sum(count), name"
+        )
+        blocks_sql = "SELECT ctx_id, parent_ctx, iteration, count FROM loops WHERE run_id = %s AND name = %s"
+        values_sql = (
+            "SELECT ctx_id, value_int, value_float, value_text, value_bool FROM loops WHERE run_id = %s AND name = %s "
+            "AND num_nonnulls(value_int, value_float, value_text, value_bool) > 0"
+        )
+        for code, run_id in enumerate(run_ids):
+            wanted = unique(logs.ctx[logs.code == code])
+            wanted = wanted[wanted != 0]
+            read_ctx: list[np.ndarray] = []
+            read_parent: list[np.ndarray] = []
+            for level, _count in self.conn.execute(levels_sql, (run_id,)).fetchall() if wanted.size else ():
+                blocks = np.array(
+                    [tuple(r) for r in self.conn.execute(blocks_sql, (run_id, level))], dtype=_BLOCK
+                )
+                ctx, parent, iteration = expand_blocks(blocks)
+                order = np.argsort(ctx, kind="stable")
+                ctx, parent, iteration = ctx[order], parent[order], iteration[order]
+                values = np.full(len(ctx), None, dtype=object)
+                with_value = self.conn.execute(values_sql, (run_id, level)).fetchall()
+                if with_value:
+                    value_ctx = np.array([r[0] for r in with_value], dtype=np.int64)
+                    values[np.searchsorted(ctx, value_ctx)] = [_value(r[1:]) for r in with_value]
+                parts["code"].append(np.full(len(ctx), code, dtype=np.int64))
+                parts["ctx"].append(ctx)
+                parts["parent"].append(parent)
+                parts["name"].append(np.full(len(ctx), names.setdefault(level, len(names)), dtype=np.int64))
+                parts["iteration"].append(iteration)
+                parts["value"].append(values)
+                read_ctx.append(ctx)
+                read_parent.append(parent)
+                if _closure_complete(wanted, np.concatenate(read_ctx), np.concatenate(read_parent)):
+                    break
+
+        def joined(key: str, dtype: Any) -> np.ndarray:
+            return np.concatenate(parts[key]) if parts[key] else np.empty(0, dtype=dtype)
+
+        return LoopArrays(
+            names=list(names),
+            code=joined("code", np.int64),
+            ctx=joined("ctx", np.int64),
+            parent=joined("parent", np.int64),
+            name=joined("name", np.int64),
+            iteration=joined("iteration", np.int64),
+            value=joined("value", object),
+        )
+
+    def run_level_rows(self, run_id: str) -> list[tuple[Any, ...]]:
+        rows = self.conn.execute(
+            "SELECT name, source, kind, value_int, value_float, value_text, value_bool, value_bigint::text, value_json "
+            "FROM logs WHERE run_id = %s AND ctx_id = 0",
+            (run_id,),
+        ).fetchall()
+        return [(name, _value(columns), kind, source) for name, source, kind, *columns in rows]
+
+    def incomplete_run_ids(self) -> set[str]:
+        return {r for (r,) in self.conn.execute("SELECT run_id FROM runs WHERE status = 'incomplete'")}
+
+    def run_facts(self) -> list[tuple[Any, ...]]:
+        sql = "SELECT run_id, status, seconds, exit_code, args, snapshot, pipeline_id, started FROM runs"
+        return [tuple(r) for r in self.conn.execute(sql).fetchall()]
+
+    def divergent_names(self) -> dict[str, str]:
+        rows = self.conn.execute("SELECT run_id, name FROM replay_divergent ORDER BY run_id, name").fetchall()
+        return join_names(rows)
+
+
+def query_team(
+    conn: Any, sql: str, params: Sequence[Any] | dict[str, Any], *, timeout: float | None, max_rows: int
+) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """``(columns, rows)`` of one read-only statement (``%s`` placeholders) over the team store.
+
+    :raises QueryError: PostgreSQL refused it (a write in the read-only transaction, a syntax
+        error, more than one statement), it ran past ``timeout``, or returned over ``max_rows`` rows.
+    """
+    import psycopg
+
+    shown = sql.strip()[:80]
+    try:
+        with conn.transaction():  # BEGIN READ ONLY: the connection is read_only (team/_connect.py)
+            milliseconds = 0 if timeout is None else max(1, int(timeout * 1000))
+            conn.execute("SELECT set_config('statement_timeout', %s, true)", (str(milliseconds),))
+            # Always the extended protocol (bound parameters, even none): one statement, never a script.
+            cursor = conn.execute(sql, params or None, prepare=False)
+            rows: list[tuple[Any, ...]] = []
+            while chunk := cursor.fetchmany(50_000):
+                rows.extend(chunk)
+                if len(rows) > max_rows:
+                    raise QueryError(
+                        f"query returned more than {max_rows:,} rows ('{shown}'); add a LIMIT or aggregate."
+                    )
+            columns = [d.name for d in cursor.description or ()]
+    except psycopg.errors.QueryCanceled as exc:
+        raise QueryError(
+            f"query stopped after its timeout of {timeout:g} s ('{shown}'); narrow it, or allow more time with "
+            "timeout=... (flordb-build query --timeout SECONDS)."
+        ) from exc
+    except psycopg.errors.ReadOnlySqlTransaction as exc:
+        raise QueryError(
+            f"query() is read-only: the team store refused '{shown}' ({first_line(exc)})."
+        ) from exc
+    except psycopg.Error as exc:
+        raise QueryError(
+            f"query failed on the team store: {first_line(exc)} in '{sql.strip()[:200]}'."
+        ) from exc
+    return columns, rows
