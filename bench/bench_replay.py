@@ -187,6 +187,7 @@ def main() -> int:
             times[label].append(seconds)
             plans.append(planned)
             errors.append(abs(seconds - estimate) / seconds)
+            print(f"bench: {label}: estimated {estimate:.2f}s, took {seconds:.2f}s", flush=True)
 
         # Each replay is a session of its own, as one `flordb-build replay` command is. The first
         # starts the warm server (the bench's project is new: nothing is known about its imports);
