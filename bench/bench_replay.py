@@ -150,6 +150,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=40, help="steps per epoch (default 40)")
     parser.add_argument("--epoch-seconds", type=float, default=1.5, help="target seconds per epoch (default 1.5)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--range-repeats", type=int, default=3,
+                        help="repeats of the 1- and 2-worker range scans, each as long as the training (default 3)")
     parser.add_argument("--keep", action="store_true", help="leave the temporary project in place")
     args = parser.parse_args()
 
@@ -203,7 +205,7 @@ def main() -> int:
             measure("cold_validation", "weight_norm", 1, warm=False)
         print(f"bench: cold starts: suffix {median(times['cold_suffix']):.2f}s, "
               f"validation {median(times['cold_validation']):.2f}s", flush=True)
-        for repeat in range(max(1, args.repeats - 2)):  # the range scans are as long as the training
+        for repeat in range(max(1, args.range_repeats)):  # the range scans are as long as the training
             for label, workers in (("range1", 1), ("range2", 2)):
                 measure(label, "grad_norm", workers)
             measure("validation2", "weight_norm", 2)
