@@ -144,6 +144,16 @@ def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
 
 
+def peer_tree(rev: str, destination: Path) -> Path:
+    """``flordb_build`` at ``rev`` (the peer a benchmark measures today's code against), extracted into ``destination`` (a directory for PYTHONPATH)."""
+    archive = subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "archive", rev, "flordb_build"], capture_output=True, check=True
+    )
+    destination.mkdir(parents=True)
+    subprocess.run(["tar", "-x", "-C", str(destination)], input=archive.stdout, check=True)
+    return destination
+
+
 def remove_tree(path: Path) -> None:
     """Delete a temporary tree, tolerating files that vanish on the way."""
     shutil.rmtree(path, ignore_errors=True)

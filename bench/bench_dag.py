@@ -16,7 +16,6 @@ Run: ``.venv/bin/python bench/bench_dag.py [--tasks 2000] [--forced-tasks 200] [
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -24,10 +23,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
-    REPO_ROOT,
     bench_env,
     make_git_repo,
     median,
+    peer_tree,
     print_table,
     remove_tree,
     run_timed,
@@ -67,16 +66,6 @@ def make_pipeline(root: Path, n_tasks: int, recorded: bool) -> Path:
 
         init_project(repo, doit_config="doit.cfg")
     return repo
-
-
-def peer_tree(rev: str, destination: Path) -> Path:
-    """``flordb_build`` at ``rev``, extracted into ``destination`` (a directory for PYTHONPATH)."""
-    archive = subprocess.run(
-        ["git", "-C", str(REPO_ROOT), "archive", rev, "flordb_build"], capture_output=True, check=True
-    )
-    destination.mkdir(parents=True)
-    subprocess.run(["tar", "-x", "-C", str(destination)], input=archive.stdout, check=True)
-    return destination
 
 
 def main(argv: list[str] | None = None) -> int:

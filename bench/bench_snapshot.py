@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import REPO_ROOT, bench_env, make_git_repo, median, print_table, remove_tree  # noqa: E402
+from _common import REPO_ROOT, bench_env, make_git_repo, median, peer_tree, print_table, remove_tree  # noqa: E402
 
 PEER_REV = "200d913"  # main before issue 14's snapshot work
 OVERHEAD_TARGET_S = 0.040
@@ -105,16 +105,6 @@ def drive(root: Path, runs: int, settle: Path | None) -> None:
         seconds.append(one_run())
     seconds += [one_run() for _ in range(runs)]
     print(json.dumps(seconds))
-
-
-def peer_tree(rev: str, destination: Path) -> Path:
-    """``flordb_build`` at ``rev``, extracted into ``destination`` (a directory for PYTHONPATH)."""
-    archive = subprocess.run(
-        ["git", "-C", str(REPO_ROOT), "archive", rev, "flordb_build"], capture_output=True, check=True
-    )
-    destination.mkdir(parents=True)
-    subprocess.run(["tar", "-x", "-C", str(destination)], input=archive.stdout, check=True)
-    return destination
 
 
 def driver_seconds(
