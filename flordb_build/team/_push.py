@@ -30,7 +30,7 @@ from typing import Any
 from ..config import Config
 from ..errors import TeamStoreError
 from ..reader import open_read_only, show_dead_runs_killed
-from ..store import TABLES
+from ..store import TABLES, validated_columns
 from ._binary import HEADER, TRAILER, Column, encode_block, encode_columns, encode_row
 from ._connect import connect_team, first_line, resolve_remote
 from ._schema import LOOP_VALUE_COLUMNS, VALUE_COLUMNS, ensure_team_schema, loop_value_columns
@@ -130,18 +130,18 @@ class _Pusher:
         with self.pg.transaction():
             if not self._take(run_id, "run", ""):
                 return None
-            (run,) = self._read("runs", "run_id = ?", (run_id,))
+            (run,) = self._read("runs", "run_id", run_id)
             self._copy_plain("runs", [run])
             env_id = run[list(TABLES["runs"]["columns"]).index("env_id")]
             if env_id:
-                self._insert_shared("envs", self._read("envs", "env_id = ?", (env_id,)))
+                self._insert_shared("envs", self._read("envs", "env_id", env_id))
             self._copy_loops(run_id, upsert=False)
             (count,) = self.local.execute(
                 "SELECT count(*) FROM logs WHERE run_id = ? AND source = 'record'", (run_id,)
             ).fetchone()
             self.progress("copying", "run", run_id, count)
             self._copy_logs(run_id, "record")
-            self._copy_plain("checkpoints", self._read("checkpoints", "run_id = ?", (run_id,)))
+            self._copy_plain("checkpoints", self._read("checkpoints", "run_id", run_id))
             self._copy_timings(run_id)
             self.pg.execute(
                 "UPDATE team_units SET content_hash = %s WHERE unit_id = %s AND kind = 'run'",
@@ -188,7 +188,7 @@ class _Pusher:
                 return False
             digest = hashlib.sha256()
             for table in ("pipelines", "tasks", "files"):
-                rows = self._read(table, "pipeline_id = ?", (pipeline_id,))
+                rows = self._read(table, "pipeline_id", pipeline_id)
                 digest.update(repr(rows).encode())
                 self._copy_plain(table, rows)
             self.pg.execute(
@@ -200,29 +200,31 @@ class _Pusher:
 
     # -- rows -----------------------------------------------------------------------------------
 
-    def _read(self, table: str, where: str, params: Sequence[Any]) -> list[Any]:
-        """``table``'s local rows matching ``where`` (a constant filter with ? parameters), every column."""
-        names = ", ".join(TABLES[table]["columns"])  # identifiers from store.TABLES only
-        return list(self.local.execute(f"SELECT {names} FROM {table} WHERE {where}", params).fetchall())  # noqa: S608
+    def _read(self, table: str, key: str, value: Any) -> list[Any]:
+        """``table``'s local rows whose column ``key`` equals ``value``, every declared column."""
+        columns = _declared_columns(table)
+        validated_columns(table, [key])
+        # Identifiers from store.TABLES only (checked above); the value is bound.
+        sql = "SELECT " + ", ".join(columns) + " FROM " + table + " WHERE " + key + " = ?"  # noqa: S608 - validated
+        return list(self.local.execute(sql, (value,)).fetchall())
 
     def _copy_plain(self, table: str, rows: Sequence[Any]) -> None:
         """``COPY`` rows of a table the unit's key makes new to the team store (a run's, a pipeline's)."""
         if not rows:
             return
-        names = ", ".join(TABLES[table]["columns"])
-        with self.pg.cursor() as cur, cur.copy(f"COPY {table} ({names}) FROM STDIN") as copy:
+        statement = _composed("COPY {table} ({columns}) FROM STDIN", table, _declared_columns(table))
+        with self.pg.cursor() as cur, cur.copy(statement) as copy:
             for row in rows:
                 copy.write_row(row)
 
     def _insert_shared(self, table: str, rows: Sequence[Any]) -> None:
         """Insert rows that other units may have pushed already (an environment): those stay as they are."""
-        columns = list(TABLES[table]["columns"])
-        placeholders = ", ".join(["%s"] * len(columns))
+        columns = _declared_columns(table)
+        statement = _composed(
+            "INSERT INTO {table} ({columns}) VALUES ({placeholders}) ON CONFLICT DO NOTHING", table, columns
+        )
         with self.pg.cursor() as cur:
-            cur.executemany(
-                f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({placeholders}) ON CONFLICT DO NOTHING",  # noqa: S608
-                rows,
-            )
+            cur.executemany(statement, rows)
 
     def _copy_timings(self, run_id: str) -> None:
         """A run's timings (one row per outer iteration: as many as its steps) as binary blocks per kind."""
@@ -261,15 +263,15 @@ class _Pusher:
         rows = [(run_id, c, p, n, i, k, *loop_value_columns(v)) for c, p, n, i, k, v in cursor]
         if not rows:
             return
-        columns = "run_id, ctx_id, parent_ctx, name, iteration, count, " + ", ".join(LOOP_VALUE_COLUMNS)
+        columns = ["run_id", "ctx_id", "parent_ctx", "name", "iteration", "count", *LOOP_VALUE_COLUMNS]
         if upsert:
+            statement = _composed(
+                "INSERT INTO {table} ({columns}) VALUES ({placeholders}) ON CONFLICT DO NOTHING", "loops", columns
+            )
             with self.pg.cursor() as cur:
-                cur.executemany(
-                    f"INSERT INTO loops ({columns}) VALUES ({', '.join(['%s'] * 10)}) ON CONFLICT DO NOTHING",  # noqa: S608
-                    rows,
-                )
+                cur.executemany(statement, rows)
             return
-        with self.pg.cursor() as cur, cur.copy(f"COPY loops ({columns}) FROM STDIN") as copy:
+        with self.pg.cursor() as cur, cur.copy(_composed("COPY {table} ({columns}) FROM STDIN", "loops", columns)) as copy:
             for row in rows:
                 copy.write_row(row)
 
@@ -283,8 +285,9 @@ class _Pusher:
     def _write_logs(self, run_id: str, source: str, chunks: Iterable[Sequence[Any]]) -> None:
         """``COPY`` chunks of ``(seq, ctx_id, name, value, kind)`` log rows into ``logs`` (binary format,
         team/_binary.py): rows of one name in a row, all floats or all ints, go as one numpy block."""
-        columns = "run_id, name, source, seq, ctx_id, kind, " + ", ".join(VALUE_COLUMNS)
-        with self.pg.cursor() as cur, cur.copy(f"COPY logs ({columns}) FROM STDIN (FORMAT BINARY)") as copy:
+        columns = ["run_id", "name", "source", "seq", "ctx_id", "kind", *VALUE_COLUMNS]
+        statement = _composed("COPY {table} ({columns}) FROM STDIN (FORMAT BINARY)", "logs", columns)
+        with self.pg.cursor() as cur, cur.copy(statement) as copy:
             copy.write(HEADER)
             for chunk in chunks:
                 for name, rows in _runs_of(chunk, 2):
@@ -335,3 +338,22 @@ def _divergent_rows(conn: sqlite3.Connection, run_id: str) -> list[tuple[str, st
         return [(run_id, name, why) for name, why in rows.fetchall()]
     except sqlite3.OperationalError:  # no replay has opened this store
         return []
+
+
+def _declared_columns(table: str) -> list[str]:
+    """Every column store.TABLES declares for ``table`` (a table it does not declare is an error)."""
+    if table not in TABLES:
+        raise TeamStoreError(f"'{table}' is not a table of the store.")
+    return list(TABLES[table]["columns"])
+
+
+def _composed(template: str, table: str, columns: Sequence[str]) -> Any:
+    """``template`` with ``{table}``, ``{columns}`` and ``{placeholders}`` filled in as quoted
+    PostgreSQL identifiers and ``%s`` parameters (psycopg.sql: no identifier is ever spliced as text)."""
+    from psycopg import sql
+
+    return sql.SQL(template).format(
+        table=sql.Identifier(table),
+        columns=sql.SQL(", ").join(sql.Identifier(c) for c in columns),
+        placeholders=sql.SQL(", ").join(sql.Placeholder() * len(columns)),
+    )

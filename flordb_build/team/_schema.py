@@ -34,7 +34,8 @@ def plain_ddl(name: str) -> str:
     spec = TABLES[name]
     columns = ", ".join(f'"{c}" {_PG_TYPES[t]}' for c, t in spec["columns"].items())
     pk = spec["pk"] if isinstance(spec["pk"], tuple) else (spec["pk"],)
-    return f'CREATE TABLE IF NOT EXISTS "{name}" ({columns}, PRIMARY KEY ({", ".join(pk)}))'
+    keys = ", ".join(f'"{k}"' for k in pk)
+    return f'CREATE TABLE IF NOT EXISTS "{name}" ({columns}, PRIMARY KEY ({keys}))'
 
 
 DDL: tuple[str, ...] = (
