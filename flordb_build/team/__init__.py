@@ -1,7 +1,9 @@
 """The team store: finished runs of every clone pushed into one PostgreSQL (``flordb-build push``),
 read through the same reader interface as the local store (``store="team"``, ``--team``).
 
-psycopg is imported only when a team store is reached, so ``import flordb_build`` never needs it.
+psycopg is imported only when a team store is reached, so ``import flordb_build`` never needs it;
+the push (and numpy, which builds its binary COPY blocks) loads on first use: query.py imports this
+package's reader protocol on every ``import flordb_build``.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ from ..config import Config
 from ..errors import TeamStoreError
 from ._connect import connect_team, first_line, resolve_remote
 from ._protocol import RUN_FACT_COLUMNS, SQLiteReader, StoreReader
-from ._push import PushResult, push_store
 
 if TYPE_CHECKING:
     from ._postgres import PostgresReader
+    from ._push import PushResult, push_store
 
 __all__ = [
     "RUN_FACT_COLUMNS",
@@ -56,3 +58,12 @@ def open_team_reader(config: Config, remote_name: str | None = None) -> Iterator
             yield PostgresReader(conn)
         except psycopg.Error as exc:
             raise TeamStoreError(f"Reading the team store '{remote.name}' failed: {first_line(exc)}") from exc
+
+
+def __getattr__(name: str) -> object:
+    """``PushResult`` and ``push_store`` from ``_push``, imported when first asked for."""
+    if name in ("PushResult", "push_store"):
+        from . import _push
+
+        return getattr(_push, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
