@@ -65,7 +65,7 @@ if TYPE_CHECKING:
     # objects.py (hashlib) and state.py (pickle) load on first use: `import flordb_build` stays cheap.
     import queue
 
-    from .objects import ObjectStore
+    from .objects import ObjectStore, StoredObject
     from .remote_objects import ObjectUploader
     from .runtime import ActiveRun
     from .state import StateCopy
@@ -200,6 +200,13 @@ class Materializer:
         self.run = run
         self.objects = objects
         self.measured: list[float] = []  # M of each finished checkpoint, seconds
+        # M of each end that followed its iteration's nested point: mostly reused copies, so
+        # far cheaper than a checkpoint of its own (Checkpointer.expected_followup_seconds)
+        self.measured_followups: list[float] = []
+        # The last nested point's copies and where they were stored: the end that follows reuses
+        # the copies of unchanged objects (state.matches_copy), and they are not stored twice.
+        self._nested_stored: dict[int, tuple[StateCopy, StoredObject]] = {}
+        self._nested_ctx = -1
         self.error: BaseException | None = None
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._pending = 0
@@ -266,27 +273,39 @@ class Materializer:
 
         rows: list[tuple[Any, ...]] = []
         total = 0.0
+        followup = job.point == CheckpointPoint.END and job.ctx_id == self._nested_ctx
+        reused = self._nested_stored if followup else {}
+        stored_now: dict[int, tuple[StateCopy, StoredObject]] = {}
         for name, copy, copy_seconds in job.items:
             # M = the copy's wall time on the training thread + this thread's CPU time. CPU time,
             # not wall time: waiting for the GIL or the disk here does not slow training down,
             # and on a busy machine wall time here mostly measures the training thread.
             started = time.thread_time()
-            try:
-                stored = self.objects.put(serialize(copy), upload=False)
-            except ObjectStoreError as exc:
-                raise CheckpointError(
-                    f"Could not write the checkpoint of '{name}' at {job.loop_name} {job.iteration}: {exc}"
-                ) from exc
+            earlier = reused.get(id(copy))
+            if earlier is not None and earlier[0] is copy:  # the nested point's copy, stored already
+                stored = earlier[1]
+            else:
+                try:
+                    stored = self.objects.put(serialize(copy), upload=False)
+                except ObjectStoreError as exc:
+                    raise CheckpointError(
+                        f"Could not write the checkpoint of '{name}' at {job.loop_name} {job.iteration}: {exc}"
+                    ) from exc
+                if self._uploader is not None:
+                    self._uploader.submit(stored.sha256)
+            stored_now[id(copy)] = (copy, stored)
             seconds = copy_seconds + time.thread_time() - started
             total += seconds
-            if self._uploader is not None:
-                self._uploader.submit(stored.sha256)
             rows.append(
                 (job.ctx_id, job.loop_name, job.iteration, name, stored.sha256, stored.bytes, seconds,
                  job.block_seconds, copy.format.value, job.point)
             )
         self.run.queue_checkpoint_rows(rows)
-        self.measured.append(total)
+        # Only a nested point's copies may be reused, and only by its own end: holding any longer
+        # would keep a copy of the whole state in memory between checkpoints.
+        self._nested_stored = stored_now if job.point == CheckpointPoint.NESTED else {}
+        self._nested_ctx = job.ctx_id if job.point == CheckpointPoint.NESTED else -1
+        (self.measured_followups if followup else self.measured).append(total)
 
 
 class Checkpointer:
@@ -316,6 +335,9 @@ class Checkpointer:
         self._rng_start: RawRng | None = None  # where the main loop started, for the first checkpoint
         self._estimated_bytes: int | None = None
         self._materializer: Materializer | None = None
+        # The copies of the nested point taken in iteration ``_nested_copies_ctx``, for its end
+        self._nested_copies: dict[str, StateCopy] = {}
+        self._nested_copies_ctx = -1
 
     def begin_loop(self, loop_name: str) -> None:
         """The outermost loop starts: the generators as they are now go with the first checkpoint."""
@@ -333,7 +355,7 @@ class Checkpointer:
         self._nested_ctx = ctx_id
         n = self.iterations + 1
         mean = self.compute_seconds / self.iterations if self.iterations else 0.0
-        if self._decide(n, self.compute_seconds + max(seconds, mean), copies=2):
+        if self._decide(n, self.compute_seconds + max(seconds, mean), with_nested=True):
             self.checkpoint(ctx_id, loop_name, index, seconds, CheckpointPoint.NESTED, rng_before=self._rng_before)
             self._end_due = ctx_id
         self._rng_before = None
@@ -351,7 +373,7 @@ class Checkpointer:
             if self._materializer is not None:
                 self._materializer.wait_for_room(MAX_PENDING)
             self.checkpoint(ctx_id, loop_name, index, seconds)
-        elif self._decide(self.iterations, self.compute_seconds, copies=2 if ctx_id == self._nested_ctx else 1):
+        elif self._decide(self.iterations, self.compute_seconds, with_nested=ctx_id == self._nested_ctx):
             # An iteration with a nested loop pays for the nested point too, although this end takes one
             # copy: else single copies, cheaper, would spend the budget as soon as it allows one, and no
             # later nested point (the one a validation replay restores) would ever be admitted.
@@ -372,9 +394,9 @@ class Checkpointer:
         self._rng_before = raw_rng_state()
         self._rng_seconds = time.perf_counter() - started
 
-    def _decide(self, n: int, compute: float, copies: int) -> bool:
+    def _decide(self, n: int, compute: float, with_nested: bool) -> bool:
         """The Joint Invariant's decision with ``n`` iterations of ``compute`` seconds so far, for a
-        checkpoint that takes the state ``copies`` times."""
+        checkpoint at an iteration's end, ``with_nested``: and at its nested point too."""
         every = self.settings.every
         if every is not None:
             # Fixed restore points, asked for in [tool.flordb_build]: wait for the writer rather than skip.
@@ -386,7 +408,9 @@ class Checkpointer:
         # Two checkpoints still queued a whole iteration later means M was underestimated (or
         # the disk stalls): skip rather than hold a third copy of the state in memory.
         busy = self._materializer is not None and self._materializer.pending >= MAX_PENDING
-        expected = copies * self.expected_materialize_seconds()
+        expected = self.expected_materialize_seconds()
+        if with_nested:
+            expected += self.expected_followup_seconds()
         return not busy and self.invariant.admits(n, self.checkpoints, compute, expected)
 
     def end_loop(self, ctx_id: int, loop_name: str, index: int, seconds: float) -> None:
@@ -407,6 +431,14 @@ class Checkpointer:
             self._estimated_bytes = sum(estimate_nbytes(obj) for obj in self.objects.values())
         return self._estimated_bytes / INITIAL_BYTES_PER_SECOND
 
+    def expected_followup_seconds(self) -> float:
+        """``M`` of an iteration's end after its nested point: the mean measured so far, else a full
+        checkpoint's (before any is measured, the nested point may have changed everything)."""
+        measured = self._materializer.measured_followups if self._materializer is not None else []
+        if measured:
+            return sum(measured) / len(measured)
+        return self.expected_materialize_seconds()
+
     def checkpoint(
         self, ctx_id: int, loop_name: str, index: int, seconds: float, point: str = CheckpointPoint.END,
         *, rng_before: RawRng | None = None,
@@ -414,14 +446,19 @@ class Checkpointer:
         """Copy every object's state now and queue it for writing in the background (with
         ``rng_before``: the generators at the previous iteration's end, training_state.capture)."""
         from .objects import ObjectStore
-        from .state import copy_state
+        from .state import copy_state, matches_copy
         from .training_state import RNG_BEFORE_NAME, RNG_START_NAME, capture
 
+        # At the end of an iteration whose nested point was taken, an object the rest of the
+        # iteration left alone (an evaluation, say) keeps the nested point's copy: no new copy,
+        # and the materializer stores it once (the same object in both checkpoints).
+        reusable = self._nested_copies if point == CheckpointPoint.END and ctx_id == self._nested_copies_ctx else {}
         items: list[tuple[str, StateCopy, float]] = []
         for name, obj in self.objects.items():
             started = time.perf_counter()
+            nested_copy = reusable.get(name)
             try:
-                copy = copy_state(obj)
+                copy = nested_copy if nested_copy is not None and matches_copy(obj, nested_copy) else copy_state(obj)
             except CheckpointError as exc:
                 raise CheckpointError(f"Could not checkpoint '{name}' at {loop_name} {index}: {exc}") from exc
             items.append((name, copy, time.perf_counter() - started))
@@ -430,10 +467,13 @@ class Checkpointer:
         earlier = {RNG_BEFORE_NAME: rng_before} if rng_before is not None else {}
         if self._rng_start is not None:
             earlier[RNG_START_NAME], self._rng_start = self._rng_start, None
-        extra = capture(self.objects, self.run.written_files(), self.run.config.root, earlier)
+        extra = capture(self.objects, self.run.written_files(), self.run.config.root, earlier, reusable)
         seconds_each = (time.perf_counter() - started) / len(extra)
         items.extend((name, copy, seconds_each) for name, copy in extra)
+        self._nested_copies, self._nested_copies_ctx = {}, -1
         if point == CheckpointPoint.NESTED:
+            self._nested_copies = {name: copy for name, copy, _ in items}
+            self._nested_copies_ctx = ctx_id
             items = [(CheckpointPoint.PREFIX + name, copy, took) for name, copy, took in items]
         if self._materializer is None:
             self._materializer = Materializer(self.run, ObjectStore.for_config(self.run.config))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import struct
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -173,6 +174,73 @@ def _copy_tree(x: Any, torch: Any, np: Any, counter: list[Any]) -> Any:
         items = [_copy_tree(v, torch, np, counter) for v in x]
         return items if isinstance(x, list) else tuple(items)
     raise _NotPlainError
+
+
+def matches_copy(obj: object, copy: StateCopy) -> bool:
+    """True when ``obj``'s state is, bit for bit, the state ``copy`` holds (a :func:`copy_state` of it
+    taken earlier), so that ``copy`` can stand for a new one; False wherever that is not certain.
+
+    A checkpoint at an iteration's end that follows one at its nested point (CheckpointPoint)
+    reuses the nested copy of each object the rest of the iteration left alone, instead of
+    copying, serializing and hashing the same bytes again. Comparing costs a read of both
+    (a few ms for tens of MB); the copy, torch.save and sha256 it saves cost ten times that.
+    Only torch trees on the CPU and plain (JSON) trees are compared; anything else (numpy arrays,
+    pickled objects, GPU tensors) answers False and is copied again, which is never wrong, only slower.
+    """
+    if copy.format not in (StateFormat.TORCH, StateFormat.JSON):
+        return False
+    source = obj.state_dict() if is_stateful(obj) else obj  # type: ignore[attr-defined]
+    return tree_matches(source, copy.payload)
+
+
+def tree_matches(live: Any, copied: Any) -> bool:
+    """True when the tree ``live`` (dicts, lists, tuples, primitives, CPU tensors) is bit for bit
+    the copied tree ``copied``: same types, keys in the same order, same dtypes and shapes, same
+    bytes (-0.0 is not 0.0, and a NaN matches only its own bits)."""
+    torch = _torch()
+    if torch is not None and isinstance(live, torch.Tensor):
+        return isinstance(copied, torch.Tensor) and _same_tensor_bits(live, copied, torch)
+    if type(live) is not type(copied):
+        return False
+    if isinstance(live, float):
+        return struct.pack("<d", live) == struct.pack("<d", copied)
+    if isinstance(live, _PRIMITIVE):
+        return bool(live == copied)
+    if isinstance(live, dict):
+        if list(live) != list(copied) or any(type(a) is not type(b) for a, b in zip(live, copied, strict=True)):
+            return False
+        if not _same_metadata(getattr(live, "_metadata", None), getattr(copied, "_metadata", None)):
+            return False
+        return all(tree_matches(live[key], copied[key]) for key in live)
+    if isinstance(live, list | tuple):
+        return len(live) == len(copied) and all(tree_matches(a, b) for a, b in zip(live, copied, strict=True))
+    return False
+
+
+#: Integer dtypes by element size: a tensor viewed as one of these compares its bits, not its values.
+_BITS_DTYPE_NAMES = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}
+
+
+def _same_tensor_bits(live: Any, copied: Any, torch: Any) -> bool:
+    if live.device.type != "cpu" or copied.device.type != "cpu":
+        return False  # comparing would cost the transfer a copy costs
+    if live.layout != torch.strided or live.is_quantized or live.dtype != copied.dtype or live.shape != copied.shape:
+        return False
+    bits = _BITS_DTYPE_NAMES.get(live.element_size())
+    if bits is None:
+        return False
+    dtype = getattr(torch, bits)
+    live, copied = live.detach(), copied.detach()
+    if live.dtype != dtype:
+        live, copied = live.view(dtype), copied.view(dtype)
+    return bool(torch.equal(live, copied))
+
+
+def _same_metadata(live: Any, copied: Any) -> bool:
+    # _copy_tree copies a module state_dict's _metadata as an OrderedDict of dicts
+    if live is None or copied is None:
+        return live is None and copied is None
+    return list(live) == list(copied) and all(dict(live[key]) == copied[key] for key in live)
 
 
 def _is_json_plain(x: Any) -> bool:

@@ -34,7 +34,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import CheckpointError
-from .state import StateCopy, StateFormat
+from .state import StateCopy, StateFormat, tree_matches
 
 #: The checkpoint object holding every random generator's state.
 RNG_NAME = "flor.rng"
@@ -67,16 +67,21 @@ def grad_name(name: str) -> str:
 
 def capture(
     objects: Mapping[str, Any], files: Iterable[str] = (), root: Path | None = None,
-    earlier: Mapping[str, RawRng] | None = None,
+    earlier: Mapping[str, RawRng] | None = None, reusable: Mapping[str, StateCopy] | None = None,
 ) -> list[tuple[str, StateCopy]]:
     """The generators' states, the gradients of ``objects``' torch modules and the current contents
     of ``files`` (paths relative to ``root`` the run wrote, written_files.py), as state copies;
     ``earlier`` generator states (:func:`raw_rng_state`) kept under their names
-    (:data:`RNG_BEFORE_NAME`, :data:`RNG_START_NAME`) too."""
+    (:data:`RNG_BEFORE_NAME`, :data:`RNG_START_NAME`) too. A gradients copy in ``reusable`` (the
+    iteration's nested point) that still matches bit for bit is returned instead of a new one."""
     copies = [(RNG_NAME, StateCopy(StateFormat.JSON, rng_state(), 0))]
     for name, raw in (earlier or {}).items():
         copies.append((name, StateCopy(StateFormat.JSON, encode_rng_state(raw), 0)))
     for name, obj in objects.items():
+        earlier_grads = (reusable or {}).get(grad_name(name))
+        if earlier_grads is not None and tree_matches(_live_grads(obj), earlier_grads.payload):
+            copies.append((grad_name(name), earlier_grads))
+            continue
         grads = _grad_copy(obj)
         if grads is not None:
             copies.append((grad_name(name), grads))
@@ -155,6 +160,11 @@ def differing_generators(recorded: Mapping[str, Any], live: Mapping[str, Any]) -
 
 def _b64(tensor: Any) -> str:
     return base64.b64encode(tensor.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _live_grads(module: Any) -> dict[str, Any]:
+    # the tree _grad_copy copies, uncopied: for comparing with an earlier copy
+    return {pname: None if param.grad is None else param.grad for pname, param in module.named_parameters()}
 
 
 def _grad_copy(obj: Any) -> StateCopy | None:
