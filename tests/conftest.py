@@ -7,6 +7,7 @@ installed), inside the temporary repository, exactly as a user would run them.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -17,6 +18,13 @@ from pathlib import Path
 import pytest
 
 from tests.pg_server import PgServer, find_pg_bin, running_server
+
+# A shell starts a background job (`.ci/run &`, a job runner) with SIGINT ignored, and every child
+# inherits that: the Ctrl-C tests would then send a signal nobody hears, and a test that waits for
+# the second Ctrl-C would hang. Give the test process, and so every script it starts (a handled
+# signal is reset to the default at exec), Python's usual Ctrl-C.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 GIT_ENV = {
     "GIT_CONFIG_NOSYSTEM": "1",

@@ -12,6 +12,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,12 +46,23 @@ def start(project: Project, script: str, *args: str, new_session: bool = False) 
     )
 
 
-def wait_for_line(proc: subprocess.Popen[str], expected: str) -> None:
+def wait_for_line(proc: subprocess.Popen[str], expected: str, hang_seconds: float = 300.0) -> None:
+    """Read the script's output until it prints ``expected``. A script that hangs instead is killed
+    after ``hang_seconds`` (far more than any of these needs on a loaded machine), so the test fails
+    with its output rather than holding up the suite forever."""
     assert proc.stdout is not None
-    for line in proc.stdout:
-        if line.strip() == expected:
-            return
-    raise AssertionError(f"the script ended before printing {expected!r}: {proc.communicate()}")
+    watchdog = threading.Timer(hang_seconds, proc.kill)
+    watchdog.start()
+    try:
+        for line in proc.stdout:
+            if line.strip() == expected:
+                return
+    finally:
+        watchdog.cancel()
+    raise AssertionError(
+        f"the script ended (or hung and was killed after {hang_seconds:.0f} s) before printing {expected!r}: "
+        f"{proc.communicate()}"
+    )
 
 
 # -- values SQLite cannot hold -------------------------------------------------------------------
