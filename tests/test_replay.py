@@ -30,7 +30,7 @@ with flor.checkpointing(state=state):
     for epoch in flor.loop("epoch", range(3)):
         for step in flor.loop("step", range(4)):
             {update}
-            time.sleep(0.02)  # epochs slow enough that every one is checkpointed
+            time.sleep(0.02)
             with open(os.environ["MARKER"], "a") as fh:
                 fh.write("x")
         flor.log("val", state["w"])
@@ -65,6 +65,9 @@ def recorded(project: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> A
     """Three recorded versions of train.py (scale=2 for the last), then today's version written."""
     marker = tmp_path / "marker"
     monkeypatch.setenv("MARKER", str(marker))
+    # Every epoch checkpointed, both points: the adaptive rule decides by measured time, and on a
+    # loaded machine it left an epoch without its nested point, which then ran its loop in full.
+    project.write("pyproject.toml", "[tool.flordb_build]\ncheckpoint_every = 1\n")
     for i, update in enumerate(UPDATES):
         project.write("train.py", SCRIPT.format(update=update))
         project.commit_all(f"version {i}")

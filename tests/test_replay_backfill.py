@@ -175,11 +175,13 @@ def test_a_replay_that_fails_mid_loop_leaves_the_values_as_they_were(replayed: P
 def test_one_failing_segment_of_two_workers_writes_nothing_of_the_run(replayed: Project) -> None:
     project = replayed
     before = flor.dataframe("val", "x")
-    # Epochs 2 and 3 are the second segment; it fails at epoch 3, after the first segment succeeded.
+    # Epoch 3 is in the second segment (where it starts depends on the recorded timings); it fails
+    # there, after the first segment succeeded.
     project.write("train.py", today('state["w"] * 3 + 0 // (3 - epoch)'))
     project.commit_all("today: x fails at epoch 3")
     plan = flor.replay("x", workers=2, dry_run=True, quiet=True)
-    assert [run.segments for run in plan.plan.runs] == [((0, 2), (2, 4))]
+    (segments,) = [run.segments for run in plan.plan.runs]
+    assert len(segments) == 2 and segments[1][0] <= 3 < segments[1][1], segments
 
     with pytest.raises(ReplayError) as failed:
         flor.replay("x", workers=2, quiet=True)

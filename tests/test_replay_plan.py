@@ -16,6 +16,7 @@ from flordb_build.hindsight import (
     StartCosts,
     Step,
     StepKind,
+    balance_segments,
     compare_values,
     format_plan,
     plan_replay,
@@ -142,6 +143,34 @@ def test_plan_picks_depth_per_run_and_estimates_from_timings() -> None:
     assert ranged.segment_estimates == pytest.approx((7.0, 7.6))
     assert ranged.estimate == pytest.approx(7.6)
     assert ranged.version == "abcdef01"
+
+
+def test_segments_start_after_checkpoints_with_the_longest_as_short_as_it_can_be() -> None:
+    # bench_replay's recording: checkpoints at 4, 5, 10, 16 and 19 of 20 one-second epochs. An even
+    # split at 10 made the second worker restore 5 and run 6-19 again (14 epochs: 1.4x at best).
+    ckpts = (4, 5, 10, 16, 19)
+    assert balance_segments([1.0] * 20, 2, ckpts, restore=0.1) == ((0, 11), (11, 20))
+    assert balance_segments([1.0] * 20, 3, ckpts, restore=0.1) == ((0, 6), (6, 11), (11, 20))
+    # a long tail after the loop weighs on the last segment; uneven epochs move the split
+    assert balance_segments([1.0] * 20, 2, ckpts, restore=0.1, tail=10.0) == ((0, 17), (17, 20))
+    assert balance_segments([3.0] * 10 + [1.0] * 10, 2, ckpts) == ((0, 6), (6, 20))
+    # no checkpoint to start from (or only the last), one worker, nothing to split: one segment
+    assert balance_segments([1.0] * 20, 2, ()) == ((0, 20),)
+    assert balance_segments([1.0] * 20, 2, (19,)) == ((0, 20),)
+    assert balance_segments([1.0] * 20, 1, ckpts) == ((0, 20),)
+    assert balance_segments([], 2, ckpts) == ((0, 0),)
+    # more workers than checkpoints: as many segments as there are places to start one
+    assert balance_segments([1.0] * 20, 8, (9,)) == ((0, 10), (10, 20))
+    # a checkpoint every iteration: as even as the iterations allow
+    assert balance_segments([1.0] * 9, 3, range(9)) == ((0, 3), (3, 6), (6, 9))
+
+
+def test_a_range_plan_splits_where_a_segment_starts_from_a_checkpoint() -> None:
+    run = recorded(checkpointed=(0, 2, 3))  # no checkpoint at 1: an even split (0, 2), (2, 4) would
+    ranged = plan_replay([run], {"train.py": TODAY}, ["inner"], workers=2).runs[0]  # rebuild epoch 1
+    assert ranged.segments == ((0, 3), (3, 4))
+    # segment 0: prefix + 3 epochs; segment 1: prefix + restore epoch 2 + 1 epoch + suffix
+    assert ranged.segment_estimates == pytest.approx((10.0, 4.6))
 
 
 def test_a_skipped_checkpoint_is_recomputed_and_costed() -> None:

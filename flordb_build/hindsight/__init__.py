@@ -52,11 +52,17 @@ from ._select import prepare_replay
 
 if TYPE_CHECKING:
     from ._doit import ReplayCommand
-    from ._plan import plan_replay, schedule_scan, split_segments
+    from ._plan import balance_segments, plan_replay, schedule_scan, split_segments
 
 # The planner imports libcst and the doit command imports doit: a replaying script's process
 # (which imports this package for _mode.py) needs neither.
-_LAZY = {"ReplayCommand": "_doit", "plan_replay": "_plan", "schedule_scan": "_plan", "split_segments": "_plan"}
+_LAZY = {
+    "ReplayCommand": "_doit",
+    "balance_segments": "_plan",
+    "plan_replay": "_plan",
+    "schedule_scan": "_plan",
+    "split_segments": "_plan",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -88,6 +94,7 @@ __all__ = [
     "Step",
     "StepKind",
     "SubprocessExecutor",
+    "balance_segments",
     "compare_values",
     "format_plan",
     "format_report",
