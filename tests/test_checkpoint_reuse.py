@@ -187,3 +187,25 @@ def test_what_the_evaluation_changed_gets_a_copy_of_its_own(project: Any, change
         assert end["param_groups"][0]["lr"] == nested["param_groups"][0]["lr"] * 0.5
     else:
         assert torch.equal(end["0.bias"], nested["0.bias"] * 2.0)
+
+
+def test_a_shared_copy_counts_at_what_it_cost_when_replay_estimates_a_restore(project: Any) -> None:
+    # A restore of an epoch's end reads and decodes its whole state, reused copies included: the
+    # planner's M for that end (restore = 1.38 M before any restore is measured) must not be the
+    # few ms of the end's comparisons.
+    from flordb_build.hindsight._select import load_recorded_runs
+
+    _record(project, "none")
+    with sqlite3.connect(project.root / ".flor" / "flor.db") as conn:
+        run_id, nested = conn.execute(
+            "SELECT run_id, SUM(materialize_seconds) FROM checkpoints WHERE iteration = 1 AND name LIKE 'nested:%' "
+            "AND name NOT LIKE 'nested:flor.%'"
+        ).fetchone()
+        end = conn.execute(
+            "SELECT SUM(materialize_seconds) FROM checkpoints WHERE iteration = 1 AND name IN (?, ?, ?, ?)",
+            TORCH_OBJECTS,
+        ).fetchone()[0]
+    (recorded,) = load_recorded_runs(load_config(), [run_id])
+    (planned_m,) = [m for _ctx, _loop, iteration, m in recorded.checkpoints if iteration == 1]
+    assert end < nested  # the end's own rows: comparisons, not copies
+    assert planned_m >= nested

@@ -55,10 +55,17 @@ def load_recorded_runs(config: Config, run_ids: Sequence[str]) -> list[RecordedR
             rid, task, filename, snapshot, status, args_text, seconds, argv_text = row
             outer = [(c, n, i) for c, parent, n, i, _v in loop_contexts(conn, rid) if parent == 0]
             timings = conn.execute("SELECT ctx_id, kind, seconds FROM timings WHERE run_id = ?", (rid,)).fetchall()
+            # M of each checkpoint's end, what restoring it is estimated from: an object the end shares
+            # with its nested point (the same copy, stored once: checkpoints.Materializer) counts at
+            # what the nested point paid for it, not at the few ms the end's comparison took.
             checkpoints = conn.execute(
-                "SELECT ctx_id, loop_name, iteration, SUM(materialize_seconds) FROM checkpoints "
-                "WHERE run_id = ? AND (point IS NULL OR point = ?) GROUP BY ctx_id, loop_name, iteration ORDER BY ctx_id",
-                (rid, CheckpointPoint.END),
+                "SELECT e.ctx_id, e.loop_name, e.iteration, "
+                "SUM(MAX(e.materialize_seconds, COALESCE(n.materialize_seconds, 0))) FROM checkpoints AS e "
+                "LEFT JOIN checkpoints AS n ON n.run_id = e.run_id AND n.ctx_id = e.ctx_id "
+                "AND n.name = ? || e.name AND n.sha256 = e.sha256 "
+                "WHERE e.run_id = ? AND (e.point IS NULL OR e.point = ?) "
+                "GROUP BY e.ctx_id, e.loop_name, e.iteration ORDER BY e.ctx_id",
+                (CheckpointPoint.PREFIX, rid, CheckpointPoint.END),
             ).fetchall()
             nested = conn.execute(
                 "SELECT DISTINCT ctx_id FROM checkpoints WHERE run_id = ? AND point = ?", (rid, CheckpointPoint.NESTED)
