@@ -60,6 +60,7 @@ V1 = [6, 12, 18, 24]  # x = w * 2, w = 3, 6, 9, 12 at the end of each epoch
 @pytest.fixture
 def replayed(project: Project) -> Project:
     """One recorded run, and a successful replay of ``x = w * 2`` (its values V1, its journal)."""
+    project.write("pyproject.toml", "[tool.flordb_build]\ncheckpoint_every = 1\n")  # restore points by count, not timing
     project.write("train.py", RECORDED)
     project.commit_all("recorded version")
     project.run("train.py")

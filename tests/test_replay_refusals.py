@@ -63,6 +63,7 @@ def today(recorded: str, depth: str) -> str:
 
 def record(project: Project, script: str, depth: str) -> None:
     """One recorded run of ``script``; today's version adds the statement of ``depth``."""
+    project.write("pyproject.toml", "[tool.flordb_build]\ncheckpoint_every = 1\n")  # restore points by count, not timing
     project.write("train.py", script)
     project.commit_all("recorded version")
     project.run("train.py")
@@ -122,6 +123,18 @@ def test_a_deterministic_replay_is_written_at_every_depth(project: Project, dept
     assert flor.dataframe(name)[name].tolist() == values
     header = journal_header(project, run_id())
     assert header is not None and "divergent" not in header
+
+
+def test_a_recorded_nan_is_no_evidence_of_divergence(project: Project) -> None:
+    # SQLite stores a float NaN as NULL: the record's NaN reads back as None, the replay's is NaN.
+    # They are the same value, and the run's new values are written.
+    script = DETERMINISTIC.replace(
+        '        flor.log("val", state["w"])\n', '        flor.log("val", state["w"])\n        flor.log("gap", float("nan"))\n'
+    )
+    record(project, script, "validation")
+    out = project.cli("replay", "v", "--yes")
+    assert "withheld" not in out.stdout and "nondeterminism" not in out.stdout, out.stdout
+    assert flor.dataframe("v")["v"].tolist() == [6, 12, 18]
 
 
 # -- divergence: withheld, or written marked -----------------------------------------------------

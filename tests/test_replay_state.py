@@ -38,6 +38,7 @@ def _replayed_values(report: Any, name: str) -> list[list[Any]]:
 
 
 def _record(project: Any, old: str, today: str, *args: str) -> None:
+    project.write("pyproject.toml", "[tool.flordb_build]\ncheckpoint_every = 1\n")  # restore points by count, not timing
     project.write("train.py", old)
     project.commit_all("recorded version")
     project.run("train.py", *args)

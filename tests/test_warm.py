@@ -252,6 +252,7 @@ def test_ctrl_c_ends_a_replay_and_its_forked_processes(
 ) -> None:
     import subprocess
 
+    project.write("pyproject.toml", "[tool.flordb_build]\ncheckpoint_every = 1\n")  # two segments: a restore point at 0
     project.write("train.py", SLOW)
     project.commit_all("recorded")
     project.run("train.py")  # no STEP_SLEEP: recorded in a moment

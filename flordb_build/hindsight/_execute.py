@@ -200,7 +200,13 @@ def _outcome(run: RunPlan, results: Sequence[JobResult], seconds: float) -> RunO
 
 
 def values_match(recorded: Any, replayed: Any, rel_tol: float = DEFAULT_REL_TOL) -> bool:
-    """Exact for ints, strings and bools; relative tolerance for floats; recursive for lists and dicts."""
+    """Exact for ints, strings and bools; relative tolerance for floats; recursive for lists and dicts.
+
+    A recorded None matches a replayed NaN: SQLite stores a float NaN as NULL, so a NaN the record
+    logged reads back as None (and a logged None is stored the same way: neither is kept apart).
+    """
+    if recorded is None and isinstance(replayed, float) and math.isnan(replayed):
+        return True
     if isinstance(recorded, float) or isinstance(replayed, float):
         if isinstance(recorded, bool) or isinstance(replayed, bool):
             return recorded == replayed
