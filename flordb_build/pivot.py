@@ -380,6 +380,8 @@ def typed_series(name: str, values: Any) -> pd.Series:
 
     Ints or bools with gaps become pandas' nullable Int64/boolean rather than floats/objects.
     """
+    if isinstance(values, pd.Series):  # typed already (blockpivot.py)
+        return values
     array = values if isinstance(values, np.ndarray) else _object_array(values)
     if array.dtype.kind == "i":  # loop dimensions: -1 marks "not inside this loop"
         missing = array < 0

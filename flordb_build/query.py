@@ -166,11 +166,16 @@ def _as_reader(source: sqlite3.Connection | StoreReader) -> StoreReader:
 
 
 def _pivot(reader: StoreReader, runs: RunTable, names: list[str]) -> dict[str, Any]:
-    from .pivot import ContextPivot
+    from .blockpivot import BlockPivot, blocks_of_loop_arrays, read_blocks, read_name_rows, rows_of_log_arrays
 
+    if isinstance(reader, SQLiteReader):
+        # The local store: packed values and loop blocks straight from SQLite (blockpivot.py).
+        rows = read_name_rows(reader.conn, runs.run_ids, names)
+        return BlockPivot(runs, names, read_blocks(reader.conn, runs.run_ids, rows), rows).columns()
+    # Another store (the team's) answers the reader interface's per-context arrays.
     logs = reader.read_logs(runs.run_ids, names)
     loops = reader.read_loops(runs.run_ids, logs)
-    return ContextPivot(runs, names, loops, logs).columns()
+    return BlockPivot(runs, names, blocks_of_loop_arrays(loops), rows_of_log_arrays(logs, len(names))).columns()
 
 
 def _run_level(reader: StoreReader, runs: RunTable) -> dict[str, Any]:
@@ -193,13 +198,22 @@ def _to_frame(columns: dict[str, Any]) -> pd.DataFrame:
     frame = pd.DataFrame(
         {
             # Run columns are text (or None) by construction: no need to infer their type.
-            name: pd.Series(values, dtype=object, name=name) if name in RUN_COLUMNS else typed_series(name, values)
+            name: _run_series(name, values) if name in RUN_COLUMNS else typed_series(name, values)
             for name, values in columns.items()
         }
     )
-    if "tstamp" in frame and len(frame):
+    if "tstamp" in frame and len(frame) and frame["tstamp"].dtype == object:
         frame["tstamp"] = pd.to_datetime(frame["tstamp"], format="ISO8601")
     return frame
+
+
+def _run_series(name: str, values: Any) -> pd.Series:
+    """A run column: text as objects; tstamp already parsed (per run, by the pivot) stays as it is."""
+    import pandas as pd
+
+    if isinstance(values, pd.DatetimeIndex):
+        return pd.Series(values, name=name)
+    return pd.Series(values, dtype=object, name=name)
 
 
 def latest(df: pd.DataFrame) -> pd.DataFrame:

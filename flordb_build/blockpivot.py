@@ -1,0 +1,552 @@
+"""``flor.dataframe``'s pivot over loop *blocks*: numpy whose per-row work is a few vector passes.
+
+A loop block (store.coalesce_loops) is a run of consecutive iterations of one loop under one
+parent: 200k steps of an epoch are one block. Every context of a block shares its parent, so all
+the walking up the loop tree (which rows are leaves, which loops enclose a row, which ancestor
+holds a value that repeats on the rows below it) runs over *distinct blocks*, a few dozen, and the
+result is broadcast to the rows with one gather. The rows themselves are only located in their
+block (one ``searchsorted`` over nearly sorted keys) and gathered into typed columns; plain floats
+and ints stay float64/int64 from ``np.frombuffer`` of the packed copy to the frame.
+
+The rules are pivot.ContextPivot's, which this replaces (tests/test_dataframe_contract.py holds
+both to the same frames): a row is a context holding a requested value with none below it; each
+name takes the value at that context or its nearest ancestor, the last logged winning, recorded
+over replayed; rows go by run (tstamp), then loop level in the order the levels were read (fewest
+contexts first), then context; loops are ordered outermost first by their mean depth above rows.
+
+Keys: ``(run code << 32) | ctx_id`` is one int64 per context; ``ctx_id`` 0 is the run level.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .errors import QueryError
+from .pivot import LogArrays, LoopArrays, typed_series
+from .runtable import RUN_COLUMNS, RunTable
+from .values import ValueKind, decode_value
+
+SHIFT = 32
+_LOW = (1 << SHIFT) - 1
+_MAX_DEPTH = 10_000  # nesting deeper than any script's loops: a guard against a malformed store
+
+
+@dataclass(frozen=True)
+class ContextBlocks:
+    """The loop blocks a frame reads, sorted by ``key``; ``name`` and ``rank`` index per-run loop levels."""
+
+    names: list[str]  # loop names in the order levels were first read (dimension candidates)
+    key: np.ndarray  # (code << 32) | first ctx of the block
+    count: np.ndarray
+    parent: np.ndarray  # the parent ctx (0: the run level)
+    iteration: np.ndarray
+    name: np.ndarray  # index into names
+    rank: np.ndarray  # the position of the block's level in its run's read order
+    value: np.ndarray  # object: the loop value of a one-context block, else None
+
+    def find(self, keys: np.ndarray) -> np.ndarray:
+        """The block holding each context key; -1 for run-level and unknown contexts."""
+        if self.key.size == 0:
+            return np.full(len(keys), -1, dtype=np.int64)
+        at = np.searchsorted(self.key, keys, side="right") - 1
+        safe = np.maximum(at, 0)
+        inside = (at >= 0) & ((keys & _LOW) != 0) & (keys < self.key[safe] + self.count[safe])
+        return np.where(inside, at, -1)
+
+
+@dataclass(frozen=True)
+class NameRows:
+    """The log rows of one requested name over all runs; of rows with one key, the last wins."""
+
+    key: np.ndarray  # (code << 32) | ctx as logged
+    values: np.ndarray  # float64 / int64 when every row is a packed plain number, else object
+    kind: np.ndarray | None  # ValueKind per row; None when every value is native
+
+
+# -- reading the local store -------------------------------------------------------------------
+
+_CHUNKS_SQL = "SELECT format, ctx_ids, vals FROM log_columns WHERE run_id = ? AND name = ? ORDER BY first_seq"
+_FIRST_CHUNK_SQL = "SELECT min(first_seq) FROM log_columns WHERE run_id = ? AND name = ?"
+_EARLIER_ROW_SQL = "SELECT 1 FROM logs WHERE run_id = ? AND name = ? AND source = 'record' AND seq < ? LIMIT 1"
+_RECORD_SQL = "SELECT ctx_id, value, kind FROM logs WHERE run_id = ? AND name = ? AND source = 'record'"
+_REPLAY_SQL = "SELECT ctx_id, value, kind FROM logs WHERE run_id = ? AND name = ? AND source = 'replay'"
+_BLOCKS_SQL = "SELECT name, ctx_id, parent_ctx, iteration, count, value FROM loops WHERE run_id = ?"
+
+
+def read_name_rows(conn: sqlite3.Connection, run_ids: list[str], names: list[str]) -> list[NameRows]:
+    """Every value of each of ``names`` logged by ``run_ids``: per run, replayed rows, then recorded."""
+    out = []
+    for name in names:
+        keys: list[np.ndarray] = []
+        values: list[np.ndarray] = []
+        kinds: list[np.ndarray | None] = []
+        for code, run_id in enumerate(run_ids):
+            base = np.int64(code << SHIFT)
+            replayed = conn.execute(_REPLAY_SQL, (run_id, name)).fetchall()
+            if replayed:
+                _add_rows(replayed, base, keys, values, kinds)
+            packed = _read_packed(conn, run_id, name)
+            if packed is not None:
+                if packed[0].size:
+                    keys.append(packed[0] | base)
+                    values.append(packed[1])
+                    kinds.append(None)
+            else:
+                rows = conn.execute(_RECORD_SQL, (run_id, name)).fetchall()
+                if rows:
+                    _add_rows(rows, base, keys, values, kinds)
+        out.append(_name_rows(keys, values, kinds))
+    return out
+
+
+def _add_rows(
+    rows: list[tuple[Any, ...]], base: np.int64, keys: list[np.ndarray], values: list[np.ndarray],
+    kinds: list[np.ndarray | None],
+) -> None:
+    ctx, value, kind = zip(*rows, strict=True)
+    array = np.empty(len(rows), dtype=object)
+    array[:] = value
+    keys.append(np.array(ctx, dtype=np.int64) | base)
+    values.append(array)
+    kinds.append(np.array(kind, dtype=np.int64))
+
+
+def _name_rows(keys: list[np.ndarray], values: list[np.ndarray], kinds: list[np.ndarray | None]) -> NameRows:
+    if not keys:
+        return NameRows(np.empty(0, dtype=np.int64), np.empty(0, dtype=object), None)
+    dtypes = {v.dtype for v in values}
+    if len(dtypes) == 1:
+        joined = np.concatenate(values)
+    else:  # packed floats of one run, ints or rows of another: Python objects, as logged
+        joined = np.concatenate([v.astype(object) for v in values])
+    kind = None
+    if any(k is not None and k.any() for k in kinds):
+        kind = np.concatenate([np.zeros(len(v), dtype=np.int64) if k is None else k for v, k in zip(values, kinds, strict=True)])
+    return NameRows(np.concatenate(keys), joined, kind)
+
+
+def _read_packed(conn: sqlite3.Connection, run_id: str, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """Recorded ``(ctx ids, values)`` from ``log_columns`` when its chunks hold every recorded row.
+
+    Every writer (the flusher, rebuild) stores a batch's chunks in the transaction of its rows, so
+    a run's chunks cover all its recorded rows of a name, or (a store older than log_columns)
+    none: one index seek for a row before the first chunk tells, where counting would read them all.
+    """
+    chunks = conn.execute(_CHUNKS_SQL, (run_id, name)).fetchall()
+    formats = {c[0] for c in chunks}
+    if len(formats) != 1 or "rows" in formats:
+        return None
+    first_seq = conn.execute(_FIRST_CHUNK_SQL, (run_id, name)).fetchone()[0]
+    if conn.execute(_EARLIER_ROW_SQL, (run_id, name, first_seq)).fetchone() is not None:
+        return None
+    dtype = np.float64 if chunks[0][0] == "f8" else np.int64
+    if len(chunks) == 1:
+        return np.frombuffer(chunks[0][1], dtype=np.int64), np.frombuffer(chunks[0][2], dtype=dtype)
+    return (
+        np.concatenate([np.frombuffer(c[1], dtype=np.int64) for c in chunks]),
+        np.concatenate([np.frombuffer(c[2], dtype=dtype) for c in chunks]),
+    )
+
+
+def read_blocks(conn: sqlite3.Connection, run_ids: list[str], rows: list[NameRows]) -> ContextBlocks:
+    """The loop blocks of the levels a frame needs, per run: levels are taken fewest contexts first
+    until every context the rows name, and each of its ancestors, is held (all levels when some
+    context is unknown, as ContextPivot read them)."""
+    loop_names: dict[str, int] = {}
+    parts: list[tuple[int, list[tuple[Any, ...]], dict[str, int]]] = []
+    per_run = _keys_per_run([r.key for r in rows if r.key.size], len(run_ids))
+    for code, run_id in enumerate(run_ids):
+        wanted = per_run[code]
+        wanted = wanted[(wanted & _LOW) != 0]
+        if wanted.size == 0:
+            continue
+        blocks = conn.execute(_BLOCKS_SQL, (run_id,)).fetchall()
+        if not blocks:
+            continue
+        sizes: dict[str, int] = {}
+        for b in blocks:
+            sizes[b[0]] = sizes.get(b[0], 0) + b[4]
+        order = sorted(sizes, key=lambda n: (sizes[n], n))
+        ranks = {n: i for i, n in enumerate(order)}
+        read = _levels_needed(code, blocks, ranks, wanted)
+        kept_levels = order[: read + 1]
+        for level in kept_levels:
+            loop_names.setdefault(level, len(loop_names))
+        kept = set(kept_levels)
+        parts.append((code, [b for b in blocks if b[0] in kept], ranks))
+    return _blocks_of(parts, loop_names)
+
+
+def _keys_per_run(keys: list[np.ndarray], n_runs: int) -> list[np.ndarray]:
+    """Each run's keys out of per-name key arrays (each ordered by run, as read_name_rows reads them)."""
+    parts: list[list[np.ndarray]] = [[] for _ in range(n_runs)]
+    for key in keys:
+        codes = key >> SHIFT
+        if _is_sorted(codes):
+            bounds = np.searchsorted(codes, np.arange(n_runs + 1))
+            for code in range(n_runs):
+                if bounds[code + 1] > bounds[code]:
+                    parts[code].append(key[bounds[code] : bounds[code + 1]])
+        else:
+            for code in np.unique(codes).tolist():
+                parts[code].append(key[codes == code])
+    empty = np.empty(0, dtype=np.int64)
+    return [p[0] if len(p) == 1 else np.concatenate(p) if p else empty for p in parts]
+
+
+def _is_sorted(values: np.ndarray) -> bool:
+    return values.size < 2 or bool(np.all(values[1:] >= values[:-1]))
+
+
+def _levels_needed(code: int, blocks: list[tuple[Any, ...]], ranks: dict[str, int], wanted: np.ndarray) -> int:
+    """The highest level rank a frame must read for the ``wanted`` contexts of one run."""
+    one = _blocks_of([(code, blocks, ranks)], {n: i for i, n in enumerate(ranks)})
+    found = one.find(wanted)
+    if (found < 0).any():
+        return len(ranks) - 1  # an unknown context: every level is read, it stays at run level
+    needed = _distinct_sorted(found)
+    levels = set(one.rank[needed].tolist())
+    frontier = needed
+    for _ in range(_MAX_DEPTH):
+        parents = one.parent[frontier]
+        parents = np.unique(parents[parents != 0])
+        if parents.size == 0:
+            break
+        up = one.find(parents | np.int64(code << SHIFT))
+        if (up < 0).any():
+            return len(ranks) - 1  # an unknown ancestor
+        levels.update(one.rank[up].tolist())
+        frontier = np.unique(up)
+    return max(levels)
+
+
+def _blocks_of(parts: list[tuple[int, list[tuple[Any, ...]], dict[str, int]]], loop_names: dict[str, int]) -> ContextBlocks:
+    """ContextBlocks from ``(code, loops rows (name, ctx, parent, iteration, count, value), level ranks)``."""
+    n = sum(len(b) for _c, b, _r in parts)
+    key = np.empty(n, dtype=np.int64)
+    count = np.empty(n, dtype=np.int64)
+    parent = np.empty(n, dtype=np.int64)
+    iteration = np.empty(n, dtype=np.int64)
+    name = np.empty(n, dtype=np.int64)
+    rank = np.empty(n, dtype=np.int64)
+    value = np.empty(n, dtype=object)
+    i = 0
+    for code, blocks, ranks in parts:
+        base = code << SHIFT
+        for level, ctx, parent_ctx, it, cnt, val in blocks:
+            key[i], count[i], parent[i], iteration[i] = base | ctx, cnt, parent_ctx, it
+            name[i], rank[i], value[i] = loop_names[level], ranks[level], val
+            i += 1
+    order = np.argsort(key, kind="stable")
+    return ContextBlocks(
+        list(loop_names), key[order], count[order], parent[order], iteration[order], name[order], rank[order],
+        value[order],
+    )
+
+
+# -- the team store's arrays ---------------------------------------------------------------------
+
+
+def rows_of_log_arrays(logs: LogArrays, n_names: int) -> list[NameRows]:
+    """Per-name rows from a reader's :class:`~flordb_build.pivot.LogArrays` (the team store's)."""
+    out = []
+    for code in range(n_names):
+        rows = np.nonzero(logs.name == code)[0]
+        rows = rows[np.argsort(~logs.replay[rows], kind="stable")]  # replayed first: recorded wins
+        kind = logs.kind[rows]
+        out.append(NameRows((logs.code[rows] << SHIFT) | logs.ctx[rows], logs.value[rows], kind if kind.any() else None))
+    return out
+
+
+def blocks_of_loop_arrays(loops: LoopArrays) -> ContextBlocks:
+    """One-context blocks from a reader's :class:`~flordb_build.pivot.LoopArrays`, ranked by read order."""
+    ranks = np.zeros(len(loops.ctx), dtype=np.int64)
+    seen: dict[tuple[int, int], int] = {}
+    per_run: dict[int, int] = {}
+    # Levels arrive per run in read order: a level's rank is its place in its run.
+    for i, (code, name) in enumerate(zip(loops.code.tolist(), loops.name.tolist(), strict=True)):
+        if (code, name) not in seen:
+            seen[(code, name)] = per_run.get(code, 0)
+            per_run[code] = seen[(code, name)] + 1
+        ranks[i] = seen[(code, name)]
+    key = (loops.code << SHIFT) | loops.ctx
+    order = np.argsort(key, kind="stable")
+    return ContextBlocks(
+        list(loops.names), key[order], np.ones(len(key), dtype=np.int64)[order], loops.parent[order],
+        loops.iteration[order], loops.name[order], ranks[order], loops.value[order],
+    )
+
+
+# -- the pivot -----------------------------------------------------------------------------------
+
+
+class BlockPivot:
+    """Turns loop blocks and per-name log rows into dataframe columns (see the module docstring)."""
+
+    def __init__(self, runs: RunTable, names: list[str], blocks: ContextBlocks, rows: list[NameRows]) -> None:
+        self.runs = runs
+        self.names = names
+        self.blocks = blocks
+        self.rows = rows
+        b = blocks
+        parent_key = (b.key >> SHIFT << SHIFT) | b.parent
+        #: the block holding each block's parent context; -1 at the run level (or an unknown parent)
+        self.up = np.where(b.parent == 0, -1, b.find(parent_key))
+        self.parent_key = np.where(self.up < 0, b.key >> SHIFT << SHIFT, parent_key)
+
+    def columns(self) -> dict[str, Any]:
+        """Frame columns in order: run columns, loop dimensions, names (arrays or typed Series)."""
+        chosen = [self._last_per_context(r) for r in self.rows]
+        present = [c[0] for c in chosen if c[0].size]
+        if not present:
+            return {c: np.empty(0, dtype=object) for c in [*RUN_COLUMNS, *self.names]}
+        involved = present[0] if len(present) == 1 else np.unique(np.concatenate(present))
+        leaves, leaf_block = self._leaves(involved)
+        codes = leaves >> SHIFT
+        out: dict[str, Any] = self._run_columns(codes)
+        dimensions = self._dimension_columns(leaves, leaf_block)
+        self._refuse_names_that_are_dimensions(dimensions)
+        order = self._row_order(codes, leaf_block)
+        values = {name: self._value_column(name, c, leaves, leaf_block) for name, c in zip(self.names, chosen, strict=True)}
+        if order is None:
+            out.update(dimensions)
+            out.update(values)
+            return out
+        out = {k: _take(v, order) for k, v in out.items()}
+        out.update({k: _take(v, order) for k, v in dimensions.items()})
+        out.update({k: _take(v, order) for k, v in values.items()})
+        return out
+
+    def _last_per_context(self, rows: NameRows) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """``(sorted unique keys, their winning values, kinds)``; unknown contexts count as run level."""
+        key = rows.key
+        if key.size == 0:
+            return key, rows.values, rows.kind
+        at = self.blocks.find(key)
+        unknown = (at < 0) & ((key & _LOW) != 0)
+        if unknown.any():
+            key = np.where(unknown, key >> SHIFT << SHIFT, key)
+        if key.size < 2 or bool(np.all(key[1:] > key[:-1])):  # one value per context, in order: the bulk
+            return key, rows.values, rows.kind
+        order = np.argsort(key, kind="stable")
+        key = key[order]
+        last = np.append(key[1:] != key[:-1], True)
+        chosen = order[last]
+        return key[last], rows.values[chosen], None if rows.kind is None else rows.kind[chosen]
+
+    def _leaves(self, involved: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Involved keys with no involved context below them, and the block of each (-1: run level)."""
+        block = self.blocks.find(involved)
+        in_loop = block >= 0
+        distinct = _distinct_sorted(block[in_loop])
+        # Every context above an involved one: per distinct block, its chain of parents.
+        above: list[np.ndarray] = [np.unique(involved[in_loop] >> SHIFT << SHIFT)]  # the runs' levels
+        frontier = distinct
+        for _ in range(_MAX_DEPTH):
+            if frontier.size == 0:
+                break
+            has_parent = self.up[frontier] >= 0
+            above.append(self.parent_key[frontier[has_parent]])
+            frontier = np.unique(self.up[frontier[has_parent]])
+        ancestors = np.unique(np.concatenate(above))
+        at = np.minimum(np.searchsorted(involved, ancestors), involved.size - 1)
+        hit = at[involved[at] == ancestors]
+        if hit.size == 0:
+            return involved, block
+        keep = np.ones(involved.size, dtype=bool)
+        keep[hit] = False
+        return involved[keep], block[keep]
+
+    def _row_order(self, codes: np.ndarray, leaf_block: np.ndarray) -> np.ndarray | None:
+        """The order of the rows (by run, level rank, context, run level last); None when it is the keys' order."""
+        if self.blocks.rank.size == 0:
+            return None  # no loops: the rows are the runs' levels, in run order
+        rank = np.where(leaf_block >= 0, self.blocks.rank[np.maximum(leaf_block, 0)], _MAX_DEPTH)
+        composite = codes * (_MAX_DEPTH + 1) + rank
+        if _is_sorted(composite):
+            return None
+        return np.lexsort((np.arange(len(codes)), rank, codes))
+
+    def _run_columns(self, codes: np.ndarray) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for column in RUN_COLUMNS:
+            per_run = np.empty(len(self.runs), dtype=object)
+            per_run[:] = self.runs.columns[column]
+            if column == "tstamp":
+                out[column] = pd.to_datetime(per_run, format="ISO8601").take(codes)
+            else:
+                out[column] = per_run[codes]
+        return out
+
+    def _dimension_columns(self, leaves: np.ndarray, leaf_block: np.ndarray) -> dict[str, Any]:
+        b = self.blocks
+        n_dims = len(b.names)
+        if n_dims == 0:
+            return {}
+        in_loop = leaf_block >= 0
+        rows = np.nonzero(in_loop)[0] if not in_loop.all() else None
+        own = leaf_block[in_loop] if rows is not None else leaf_block
+        own_keys = leaves[in_loop] if rows is not None else leaves
+        distinct, inverse = _runs_of(own)
+        weights = np.bincount(inverse, minlength=len(distinct)).astype(np.float64)
+        own_name = b.name[distinct]
+        depth_sum = np.zeros(n_dims)
+        depth_count = np.bincount(own_name, weights=weights, minlength=n_dims)
+        has_values = np.zeros(n_dims, dtype=bool)
+        with_value = b.value != None  # noqa: E711 - elementwise
+        has_values[np.unique(b.name[with_value])] = True
+        # Per distinct block: the nearest ancestor context of each loop name (iteration, value).
+        above_iter = np.full((n_dims, len(distinct)), -1, dtype=np.int64)
+        above_value = {d: np.full(len(distinct), None, dtype=object) for d in np.nonzero(has_values)[0].tolist()}
+        cols = np.arange(len(distinct))
+        cur_key, cur_up = self.parent_key[distinct], self.up[distinct]
+        for depth in range(1, _MAX_DEPTH):
+            known = cur_up >= 0
+            cols, cur_key, cur_up = cols[known], cur_key[known], cur_up[known]
+            if cols.size == 0:
+                break
+            names = b.name[cur_up]
+            unset = (above_iter[names, cols] < 0) & (names != own_name[cols])
+            c, u, k, d = cols[unset], cur_up[unset], cur_key[unset], names[unset]
+            above_iter[d, c] = b.iteration[u] + (k - b.key[u])
+            for dim, column in above_value.items():
+                mine = d == dim
+                column[c[mine]] = b.value[u[mine]]
+            np.add.at(depth_sum, d, -depth * weights[c])
+            np.add.at(depth_count, d, weights[c])
+            cur_key, cur_up = self.parent_key[cur_up], self.up[cur_up]
+        mean_depth = depth_sum / np.maximum(depth_count, 1)
+        order = sorted(range(n_dims), key=lambda d: (float(mean_depth[d]), d))
+        own_iter = b.iteration[own] + (own_keys - b.key[own])
+        own_is = b.name[own]
+        single_name = own_name.size > 0 and bool(np.all(own_name == own_name[0]))
+        out: dict[str, Any] = {}
+        for d in order:
+            if single_name and own_name[0] == d:
+                column = own_iter
+            elif single_name or own.size == 0:
+                column = above_iter[d][inverse]
+            else:
+                column = np.where(own_is == d, own_iter, above_iter[d][inverse])
+            out[b.names[d]] = _spread(column, rows, len(leaves), -1)
+            if d in above_value:
+                own_value = b.value[own]
+                values = np.where(own_is == d, own_value, above_value[d][inverse])
+                full = _spread(values, rows, len(leaves), None)
+                if (full != None).any():  # noqa: E711 - elementwise
+                    out[b.names[d] + "_value"] = full
+        return out
+
+    def _refuse_names_that_are_dimensions(self, dimensions: dict[str, Any]) -> None:
+        """A requested value named like a loop dimension of other runs (script A loops over
+        ``epoch``, script B logs ``epoch``) would overwrite that column: refuse, naming both."""
+        for code, name in enumerate(self.names):
+            if name not in dimensions:
+                continue
+            loop_name = name[: -len("_value")] if name not in self.blocks.names else name
+            d = self.blocks.names.index(loop_name)
+            filenames = self.runs.columns["filename"]
+            loop_runs = np.unique(self.blocks.key[self.blocks.name == d] >> SHIFT).tolist()
+            log_runs = np.unique(self.rows[code].key >> SHIFT).tolist()
+            looping = sorted({str(filenames[c]) for c in loop_runs})
+            logging = sorted({str(filenames[c]) for c in log_runs})
+            raise QueryError(
+                f"'{name}' is a loop dimension in runs of {', '.join(looping)} (flor.loop) and a logged value in "
+                f"runs of {', '.join(logging)} (flor.log), so one frame cannot show both. Ask for them apart, e.g. "
+                f"flor.dataframe('{name}', where=\"filename = '{logging[0]}'\"), or rename one of them."
+            )
+
+    def _value_column(
+        self, name: str, chosen: tuple[np.ndarray, np.ndarray, np.ndarray | None], leaves: np.ndarray,
+        leaf_block: np.ndarray,
+    ) -> Any:
+        keys, values, kinds = chosen
+        if keys.size == 0:  # an unknown name: an all-null column
+            return np.full(len(leaves), None, dtype=object)
+        if kinds is not None and (kinds != ValueKind.NATIVE).any():
+            values = values.astype(object)
+            for i in np.nonzero(kinds != ValueKind.NATIVE)[0].tolist():
+                values[i] = decode_value(values[i], int(kinds[i]))
+        index = _find(keys, leaves)
+        missing = index < 0
+        if missing.any():
+            # Each leaf without its own value takes its nearest ancestor's: per distinct block.
+            rows = np.nonzero(missing & (leaf_block >= 0))[0]
+            distinct, inverse = _runs_of(leaf_block[rows])
+            found = np.full(len(distinct), -1, dtype=np.int64)
+            cols = np.arange(len(distinct))
+            cur_key, cur_up = self.parent_key[distinct], self.up[distinct]
+            for _ in range(_MAX_DEPTH):
+                if cols.size == 0:
+                    break
+                at = _find(keys, cur_key)
+                hit = at >= 0
+                found[cols[hit]] = at[hit]
+                go_on = ~hit & (cur_key & _LOW != 0)
+                cols, cur_up = cols[go_on], cur_up[go_on]
+                cur_key = np.where(cur_up >= 0, self.parent_key[np.maximum(cur_up, 0)], cur_key[go_on] >> SHIFT << SHIFT)
+                cur_up = np.where(cur_up >= 0, self.up[np.maximum(cur_up, 0)], -1)
+            index[rows] = found[inverse]
+            missing = index < 0
+        return _typed_values(name, values, index, missing)
+
+
+def _typed_values(name: str, values: np.ndarray, index: np.ndarray, missing: np.ndarray) -> Any:
+    """The column ``values[index]`` (None where missing) with the dtype typed_series gives its objects."""
+    any_missing = bool(missing.any())
+    taken = values[np.where(missing, 0, index)] if any_missing else values[index]
+    if values.dtype.kind == "f":
+        if any_missing:
+            taken[missing] = np.nan
+        if not np.isnan(taken).all():  # all-NaN objects infer as "empty": an object column, below
+            return pd.Series(taken, name=name)
+    elif values.dtype.kind == "i":
+        if any_missing:
+            if missing.all():
+                return np.full(len(index), None, dtype=object)
+            return pd.Series(pd.arrays.IntegerArray(np.where(missing, 0, taken), missing), name=name)
+        return pd.Series(taken, name=name)
+    objects = taken.astype(object) if taken.dtype != object else taken
+    if any_missing:
+        objects[missing] = None
+    return typed_series(name, objects)
+
+
+def _find(keys: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """Position of each of ``wanted`` in the sorted ``keys``; -1 where absent."""
+    if keys.size == 0:
+        return np.full(len(wanted), -1, dtype=np.int64)
+    at = np.minimum(np.searchsorted(keys, wanted), keys.size - 1)
+    return np.where(keys[at] == wanted, at, -1)
+
+
+def _runs_of(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(values, return_inverse=True)`` for non-decreasing ``values``, in one pass."""
+    if values.size == 0:
+        return values, values
+    starts = np.append(True, values[1:] != values[:-1])
+    return values[starts], np.cumsum(starts) - 1
+
+
+def _distinct_sorted(values: np.ndarray) -> np.ndarray:
+    return _runs_of(values)[0] if _is_sorted(values) else np.unique(values)
+
+
+def _spread(column: np.ndarray, rows: np.ndarray | None, n: int, fill: Any) -> np.ndarray:
+    """``column`` (one entry per in-loop row) placed at ``rows`` of an ``n``-row column of ``fill``."""
+    if rows is None:
+        return column
+    full = np.full(n, fill, dtype=column.dtype)
+    full[rows] = column
+    return full
+
+
+def _take(column: Any, order: np.ndarray) -> Any:
+    if isinstance(column, pd.Series):
+        return pd.Series(column.array.take(order), name=column.name, dtype=column.dtype)
+    return column.take(order) if hasattr(column, "take") else column[order]
