@@ -53,10 +53,24 @@ class ContextBlocks:
         """The block holding each context key; -1 for run-level and unknown contexts."""
         if self.key.size == 0:
             return np.full(len(keys), -1, dtype=np.int64)
+        if keys.size > 4 * self.key.size and _is_sorted(keys):
+            return self._find_sorted(keys)
         at = np.searchsorted(self.key, keys, side="right") - 1
         safe = np.maximum(at, 0)
         inside = (at >= 0) & ((keys & _LOW) != 0) & (keys < self.key[safe] + self.count[safe])
         return np.where(inside, at, -1)
+
+
+    def _find_sorted(self, keys: np.ndarray) -> np.ndarray:
+        """:meth:`find` for sorted keys: each block's range of keys by two binary searches per
+        block, marked with one cumulative sum, instead of a binary search per key."""
+        lo = np.searchsorted(keys, self.key)
+        hi = np.searchsorted(keys, self.key + self.count)
+        label = np.arange(1, self.key.size + 1, dtype=np.int64)
+        marks = np.zeros(keys.size + 1, dtype=np.int64)
+        np.add.at(marks, lo, label)
+        np.add.at(marks, hi, -label)
+        return np.cumsum(marks[:-1]) - 1
 
 
 @dataclass(frozen=True)
@@ -70,38 +84,74 @@ class NameRows:
 
 # -- reading the local store -------------------------------------------------------------------
 
-_CHUNKS_SQL = "SELECT format, ctx_ids, vals FROM log_columns WHERE run_id = ? AND name = ? ORDER BY first_seq"
-_FIRST_CHUNK_SQL = "SELECT min(first_seq) FROM log_columns WHERE run_id = ? AND name = ?"
+_CHUNKS_SQL = (
+    "SELECT first_seq, format, ctx_ids, vals FROM log_columns WHERE run_id = ? AND name = ? ORDER BY first_seq"
+)
+_ALL_CHUNKS_SQL = "SELECT run_id, first_seq, format, ctx_ids, vals FROM log_columns WHERE name = ?"
 _EARLIER_ROW_SQL = "SELECT 1 FROM logs WHERE run_id = ? AND name = ? AND source = 'record' AND seq < ? LIMIT 1"
 _RECORD_SQL = "SELECT ctx_id, value, kind FROM logs WHERE run_id = ? AND name = ? AND source = 'record'"
 _REPLAY_SQL = "SELECT ctx_id, value, kind FROM logs WHERE run_id = ? AND name = ? AND source = 'replay'"
 _BLOCKS_SQL = "SELECT name, ctx_id, parent_ctx, iteration, count, value FROM loops WHERE run_id = ?"
 
 
-def read_name_rows(conn: sqlite3.Connection, run_ids: list[str], names: list[str]) -> list[NameRows]:
-    """Every value of each of ``names`` logged by ``run_ids``: per run, replayed rows, then recorded."""
-    out = []
-    for name in names:
-        keys: list[np.ndarray] = []
-        values: list[np.ndarray] = []
-        kinds: list[np.ndarray | None] = []
-        for code, run_id in enumerate(run_ids):
-            base = np.int64(code << SHIFT)
+def read_frame_inputs(conn: sqlite3.Connection, run_ids: list[str], names: list[str]) -> tuple[ContextBlocks, list[NameRows]]:
+    """The loop blocks and the per-name rows of ``dataframe(*names)`` over ``run_ids``.
+
+    Per run and name: replayed rows, then recorded ones (packed when the packed copy holds them all),
+    so that the recorded value wins. Per run, loop levels are taken fewest contexts first until every
+    context the rows name, and each of its ancestors, is held (all levels when some context is
+    unknown), as ContextPivot read them.
+    """
+    parts: list[tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray | None]]] = [([], [], []) for _ in names]
+    loop_names: dict[str, int] = {}
+    block_parts: list[tuple[int, list[tuple[Any, ...]], dict[str, int]]] = []
+    chunks = [_chunks_by_run(conn, run_ids, name) for name in names]
+    for code, run_id in enumerate(run_ids):
+        base = np.int64(code << SHIFT)
+        run_keys: list[np.ndarray] = []
+        for (keys, values, kinds), name, by_run in zip(parts, names, chunks, strict=True):
             replayed = conn.execute(_REPLAY_SQL, (run_id, name)).fetchall()
             if replayed:
                 _add_rows(replayed, base, keys, values, kinds)
-            packed = _read_packed(conn, run_id, name)
+                run_keys.append(keys[-1])
+            packed = _read_packed(conn, run_id, name, by_run)
             if packed is not None:
                 if packed[0].size:
                     keys.append(packed[0] | base)
                     values.append(packed[1])
                     kinds.append(None)
+                    run_keys.append(keys[-1])
             else:
                 rows = conn.execute(_RECORD_SQL, (run_id, name)).fetchall()
                 if rows:
                     _add_rows(rows, base, keys, values, kinds)
-        out.append(_name_rows(keys, values, kinds))
-    return out
+                    run_keys.append(keys[-1])
+        wanted = run_keys[0] if len(run_keys) == 1 else np.concatenate(run_keys) if run_keys else np.empty(0, dtype=np.int64)
+        if wanted.size and not int(wanted.min()) & _LOW:  # run-level rows (ctx 0) are no loop's
+            wanted = wanted[(wanted & _LOW) != 0]
+        if wanted.size:
+            _add_levels(conn, code, run_id, wanted, loop_names, block_parts)
+    return _blocks_of(block_parts, loop_names), [_name_rows(*p) for p in parts]
+
+
+def _add_levels(
+    conn: sqlite3.Connection, code: int, run_id: str, wanted: np.ndarray, loop_names: dict[str, int],
+    block_parts: list[tuple[int, list[tuple[Any, ...]], dict[str, int]]],
+) -> None:
+    """Add the blocks of the loop levels run ``code`` needs for its ``wanted`` context keys."""
+    blocks = conn.execute(_BLOCKS_SQL, (run_id,)).fetchall()
+    if not blocks:
+        return
+    sizes: dict[str, int] = {}
+    for b in blocks:
+        sizes[b[0]] = sizes.get(b[0], 0) + b[4]
+    order = sorted(sizes, key=lambda n: (sizes[n], n))
+    ranks = {n: i for i, n in enumerate(order)}
+    kept_levels = order[: _levels_needed(code, blocks, ranks, wanted) + 1]
+    for level in kept_levels:
+        loop_names.setdefault(level, len(loop_names))
+    kept = set(kept_levels)
+    block_parts.append((code, [b for b in blocks if b[0] in kept], ranks))
 
 
 def _add_rows(
@@ -130,73 +180,45 @@ def _name_rows(keys: list[np.ndarray], values: list[np.ndarray], kinds: list[np.
     return NameRows(np.concatenate(keys), joined, kind)
 
 
-def _read_packed(conn: sqlite3.Connection, run_id: str, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+def _chunks_by_run(
+    conn: sqlite3.Connection, run_ids: list[str], name: str
+) -> dict[str, list[tuple[Any, ...]]] | None:
+    """``run_id -> [(first_seq, format, ctx_ids, vals)]`` of ``name`` in one scan, when the frame
+    reads most runs (one scan of ``log_columns`` beats a seek per run); None: seek per run."""
+    total = conn.execute("SELECT count(*) FROM runs").fetchone()[0]
+    if 2 * len(run_ids) < total:
+        return None
+    by_run: dict[str, list[tuple[Any, ...]]] = {}
+    for run_id, *chunk in conn.execute(_ALL_CHUNKS_SQL, (name,)):
+        by_run.setdefault(run_id, []).append(tuple(chunk))
+    for chunks in by_run.values():
+        chunks.sort(key=lambda c: c[0])
+    return by_run
+
+
+def _read_packed(
+    conn: sqlite3.Connection, run_id: str, name: str, by_run: dict[str, list[tuple[Any, ...]]] | None = None
+) -> tuple[np.ndarray, np.ndarray] | None:
     """Recorded ``(ctx ids, values)`` from ``log_columns`` when its chunks hold every recorded row.
 
     Every writer (the flusher, rebuild) stores a batch's chunks in the transaction of its rows, so
     a run's chunks cover all its recorded rows of a name, or (a store older than log_columns)
     none: one index seek for a row before the first chunk tells, where counting would read them all.
     """
-    chunks = conn.execute(_CHUNKS_SQL, (run_id, name)).fetchall()
-    formats = {c[0] for c in chunks}
+    chunks = conn.execute(_CHUNKS_SQL, (run_id, name)).fetchall() if by_run is None else by_run.get(run_id, [])
+    formats = {c[1] for c in chunks}
     if len(formats) != 1 or "rows" in formats:
         return None
-    first_seq = conn.execute(_FIRST_CHUNK_SQL, (run_id, name)).fetchone()[0]
+    first_seq = chunks[0][0]
     if conn.execute(_EARLIER_ROW_SQL, (run_id, name, first_seq)).fetchone() is not None:
         return None
-    dtype = np.float64 if chunks[0][0] == "f8" else np.int64
+    dtype = np.float64 if chunks[0][1] == "f8" else np.int64
     if len(chunks) == 1:
-        return np.frombuffer(chunks[0][1], dtype=np.int64), np.frombuffer(chunks[0][2], dtype=dtype)
+        return np.frombuffer(chunks[0][2], dtype=np.int64), np.frombuffer(chunks[0][3], dtype=dtype)
     return (
-        np.concatenate([np.frombuffer(c[1], dtype=np.int64) for c in chunks]),
-        np.concatenate([np.frombuffer(c[2], dtype=dtype) for c in chunks]),
+        np.concatenate([np.frombuffer(c[2], dtype=np.int64) for c in chunks]),
+        np.concatenate([np.frombuffer(c[3], dtype=dtype) for c in chunks]),
     )
-
-
-def read_blocks(conn: sqlite3.Connection, run_ids: list[str], rows: list[NameRows]) -> ContextBlocks:
-    """The loop blocks of the levels a frame needs, per run: levels are taken fewest contexts first
-    until every context the rows name, and each of its ancestors, is held (all levels when some
-    context is unknown, as ContextPivot read them)."""
-    loop_names: dict[str, int] = {}
-    parts: list[tuple[int, list[tuple[Any, ...]], dict[str, int]]] = []
-    per_run = _keys_per_run([r.key for r in rows if r.key.size], len(run_ids))
-    for code, run_id in enumerate(run_ids):
-        wanted = per_run[code]
-        wanted = wanted[(wanted & _LOW) != 0]
-        if wanted.size == 0:
-            continue
-        blocks = conn.execute(_BLOCKS_SQL, (run_id,)).fetchall()
-        if not blocks:
-            continue
-        sizes: dict[str, int] = {}
-        for b in blocks:
-            sizes[b[0]] = sizes.get(b[0], 0) + b[4]
-        order = sorted(sizes, key=lambda n: (sizes[n], n))
-        ranks = {n: i for i, n in enumerate(order)}
-        read = _levels_needed(code, blocks, ranks, wanted)
-        kept_levels = order[: read + 1]
-        for level in kept_levels:
-            loop_names.setdefault(level, len(loop_names))
-        kept = set(kept_levels)
-        parts.append((code, [b for b in blocks if b[0] in kept], ranks))
-    return _blocks_of(parts, loop_names)
-
-
-def _keys_per_run(keys: list[np.ndarray], n_runs: int) -> list[np.ndarray]:
-    """Each run's keys out of per-name key arrays (each ordered by run, as read_name_rows reads them)."""
-    parts: list[list[np.ndarray]] = [[] for _ in range(n_runs)]
-    for key in keys:
-        codes = key >> SHIFT
-        if _is_sorted(codes):
-            bounds = np.searchsorted(codes, np.arange(n_runs + 1))
-            for code in range(n_runs):
-                if bounds[code + 1] > bounds[code]:
-                    parts[code].append(key[bounds[code] : bounds[code + 1]])
-        else:
-            for code in np.unique(codes).tolist():
-                parts[code].append(key[codes == code])
-    empty = np.empty(0, dtype=np.int64)
-    return [p[0] if len(p) == 1 else np.concatenate(p) if p else empty for p in parts]
 
 
 def _is_sorted(values: np.ndarray) -> bool:
@@ -206,10 +228,16 @@ def _is_sorted(values: np.ndarray) -> bool:
 def _levels_needed(code: int, blocks: list[tuple[Any, ...]], ranks: dict[str, int], wanted: np.ndarray) -> int:
     """The highest level rank a frame must read for the ``wanted`` contexts of one run."""
     one = _blocks_of([(code, blocks, ranks)], {n: i for i, n in enumerate(ranks)})
-    found = one.find(wanted)
-    if (found < 0).any():
-        return len(ranks) - 1  # an unknown context: every level is read, it stays at run level
-    needed = _distinct_sorted(found)
+    if _is_sorted(wanted):  # the bulk: each block's stretch of keys by two binary searches per block
+        held = np.searchsorted(wanted, one.key + one.count) - np.searchsorted(wanted, one.key)
+        if int(held.sum()) < wanted.size:
+            return len(ranks) - 1  # an unknown context: every level is read, it stays at run level
+        needed = np.flatnonzero(held)
+    else:
+        found = one.find(wanted)
+        if (found < 0).any():
+            return len(ranks) - 1
+        needed = _segment_values(found)
     levels = set(one.rank[needed].tolist())
     frontier = needed
     for _ in range(_MAX_DEPTH):
@@ -302,17 +330,23 @@ class BlockPivot:
     def columns(self) -> dict[str, Any]:
         """Frame columns in order: run columns, loop dimensions, names (arrays or typed Series)."""
         chosen = [self._last_per_context(r) for r in self.rows]
-        present = [c[0] for c in chosen if c[0].size]
+        present = [c for c in chosen if c[0].size]
         if not present:
             return {c: np.empty(0, dtype=object) for c in [*RUN_COLUMNS, *self.names]}
-        involved = present[0] if len(present) == 1 else np.unique(np.concatenate(present))
-        leaves, leaf_block = self._leaves(involved)
+        if len(present) == 1:
+            involved, block = present[0][0], present[0][3]
+        else:
+            involved = np.unique(np.concatenate([c[0] for c in present]))
+            block = self.blocks.find(involved)
+        leaves, leaf_block = self._leaves(involved, block)
         codes = leaves >> SHIFT
         out: dict[str, Any] = self._run_columns(codes)
         dimensions = self._dimension_columns(leaves, leaf_block)
         self._refuse_names_that_are_dimensions(dimensions)
         order = self._row_order(codes, leaf_block)
-        values = {name: self._value_column(name, c, leaves, leaf_block) for name, c in zip(self.names, chosen, strict=True)}
+        values = {
+            name: self._value_column(name, c[:3], leaves, leaf_block) for name, c in zip(self.names, chosen, strict=True)
+        }
         if order is None:
             out.update(dimensions)
             out.update(values)
@@ -322,30 +356,29 @@ class BlockPivot:
         out.update({k: _take(v, order) for k, v in values.items()})
         return out
 
-    def _last_per_context(self, rows: NameRows) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """``(sorted unique keys, their winning values, kinds)``; unknown contexts count as run level."""
+    def _last_per_context(self, rows: NameRows) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
+        """``(sorted unique keys, their winning values, kinds, blocks)``; unknown contexts count as run level."""
         key = rows.key
         if key.size == 0:
-            return key, rows.values, rows.kind
+            return key, rows.values, rows.kind, key
         at = self.blocks.find(key)
         unknown = (at < 0) & ((key & _LOW) != 0)
         if unknown.any():
             key = np.where(unknown, key >> SHIFT << SHIFT, key)
         if key.size < 2 or bool(np.all(key[1:] > key[:-1])):  # one value per context, in order: the bulk
-            return key, rows.values, rows.kind
+            return key, rows.values, rows.kind, at
         order = np.argsort(key, kind="stable")
         key = key[order]
         last = np.append(key[1:] != key[:-1], True)
         chosen = order[last]
-        return key[last], rows.values[chosen], None if rows.kind is None else rows.kind[chosen]
+        return key[last], rows.values[chosen], None if rows.kind is None else rows.kind[chosen], at[chosen]
 
-    def _leaves(self, involved: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _leaves(self, involved: np.ndarray, block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Involved keys with no involved context below them, and the block of each (-1: run level)."""
-        block = self.blocks.find(involved)
-        in_loop = block >= 0
-        distinct = _distinct_sorted(block[in_loop])
+        distinct = _segment_values(block)
+        distinct = distinct[distinct >= 0]
         # Every context above an involved one: per distinct block, its chain of parents.
-        above: list[np.ndarray] = [np.unique(involved[in_loop] >> SHIFT << SHIFT)]  # the runs' levels
+        above: list[np.ndarray] = [np.unique(self.blocks.key[distinct] >> SHIFT << SHIFT)]  # the runs' levels
         frontier = distinct
         for _ in range(_MAX_DEPTH):
             if frontier.size == 0:
@@ -366,21 +399,30 @@ class BlockPivot:
         """The order of the rows (by run, level rank, context, run level last); None when it is the keys' order."""
         if self.blocks.rank.size == 0:
             return None  # no loops: the rows are the runs' levels, in run order
-        rank = np.where(leaf_block >= 0, self.blocks.rank[np.maximum(leaf_block, 0)], _MAX_DEPTH)
-        composite = codes * (_MAX_DEPTH + 1) + rank
-        if _is_sorted(composite):
+        # Decided over stretches of rows in one block (a few dozen), sorted over rows only if needed.
+        starts = np.flatnonzero(np.append(True, leaf_block[1:] != leaf_block[:-1]))
+        segment = leaf_block[starts]
+        segment_rank = np.where(segment >= 0, self.blocks.rank[np.maximum(segment, 0)], _MAX_DEPTH)
+        if _is_sorted(codes[starts] * (_MAX_DEPTH + 1) + segment_rank):
             return None
+        rank = np.where(leaf_block >= 0, self.blocks.rank[np.maximum(leaf_block, 0)], _MAX_DEPTH)
         return np.lexsort((np.arange(len(codes)), rank, codes))
 
     def _run_columns(self, codes: np.ndarray) -> dict[str, Any]:
         out: dict[str, Any] = {}
+        # The rows come by run (codes sorted): each run's slice is filled with its one value.
+        bounds = np.searchsorted(codes, np.arange(len(self.runs) + 1)).tolist()
         for column in RUN_COLUMNS:
             per_run = np.empty(len(self.runs), dtype=object)
             per_run[:] = self.runs.columns[column]
             if column == "tstamp":
                 out[column] = pd.to_datetime(per_run, format="ISO8601").take(codes)
-            else:
-                out[column] = per_run[codes]
+                continue
+            filled = np.empty(len(codes), dtype=object)
+            for code, value in enumerate(per_run.tolist()):
+                if bounds[code + 1] > bounds[code]:
+                    filled[bounds[code] : bounds[code + 1]] = value
+            out[column] = filled
         return out
 
     def _dimension_columns(self, leaves: np.ndarray, leaf_block: np.ndarray) -> dict[str, Any]:
@@ -392,8 +434,8 @@ class BlockPivot:
         rows = np.nonzero(in_loop)[0] if not in_loop.all() else None
         own = leaf_block[in_loop] if rows is not None else leaf_block
         own_keys = leaves[in_loop] if rows is not None else leaves
-        distinct, inverse = _runs_of(own)
-        weights = np.bincount(inverse, minlength=len(distinct)).astype(np.float64)
+        distinct, lengths = _run_lengths(own)
+        weights = lengths.astype(np.float64)
         own_name = b.name[distinct]
         depth_sum = np.zeros(n_dims)
         depth_count = np.bincount(own_name, weights=weights, minlength=n_dims)
@@ -402,7 +444,7 @@ class BlockPivot:
         has_values[np.unique(b.name[with_value])] = True
         # Per distinct block: the nearest ancestor context of each loop name (iteration, value).
         above_iter = np.full((n_dims, len(distinct)), -1, dtype=np.int64)
-        above_value = {d: np.full(len(distinct), None, dtype=object) for d in np.nonzero(has_values)[0].tolist()}
+        above_value = {d: _nones(len(distinct)) for d in np.nonzero(has_values)[0].tolist()}
         cols = np.arange(len(distinct))
         cur_key, cur_up = self.parent_key[distinct], self.up[distinct]
         for depth in range(1, _MAX_DEPTH):
@@ -422,21 +464,22 @@ class BlockPivot:
             cur_key, cur_up = self.parent_key[cur_up], self.up[cur_up]
         mean_depth = depth_sum / np.maximum(depth_count, 1)
         order = sorted(range(n_dims), key=lambda d: (float(mean_depth[d]), d))
-        own_iter = b.iteration[own] + (own_keys - b.key[own])
-        own_is = b.name[own]
+        own_iter = own_keys - np.repeat(b.key[distinct] - b.iteration[distinct], lengths)
         single_name = own_name.size > 0 and bool(np.all(own_name == own_name[0]))
+        own_is = np.repeat(own_name, lengths)[: 0 if single_name else None]  # empty where not needed
         out: dict[str, Any] = {}
         for d in order:
             if single_name and own_name[0] == d:
                 column = own_iter
             elif single_name or own.size == 0:
-                column = above_iter[d][inverse]
+                column = np.repeat(above_iter[d], lengths)
             else:
-                column = np.where(own_is == d, own_iter, above_iter[d][inverse])
+                column = np.where(own_is == d, own_iter, np.repeat(above_iter[d], lengths))
             out[b.names[d]] = _spread(column, rows, len(leaves), -1)
             if d in above_value:
                 own_value = b.value[own]
-                values = np.where(own_is == d, own_value, above_value[d][inverse])
+                own_d = np.repeat(own_name == d, lengths)
+                values = np.where(own_d, own_value, np.repeat(above_value[d], lengths))
                 full = _spread(values, rows, len(leaves), None)
                 if (full != None).any():  # noqa: E711 - elementwise
                     out[b.names[d] + "_value"] = full
@@ -467,12 +510,12 @@ class BlockPivot:
     ) -> Any:
         keys, values, kinds = chosen
         if keys.size == 0:  # an unknown name: an all-null column
-            return np.full(len(leaves), None, dtype=object)
+            return _nones(len(leaves))
         if kinds is not None and (kinds != ValueKind.NATIVE).any():
             values = values.astype(object)
             for i in np.nonzero(kinds != ValueKind.NATIVE)[0].tolist():
                 values[i] = decode_value(values[i], int(kinds[i]))
-        index = _find(keys, leaves)
+        index = np.arange(keys.size) if keys.size == leaves.size and np.array_equal(keys, leaves) else _find(keys, leaves)
         missing = index < 0
         if missing.any():
             # Each leaf without its own value takes its nearest ancestor's: per distinct block.
@@ -504,13 +547,13 @@ def _typed_values(name: str, values: np.ndarray, index: np.ndarray, missing: np.
         if any_missing:
             taken[missing] = np.nan
         if not np.isnan(taken).all():  # all-NaN objects infer as "empty": an object column, below
-            return pd.Series(taken, name=name)
+            return pd.Series(taken, name=name, copy=False)
     elif values.dtype.kind == "i":
         if any_missing:
             if missing.all():
-                return np.full(len(index), None, dtype=object)
+                return _nones(len(index))
             return pd.Series(pd.arrays.IntegerArray(np.where(missing, 0, taken), missing), name=name)
-        return pd.Series(taken, name=name)
+        return pd.Series(taken, name=name, copy=False)
     objects = taken.astype(object) if taken.dtype != object else taken
     if any_missing:
         objects[missing] = None
@@ -533,15 +576,31 @@ def _runs_of(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return values[starts], np.cumsum(starts) - 1
 
 
-def _distinct_sorted(values: np.ndarray) -> np.ndarray:
-    return _runs_of(values)[0] if _is_sorted(values) else np.unique(values)
+def _run_lengths(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct values of non-decreasing ``values`` and how many times each repeats."""
+    if values.size == 0:
+        return values, values
+    starts = np.flatnonzero(np.append(True, values[1:] != values[:-1]))
+    return values[starts], np.diff(np.append(starts, values.size))
+
+
+def _nones(n: int) -> np.ndarray:
+    """An object array of ``n`` Nones (``np.empty`` fills objects with None, many times faster than ``np.full``)."""
+    return np.empty(n, dtype=object)
+
+
+def _segment_values(values: np.ndarray) -> np.ndarray:
+    """The distinct values of ``values``, found over its stretches of equal values (few, here)."""
+    if values.size == 0:
+        return values
+    return np.unique(values[np.append(True, values[1:] != values[:-1])])
 
 
 def _spread(column: np.ndarray, rows: np.ndarray | None, n: int, fill: Any) -> np.ndarray:
     """``column`` (one entry per in-loop row) placed at ``rows`` of an ``n``-row column of ``fill``."""
     if rows is None:
         return column
-    full = np.full(n, fill, dtype=column.dtype)
+    full = _nones(n) if fill is None else np.full(n, fill, dtype=column.dtype)
     full[rows] = column
     return full
 

@@ -387,7 +387,7 @@ def typed_series(name: str, values: Any) -> pd.Series:
         missing = array < 0
         if missing.any():
             return pd.Series(pd.arrays.IntegerArray(np.where(missing, 0, array), missing), name=name)
-        return pd.Series(array, name=name)
+        return pd.Series(array, name=name, copy=False)
     inferred = pd.api.types.infer_dtype(array, skipna=True)
     if inferred not in ("integer", "floating", "mixed-integer-float", "boolean"):
         return pd.Series(array, dtype=object, name=name)
@@ -398,9 +398,9 @@ def typed_series(name: str, values: Any) -> pd.Series:
         if missing.any():
             filled = np.where(missing, 0, array).astype(np.int64)
             return pd.Series(pd.arrays.IntegerArray(filled, missing), name=name)
-        return pd.Series(array.astype(np.int64), name=name)
+        return pd.Series(array.astype(np.int64), name=name, copy=False)
     if inferred in ("floating", "mixed-integer-float"):
-        return pd.Series(np.where(missing, np.nan, array).astype(np.float64), name=name)
+        return pd.Series(np.where(missing, np.nan, array).astype(np.float64), name=name, copy=False)
     if inferred == "boolean":
         if missing.any():
             return pd.Series(pd.array(array.tolist(), dtype="boolean"), name=name)

@@ -166,12 +166,12 @@ def _as_reader(source: sqlite3.Connection | StoreReader) -> StoreReader:
 
 
 def _pivot(reader: StoreReader, runs: RunTable, names: list[str]) -> dict[str, Any]:
-    from .blockpivot import BlockPivot, blocks_of_loop_arrays, read_blocks, read_name_rows, rows_of_log_arrays
+    from .blockpivot import BlockPivot, blocks_of_loop_arrays, read_frame_inputs, rows_of_log_arrays
 
     if isinstance(reader, SQLiteReader):
         # The local store: packed values and loop blocks straight from SQLite (blockpivot.py).
-        rows = read_name_rows(reader.conn, runs.run_ids, names)
-        return BlockPivot(runs, names, read_blocks(reader.conn, runs.run_ids, rows), rows).columns()
+        blocks, rows = read_frame_inputs(reader.conn, runs.run_ids, names)
+        return BlockPivot(runs, names, blocks, rows).columns()
     # Another store (the team's) answers the reader interface's per-context arrays.
     logs = reader.read_logs(runs.run_ids, names)
     loops = reader.read_loops(runs.run_ids, logs)
@@ -200,7 +200,8 @@ def _to_frame(columns: dict[str, Any]) -> pd.DataFrame:
             # Run columns are text (or None) by construction: no need to infer their type.
             name: _run_series(name, values) if name in RUN_COLUMNS else typed_series(name, values)
             for name, values in columns.items()
-        }
+        },
+        copy=False,  # one block per column: consolidating 4M-row object columns costs a copy and a fill
     )
     if "tstamp" in frame and len(frame) and frame["tstamp"].dtype == object:
         frame["tstamp"] = pd.to_datetime(frame["tstamp"], format="ISO8601")
@@ -212,8 +213,8 @@ def _run_series(name: str, values: Any) -> pd.Series:
     import pandas as pd
 
     if isinstance(values, pd.DatetimeIndex):
-        return pd.Series(values, name=name)
-    return pd.Series(values, dtype=object, name=name)
+        return pd.Series(values, name=name, copy=False)
+    return pd.Series(values, dtype=object, name=name, copy=False)
 
 
 def latest(df: pd.DataFrame) -> pd.DataFrame:
