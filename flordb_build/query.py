@@ -29,7 +29,7 @@ from .runtable import RUN_COLUMNS, RunTable
 from .sqlguard import DEFAULT_TIMEOUT_S, StatementGuard
 from .store import Store
 from .team._protocol import SQLiteReader, StoreReader
-from .values import decode_value
+from .values import ValueKind, decode_value
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -181,13 +181,35 @@ def _pivot(reader: StoreReader, runs: RunTable, names: list[str]) -> dict[str, A
 def _run_level(reader: StoreReader, runs: RunTable) -> dict[str, Any]:
     """``dataframe()`` with no names: one row per run with every run-level name."""
     out: dict[str, Any] = {c: list(runs.columns[c]) for c in RUN_COLUMNS}
+    by_run = _run_level_rows_by_run(reader)
+    n_runs = len(runs)
     for position, run_id in enumerate(runs.run_ids):
-        rows = reader.run_level_rows(run_id)
+        rows = reader.run_level_rows(run_id) if by_run is None else by_run.get(run_id, ())
         # Replayed values first so that recorded ones, written after, take precedence.
-        for name, value, kind, _source in sorted(rows, key=lambda r: r[3] == "record"):
-            column = out.setdefault(name, [None] * len(runs))
-            column[position] = decode_value(value, kind)
+        if any(r[3] != "record" for r in rows):
+            rows = sorted(rows, key=lambda r: r[3] == "record")
+        for name, value, kind, _source in rows:
+            column = out.get(name)
+            if column is None:
+                column = out[name] = [None] * n_runs
+            column[position] = value if kind == ValueKind.NATIVE else decode_value(value, kind)
     return out
+
+
+def _run_level_rows_by_run(reader: StoreReader) -> dict[str, list[tuple[Any, ...]]] | None:
+    """Every run's run-level rows from one scan of the local store's run-level index (store.py);
+    None where there is none (another store, a store before the index, a replay's as-of views)."""
+    if not isinstance(reader, SQLiteReader):
+        return None
+    from .store import RUN_LEVEL_ROWS_SQL, has_run_level_index
+
+    conn = reader.conn
+    if conn.execute("SELECT 1 FROM temp.sqlite_master WHERE name = 'logs'").fetchone() or not has_run_level_index(conn):
+        return None
+    by_run: dict[str, list[tuple[Any, ...]]] = {}
+    for run_id, *row in conn.execute(RUN_LEVEL_ROWS_SQL):
+        by_run.setdefault(run_id, []).append(tuple(row))
+    return by_run
 
 
 def _to_frame(columns: dict[str, Any]) -> pd.DataFrame:

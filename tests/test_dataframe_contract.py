@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ import pandas as pd
 import pytest
 
 import flordb_build as flor
+from flordb_build.expression import parse_where
+from flordb_build.store import RUN_LEVEL_INDEX, RUN_LEVEL_ROWS_SQL, has_run_level_index
 from tests.conftest import Project
 
 GOLDEN = Path(__file__).with_name("dataframe_contract.json")
@@ -152,3 +155,56 @@ def test_frames_match_the_contract(contract_store: Project) -> None:
     # The store really holds what the frames are meant to exercise.
     assert set(flor.query("SELECT DISTINCT source FROM logs")["source"]) == {"record", "replay"}
     assert len(got[call_key(("hind",), None)]["cells"]["hind"]) == 9
+
+
+class _OtherStoreReader:
+    """The local store behind the reader interface only (not an SQLiteReader): the path a team
+    store's frame takes (per-context arrays from read_logs/read_loops, then the same pivot)."""
+
+    def __init__(self, reader: Any) -> None:
+        self._reader = reader
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reader, name)
+
+
+def test_frames_through_the_reader_interface_match_the_contract(contract_store: Project) -> None:
+    from flordb_build.query import read_dataframe
+    from flordb_build.reader import open_read_only
+    from flordb_build.team._protocol import SQLiteReader
+
+    expected = json.loads(GOLDEN.read_text())
+    store = open_read_only()
+    assert store is not None
+    try:
+        reader = _OtherStoreReader(SQLiteReader(store.conn, store))
+        for names, where in CALLS:
+            expression = parse_where(where) if where is not None else None
+            frame = describe(read_dataframe(reader, names, expression))
+            assert frame == expected[call_key(names, where)], (names, where)
+    finally:
+        store.close()
+
+
+def test_run_level_frame_reads_the_run_level_index_and_matches_without_it(contract_store: Project) -> None:
+    db = contract_store.root / ".flor" / "flor.db"
+    conn = sqlite3.connect(db)
+    try:
+        assert has_run_level_index(conn)
+        plan = conn.execute("EXPLAIN QUERY PLAN " + RUN_LEVEL_ROWS_SQL).fetchall()
+        assert "COVERING INDEX" in str(plan)  # the scan never touches the rows of loop values
+        with_index = {where: describe(flor.dataframe(where=where)) for where in (None, "lr > 0.15")}
+        conn.execute("DROP INDEX " + RUN_LEVEL_INDEX)  # a store made before the index
+        conn.commit()
+        without = {where: describe(flor.dataframe(where=where)) for where in (None, "lr > 0.15")}
+        assert with_index == without
+        assert with_index[None] == json.loads(GOLDEN.read_text())[call_key((), None)]
+    finally:
+        conn.close()
+    # The next writer adds it back.
+    contract_store.run("eval.py")
+    conn = sqlite3.connect(db)
+    try:
+        assert has_run_level_index(conn)
+    finally:
+        conn.close()
