@@ -20,6 +20,7 @@ Keys: ``(run code << 32) | ctx_id`` is one int64 per context; ``ctx_id`` 0 is th
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,9 @@ from .errors import QueryError
 from .pivot import LogArrays, LoopArrays, typed_series
 from .runtable import RUN_COLUMNS, RunTable
 from .values import ValueKind, decode_value
+
+#: ``(run codes, dimension columns, frame column names) -> kept row positions or None`` (query.py).
+RowFilter = Callable[[np.ndarray, dict[str, np.ndarray], list[str]], "np.ndarray | None"]
 
 SHIFT = 32
 _LOW = (1 << SHIFT) - 1
@@ -321,14 +325,20 @@ class BlockPivot:
         self.names = names
         self.blocks = blocks
         self.rows = rows
+        self.filtered = False  # True once columns() applied its row_filter
         b = blocks
         parent_key = (b.key >> SHIFT << SHIFT) | b.parent
         #: the block holding each block's parent context; -1 at the run level (or an unknown parent)
         self.up = np.where(b.parent == 0, -1, b.find(parent_key))
         self.parent_key = np.where(self.up < 0, b.key >> SHIFT << SHIFT, parent_key)
 
-    def columns(self) -> dict[str, Any]:
-        """Frame columns in order: run columns, loop dimensions, names (arrays or typed Series)."""
+    def columns(self, row_filter: RowFilter | None = None) -> dict[str, Any]:
+        """Frame columns in order: run columns, loop dimensions, names (arrays or typed Series).
+
+        :param row_filter: given each row's run code, the loop dimension columns and the frame's
+            column names, the positions of the rows to keep, or None when it cannot tell from
+            those (then :attr:`filtered` stays False and the caller filters the frame).
+        """
         chosen = [self._last_per_context(r) for r in self.rows]
         present = [c for c in chosen if c[0].size]
         if not present:
@@ -340,20 +350,23 @@ class BlockPivot:
             block = self.blocks.find(involved)
         leaves, leaf_block = self._leaves(involved, block)
         codes = leaves >> SHIFT
-        out: dict[str, Any] = self._run_columns(codes)
         dimensions = self._dimension_columns(leaves, leaf_block)
         self._refuse_names_that_are_dimensions(dimensions)
         order = self._row_order(codes, leaf_block)
-        values = {
-            name: self._value_column(name, c[:3], leaves, leaf_block) for name, c in zip(self.names, chosen, strict=True)
-        }
-        if order is None:
-            out.update(dimensions)
-            out.update(values)
-            return out
-        out = {k: _take(v, order) for k, v in out.items()}
-        out.update({k: _take(v, order) for k, v in dimensions.items()})
-        out.update({k: _take(v, order) for k, v in values.items()})
+        if order is not None:
+            leaves, leaf_block, codes = leaves[order], leaf_block[order], codes[order]
+            dimensions = {k: _take(v, order) for k, v in dimensions.items()}
+        out: dict[str, Any] = self._run_columns(codes)
+        out.update(dimensions)
+        for name, c in zip(self.names, chosen, strict=True):
+            out[name] = self._value_column(name, c[:3], leaves, leaf_block)
+        if row_filter is not None:
+            # A where= over run and loop columns, evaluated per distinct combination of them. The
+            # columns are typed over every row first: a column's dtype is the unfiltered frame's.
+            keep = row_filter(codes, dimensions, list(out))
+            if keep is not None:
+                self.filtered = True
+                return {k: v.take(keep) if k in RUN_COLUMNS else _take(typed_series(k, v), keep) for k, v in out.items()}
         return out
 
     def _last_per_context(self, rows: NameRows) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
