@@ -297,15 +297,16 @@ def rows_of_log_arrays(logs: LogArrays, n_names: int) -> list[NameRows]:
 
 def blocks_of_loop_arrays(loops: LoopArrays) -> ContextBlocks:
     """One-context blocks from a reader's :class:`~flordb_build.pivot.LoopArrays`, ranked by read order."""
-    ranks = np.zeros(len(loops.ctx), dtype=np.int64)
-    seen: dict[tuple[int, int], int] = {}
-    per_run: dict[int, int] = {}
-    # Levels arrive per run in read order: a level's rank is its place in its run.
-    for i, (code, name) in enumerate(zip(loops.code.tolist(), loops.name.tolist(), strict=True)):
-        if (code, name) not in seen:
-            seen[(code, name)] = per_run.get(code, 0)
-            per_run[code] = seen[(code, name)] + 1
-        ranks[i] = seen[(code, name)]
+    # Levels arrive per run in read order: a level's rank is the order of its first context in its run.
+    n_names = max(len(loops.names), 1)
+    pair = loops.code * n_names + loops.name
+    levels, first = np.unique(pair, return_index=True)
+    level_code = levels // n_names
+    order = np.lexsort((first, level_code))
+    in_order = level_code[order]
+    level_rank = np.empty(len(levels), dtype=np.int64)
+    level_rank[order] = np.arange(len(levels)) - np.searchsorted(in_order, in_order)
+    ranks = level_rank[np.searchsorted(levels, pair)] if len(levels) else np.zeros(0, dtype=np.int64)
     key = (loops.code << SHIFT) | loops.ctx
     order = np.argsort(key, kind="stable")
     return ContextBlocks(
