@@ -253,12 +253,17 @@ def _dense(key: Any, size: int) -> tuple[Any, Any]:
 def _run_level(reader: StoreReader, runs: RunTable) -> dict[str, Any]:
     """``dataframe()`` with no names: one row per run with every run-level name."""
     out: dict[str, Any] = {c: list(runs.columns[c]) for c in RUN_COLUMNS}
-    by_run = _run_level_rows_by_run(reader)
+    scanned = _run_level_rows_by_run(reader)
     n_runs = len(runs)
     for position, run_id in enumerate(runs.run_ids):
-        rows = reader.run_level_rows(run_id) if by_run is None else by_run.get(run_id, ())
+        if scanned is None:
+            rows = reader.run_level_rows(run_id)
+            replayed = any(r[3] != "record" for r in rows)
+        else:
+            rows = scanned[0].get(run_id, [])
+            replayed = run_id in scanned[1]
         # Replayed values first so that recorded ones, written after, take precedence.
-        if any(r[3] != "record" for r in rows):
+        if replayed:
             rows = sorted(rows, key=lambda r: r[3] == "record")
         for name, value, kind, _source in rows:
             column = out.get(name)
@@ -268,9 +273,10 @@ def _run_level(reader: StoreReader, runs: RunTable) -> dict[str, Any]:
     return out
 
 
-def _run_level_rows_by_run(reader: StoreReader) -> dict[str, list[tuple[Any, ...]]] | None:
-    """Every run's run-level rows from one scan of the local store's run-level index (store.py);
-    None where there is none (another store, a store before the index, a replay's as-of views)."""
+def _run_level_rows_by_run(reader: StoreReader) -> tuple[dict[str, list[tuple[Any, ...]]], set[str]] | None:
+    """Every run's run-level rows from one scan of the local store's run-level index (store.py),
+    and the runs that have replayed ones; None where there is no such index (another store, a
+    store made before it, a replay's as-of views)."""
     if not isinstance(reader, SQLiteReader):
         return None
     from .store import RUN_LEVEL_ROWS_SQL, has_run_level_index
@@ -278,10 +284,12 @@ def _run_level_rows_by_run(reader: StoreReader) -> dict[str, list[tuple[Any, ...
     conn = reader.conn
     if conn.execute("SELECT 1 FROM temp.sqlite_master WHERE name = 'logs'").fetchone() or not has_run_level_index(conn):
         return None
-    by_run: dict[str, list[tuple[Any, ...]]] = {}
-    for run_id, *row in conn.execute(RUN_LEVEL_ROWS_SQL):
-        by_run.setdefault(run_id, []).append(tuple(row))
-    return by_run
+    from itertools import groupby
+    from operator import itemgetter
+
+    rows = conn.execute(RUN_LEVEL_ROWS_SQL).fetchall()  # ordered by run (the index's order)
+    by_run = {run_id: [r[1:] for r in group] for run_id, group in groupby(rows, key=itemgetter(0))}
+    return by_run, {r[0] for r in rows if r[4] != "record"}
 
 
 def _to_frame(columns: dict[str, Any]) -> pd.DataFrame:
