@@ -357,18 +357,19 @@ class BlockPivot:
         if order is not None:
             leaves, leaf_block, codes = leaves[order], leaf_block[order], codes[order]
             dimensions = {k: _take(v, order) for k, v in dimensions.items()}
-        out: dict[str, Any] = self._run_columns(codes)
+        keep = None
+        if row_filter is not None:
+            # A where= over run and loop columns, evaluated per distinct combination of them.
+            keep = row_filter(codes, dimensions, [*RUN_COLUMNS, *dimensions, *self.names])
+            self.filtered = keep is not None
+        out: dict[str, Any] = self._run_columns(codes if keep is None else codes[keep])
         out.update(dimensions)
         for name, c in zip(self.names, chosen, strict=True):
             out[name] = self._value_column(name, c[:3], leaves, leaf_block)
-        if row_filter is not None:
-            # A where= over run and loop columns, evaluated per distinct combination of them. The
-            # columns are typed over every row first: a column's dtype is the unfiltered frame's.
-            keep = row_filter(codes, dimensions, list(out))
-            if keep is not None:
-                self.filtered = True
-                return {k: v.take(keep) if k in RUN_COLUMNS else _take(typed_series(k, v), keep) for k, v in out.items()}
-        return out
+        if keep is None:
+            return out
+        # The other columns are typed over every row first: a column's dtype is the unfiltered frame's.
+        return {k: v if k in RUN_COLUMNS else _take(typed_series(k, v), keep) for k, v in out.items()}
 
     def _last_per_context(self, rows: NameRows) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
         """``(sorted unique keys, their winning values, kinds, blocks)``; unknown contexts count as run level."""
