@@ -15,6 +15,7 @@ second.
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -202,6 +203,9 @@ def _dimension_filter(expression: WhereExpression, runs: RunTable, timeout: floa
 
     def keep(codes: Any, dimensions: dict[str, Any], frame_columns: list[str]) -> Any:
         used = expression.columns_used(frame_columns)
+        mask = _comparison_mask(expression.text, {c: dimensions[c] for c in used if c in dimensions})
+        if mask is not None:
+            return np.flatnonzero(mask)
         coded: list[tuple[Any, list[Any]]] = []  # per used column: int codes per row, the value of each code
         for column in used:
             if column in RUN_COLUMNS:
@@ -237,6 +241,40 @@ def _dimension_filter(expression: WhereExpression, runs: RunTable, timeout: floa
         return np.flatnonzero(chosen[inverse])
 
     return keep
+
+
+# `epoch >= 8 AND step < 1000`: comparisons of a name with a plain number, joined by AND, nothing else.
+_NUMBER = r"-?\d{1,15}(?:\.\d{1,15})?"
+_COMPARISON = r'\s*("[A-Za-z_][A-Za-z0-9_]*"|[A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=|<>|!=|==|=|<|>)\s*(' + _NUMBER + r")\s*"
+_COMPARISON_RE = re.compile(_COMPARISON)
+_CONJUNCTION_RE = re.compile(r"(?i)" + _COMPARISON + r"(?:\bAND\b" + _COMPARISON + r")*")
+_COMPARE = {
+    "<": "less", "<=": "less_equal", ">": "greater", ">=": "greater_equal",
+    "=": "equal", "==": "equal", "!=": "not_equal", "<>": "not_equal",
+}
+
+
+def _comparison_mask(text: str, dimensions: dict[str, Any]) -> Any:
+    """The rows where ``text``, a conjunction of loop column <op> number, holds, as numpy computes it;
+    None for any other expression (filter_rows evaluates those).
+
+    SQL's meaning is kept: a row outside a loop (-1, NULL in the frame) fails every comparison of it,
+    and names match columns case-insensitively, as SQLite's do.
+    """
+    import numpy as np
+
+    if not dimensions or _CONJUNCTION_RE.fullmatch(text) is None:
+        return None
+    by_lower = {name.lower(): column for name, column in dimensions.items()}
+    mask = None
+    for name, op, number in _COMPARISON_RE.findall(text):
+        column = by_lower.get(name.strip('"').lower() if name.startswith('"') else name.lower())
+        if column is None or (name.startswith('"') and name.strip('"') not in dimensions):
+            return None
+        literal = float(number) if "." in number else int(number)
+        held = getattr(np, _COMPARE[op])(column, literal) & (column >= 0)
+        mask = held if mask is None else mask & held
+    return mask
 
 
 def _dense(key: Any, size: int) -> tuple[Any, Any]:

@@ -208,3 +208,32 @@ def test_run_level_frame_reads_the_run_level_index_and_matches_without_it(contra
         assert has_run_level_index(conn)
     finally:
         conn.close()
+
+
+@pytest.mark.parametrize(
+    "where",
+    ["epoch >= 8", "epoch = 1 AND step >= 2", "epoch <> 3 and step < 7.5", "STEP = -1", '"epoch" == 0', "epoch != 2"],
+)
+def test_loop_comparisons_in_numpy_agree_with_sqlite(where: str) -> None:
+    """where= comparisons of loop columns with numbers, computed by numpy, keep the rows SQLite keeps
+    (a row outside a loop, -1 in the pivot and NULL in SQL, fails every comparison)."""
+    import numpy as np
+
+    from flordb_build.expression import filter_rows
+    from flordb_build.query import _comparison_mask
+
+    rng = np.random.default_rng(14)
+    dims = {"epoch": rng.integers(-1, 12, 500), "step": rng.integers(-1, 10, 500)}
+    mask = _comparison_mask(where, dims)
+    assert mask is not None
+    as_sql = {k: [None if v < 0 else int(v) for v in col] for k, col in dims.items()}
+    assert np.flatnonzero(mask).tolist() == filter_rows(parse_where(where), as_sql, 500)
+
+
+@pytest.mark.parametrize("where", ["epoch >= 8 OR step < 2", "epoch IS NULL", "epoch >= '8'", "abs(epoch) > 1", "lr > 1"])
+def test_other_expressions_are_left_to_sqlite(where: str) -> None:
+    import numpy as np
+
+    from flordb_build.query import _comparison_mask
+
+    assert _comparison_mask(where, {"epoch": np.arange(3), "step": np.arange(3)}) is None
