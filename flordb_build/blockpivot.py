@@ -8,8 +8,8 @@ result is broadcast to the rows with one gather. The rows themselves are only lo
 block (one ``searchsorted`` over nearly sorted keys) and gathered into typed columns; plain floats
 and ints stay float64/int64 from ``np.frombuffer`` of the packed copy to the frame.
 
-The rules are pivot.ContextPivot's, which this replaces (tests/test_dataframe_contract.py holds
-both to the same frames): a row is a context holding a requested value with none below it; each
+The rules are those of the per-context pivot this replaced (pivot.py's ContextPivot before issue 14;
+tests/test_dataframe_contract.py holds the frames to the ones it gave): a row is a context holding a requested value with none below it; each
 name takes the value at that context or its nearest ancestor, the last logged winning, recorded
 over replayed; rows go by run (tstamp), then loop level in the order the levels were read (fewest
 contexts first), then context; loops are ordered outermost first by their mean depth above rows.
@@ -104,7 +104,7 @@ def read_frame_inputs(conn: sqlite3.Connection, run_ids: list[str], names: list[
     Per run and name: replayed rows, then recorded ones (packed when the packed copy holds them all),
     so that the recorded value wins. Per run, loop levels are taken fewest contexts first until every
     context the rows name, and each of its ancestors, is held (all levels when some context is
-    unknown), as ContextPivot read them.
+    unknown), as the per-context pivot read them.
     """
     parts: list[tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray | None]]] = [([], [], []) for _ in names]
     loop_names: dict[str, int] = {}
