@@ -15,6 +15,7 @@ second.
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -29,7 +30,7 @@ from .runtable import RUN_COLUMNS, RunTable
 from .sqlguard import DEFAULT_TIMEOUT_S, StatementGuard
 from .store import Store
 from .team._protocol import SQLiteReader, StoreReader
-from .values import decode_value
+from .values import ValueKind, decode_value
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -122,7 +123,9 @@ def read_dataframe(
         runs = runs.take(filter_rows(expression, runs.columns, len(runs), timeout=timeout))
         expression = None
     if names:
-        columns = _pivot(reader, runs, list(dict.fromkeys(names)))
+        columns, filtered = _pivot(reader, runs, list(dict.fromkeys(names)), expression, timeout)
+        if filtered:
+            expression = None
     else:
         columns = _run_level(reader, runs)
     frame = _to_frame(columns)
@@ -165,24 +168,166 @@ def _as_reader(source: sqlite3.Connection | StoreReader) -> StoreReader:
     return source
 
 
-def _pivot(reader: StoreReader, runs: RunTable, names: list[str]) -> dict[str, Any]:
-    from .pivot import ContextPivot
+def _pivot(
+    reader: StoreReader, runs: RunTable, names: list[str], expression: WhereExpression | None, timeout: float | None
+) -> tuple[dict[str, Any], bool]:
+    """The frame's columns, and whether ``expression`` was applied already (over run and loop columns)."""
+    from .blockpivot import BlockPivot, blocks_of_loop_arrays, read_frame_inputs, rows_of_log_arrays
 
-    logs = reader.read_logs(runs.run_ids, names)
-    loops = reader.read_loops(runs.run_ids, logs)
-    return ContextPivot(runs, names, loops, logs).columns()
+    if isinstance(reader, SQLiteReader):
+        # The local store: packed values and loop blocks straight from SQLite (blockpivot.py).
+        blocks, rows = read_frame_inputs(reader.conn, runs.run_ids, names)
+        pivot = BlockPivot(runs, names, blocks, rows)
+    else:
+        # Another store (the team's) answers the reader interface's per-context arrays.
+        logs = reader.read_logs(runs.run_ids, names)
+        loops = reader.read_loops(runs.run_ids, logs)
+        pivot = BlockPivot(runs, names, blocks_of_loop_arrays(loops), rows_of_log_arrays(logs, len(names)))
+    row_filter = None if expression is None else _dimension_filter(expression, runs, timeout)
+    columns = pivot.columns(row_filter)
+    return columns, pivot.filtered
+
+
+def _dimension_filter(expression: WhereExpression, runs: RunTable, timeout: float | None) -> Any:
+    """A blockpivot row filter for a ``where=`` that reads run and loop columns only.
+
+    The expression is evaluated by filter_rows (the same guarded SQLite as every where=) once per
+    *distinct combination* of the columns it reads, not once per row: ``epoch >= 8`` over 4M rows
+    is 20 evaluations and a gather. Not for expressions that call random() (their value is not a
+    function of the row) nor for anything reading a logged value or a loop's ``_value`` column.
+    """
+    import numpy as np
+
+    if any(i.lower().startswith("random") for i in expression.identifiers):
+        return None
+
+    def keep(codes: Any, dimensions: dict[str, Any], frame_columns: list[str]) -> Any:
+        used = expression.columns_used(frame_columns)
+        mask = _comparison_mask(expression.text, {c: dimensions[c] for c in used if c in dimensions})
+        if mask is not None:
+            return np.flatnonzero(mask)
+        coded: list[tuple[Any, list[Any]]] = []  # per used column: int codes per row, the value of each code
+        for column in used:
+            if column in RUN_COLUMNS:
+                values = runs.columns[column]
+                if column == "tstamp":
+                    import pandas as pd
+
+                    values = list(pd.to_datetime(pd.Series(values, dtype=object), format="ISO8601"))
+                coded.append((codes, list(values)))
+            elif column in dimensions and dimensions[column].dtype.kind == "i":
+                iterations = dimensions[column]
+                top = int(iterations.max()) + 1 if iterations.size else 0
+                coded.append((iterations + 1, [None, *range(top)]))  # -1 (not in this loop) is NULL
+            else:
+                return None
+        n_rows = len(codes)
+        key = np.zeros(n_rows, dtype=np.int64)
+        stride = 1
+        for column_codes, levels in coded:
+            if stride * len(levels) >= 2**62:
+                return None
+            key += column_codes * stride
+            stride *= len(levels)
+        distinct, inverse = np.unique(key, return_inverse=True) if stride > 4 * n_rows + 1024 else _dense(key, stride)
+        combos: dict[str, list[Any]] = {}
+        rest = distinct
+        for column, (_codes, levels) in zip(used, coded, strict=True):
+            combos[column] = [levels[i] for i in (rest % len(levels)).tolist()]
+            rest = rest // len(levels)
+        kept = filter_rows(expression, combos, len(distinct), frame_columns=frame_columns, timeout=timeout)
+        chosen = np.zeros(len(distinct), dtype=bool)
+        chosen[kept] = True
+        return np.flatnonzero(chosen[inverse])
+
+    return keep
+
+
+# `epoch >= 8 AND step < 1000`: comparisons of a name with a plain number, joined by AND, nothing else.
+_NUMBER = r"-?\d{1,15}(?:\.\d{1,15})?"
+_COMPARISON = r'\s*("[A-Za-z_][A-Za-z0-9_]*"|[A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=|<>|!=|==|=|<|>)\s*(' + _NUMBER + r")\s*"
+_COMPARISON_RE = re.compile(_COMPARISON)
+_CONJUNCTION_RE = re.compile(r"(?i)" + _COMPARISON + r"(?:\bAND\b" + _COMPARISON + r")*")
+_COMPARE = {
+    "<": "less", "<=": "less_equal", ">": "greater", ">=": "greater_equal",
+    "=": "equal", "==": "equal", "!=": "not_equal", "<>": "not_equal",
+}
+
+
+def _comparison_mask(text: str, dimensions: dict[str, Any]) -> Any:
+    """The rows where ``text``, a conjunction of loop column <op> number, holds, as numpy computes it;
+    None for any other expression (filter_rows evaluates those).
+
+    SQL's meaning is kept: a row outside a loop (-1, NULL in the frame) fails every comparison of it,
+    and names match columns case-insensitively, as SQLite's do.
+    """
+    import numpy as np
+
+    if not dimensions or _CONJUNCTION_RE.fullmatch(text) is None:
+        return None
+    by_lower = {name.lower(): column for name, column in dimensions.items()}
+    mask = None
+    for name, op, number in _COMPARISON_RE.findall(text):
+        column = by_lower.get(name.strip('"').lower() if name.startswith('"') else name.lower())
+        if column is None or (name.startswith('"') and name.strip('"') not in dimensions):
+            return None
+        literal = float(number) if "." in number else int(number)
+        held = getattr(np, _COMPARE[op])(column, literal) & (column >= 0)
+        mask = held if mask is None else mask & held
+    return mask
+
+
+def _dense(key: Any, size: int) -> tuple[Any, Any]:
+    """``np.unique(key, return_inverse=True)`` for keys in ``range(size)``, by a presence table."""
+    import numpy as np
+
+    present = np.zeros(size, dtype=bool)
+    present[key] = True
+    distinct = np.flatnonzero(present)
+    position = np.cumsum(present) - 1
+    return distinct, position[key]
 
 
 def _run_level(reader: StoreReader, runs: RunTable) -> dict[str, Any]:
     """``dataframe()`` with no names: one row per run with every run-level name."""
     out: dict[str, Any] = {c: list(runs.columns[c]) for c in RUN_COLUMNS}
+    scanned = _run_level_rows_by_run(reader)
+    n_runs = len(runs)
     for position, run_id in enumerate(runs.run_ids):
-        rows = reader.run_level_rows(run_id)
+        if scanned is None:
+            rows = reader.run_level_rows(run_id)
+            replayed = any(r[3] != "record" for r in rows)
+        else:
+            rows = scanned[0].get(run_id, [])
+            replayed = run_id in scanned[1]
         # Replayed values first so that recorded ones, written after, take precedence.
-        for name, value, kind, _source in sorted(rows, key=lambda r: r[3] == "record"):
-            column = out.setdefault(name, [None] * len(runs))
-            column[position] = decode_value(value, kind)
+        if replayed:
+            rows = sorted(rows, key=lambda r: r[3] == "record")
+        for name, value, kind, _source in rows:
+            column = out.get(name)
+            if column is None:
+                column = out[name] = [None] * n_runs
+            column[position] = value if kind == ValueKind.NATIVE else decode_value(value, kind)
     return out
+
+
+def _run_level_rows_by_run(reader: StoreReader) -> tuple[dict[str, list[tuple[Any, ...]]], set[str]] | None:
+    """Every run's run-level rows from one scan of the local store's run-level index (store.py),
+    and the runs that have replayed ones; None where there is no such index (another store, a
+    store made before it, a replay's as-of views)."""
+    if not isinstance(reader, SQLiteReader):
+        return None
+    from .store import RUN_LEVEL_ROWS_SQL, has_run_level_index
+
+    conn = reader.conn
+    if conn.execute("SELECT 1 FROM temp.sqlite_master WHERE name = 'logs'").fetchone() or not has_run_level_index(conn):
+        return None
+    from itertools import groupby
+    from operator import itemgetter
+
+    rows = conn.execute(RUN_LEVEL_ROWS_SQL).fetchall()  # ordered by run (the index's order)
+    by_run = {run_id: [r[1:] for r in group] for run_id, group in groupby(rows, key=itemgetter(0))}
+    return by_run, {r[0] for r in rows if r[4] != "record"}
 
 
 def _to_frame(columns: dict[str, Any]) -> pd.DataFrame:
@@ -193,13 +338,23 @@ def _to_frame(columns: dict[str, Any]) -> pd.DataFrame:
     frame = pd.DataFrame(
         {
             # Run columns are text (or None) by construction: no need to infer their type.
-            name: pd.Series(values, dtype=object, name=name) if name in RUN_COLUMNS else typed_series(name, values)
+            name: _run_series(name, values) if name in RUN_COLUMNS else typed_series(name, values)
             for name, values in columns.items()
-        }
+        },
+        copy=False,  # one block per column: consolidating 4M-row object columns costs a copy and a fill
     )
-    if "tstamp" in frame and len(frame):
+    if "tstamp" in frame and len(frame) and frame["tstamp"].dtype == object:
         frame["tstamp"] = pd.to_datetime(frame["tstamp"], format="ISO8601")
     return frame
+
+
+def _run_series(name: str, values: Any) -> pd.Series:
+    """A run column: text as objects; tstamp already parsed (per run, by the pivot) stays as it is."""
+    import pandas as pd
+
+    if isinstance(values, pd.DatetimeIndex):
+        return pd.Series(values, name=name, copy=False)
+    return pd.Series(values, dtype=object, name=name, copy=False)
 
 
 def latest(df: pd.DataFrame) -> pd.DataFrame:

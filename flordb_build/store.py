@@ -328,9 +328,36 @@ def write_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     conn.execute("COMMIT")
 
 
+#: A partial index of the run-level rows (``ctx_id = 0``: args, final metrics), covering what
+#: ``flor.dataframe()`` reads, so one row per run costs a scan of these few rows and not of every
+#: value each run logged. It adds no columns and no rows to any table; a store made before it gets
+#: it from its next writer (:func:`ensure_schema`), and readers fall back to the table without it.
+RUN_LEVEL_INDEX = "logs_run_level"
+_RUN_LEVEL_INDEX_DDL = (
+    "CREATE INDEX IF NOT EXISTS " + RUN_LEVEL_INDEX + " ON logs (run_id, name, source, seq, value, kind, ctx_id) "
+    "WHERE ctx_id = 0"
+)
+
+
+#: Every run's run-level rows, in the table's order (run, name, source, seq), from the index alone.
+RUN_LEVEL_ROWS_SQL = (
+    "SELECT run_id, name, value, kind, source FROM main.logs INDEXED BY logs_run_level WHERE ctx_id = 0"
+)
+
+
+def has_run_level_index(conn: sqlite3.Connection) -> bool:
+    """True when the store of ``conn`` has :data:`RUN_LEVEL_INDEX`."""
+    row = conn.execute("SELECT 1 FROM main.sqlite_master WHERE type = 'index' AND name = ?", (RUN_LEVEL_INDEX,))
+    return row.fetchone() is not None
+
+
 def ensure_schema(conn: sqlite3.Connection) -> None:
-    """Create every table and index that is missing; a no-op when ``user_version`` is current."""
+    """Create every table and index that is missing; only the read indexes are checked when
+    ``user_version`` is current."""
     if conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+        if not has_run_level_index(conn):
+            with write_transaction(conn):
+                conn.execute(_RUN_LEVEL_INDEX_DDL)
         return
     import sqlite_utils  # lazily: it imports pandas, which a recording process never needs
 
@@ -345,6 +372,7 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
             _add_missing_columns(conn, name, spec)
             for columns, unique in spec["indexes"]:
                 table.create_index(list(columns), unique=unique, if_not_exists=True)
+        conn.execute(_RUN_LEVEL_INDEX_DDL)
         conn.execute("PRAGMA user_version = " + str(int(SCHEMA_VERSION)))
 
 
