@@ -17,12 +17,18 @@ the two readers to the same rows.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .store import Store
+from .team._protocol import ViewReader, as_view_reader
 from .values import ValueKind, decode_value
+
+if TYPE_CHECKING:
+    from .pivot import LogArrays
 
 NOT_LOGGED = object()
 _MAX_DEPTH = 10_000  # nesting deeper than any script's loops: a guard against a malformed store
@@ -78,34 +84,32 @@ def typed_array(values: list[object]) -> np.ndarray:
     return out
 
 
-def logged_names(store: Store, run_id: str) -> list[str]:
-    """Every name the run logged (recorded or replayed), in name order.
+def logged_names(store: Store | ViewReader, run_id: str) -> list[str]:
+    """Every name the run logged (recorded or replayed), in name order."""
+    return as_view_reader(store).logged_names(run_id)
 
-    One index seek per name (``logs`` is clustered by run and name), not a scan of the run's rows.
-    """
+
+def local_logged_names(conn: sqlite3.Connection, run_id: str) -> list[str]:
+    """:func:`logged_names` over the local store: one index seek per name (``logs`` is clustered
+    by run and name), not a scan of the run's rows."""
     names: list[str] = []
-    row = store.conn.execute("SELECT min(name) FROM logs WHERE run_id = ?", (run_id,)).fetchone()
+    row = conn.execute("SELECT min(name) FROM logs WHERE run_id = ?", (run_id,)).fetchone()
     while row is not None and row[0] is not None:
         names.append(row[0])
-        row = store.conn.execute(
-            "SELECT min(name) FROM logs WHERE run_id = ? AND name > ?", (run_id, row[0])
-        ).fetchone()
+        row = conn.execute("SELECT min(name) FROM logs WHERE run_id = ? AND name > ?", (run_id, row[0])).fetchone()
     return names
 
 
-def is_loop_level(store: Store, run_id: str, name: str) -> bool:
+def is_loop_level(store: Store | ViewReader, run_id: str, name: str) -> bool:
     """True when the run logged ``name`` inside some loop (else it is a run-level value only)."""
-    row = store.conn.execute(
-        "SELECT 1 FROM logs WHERE run_id = ? AND name = ? AND ctx_id != 0 LIMIT 1", (run_id, name)
-    ).fetchone()
-    return row is not None
+    return as_view_reader(store).is_loop_level(run_id, name)
 
 
-def read_series(store: Store, run_id: str, name: str) -> Series:
-    """The points of ``name`` in run ``run_id`` (see the module docstring)."""
-    conn = store.conn
-    ctx, values, replayed = _last_value_per_context(conn, run_id, name)
-    blocks = _LoopBlocks(conn, run_id)
+def read_series(store: Store | ViewReader, run_id: str, name: str) -> Series:
+    """The points of ``name`` in run ``run_id`` (see the module docstring), from either store."""
+    reader = as_view_reader(store)
+    ctx, values, replayed = _last_per_context(*reader.series_points(run_id, name))
+    blocks = _LoopBlocks(reader.loop_block_rows(run_id))
     at = blocks.find(ctx)
     unknown = (at < 0) & (ctx != 0)
     if unknown.any():  # a context the loops table does not know counts as run level, as in the dataframe
@@ -121,8 +125,9 @@ def read_series(store: Store, run_id: str, name: str) -> Series:
     return Series(run_id, name, dims, index, values, replayed, run_value)
 
 
-def _last_value_per_context(conn: sqlite3.Connection, run_id: str, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Sorted unique contexts with the value that wins at each, and whether it was replayed."""
+def local_series_points(conn: sqlite3.Connection, run_id: str, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``ViewReader.series_points`` over the local store: replayed values, then recorded ones
+    (from ``log_columns``' packed chunks where they hold every recorded row)."""
     parts_ctx: list[np.ndarray] = []
     parts_val: list[np.ndarray] = []
     parts_rep: list[np.ndarray] = []
@@ -145,7 +150,28 @@ def _last_value_per_context(conn: sqlite3.Connection, run_id: str, name: str) ->
     parts_val.append(record[1])
     parts_rep.append(np.zeros(len(record[0]), dtype=bool))
     values = _concat_values(parts_val)
-    return _last_per_context(np.concatenate(parts_ctx), values, np.concatenate(parts_rep))
+    return np.concatenate(parts_ctx), values, np.concatenate(parts_rep)
+
+
+def points_of_logs(logs: LogArrays) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``ViewReader.series_points`` from pivot.py's arrays of one run and name (recorded first,
+    each source as logged, as every reader returns them): replayed first, values decoded and typed."""
+    replay = np.asarray(logs.replay, dtype=bool)
+    parts_ctx: list[np.ndarray] = [np.empty(0, dtype=np.int64)]
+    parts_val: list[np.ndarray] = [np.empty(0, dtype=object)]
+    parts_rep: list[np.ndarray] = [np.empty(0, dtype=bool)]
+    for replayed, mask in ((True, replay), (False, ~replay)):
+        if not mask.any():
+            continue
+        kinds, stored = logs.kind[mask].tolist(), logs.value[mask].tolist()
+        if all(k == ValueKind.NATIVE for k in kinds):
+            decoded = typed_array(stored)
+        else:
+            decoded = typed_array([decode_value(v, int(k)) for v, k in zip(stored, kinds, strict=True)])
+        parts_ctx.append(np.asarray(logs.ctx[mask], dtype=np.int64))
+        parts_val.append(decoded)
+        parts_rep.append(np.full(len(stored), replayed, dtype=bool))
+    return np.concatenate(parts_ctx), _concat_values(parts_val), np.concatenate(parts_rep)
 
 
 def _concat_values(parts: list[np.ndarray]) -> np.ndarray:
@@ -206,10 +232,8 @@ class _LoopBlocks:
     cost one binary search each and then a hundred-row walk.
     """
 
-    def __init__(self, conn: sqlite3.Connection, run_id: str) -> None:
-        rows = conn.execute(
-            "SELECT ctx_id, parent_ctx, iteration, count, name FROM loops WHERE run_id = ? ORDER BY ctx_id", (run_id,)
-        ).fetchall()
+    def __init__(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        """:param rows: ``ViewReader.loop_block_rows()``: ctx_id, parent_ctx, iteration, count, name."""
         self.start = np.array([r[0] for r in rows], dtype=np.int64)
         self.parent = np.array([r[1] for r in rows], dtype=np.int64)
         self.iteration = np.array([r[2] for r in rows], dtype=np.int64)

@@ -8,6 +8,7 @@ taken from the typed column its kind uses (team/_schema.py), so the frame is the
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,7 +18,7 @@ from ..errors import QueryError
 from ..pivot import LogArrays, LoopArrays, expand_blocks, unique
 from ..runtable import RUN_COLUMNS, RunTable
 from ._connect import first_line
-from ._protocol import join_names
+from ._protocol import BUILD_CONTEXT_TABLES, join_names
 
 _BLOCK = np.dtype([("ctx", np.int64), ("parent", np.int64), ("iteration", np.int64), ("count", np.int64)])
 
@@ -201,6 +202,96 @@ class PostgresReader:
     def divergent_names(self) -> dict[str, str]:
         rows = self.conn.execute("SELECT run_id, name FROM replay_divergent ORDER BY run_id, name").fetchall()
         return join_names(rows)
+
+    # -- the UI's reads (ViewReader). Names sort COLLATE "C" (bytes), as SQLite's BINARY does. --
+
+    def data_version(self) -> tuple[Any, ...]:
+        # Every push adds team_units rows in the transaction of its data: their count and newest
+        # time change exactly when what a reader sees does.
+        row = self.conn.execute("SELECT count(*), max(pushed_at) FROM team_units").fetchone()
+        return tuple(row) if row is not None else ()
+
+    def run_ids_starting(self, prefix: str, limit: int) -> list[str]:
+        sql = "SELECT run_id FROM runs WHERE starts_with(run_id, %s) LIMIT %s"
+        return [str(r[0]) for r in self.conn.execute(sql, (prefix, limit)).fetchall()]
+
+    def run_record(self, run_id: str) -> dict[str, Any] | None:
+        # Only finished runs are pushed, so the status is the one their writer recorded.
+        cursor = self.conn.execute("SELECT * FROM runs WHERE run_id = %s", (run_id,))
+        row = cursor.fetchone()
+        return None if row is None else dict(zip([d.name for d in cursor.description], row, strict=True))
+
+    def divergent_marks(self, run_id: str) -> dict[str, str]:
+        sql = 'SELECT name, why FROM replay_divergent WHERE run_id = %s ORDER BY name COLLATE "C"'
+        return {str(name): str(why) for name, why in self.conn.execute(sql, (run_id,)).fetchall()}
+
+    def logged_names(self, run_id: str) -> list[str]:
+        sql = 'SELECT DISTINCT name COLLATE "C" AS name FROM logs WHERE run_id = %s ORDER BY 1'
+        return [str(r[0]) for r in self.conn.execute(sql, (run_id,)).fetchall()]
+
+    def is_loop_level(self, run_id: str, name: str) -> bool:
+        sql = "SELECT 1 FROM logs WHERE run_id = %s AND name = %s AND ctx_id <> 0 LIMIT 1"
+        return self.conn.execute(sql, (run_id, name)).fetchone() is not None
+
+    def has_logged(self, run_id: str, name: str) -> bool:
+        sql = "SELECT 1 FROM logs WHERE run_id = %s AND name = %s LIMIT 1"
+        return self.conn.execute(sql, (run_id, name)).fetchone() is not None
+
+    def series_points(self, run_id: str, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        from ..series import points_of_logs
+
+        return points_of_logs(self.read_logs([run_id], [name]))
+
+    def loop_block_rows(self, run_id: str) -> list[tuple[Any, ...]]:
+        sql = "SELECT ctx_id, parent_ctx, iteration, count, name FROM loops WHERE run_id = %s ORDER BY ctx_id"
+        return [tuple(r) for r in self.conn.execute(sql, (run_id,)).fetchall()]
+
+    def checkpoint_rows(self, run_id: str) -> list[dict[str, Any]]:
+        cursor = self.conn.execute(
+            "SELECT loop_name, iteration, name, bytes, substr(sha256, 1, 12) AS sha256 FROM checkpoints "
+            'WHERE run_id = %s ORDER BY ctx_id, name COLLATE "C"',
+            (run_id,),
+        )
+        return [dict(zip([d.name for d in cursor.description], r, strict=True)) for r in cursor.fetchall()]
+
+    def environment(self, env_id: str) -> dict[str, Any] | None:
+        import json
+
+        row = self.conn.execute("SELECT env FROM envs WHERE env_id = %s", (env_id,)).fetchone()
+        return None if row is None else dict(json.loads(row[0]))
+
+    def task_row(self, pipeline_id: str, task: str) -> dict[str, Any] | None:
+        cursor = self.conn.execute(
+            "SELECT t.status, t.seconds, t.reason, p.tool FROM tasks t LEFT JOIN pipelines p "
+            "ON p.pipeline_id = t.pipeline_id WHERE t.pipeline_id = %s AND t.task = %s",
+            (pipeline_id, task),
+        )
+        row = cursor.fetchone()
+        return None if row is None else dict(zip([d.name for d in cursor.description], row, strict=True))
+
+    def build_context(self) -> sqlite3.Connection:
+        """The team store's pipelines, tasks, files and runs copied into an in-memory SQLite
+        database (query-only), so that the pipelines and lineage pages run the local store's own
+        readers (dag/_report.py, lineage.py) over them: a few thousand small rows, not the logs."""
+        from psycopg import sql
+
+        from ..store import TABLES
+
+        affinity = {str: "TEXT", int: "INTEGER", float: "REAL"}
+        copy = sqlite3.connect(":memory:", check_same_thread=False)
+        for table in BUILD_CONTEXT_TABLES:
+            columns = list(TABLES[table]["columns"].items())  # identifiers from TABLES only
+            names = ", ".join(f'"{c}"' for c, _ in columns)
+            copy.execute(f'CREATE TABLE "{table}" (' + ", ".join(f'"{c}" {affinity[t]}' for c, t in columns) + ")")
+            select = sql.SQL("SELECT {} FROM {}").format(
+                sql.SQL(", ").join(sql.Identifier(c) for c, _ in columns), sql.Identifier(table)
+            )
+            rows = self.conn.execute(select).fetchall()
+            marks = ", ".join("?" * len(columns))
+            copy.executemany(f'INSERT INTO "{table}" ({names}) VALUES ({marks})', rows)  # noqa: S608
+        copy.commit()
+        copy.execute("PRAGMA query_only = ON")
+        return copy
 
 
 def query_team(
