@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import re
-import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -96,17 +95,6 @@ def read_run_table(store: Store | StoreReader, where: str | None = None) -> RunL
 def divergent_marks(store: Store | ViewReader, run_id: str) -> dict[str, str]:
     """The run's replayed names written with --accept-divergent, each with why it diverged."""
     return as_view_reader(store).divergent_marks(run_id)
-
-
-def local_divergent_marks(conn: sqlite3.Connection, run_id: str) -> dict[str, str]:
-    """:func:`divergent_marks` over the local store."""
-    try:
-        rows = conn.execute(
-            "SELECT name, why FROM replay_divergent WHERE run_id = ? ORDER BY name", (run_id,)
-        ).fetchall()
-    except sqlite3.OperationalError:  # no replay has opened this store: no marks
-        return {}
-    return {str(name): str(why) for name, why in rows}
 
 
 def select_runs(

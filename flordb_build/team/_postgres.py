@@ -31,32 +31,6 @@ def _value(row: Sequence[Any]) -> Any:
     return None
 
 
-# Plain floats and ints of one name and source as big-endian int64/float64 bytes: one row instead
-# of one per value. The aggregates see the rows in one order, so the i-th seq, ctx and value belong
-# together; no ORDER BY (a sort of a million rows): the reader sorts by seq itself.
-_PACKED_SQL = (
-    "SELECT "
-    "string_agg(int8send(seq), ''::bytea) FILTER (WHERE value_float IS NOT NULL), "
-    "string_agg(int8send(ctx_id), ''::bytea) FILTER (WHERE value_float IS NOT NULL), "
-    "string_agg(float8send(value_float), ''::bytea) FILTER (WHERE value_float IS NOT NULL), "
-    "string_agg(int8send(seq), ''::bytea) FILTER (WHERE value_int IS NOT NULL), "
-    "string_agg(int8send(ctx_id), ''::bytea) FILTER (WHERE value_int IS NOT NULL), "
-    "string_agg(int8send(value_int), ''::bytea) FILTER (WHERE value_int IS NOT NULL) "
-    "FROM logs WHERE run_id = %s AND name = %s AND source = %s AND kind = 0"
-)
-# Every other value (text, bools, JSON, big ints, None) as a row.
-_ROWS_SQL = (
-    "SELECT name, source, seq, ctx_id, kind, value_int, value_float, value_text, value_bool, value_bigint::text, "
-    "value_json FROM logs WHERE run_id = %s AND name = ANY(%s) "
-    "AND (kind <> 0 OR (value_float IS NULL AND value_int IS NULL))"
-)
-_SOURCES = ("record", "replay")
-
-
-def _int64s(packed: bytes) -> np.ndarray:
-    return np.frombuffer(packed, dtype=">i8").astype(np.int64)
-
-
 class PostgresReader:
     """:class:`~flordb_build.team.StoreReader` over a read-only connection to the team store."""
 
@@ -71,62 +45,10 @@ class PostgresReader:
         return RunTable({c: [r[i] for r in rows] for i, c in enumerate(RUN_COLUMNS)})
 
     def read_logs(self, run_ids: list[str], names: list[str]) -> LogArrays:
-        """As pivot.read_logs: plain floats and ints (the bulk) arrive packed, a few bytes a value,
-        and go straight into numpy; only other values come as rows."""
-        position = {name: code for code, name in enumerate(names)}
-        parts: dict[str, list[np.ndarray]] = {
-            k: [] for k in ("code", "ctx", "name", "value", "kind", "replay", "seq")
-        }
+        """As pivot.read_logs: one pass over each run's rows, plain numbers as binary arrays (team/_fetch.py)."""
+        from ._fetch import fetch_logs
 
-        def add(
-            code: int, name: str, source: str, seq: np.ndarray, ctx: np.ndarray, values: np.ndarray, kind: Any
-        ) -> None:
-            n = len(seq)
-            parts["code"].append(np.full(n, code, dtype=np.int64))
-            parts["name"].append(np.full(n, position[name], dtype=np.int64))
-            parts["replay"].append(np.full(n, source == "replay", dtype=bool))
-            parts["seq"].append(seq)
-            parts["ctx"].append(ctx)
-            parts["value"].append(values)
-            parts["kind"].append(np.broadcast_to(np.asarray(kind, dtype=np.int64), (n,)))
-
-        for code, run_id in enumerate(run_ids):
-            for name, source in ((name, source) for name in names for source in _SOURCES):
-                row = self.conn.execute(_PACKED_SQL, (run_id, name, source), binary=True).fetchone()
-                packed: list[Any] = list(row) if row is not None else [None] * 6
-                for seq, ctx, values, dtype in ((*packed[0:3], ">f8"), (*packed[3:6], ">i8")):
-                    if seq is None:
-                        continue
-                    numbers = np.frombuffer(values, dtype=dtype).astype(dtype[1:]).astype(object)
-                    add(code, name, source, _int64s(seq), _int64s(ctx), numbers, 0)
-            rows = self.conn.execute(_ROWS_SQL, (run_id, names)).fetchall()
-            if rows:
-                n = len(rows)
-                values = np.empty(n, dtype=object)
-                values[:] = [_value(r[5:]) for r in rows]
-                parts["code"].append(np.full(n, code, dtype=np.int64))
-                parts["name"].append(np.array([position[r[0]] for r in rows], dtype=np.int64))
-                parts["replay"].append(np.array([r[1] == "replay" for r in rows], dtype=bool))
-                parts["seq"].append(np.array([r[2] for r in rows], dtype=np.int64))
-                parts["ctx"].append(np.array([r[3] for r in rows], dtype=np.int64))
-                parts["value"].append(values)
-                parts["kind"].append(np.array([r[4] for r in rows], dtype=np.int64))
-
-        def joined(key: str, dtype: Any) -> np.ndarray:
-            return np.concatenate(parts[key]) if parts[key] else np.empty(0, dtype=dtype)
-
-        codes, name_codes = joined("code", np.int64), joined("name", np.int64)
-        replays, seqs = joined("replay", bool), joined("seq", np.int64)
-        # The local store's order: by run, name, recorded before replayed, then as logged.
-        order = np.lexsort((seqs, replays, name_codes, codes))
-        return LogArrays(
-            code=codes[order],
-            ctx=joined("ctx", np.int64)[order],
-            name=name_codes[order],
-            value=joined("value", object)[order],
-            kind=joined("kind", np.int64)[order],
-            replay=replays[order],
-        )
+        return fetch_logs(self.conn, run_ids, names)
 
     def read_loops(self, run_ids: list[str], logs: LogArrays) -> LoopArrays:
         from ..pivot import _closure_complete
@@ -238,7 +160,7 @@ class PostgresReader:
         return self.conn.execute(sql, (run_id, name)).fetchone() is not None
 
     def series_points(self, run_id: str, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        from ..series import points_of_logs
+        from ..points import points_of_logs
 
         return points_of_logs(self.read_logs([run_id], [name]))
 

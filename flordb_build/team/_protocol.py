@@ -197,12 +197,16 @@ class SQLiteReader:
         return facts
 
     def divergent_marks(self, run_id: str) -> dict[str, str]:
-        from ..runlist import local_divergent_marks
-
-        return local_divergent_marks(self.conn, run_id)
+        try:
+            rows = self.conn.execute(
+                "SELECT name, why FROM replay_divergent WHERE run_id = ? ORDER BY name", (run_id,)
+            ).fetchall()
+        except sqlite3.OperationalError:  # no replay has opened this store: no marks
+            return {}
+        return {str(name): str(why) for name, why in rows}
 
     def logged_names(self, run_id: str) -> list[str]:
-        from ..series import local_logged_names
+        from ..points import local_logged_names
 
         return local_logged_names(self.conn, run_id)
 
@@ -215,7 +219,7 @@ class SQLiteReader:
         return self.conn.execute(sql, (run_id, name)).fetchone() is not None
 
     def series_points(self, run_id: str, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        from ..series import local_series_points
+        from ..points import local_series_points
 
         return local_series_points(self.conn, run_id, name)
 
