@@ -311,8 +311,8 @@ class _Pusher:
     def _packed(self, run_id: str, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """``(seqs, ctx ids, values)`` of a name's recorded rows from log_columns, when its chunks
         are all floats or all ints and hold every row. A chunk keeps its first seq and its count, not
-        each seq: it holds seqs first..first+count-1 exactly when the logs index counts that many
-        rows of the name in that range (a count in SQLite, no row read into Python)."""
+        each seq: when the chunks' spans tile the name's seqs from min to max, those are its seqs;
+        otherwise the seqs are read (as text, parsed by numpy)."""
         import numpy as np
 
         chunks = self.local.execute(
@@ -329,18 +329,27 @@ class _Pusher:
         ).fetchone()
         if total != sum(c[1] for c in chunks):
             return None
+        counts = [count for _first, count, *_ in chunks]
         ends = [first + count for first, count, *_ in chunks]
-        if not (chunks[0][0] == low and ends[-1] - 1 == high and all(e == c[0] for e, c in zip(ends[:-1], chunks[1:], strict=True))):
-            # Chunks with gaps between them (names interleaved in a batch): each must be exact.
-            in_range = (
-                "SELECT count(*) FROM logs WHERE run_id = ? AND name = ? AND source = 'record' AND seq BETWEEN ? AND ?"
-            )
-            for first, count, *_rest in chunks:
-                if self.local.execute(in_range, (*key, first, first + count - 1)).fetchone()[0] != count:
-                    return None
-        # else: `total` distinct seqs (the key) in a span of `total`: exactly the chunks' seqs.
+        if chunks[0][0] == low and ends[-1] - 1 == high and all(
+            e == c[0] for e, c in zip(ends[:-1], chunks[1:], strict=True)
+        ):
+            # `total` distinct seqs (the key) in a span of `total`: exactly the chunks' seqs.
+            seqs = np.concatenate([np.arange(first, first + count, dtype=np.int64) for first, count, *_ in chunks])
+        else:
+            # Names interleaved in a batch: the seqs themselves, as one text SQLite builds in C (a
+            # few bytes a value, no Python int each), in order. Each chunk holds the name's rows of
+            # one flush batch as logged, so its first seq must open its stretch of them.
+            text = self.local.execute(
+                "SELECT group_concat(seq) FROM (SELECT seq FROM logs WHERE run_id = ? AND name = ? "
+                "AND source = 'record' ORDER BY seq)",
+                key,
+            ).fetchone()[0]
+            seqs = np.sort(np.fromstring(text or "", dtype=np.int64, sep=","))
+            starts = np.cumsum([0, *counts[:-1]])
+            if len(seqs) != total or not bool((seqs[starts] == [c[0] for c in chunks]).all()):
+                return None
         dtype = np.float64 if chunks[0][2] == "f8" else np.int64
-        seqs = np.concatenate([np.arange(first, first + count, dtype=np.int64) for first, count, *_ in chunks])
         ctxs = np.concatenate([np.frombuffer(c[3], dtype=np.int64) for c in chunks])
         values = np.concatenate([np.frombuffer(c[4], dtype=dtype) for c in chunks])
         if not len(seqs) == len(ctxs) == len(values):
