@@ -351,3 +351,23 @@ def test_push_copies_packed_names_from_log_columns_with_the_rows_seqs(
         pdt.assert_frame_equal(flor.dataframe(name, config=config, store="team"), local)
     seqs = "SELECT count(DISTINCT (run_id, seq)) FROM logs WHERE name = 'loss'"
     assert _count(pg_server, team_url, seqs) == _count(pg_server, team_url, "SELECT count(*) FROM logs WHERE name = 'loss'")
+
+
+def test_runs_read_the_same_from_the_columnar_copy_and_from_the_rows(
+    clones: tuple[Project, Project], pg_server: PgServer, team_url: str
+) -> None:
+    """log_chunks (a push's columnar copy of plain numbers) and logs (the rows) give one frame; a run
+    pushed without the copy (an older flordb_build) reads from the rows."""
+    a, _b = clones
+    a.run("train.py")
+    a.run("big.py", "20000")
+    a.cli("push")
+    config = config_of_root(a.root, True)
+    assert _count(pg_server, team_url, "SELECT count(*) FROM log_chunks WHERE name = 'loss'") == 2
+    assert _count(pg_server, team_url, "SELECT count(*) FROM log_chunks WHERE name = 'note'") == 0  # text: rows only
+    local = {names: flor.dataframe(*names, config=config) for names in (NAMES, ("loss",), ("loss", "count"))}
+    for names, frame in local.items():
+        pdt.assert_frame_equal(flor.dataframe(*names, config=config, store="team"), frame)
+    pg_server.psql(team_url.rsplit("/", 1)[1], "DELETE FROM log_chunks")
+    for names, frame in local.items():
+        pdt.assert_frame_equal(flor.dataframe(*names, config=config, store="team"), frame)

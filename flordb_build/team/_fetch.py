@@ -34,8 +34,12 @@ _PACKED_SQL = (
         for column in ("seq", "ctx_id", f"value_{kind}")
     )
     + ", count(*) FILTER (WHERE kind <> 0 OR num_nonnulls(value_float, value_int) = 0) "
-    "FROM logs WHERE run_id = %s AND name = ANY(%s) GROUP BY name, source"
+    "FROM logs WHERE run_id = %s AND name = ANY(%s) AND NOT (source = 'record' AND name = ANY(%s)) "
+    "GROUP BY name, source"
 )
+# The columnar copy of a run's recorded plain numbers (team/_schema.py), and whether it has a replay.
+_CHUNKS_SQL = "SELECT name, format, count, seqs, ctx_ids, vals FROM log_chunks WHERE run_id = %s AND name = ANY(%s)"
+_REPLAYED_SQL = "SELECT 1 FROM team_units WHERE unit_id = %s AND kind = 'replay'"
 # Every other value (text, bools, JSON, big ints, None) as a row.
 _ROWS_SQL = (
     "SELECT name, source, seq, ctx_id, kind, value_int, value_float, value_text, value_bool, value_bigint::text, "
@@ -109,11 +113,17 @@ class _Parts:
         if not self.seq:
             empty = np.empty(0, dtype=np.int64)
             return LogArrays(empty, empty, empty, np.empty(0, dtype=object), empty, np.empty(0, dtype=bool))
+        if len(set(self.keys)) == len(self.keys) and (-1, -1, False) not in self.keys:
+            # One part per (run, name, source): put them in key order (a few parts, not rows).
+            by_key = sorted(range(len(self.keys)), key=self.keys.__getitem__)
+            for field in ("keys", "seq", "ctx", "value", "kind", "code", "name", "replay"):
+                items = getattr(self, field)
+                setattr(self, field, [items[i] for i in by_key])
         dtypes = {v.dtype for v in self.value}
         numeric = len(dtypes) == 1 and next(iter(dtypes)).kind in "if"
         values = [v if numeric else v.astype(object) for v in self.value]
-        # Each part is one (run, name, source) in the order the team store holds it; parts come
-        # in key order. When every key has one part whose seqs rise (a push copies a run's rows in
+        # Each part is one (run, name, source) in the order the team store holds it, the parts in
+        # key order. When every key has one part whose seqs rise (a push copies a run's rows in
         # seq order), the concatenation is the local order and needs no sort of a million rows.
         in_order = len(set(self.keys)) == len(self.keys) and (-1, -1, False) not in self.keys
         in_order = in_order and self.keys == sorted(self.keys)
@@ -136,8 +146,22 @@ def fetch_logs(conn: Any, run_ids: list[str], names: list[str]) -> LogArrays:
     """As pivot.read_logs, over the team store (see the module docstring)."""
     position = {name: code for code, name in enumerate(names)}
     parts = _Parts()
+    columnar = conn.execute("SELECT to_regclass('log_chunks') IS NOT NULL").fetchone()[0]
     for code, run_id in enumerate(run_ids):
-        groups = conn.execute(_PACKED_SQL, (run_id, names), binary=True).fetchall()
+        covered: list[str] = []
+        if columnar:
+            for name, fmt, count, seqs, ctxs, values in conn.execute(_CHUNKS_SQL, (run_id, names), binary=True):
+                number = np.dtype(np.float64 if fmt == "f8" else np.int64)
+                seq = np.frombuffer(seqs, dtype="<i8").astype(np.int64)
+                ctx = np.frombuffer(ctxs, dtype="<i8").astype(np.int64)
+                value = np.frombuffer(values, dtype=number.newbyteorder("<")).astype(number)
+                if not len(seq) == len(ctx) == len(value) == count:
+                    raise TeamStoreError(f"The team store's columnar copy of '{name}' in run '{run_id}' is damaged.")
+                parts.add(code, position[name], False, seq, ctx, value, 0)
+                covered.append(name)
+        if len(covered) == len(names) and not conn.execute(_REPLAYED_SQL, (run_id,)).fetchone():
+            continue  # every value from the columnar copy: no pass over the run's rows
+        groups = conn.execute(_PACKED_SQL, (run_id, names, covered), binary=True).fetchall()
         groups.sort(key=lambda g: (position[g[0]], g[1] == "replay"))
         others = 0
         for name, source, *packed, other in groups:

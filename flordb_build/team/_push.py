@@ -286,15 +286,25 @@ class _Pusher:
                                                                            "ctx_id", "kind", *VALUE_COLUMNS]
         )
         rows_sql = "SELECT seq, ctx_id, name, value, kind FROM logs WHERE run_id = ? AND name = ? AND source = ? ORDER BY seq"
+        columnar: list[tuple[str, str, np.ndarray, np.ndarray, np.ndarray]] = []
         with self.pg.cursor() as cur, cur.copy(statement) as copy:
             copy.write(HEADER)
             for name in self._names(run_id, source):
                 packed = self._packed(run_id, name) if source == "record" else None
                 if packed is not None and self._write_arrays(copy, run_id, name, source, *packed):
+                    columnar.append((run_id, name, *packed))
                     continue
                 for chunk in _chunks(self.local.execute(rows_sql, (run_id, name, source))):
                     self._write_chunk(copy, run_id, source, chunk)
             copy.write(TRAILER)
+        if columnar:
+            with self.pg.cursor() as cur, cur.copy(
+                "COPY log_chunks (run_id, name, format, count, seqs, ctx_ids, vals) FROM STDIN (FORMAT BINARY)"
+            ) as copy:
+                copy.set_types(["text", "text", "text", "int8", "bytea", "bytea", "bytea"])
+                for run, name, seqs, ctxs, values in columnar:
+                    fmt = "f8" if values.dtype.kind == "f" else "i8"
+                    copy.write_row((run, name, fmt, len(values), _native(seqs), _native(ctxs), _native(values)))
 
     def _names(self, run_id: str, source: str) -> list[str]:
         """The names with rows of ``source`` in the run: one index seek each (logs is keyed by run, name)."""
@@ -393,6 +403,11 @@ class _Pusher:
             for chunk in chunks:
                 self._write_chunk(copy, run_id, source, chunk)
             copy.write(TRAILER)
+
+
+def _native(array: np.ndarray) -> bytes:
+    """An int64/float64 array's bytes, little-endian (what team/_fetch.py reads back)."""
+    return array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
 
 
 def _runs_of(rows: Sequence[Any], field: int) -> Iterator[tuple[Any, Sequence[Any]]]:
