@@ -85,14 +85,17 @@ def points_of_logs(logs: LogArrays) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     for replayed, mask in ((True, replay), (False, ~replay)):
         if not mask.any():
             continue
-        kinds, stored = logs.kind[mask].tolist(), logs.value[mask].tolist()
-        if all(k == ValueKind.NATIVE for k in kinds):
-            decoded = typed_array(stored)
+        if logs.value.dtype.kind in "if":  # plain numbers already typed (team/_fetch.py): no Python object each
+            decoded = logs.value[mask]
         else:
-            decoded = typed_array([decode_value(v, int(k)) for v, k in zip(stored, kinds, strict=True)])
+            kinds, stored = logs.kind[mask].tolist(), logs.value[mask].tolist()
+            if all(k == ValueKind.NATIVE for k in kinds):
+                decoded = typed_array(stored)
+            else:
+                decoded = typed_array([decode_value(v, int(k)) for v, k in zip(stored, kinds, strict=True)])
         parts_ctx.append(np.asarray(logs.ctx[mask], dtype=np.int64))
         parts_val.append(decoded)
-        parts_rep.append(np.full(len(stored), replayed, dtype=bool))
+        parts_rep.append(np.full(len(decoded), replayed, dtype=bool))
     return np.concatenate(parts_ctx), concat_values(parts_val), np.concatenate(parts_rep)
 
 
