@@ -60,7 +60,9 @@ class PostgresReader:
         levels_sql = (
             "SELECT name, sum(count) FROM loops WHERE run_id = %s GROUP BY name ORDER BY sum(count), name"
         )
-        blocks_sql = "SELECT ctx_id, parent_ctx, iteration, count FROM loops WHERE run_id = %s AND name = %s"
+        blocks_sql = (
+            "SELECT ctx_id, parent_ctx, iteration, count FROM loops WHERE run_id = %s AND name = %s ORDER BY ctx_id"
+        )
         values_sql = (
             "SELECT ctx_id, value_int, value_float, value_text, value_bool FROM loops WHERE run_id = %s AND name = %s "
             "AND num_nonnulls(value_int, value_float, value_text, value_bool) > 0"
@@ -75,8 +77,9 @@ class PostgresReader:
                     [tuple(r) for r in self.conn.execute(blocks_sql, (run_id, level))], dtype=_BLOCK
                 )
                 ctx, parent, iteration = expand_blocks(blocks)
-                order = np.argsort(ctx, kind="stable")
-                ctx, parent, iteration = ctx[order], parent[order], iteration[order]
+                if not bool(np.all(ctx[1:] > ctx[:-1])):  # blocks in key order expand in order: no sort
+                    order = np.argsort(ctx, kind="stable")
+                    ctx, parent, iteration = ctx[order], parent[order], iteration[order]
                 values = np.full(len(ctx), None, dtype=object)
                 with_value = self.conn.execute(values_sql, (run_id, level)).fetchall()
                 if with_value:
