@@ -322,7 +322,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_ui(args: argparse.Namespace) -> int:
     from .ui import serve
 
-    serve(port=args.port, open_browser=args.open, announce=lambda line: print(line, flush=True))
+    serve(
+        port=args.port, open_browser=args.open, announce=lambda line: print(line, flush=True),
+        team=args.team, remote=args.remote,
+    )
     return 0
 
 
@@ -451,6 +454,7 @@ def _add_view_commands(add: Callable[[str, Callable[[argparse.Namespace], int], 
     )
     p.add_argument("--port", type=int, default=8765, metavar="N", help="the port (default 8765; 0 picks a free one)")
     p.add_argument("--open", action="store_true", help="open the app in the default web browser")
+    add_team_options(p, "; every page the same as over the local store, read-only")
 
 
 def add_team_options(parser: argparse.ArgumentParser, note: str = "") -> None:

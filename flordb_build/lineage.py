@@ -21,6 +21,7 @@ and then marked ``repeated``.
 from __future__ import annotations
 
 import os
+import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,8 +84,9 @@ class LineageNode:
 class LineageTracer:
     """Walks ``files``/``tasks``/``runs`` of one store; ``max_depth`` bounds each direction."""
 
-    def __init__(self, store: Store, max_depth: int = 50) -> None:
-        self.conn = store.conn
+    def __init__(self, store: Store | sqlite3.Connection, max_depth: int = 50) -> None:
+        """:param store: the local store, or a connection holding its build-context tables (the team store's copy)."""
+        self.conn = store if isinstance(store, sqlite3.Connection) else store.conn
         self.max_depth = max_depth
         self._seen_up: set[tuple[str, str]] = set()
         self._seen_down: set[tuple[str, str]] = set()

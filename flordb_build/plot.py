@@ -29,6 +29,7 @@ from .errors import ViewError
 from .reader import reading
 from .series import Series, is_loop_level, read_series
 from .store import Store
+from .team._protocol import ViewReader, as_view_reader
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -44,21 +45,25 @@ class PlotResult:
     points: int
 
 
-def run_labels(store: Store, run_ids: Sequence[str] | None = None) -> dict[str, RunLabel]:
+def run_labels(store: Store | ViewReader, run_ids: Sequence[str] | None = None) -> dict[str, RunLabel]:
     """Labels of the given runs (every run when None), by run id, oldest first."""
-    rows = store.conn.execute("SELECT run_id, task, tstamp FROM runs ORDER BY tstamp").fetchall()
+    runs = as_view_reader(store).run_rows()
     wanted = None if run_ids is None else set(run_ids)
-    return {r[0]: RunLabel(r[0], r[1], r[2]) for r in rows if wanted is None or r[0] in wanted}
+    return {
+        r: RunLabel(r, task, tstamp)
+        for r, task, tstamp in zip(runs.columns["run_id"], runs.columns["task"], runs.columns["tstamp"], strict=True)
+        if wanted is None or r in wanted
+    }
 
 
-def runs_logging(store: Store, name: str, run_ids: Sequence[str]) -> list[str]:
+def runs_logging(store: Store | ViewReader, name: str, run_ids: Sequence[str]) -> list[str]:
     """Those of ``run_ids`` that logged ``name`` (an index seek per run)."""
-    sql = "SELECT 1 FROM logs WHERE run_id = ? AND name = ? LIMIT 1"
-    return [r for r in run_ids if store.conn.execute(sql, (r, name)).fetchone() is not None]
+    reader = as_view_reader(store)
+    return [r for r in run_ids if reader.has_logged(r, name)]
 
 
 def name_figure(
-    store: Store,
+    store: Store | ViewReader,
     name: str,
     labels: dict[str, RunLabel],
     *,
@@ -102,7 +107,7 @@ def name_figure(
     return figure(name, traces, x_title)
 
 
-def _run_level_figure(store: Store, name: str, labels: list[RunLabel], colours: dict[str, str], by: GroupBy,
+def _run_level_figure(store: Store | ViewReader, name: str, labels: list[RunLabel], colours: dict[str, str], by: GroupBy,
                       keep: pd.DataFrame | None) -> dict[str, Any]:
     groups: dict[str, list[tuple[RunLabel, float]]] = {}
     kept_runs = None if keep is None else set(keep["run_id"].tolist())

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import re
-import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -23,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import QueryError
 from .expression import parse_where
 from .store import Store
-from .team._protocol import SQLiteReader, StoreReader
+from .team._protocol import SQLiteReader, StoreReader, ViewReader, as_view_reader
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -93,15 +92,9 @@ def read_run_table(store: Store | StoreReader, where: str | None = None) -> RunL
     return RunList(out, len(out), args, rest, extra)
 
 
-def divergent_marks(store: Store, run_id: str) -> dict[str, str]:
+def divergent_marks(store: Store | ViewReader, run_id: str) -> dict[str, str]:
     """The run's replayed names written with --accept-divergent, each with why it diverged."""
-    try:
-        rows = store.conn.execute(
-            "SELECT name, why FROM replay_divergent WHERE run_id = ? ORDER BY name", (run_id,)
-        ).fetchall()
-    except sqlite3.OperationalError:  # no replay has opened this store: no marks
-        return {}
-    return {str(name): str(why) for name, why in rows}
+    return as_view_reader(store).divergent_marks(run_id)
 
 
 def select_runs(
@@ -140,14 +133,15 @@ def select_runs(
     )
 
 
-def run_level_values(store: Store, run_id: str) -> dict[str, Any]:
+def run_level_values(store: Store | StoreReader, run_id: str) -> dict[str, Any]:
     """One run's run-level values (args and final metrics) as ``flor.dataframe()`` reads them."""
     from .query import read_dataframe
     from .table import is_missing
 
     if not _RUN_ID.match(run_id):
         raise QueryError(f"'{run_id}' is not a run id; list run ids with 'flordb-build runs'.")
-    frame = read_dataframe(store.conn, (), parse_where(f"run_id = '{run_id}'"))  # a checked hex id
+    reader = SQLiteReader(store.conn, store) if isinstance(store, Store) else store
+    frame = read_dataframe(reader, (), parse_where(f"run_id = '{run_id}'"))  # a checked hex id
     if frame.empty:
         return {}
     out = {}

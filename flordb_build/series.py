@@ -16,13 +16,14 @@ the two readers to the same rows.
 
 from __future__ import annotations
 
-import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from .store import Store
-from .values import ValueKind, decode_value
+from .team._protocol import ViewReader, as_view_reader
 
 NOT_LOGGED = object()
 _MAX_DEPTH = 10_000  # nesting deeper than any script's loops: a guard against a malformed store
@@ -61,51 +62,21 @@ class Series:
         return self.index[self.dims.index(name)]
 
 
-def typed_array(values: list[object]) -> np.ndarray:
-    """``values`` as int64, float64 (None as NaN) or bool when they all are such, else objects."""
-    kinds = set(map(type, values))
-    try:
-        if kinds == {bool}:
-            return np.array(values, dtype=bool)
-        if kinds and kinds <= {int}:
-            return np.array(values, dtype=np.int64)
-        if kinds and kinds <= {int, float, type(None)} and kinds != {type(None)}:
-            return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
-    except OverflowError:  # an int beyond int64 stays exact as an object
-        pass
-    out = np.empty(len(values), dtype=object)
-    out[:] = values
-    return out
+def logged_names(store: Store | ViewReader, run_id: str) -> list[str]:
+    """Every name the run logged (recorded or replayed), in name order."""
+    return as_view_reader(store).logged_names(run_id)
 
 
-def logged_names(store: Store, run_id: str) -> list[str]:
-    """Every name the run logged (recorded or replayed), in name order.
-
-    One index seek per name (``logs`` is clustered by run and name), not a scan of the run's rows.
-    """
-    names: list[str] = []
-    row = store.conn.execute("SELECT min(name) FROM logs WHERE run_id = ?", (run_id,)).fetchone()
-    while row is not None and row[0] is not None:
-        names.append(row[0])
-        row = store.conn.execute(
-            "SELECT min(name) FROM logs WHERE run_id = ? AND name > ?", (run_id, row[0])
-        ).fetchone()
-    return names
-
-
-def is_loop_level(store: Store, run_id: str, name: str) -> bool:
+def is_loop_level(store: Store | ViewReader, run_id: str, name: str) -> bool:
     """True when the run logged ``name`` inside some loop (else it is a run-level value only)."""
-    row = store.conn.execute(
-        "SELECT 1 FROM logs WHERE run_id = ? AND name = ? AND ctx_id != 0 LIMIT 1", (run_id, name)
-    ).fetchone()
-    return row is not None
+    return as_view_reader(store).is_loop_level(run_id, name)
 
 
-def read_series(store: Store, run_id: str, name: str) -> Series:
-    """The points of ``name`` in run ``run_id`` (see the module docstring)."""
-    conn = store.conn
-    ctx, values, replayed = _last_value_per_context(conn, run_id, name)
-    blocks = _LoopBlocks(conn, run_id)
+def read_series(store: Store | ViewReader, run_id: str, name: str) -> Series:
+    """The points of ``name`` in run ``run_id`` (see the module docstring), from either store."""
+    reader = as_view_reader(store)
+    ctx, values, replayed = _last_per_context(*reader.series_points(run_id, name))
+    blocks = _LoopBlocks(reader.loop_block_rows(run_id))
     at = blocks.find(ctx)
     unknown = (at < 0) & (ctx != 0)
     if unknown.any():  # a context the loops table does not know counts as run level, as in the dataframe
@@ -121,42 +92,6 @@ def read_series(store: Store, run_id: str, name: str) -> Series:
     return Series(run_id, name, dims, index, values, replayed, run_value)
 
 
-def _last_value_per_context(conn: sqlite3.Connection, run_id: str, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Sorted unique contexts with the value that wins at each, and whether it was replayed."""
-    parts_ctx: list[np.ndarray] = []
-    parts_val: list[np.ndarray] = []
-    parts_rep: list[np.ndarray] = []
-    replay_rows = conn.execute(
-        "SELECT ctx_id, value, kind FROM logs WHERE run_id = ? AND name = ? AND source = 'replay' ORDER BY seq",
-        (run_id, name),
-    ).fetchall()
-    if replay_rows:  # first, so that recorded values (later in the arrays) win
-        parts_ctx.append(np.array([r[0] for r in replay_rows], dtype=np.int64))
-        parts_val.append(_decoded(replay_rows))
-        parts_rep.append(np.ones(len(replay_rows), dtype=bool))
-    record = _packed_record(conn, run_id, name)
-    if record is None:
-        rows = conn.execute(
-            "SELECT ctx_id, value, kind FROM logs WHERE run_id = ? AND name = ? AND source = 'record' ORDER BY seq",
-            (run_id, name),
-        ).fetchall()
-        record = (np.array([r[0] for r in rows], dtype=np.int64), _decoded(rows))
-    parts_ctx.append(record[0])
-    parts_val.append(record[1])
-    parts_rep.append(np.zeros(len(record[0]), dtype=bool))
-    values = _concat_values(parts_val)
-    return _last_per_context(np.concatenate(parts_ctx), values, np.concatenate(parts_rep))
-
-
-def _concat_values(parts: list[np.ndarray]) -> np.ndarray:
-    """One array of the parts' values: numeric when every part is (ints and floats give floats)."""
-    parts = [p for p in parts if p.size] or parts[:1]
-    kinds = {p.dtype.kind for p in parts}
-    if len(parts) == 1 or kinds <= {"i"} or kinds <= {"b"} or (kinds <= {"i", "f"}):
-        return np.concatenate(parts)
-    return np.concatenate([p.astype(object) for p in parts])
-
-
 def _last_per_context(ctx: np.ndarray, values: np.ndarray, replayed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if ctx.size and bool(np.all(ctx[1:] > ctx[:-1])):  # one value per context, in order: the common case
         return ctx, values, replayed
@@ -164,38 +99,6 @@ def _last_per_context(ctx: np.ndarray, values: np.ndarray, replayed: np.ndarray)
     ctx = ctx[order]
     last = np.append(ctx[1:] != ctx[:-1], True) if ctx.size else np.zeros(0, dtype=bool)
     return ctx[last], values[order][last], replayed[order][last]
-
-
-def _decoded(rows: list[tuple[int, object, int]]) -> np.ndarray:
-    return typed_array([value if kind == ValueKind.NATIVE else decode_value(value, kind) for _c, value, kind in rows])
-
-
-def _packed_record(conn: sqlite3.Connection, run_id: str, name: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """Recorded ``(ctx ids, values)`` from ``log_columns`` when its chunks hold every recorded row."""
-    chunks = conn.execute(
-        "SELECT count, format, ctx_ids, vals FROM log_columns WHERE run_id = ? AND name = ? ORDER BY first_seq",
-        (run_id, name),
-    ).fetchall()
-    formats = {c[1] for c in chunks}
-    if len(formats) != 1 or formats & {"rows"}:
-        return None
-    # Every writer (the flusher, rebuild) stores a batch's chunks in the transaction of its rows,
-    # so a run's chunks cover all its recorded rows, or, in a store older than log_columns, none.
-    # Rows logged before the first chunk would mean the latter: one index seek tells, where
-    # counting a million rows would read them all.
-    first_seq = conn.execute(
-        "SELECT min(first_seq) FROM log_columns WHERE run_id = ? AND name = ?", (run_id, name)
-    ).fetchone()[0]
-    earlier = conn.execute(
-        "SELECT 1 FROM logs WHERE run_id = ? AND name = ? AND source = 'record' AND seq < ? LIMIT 1",
-        (run_id, name, first_seq),
-    ).fetchone()
-    if earlier is not None:
-        return None
-    dtype = np.float64 if chunks[0][1] == "f8" else np.int64
-    ctx = np.concatenate([np.frombuffer(c[2], dtype=np.int64) for c in chunks])
-    values = np.concatenate([np.frombuffer(c[3], dtype=dtype) for c in chunks])
-    return ctx, values
 
 
 class _LoopBlocks:
@@ -206,10 +109,8 @@ class _LoopBlocks:
     cost one binary search each and then a hundred-row walk.
     """
 
-    def __init__(self, conn: sqlite3.Connection, run_id: str) -> None:
-        rows = conn.execute(
-            "SELECT ctx_id, parent_ctx, iteration, count, name FROM loops WHERE run_id = ? ORDER BY ctx_id", (run_id,)
-        ).fetchall()
+    def __init__(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        """:param rows: ``ViewReader.loop_block_rows()``: ctx_id, parent_ctx, iteration, count, name."""
         self.start = np.array([r[0] for r in rows], dtype=np.int64)
         self.parent = np.array([r[1] for r in rows], dtype=np.int64)
         self.iteration = np.array([r[2] for r in rows], dtype=np.int64)

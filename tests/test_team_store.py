@@ -314,3 +314,60 @@ def test_remote_options_reach_libpq_and_the_remote_is_chosen_by_name(
     assert "pushed to 'team'" in a.cli("push", "--remote", "team").stdout
     unknown = a.cli("push", "--remote", "tem", check=False)
     assert unknown.returncode == 1 and "No remote 'tem'" in unknown.stderr
+
+
+def test_push_copies_packed_names_from_log_columns_with_the_rows_seqs(
+    clones: tuple[Project, Project], pg_server: PgServer, team_url: str
+) -> None:
+    """Floats and ints go from log_columns' chunks (no row read); each row keeps its own seq and ctx."""
+    from flordb_build.reader import open_read_only
+    from flordb_build.team._push import _Pusher
+
+    a, _b = clones
+    a.run("train.py")  # loss and count interleave in one loop: their chunks have gaps between them
+    a.run("big.py", "30000")  # one name alone: adjacent chunks
+    config = config_of_root(a.root, True)
+    store = open_read_only(config)
+    assert store is not None
+    try:
+        pusher = _Pusher(store.conn, None, lambda *_: None)
+        for run_id, name in store.conn.execute("SELECT DISTINCT run_id, name FROM logs").fetchall():
+            rows = store.conn.execute(
+                "SELECT seq, ctx_id, value, kind FROM logs WHERE run_id = ? AND name = ? AND source = 'record' "
+                "ORDER BY seq",
+                (run_id, name),
+            ).fetchall()
+            packed = pusher._packed(run_id, name)
+            if name in ("loss", "count", "acc", "words", "lr"):  # plain floats or ints
+                assert packed is not None, name
+                assert [tuple(map(list, packed))] == [tuple(map(list, zip(*[r[:3] for r in rows], strict=True)))]
+            else:  # text, bools, JSON, big ints: read as rows
+                assert packed is None, name
+    finally:
+        store.close()
+    a.cli("push")
+    for name in ("loss", "count", "acc", "words"):
+        local = flor.dataframe(name, config=config)
+        pdt.assert_frame_equal(flor.dataframe(name, config=config, store="team"), local)
+    seqs = "SELECT count(DISTINCT (run_id, seq)) FROM logs WHERE name = 'loss'"
+    assert _count(pg_server, team_url, seqs) == _count(pg_server, team_url, "SELECT count(*) FROM logs WHERE name = 'loss'")
+
+
+def test_runs_read_the_same_from_the_columnar_copy_and_from_the_rows(
+    clones: tuple[Project, Project], pg_server: PgServer, team_url: str
+) -> None:
+    """log_chunks (a push's columnar copy of plain numbers) and logs (the rows) give one frame; a run
+    pushed without the copy (an older flordb_build) reads from the rows."""
+    a, _b = clones
+    a.run("train.py")
+    a.run("big.py", "20000")
+    a.cli("push")
+    config = config_of_root(a.root, True)
+    assert _count(pg_server, team_url, "SELECT count(*) FROM log_chunks WHERE name = 'loss'") == 2
+    assert _count(pg_server, team_url, "SELECT count(*) FROM log_chunks WHERE name = 'note'") == 0  # text: rows only
+    local = {names: flor.dataframe(*names, config=config) for names in (NAMES, ("loss",), ("loss", "count"))}
+    for names, frame in local.items():
+        pdt.assert_frame_equal(flor.dataframe(*names, config=config, store="team"), frame)
+    pg_server.psql(team_url.rsplit("/", 1)[1], "DELETE FROM log_chunks")
+    for names, frame in local.items():
+        pdt.assert_frame_equal(flor.dataframe(*names, config=config, store="team"), frame)

@@ -59,7 +59,10 @@ def encode_columns(columns: Sequence[Column], n: int) -> bytes | None:
         else:
             big_endian, dtype = _ARRAY_TYPES[kind]
             wanted = float if kind == "float8" else int
-            if set(map(type, data)) != {wanted}:
+            if isinstance(data, np.ndarray):  # already typed (log_columns' packed chunks): no check per value
+                if data.dtype != dtype:
+                    return None
+            elif set(map(type, data)) != {wanted}:
                 return None
             fields.append((f"v{position}", big_endian))
             fill.append((length, 8))
@@ -94,6 +97,21 @@ def encode_block(
         ("int8", seqs),
         ("int8", ctxs),
         ("int2", 0),
+    ]
+    return encode_columns([*head, *value_columns], len(values))
+
+
+def encode_arrays(
+    run_id: str, name: str, source: str, seqs: np.ndarray, ctxs: np.ndarray, values: np.ndarray
+) -> bytes | None:
+    """:func:`encode_block` of numpy arrays (int64 seqs and ctx ids, float64 or int64 values)."""
+    kind = "float8" if values.dtype == np.float64 else "int8" if values.dtype == np.int64 else None
+    if kind is None:
+        return None
+    at = _FLOAT_AT if kind == "float8" else _INT_AT
+    value_columns: list[Column] = [(kind, values) if i == at else ("null", None) for i in range(len(VALUE_COLUMNS))]
+    head: list[Column] = [
+        ("text", run_id), ("text", name), ("text", source), ("int8", seqs), ("int8", ctxs), ("int2", 0),
     ]
     return encode_columns([*head, *value_columns], len(values))
 

@@ -8,6 +8,7 @@ taken from the typed column its kind uses (team/_schema.py), so the frame is the
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,7 +18,7 @@ from ..errors import QueryError
 from ..pivot import LogArrays, LoopArrays, expand_blocks, unique
 from ..runtable import RUN_COLUMNS, RunTable
 from ._connect import first_line
-from ._protocol import join_names
+from ._protocol import BUILD_CONTEXT_TABLES, join_names
 
 _BLOCK = np.dtype([("ctx", np.int64), ("parent", np.int64), ("iteration", np.int64), ("count", np.int64)])
 
@@ -28,32 +29,6 @@ def _value(row: Sequence[Any]) -> Any:
         if column is not None:
             return column
     return None
-
-
-# Plain floats and ints of one name and source as big-endian int64/float64 bytes: one row instead
-# of one per value. The aggregates see the rows in one order, so the i-th seq, ctx and value belong
-# together; no ORDER BY (a sort of a million rows): the reader sorts by seq itself.
-_PACKED_SQL = (
-    "SELECT "
-    "string_agg(int8send(seq), ''::bytea) FILTER (WHERE value_float IS NOT NULL), "
-    "string_agg(int8send(ctx_id), ''::bytea) FILTER (WHERE value_float IS NOT NULL), "
-    "string_agg(float8send(value_float), ''::bytea) FILTER (WHERE value_float IS NOT NULL), "
-    "string_agg(int8send(seq), ''::bytea) FILTER (WHERE value_int IS NOT NULL), "
-    "string_agg(int8send(ctx_id), ''::bytea) FILTER (WHERE value_int IS NOT NULL), "
-    "string_agg(int8send(value_int), ''::bytea) FILTER (WHERE value_int IS NOT NULL) "
-    "FROM logs WHERE run_id = %s AND name = %s AND source = %s AND kind = 0"
-)
-# Every other value (text, bools, JSON, big ints, None) as a row.
-_ROWS_SQL = (
-    "SELECT name, source, seq, ctx_id, kind, value_int, value_float, value_text, value_bool, value_bigint::text, "
-    "value_json FROM logs WHERE run_id = %s AND name = ANY(%s) "
-    "AND (kind <> 0 OR (value_float IS NULL AND value_int IS NULL))"
-)
-_SOURCES = ("record", "replay")
-
-
-def _int64s(packed: bytes) -> np.ndarray:
-    return np.frombuffer(packed, dtype=">i8").astype(np.int64)
 
 
 class PostgresReader:
@@ -70,62 +45,10 @@ class PostgresReader:
         return RunTable({c: [r[i] for r in rows] for i, c in enumerate(RUN_COLUMNS)})
 
     def read_logs(self, run_ids: list[str], names: list[str]) -> LogArrays:
-        """As pivot.read_logs: plain floats and ints (the bulk) arrive packed, a few bytes a value,
-        and go straight into numpy; only other values come as rows."""
-        position = {name: code for code, name in enumerate(names)}
-        parts: dict[str, list[np.ndarray]] = {
-            k: [] for k in ("code", "ctx", "name", "value", "kind", "replay", "seq")
-        }
+        """As pivot.read_logs: one pass over each run's rows, plain numbers as binary arrays (team/_fetch.py)."""
+        from ._fetch import fetch_logs
 
-        def add(
-            code: int, name: str, source: str, seq: np.ndarray, ctx: np.ndarray, values: np.ndarray, kind: Any
-        ) -> None:
-            n = len(seq)
-            parts["code"].append(np.full(n, code, dtype=np.int64))
-            parts["name"].append(np.full(n, position[name], dtype=np.int64))
-            parts["replay"].append(np.full(n, source == "replay", dtype=bool))
-            parts["seq"].append(seq)
-            parts["ctx"].append(ctx)
-            parts["value"].append(values)
-            parts["kind"].append(np.broadcast_to(np.asarray(kind, dtype=np.int64), (n,)))
-
-        for code, run_id in enumerate(run_ids):
-            for name, source in ((name, source) for name in names for source in _SOURCES):
-                row = self.conn.execute(_PACKED_SQL, (run_id, name, source), binary=True).fetchone()
-                packed: list[Any] = list(row) if row is not None else [None] * 6
-                for seq, ctx, values, dtype in ((*packed[0:3], ">f8"), (*packed[3:6], ">i8")):
-                    if seq is None:
-                        continue
-                    numbers = np.frombuffer(values, dtype=dtype).astype(dtype[1:]).astype(object)
-                    add(code, name, source, _int64s(seq), _int64s(ctx), numbers, 0)
-            rows = self.conn.execute(_ROWS_SQL, (run_id, names)).fetchall()
-            if rows:
-                n = len(rows)
-                values = np.empty(n, dtype=object)
-                values[:] = [_value(r[5:]) for r in rows]
-                parts["code"].append(np.full(n, code, dtype=np.int64))
-                parts["name"].append(np.array([position[r[0]] for r in rows], dtype=np.int64))
-                parts["replay"].append(np.array([r[1] == "replay" for r in rows], dtype=bool))
-                parts["seq"].append(np.array([r[2] for r in rows], dtype=np.int64))
-                parts["ctx"].append(np.array([r[3] for r in rows], dtype=np.int64))
-                parts["value"].append(values)
-                parts["kind"].append(np.array([r[4] for r in rows], dtype=np.int64))
-
-        def joined(key: str, dtype: Any) -> np.ndarray:
-            return np.concatenate(parts[key]) if parts[key] else np.empty(0, dtype=dtype)
-
-        codes, name_codes = joined("code", np.int64), joined("name", np.int64)
-        replays, seqs = joined("replay", bool), joined("seq", np.int64)
-        # The local store's order: by run, name, recorded before replayed, then as logged.
-        order = np.lexsort((seqs, replays, name_codes, codes))
-        return LogArrays(
-            code=codes[order],
-            ctx=joined("ctx", np.int64)[order],
-            name=name_codes[order],
-            value=joined("value", object)[order],
-            kind=joined("kind", np.int64)[order],
-            replay=replays[order],
-        )
+        return fetch_logs(self.conn, run_ids, names)
 
     def read_loops(self, run_ids: list[str], logs: LogArrays) -> LoopArrays:
         from ..pivot import _closure_complete
@@ -137,7 +60,9 @@ class PostgresReader:
         levels_sql = (
             "SELECT name, sum(count) FROM loops WHERE run_id = %s GROUP BY name ORDER BY sum(count), name"
         )
-        blocks_sql = "SELECT ctx_id, parent_ctx, iteration, count FROM loops WHERE run_id = %s AND name = %s"
+        blocks_sql = (
+            "SELECT ctx_id, parent_ctx, iteration, count FROM loops WHERE run_id = %s AND name = %s ORDER BY ctx_id"
+        )
         values_sql = (
             "SELECT ctx_id, value_int, value_float, value_text, value_bool FROM loops WHERE run_id = %s AND name = %s "
             "AND num_nonnulls(value_int, value_float, value_text, value_bool) > 0"
@@ -152,8 +77,9 @@ class PostgresReader:
                     [tuple(r) for r in self.conn.execute(blocks_sql, (run_id, level))], dtype=_BLOCK
                 )
                 ctx, parent, iteration = expand_blocks(blocks)
-                order = np.argsort(ctx, kind="stable")
-                ctx, parent, iteration = ctx[order], parent[order], iteration[order]
+                if not bool(np.all(ctx[1:] > ctx[:-1])):  # blocks in key order expand in order: no sort
+                    order = np.argsort(ctx, kind="stable")
+                    ctx, parent, iteration = ctx[order], parent[order], iteration[order]
                 values = np.full(len(ctx), None, dtype=object)
                 with_value = self.conn.execute(values_sql, (run_id, level)).fetchall()
                 if with_value:
@@ -201,6 +127,96 @@ class PostgresReader:
     def divergent_names(self) -> dict[str, str]:
         rows = self.conn.execute("SELECT run_id, name FROM replay_divergent ORDER BY run_id, name").fetchall()
         return join_names(rows)
+
+    # -- the UI's reads (ViewReader). Names sort COLLATE "C" (bytes), as SQLite's BINARY does. --
+
+    def data_version(self) -> tuple[Any, ...]:
+        # Every push adds team_units rows in the transaction of its data: their count and newest
+        # time change exactly when what a reader sees does.
+        row = self.conn.execute("SELECT count(*), max(pushed_at) FROM team_units").fetchone()
+        return tuple(row) if row is not None else ()
+
+    def run_ids_starting(self, prefix: str, limit: int) -> list[str]:
+        sql = "SELECT run_id FROM runs WHERE starts_with(run_id, %s) LIMIT %s"
+        return [str(r[0]) for r in self.conn.execute(sql, (prefix, limit)).fetchall()]
+
+    def run_record(self, run_id: str) -> dict[str, Any] | None:
+        # Only finished runs are pushed, so the status is the one their writer recorded.
+        cursor = self.conn.execute("SELECT * FROM runs WHERE run_id = %s", (run_id,))
+        row = cursor.fetchone()
+        return None if row is None else dict(zip([d.name for d in cursor.description], row, strict=True))
+
+    def divergent_marks(self, run_id: str) -> dict[str, str]:
+        sql = 'SELECT name, why FROM replay_divergent WHERE run_id = %s ORDER BY name COLLATE "C"'
+        return {str(name): str(why) for name, why in self.conn.execute(sql, (run_id,)).fetchall()}
+
+    def logged_names(self, run_id: str) -> list[str]:
+        sql = 'SELECT DISTINCT name COLLATE "C" AS name FROM logs WHERE run_id = %s ORDER BY 1'
+        return [str(r[0]) for r in self.conn.execute(sql, (run_id,)).fetchall()]
+
+    def is_loop_level(self, run_id: str, name: str) -> bool:
+        sql = "SELECT 1 FROM logs WHERE run_id = %s AND name = %s AND ctx_id <> 0 LIMIT 1"
+        return self.conn.execute(sql, (run_id, name)).fetchone() is not None
+
+    def has_logged(self, run_id: str, name: str) -> bool:
+        sql = "SELECT 1 FROM logs WHERE run_id = %s AND name = %s LIMIT 1"
+        return self.conn.execute(sql, (run_id, name)).fetchone() is not None
+
+    def series_points(self, run_id: str, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        from ..points import points_of_logs
+
+        return points_of_logs(self.read_logs([run_id], [name]))
+
+    def loop_block_rows(self, run_id: str) -> list[tuple[Any, ...]]:
+        sql = "SELECT ctx_id, parent_ctx, iteration, count, name FROM loops WHERE run_id = %s ORDER BY ctx_id"
+        return [tuple(r) for r in self.conn.execute(sql, (run_id,)).fetchall()]
+
+    def checkpoint_rows(self, run_id: str) -> list[dict[str, Any]]:
+        cursor = self.conn.execute(
+            "SELECT loop_name, iteration, name, bytes, substr(sha256, 1, 12) AS sha256 FROM checkpoints "
+            'WHERE run_id = %s ORDER BY ctx_id, name COLLATE "C"',
+            (run_id,),
+        )
+        return [dict(zip([d.name for d in cursor.description], r, strict=True)) for r in cursor.fetchall()]
+
+    def environment(self, env_id: str) -> dict[str, Any] | None:
+        import json
+
+        row = self.conn.execute("SELECT env FROM envs WHERE env_id = %s", (env_id,)).fetchone()
+        return None if row is None else dict(json.loads(row[0]))
+
+    def task_row(self, pipeline_id: str, task: str) -> dict[str, Any] | None:
+        cursor = self.conn.execute(
+            "SELECT t.status, t.seconds, t.reason, p.tool FROM tasks t LEFT JOIN pipelines p "
+            "ON p.pipeline_id = t.pipeline_id WHERE t.pipeline_id = %s AND t.task = %s",
+            (pipeline_id, task),
+        )
+        row = cursor.fetchone()
+        return None if row is None else dict(zip([d.name for d in cursor.description], row, strict=True))
+
+    def build_context(self) -> sqlite3.Connection:
+        """The team store's pipelines, tasks, files and runs copied into an in-memory SQLite
+        database (query-only), so that the pipelines and lineage pages run the local store's own
+        readers (dag/_report.py, lineage.py) over them: a few thousand small rows, not the logs."""
+        from psycopg import sql
+
+        from ..store import TABLES
+
+        affinity = {str: "TEXT", int: "INTEGER", float: "REAL"}
+        copy = sqlite3.connect(":memory:", check_same_thread=False)
+        for table in BUILD_CONTEXT_TABLES:
+            columns = list(TABLES[table]["columns"].items())  # identifiers from TABLES only
+            names = ", ".join(f'"{c}"' for c, _ in columns)
+            copy.execute(f'CREATE TABLE "{table}" (' + ", ".join(f'"{c}" {affinity[t]}' for c, t in columns) + ")")
+            select = sql.SQL("SELECT {} FROM {}").format(
+                sql.SQL(", ").join(sql.Identifier(c) for c, _ in columns), sql.Identifier(table)
+            )
+            rows = self.conn.execute(select).fetchall()
+            marks = ", ".join("?" * len(columns))
+            copy.executemany(f'INSERT INTO "{table}" ({names}) VALUES ({marks})', rows)  # noqa: S608
+        copy.commit()
+        copy.execute("PRAGMA query_only = ON")
+        return copy
 
 
 def query_team(

@@ -25,15 +25,18 @@ import hashlib
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import Config
 from ..errors import TeamStoreError
 from ..reader import open_read_only, show_dead_runs_killed
 from ..store import TABLES, validated_columns
-from ._binary import HEADER, TRAILER, Column, encode_block, encode_columns, encode_row
+from ._binary import HEADER, TRAILER, Column, encode_arrays, encode_block, encode_columns, encode_row
 from ._connect import connect_team, first_line, resolve_remote
 from ._schema import LOOP_VALUE_COLUMNS, VALUE_COLUMNS, ensure_team_schema, loop_value_columns
+
+if TYPE_CHECKING:
+    import numpy as np
 
 _CHUNK = 50_000
 #: ``progress(event, kind, unit_id, values)``: "copying" before a unit's rows go, "pushed" after its commit.
@@ -276,11 +279,119 @@ class _Pusher:
                 copy.write_row(row)
 
     def _copy_logs(self, run_id: str, source: str) -> None:
-        cursor = self.local.execute(
-            "SELECT seq, ctx_id, name, value, kind FROM logs WHERE run_id = ? AND source = ? ORDER BY name, seq",
-            (run_id, source),
+        """A run's log rows of ``source``, one name at a time: from log_columns' packed chunks where
+        they hold the name's every row (no Python object per value), else from the rows."""
+        statement = _composed(
+            "COPY {table} ({columns}) FROM STDIN (FORMAT BINARY)", "logs", ["run_id", "name", "source", "seq",
+                                                                           "ctx_id", "kind", *VALUE_COLUMNS]
         )
-        self._write_logs(run_id, source, _chunks(cursor))
+        rows_sql = "SELECT seq, ctx_id, name, value, kind FROM logs WHERE run_id = ? AND name = ? AND source = ? ORDER BY seq"
+        columnar: list[tuple[str, str, np.ndarray, np.ndarray, np.ndarray]] = []
+        with self.pg.cursor() as cur, cur.copy(statement) as copy:
+            copy.write(HEADER)
+            for name in self._names(run_id, source):
+                packed = self._packed(run_id, name) if source == "record" else None
+                if packed is not None and self._write_arrays(copy, run_id, name, source, *packed):
+                    columnar.append((run_id, name, *packed))
+                    continue
+                for chunk in _chunks(self.local.execute(rows_sql, (run_id, name, source))):
+                    self._write_chunk(copy, run_id, source, chunk)
+            copy.write(TRAILER)
+        if columnar:
+            with self.pg.cursor() as cur, cur.copy(
+                "COPY log_chunks (run_id, name, format, count, seqs, ctx_ids, vals) FROM STDIN (FORMAT BINARY)"
+            ) as copy:
+                copy.set_types(["text", "text", "text", "int8", "bytea", "bytea", "bytea"])
+                for run, name, seqs, ctxs, values in columnar:
+                    fmt = "f8" if values.dtype.kind == "f" else "i8"
+                    copy.write_row((run, name, fmt, len(values), _native(seqs), _native(ctxs), _native(values)))
+
+    def _names(self, run_id: str, source: str) -> list[str]:
+        """The names with rows of ``source`` in the run: one index seek each (logs is keyed by run, name)."""
+        names: list[str] = []
+        sql = "SELECT min(name) FROM logs WHERE run_id = ? AND name > ? AND source = ?"
+        row = self.local.execute(
+            "SELECT min(name) FROM logs WHERE run_id = ? AND source = ?", (run_id, source)
+        ).fetchone()
+        while row is not None and row[0] is not None:
+            names.append(row[0])
+            row = self.local.execute(sql, (run_id, row[0], source)).fetchone()
+        return names
+
+    def _packed(self, run_id: str, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """``(seqs, ctx ids, values)`` of a name's recorded rows from log_columns, when its chunks
+        are all floats or all ints and hold every row. A chunk keeps its first seq and its count, not
+        each seq: when the chunks' spans tile the name's seqs from min to max, those are its seqs;
+        otherwise the seqs are read (as text, parsed by numpy)."""
+        import numpy as np
+
+        chunks = self.local.execute(
+            "SELECT first_seq, count, format, ctx_ids, vals FROM log_columns WHERE run_id = ? AND name = ? "
+            "ORDER BY first_seq",
+            (run_id, name),
+        ).fetchall()
+        formats = {c[2] for c in chunks}
+        if len(formats) != 1 or not formats <= {"f8", "i8"}:
+            return None
+        key = (run_id, name)
+        total, low, high = self.local.execute(
+            "SELECT count(*), min(seq), max(seq) FROM logs WHERE run_id = ? AND name = ? AND source = 'record'", key
+        ).fetchone()
+        if total != sum(c[1] for c in chunks):
+            return None
+        counts = [count for _first, count, *_ in chunks]
+        ends = [first + count for first, count, *_ in chunks]
+        if chunks[0][0] == low and ends[-1] - 1 == high and all(
+            e == c[0] for e, c in zip(ends[:-1], chunks[1:], strict=True)
+        ):
+            # `total` distinct seqs (the key) in a span of `total`: exactly the chunks' seqs.
+            seqs = np.concatenate([np.arange(first, first + count, dtype=np.int64) for first, count, *_ in chunks])
+        else:
+            # Names interleaved in a batch: the seqs themselves, as one text SQLite builds in C (a
+            # few bytes a value, no Python int each), in order. Each chunk holds the name's rows of
+            # one flush batch as logged, so its first seq must open its stretch of them.
+            text = self.local.execute(
+                "SELECT group_concat(seq) FROM (SELECT seq FROM logs WHERE run_id = ? AND name = ? "
+                "AND source = 'record' ORDER BY seq)",
+                key,
+            ).fetchone()[0]
+            seqs = np.sort(np.fromstring(text or "", dtype=np.int64, sep=","))
+            starts = np.cumsum([0, *counts[:-1]])
+            if len(seqs) != total or not bool((seqs[starts] == [c[0] for c in chunks]).all()):
+                return None
+        dtype = np.float64 if chunks[0][2] == "f8" else np.int64
+        ctxs = np.concatenate([np.frombuffer(c[3], dtype=np.int64) for c in chunks])
+        values = np.concatenate([np.frombuffer(c[4], dtype=dtype) for c in chunks])
+        if not len(seqs) == len(ctxs) == len(values):
+            return None
+        return seqs, ctxs, values
+
+    def _write_arrays(
+        self, copy: Any, run_id: str, name: str, source: str, seqs: np.ndarray, ctxs: np.ndarray, values: np.ndarray
+    ) -> bool:
+        """Packed rows as binary blocks of :data:`_CHUNK` rows, so the server takes in one while the
+        next is encoded; False (nothing written) when the values are not float64 or int64."""
+        if values.dtype.kind not in "if":
+            return False
+        for start in range(0, len(values), _CHUNK * 2):
+            part = slice(start, start + _CHUNK * 2)
+            block = encode_arrays(run_id, name, source, seqs[part], ctxs[part], values[part])
+            if block is None:  # only a dtype refusal, which the check above rules out
+                raise TeamStoreError(f"Could not encode the values of '{name}' in run '{run_id}' for COPY.")
+            copy.write(block)
+        return True
+
+    def _write_chunk(self, copy: Any, run_id: str, source: str, chunk: Sequence[Any]) -> None:
+        """``(seq, ctx_id, name, value, kind)`` rows in binary: a name's rows that are all floats or
+        all ints as one numpy block (team/_binary.py), others one by one."""
+        for name, rows in _runs_of(chunk, 2):
+            seqs, ctxs, _names, values, kinds = zip(*rows, strict=True)
+            block = encode_block(run_id, name, source, seqs, ctxs, values) if not any(kinds) else None
+            if block is not None:
+                copy.write(block)
+                continue
+            for seq, ctx_id, _name, value, kind in rows:
+                copy.write(encode_row(run_id, name, source, seq, ctx_id, value, kind))
 
     def _write_logs(self, run_id: str, source: str, chunks: Iterable[Sequence[Any]]) -> None:
         """``COPY`` chunks of ``(seq, ctx_id, name, value, kind)`` log rows into ``logs`` (binary format,
@@ -290,15 +401,13 @@ class _Pusher:
         with self.pg.cursor() as cur, cur.copy(statement) as copy:
             copy.write(HEADER)
             for chunk in chunks:
-                for name, rows in _runs_of(chunk, 2):
-                    seqs, ctxs, _names, values, kinds = zip(*rows, strict=True)
-                    block = encode_block(run_id, name, source, seqs, ctxs, values) if not any(kinds) else None
-                    if block is not None:
-                        copy.write(block)
-                        continue
-                    for seq, ctx_id, _name, value, kind in rows:
-                        copy.write(encode_row(run_id, name, source, seq, ctx_id, value, kind))
+                self._write_chunk(copy, run_id, source, chunk)
             copy.write(TRAILER)
+
+
+def _native(array: np.ndarray) -> bytes:
+    """An int64/float64 array's bytes, little-endian (what team/_fetch.py reads back)."""
+    return array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
 
 
 def _runs_of(rows: Sequence[Any], field: int) -> Iterator[tuple[Any, Sequence[Any]]]:

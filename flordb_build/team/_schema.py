@@ -50,6 +50,12 @@ DDL: tuple[str, ...] = (
     "kind smallint, value_int bigint, value_float double precision, value_text text, value_bool boolean, "
     "value_bigint numeric, value_json text)",
     "CREATE INDEX IF NOT EXISTS logs_run ON logs USING brin (run_id) WITH (pages_per_range = 16)",
+    # A columnar copy of a run's recorded plain floats or ints per name (native-endian int64 seqs and
+    # ctx ids, float64/int64 values), written with its rows in the run's transaction: one run's
+    # frame reads a few rows here instead of aggregating a million (team/_fetch.py). ``logs`` stays
+    # the truth for SQL; a name without a row here is read from ``logs``.
+    "CREATE TABLE IF NOT EXISTS log_chunks (run_id text, name text, format text NOT NULL, count bigint NOT NULL, "
+    "seqs bytea NOT NULL, ctx_ids bytea NOT NULL, vals bytea NOT NULL, PRIMARY KEY (run_id, name))",
     "CREATE TABLE IF NOT EXISTS replay_divergent (run_id text, name text, why text, PRIMARY KEY (run_id, name))",
     # unit_id: a run id or a pipeline id; kind: 'run', 'replay' or 'pipeline'.
     "CREATE TABLE IF NOT EXISTS team_units (unit_id text, kind text, content_hash text NOT NULL, "
@@ -59,12 +65,26 @@ DDL: tuple[str, ...] = (
 )
 
 
+_COMPRESSED_CHUNK_COLUMNS = (
+    "SELECT count(*) FROM pg_attribute WHERE attrelid = 'log_chunks'::regclass "
+    "AND attname IN ('seqs', 'ctx_ids', 'vals') AND attstorage <> 'e'"
+)
+
+
 def ensure_team_schema(conn: Any) -> None:
     """Create the team tables where missing (one transaction, serialised between pushers)."""
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
         for statement in DDL:
             conn.execute(statement)
+        # log_chunks' arrays are stored out of line uncompressed: packed numbers barely compress,
+        # and pglz would cost each push and read more than the bytes save. Altered once, when new
+        # (the ALTER locks the table; a push must not wait on readers for nothing).
+        if conn.execute(_COMPRESSED_CHUNK_COLUMNS).fetchone()[0]:
+            conn.execute(
+                "ALTER TABLE log_chunks ALTER COLUMN seqs SET STORAGE EXTERNAL, "
+                "ALTER COLUMN ctx_ids SET STORAGE EXTERNAL, ALTER COLUMN vals SET STORAGE EXTERNAL"
+            )
         if conn.execute("SELECT count(*) FROM team_schema").fetchone()[0] == 0:
             conn.execute("INSERT INTO team_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
 

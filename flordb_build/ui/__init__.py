@@ -22,14 +22,26 @@ def serve(
     open_browser: bool = False,
     announce: Callable[[str], None] = print,
     config: Config | None = None,
+    team: bool = False,
+    remote: str | None = None,
 ) -> None:
-    """Serve the UI on ``127.0.0.1:port`` until interrupted (``port=0``: a free port)."""
+    """Serve the UI on ``127.0.0.1:port`` until interrupted (``port=0``: a free port).
+
+    :param team: serve the team store (``remote``, or the only one configured), read-only.
+    :raises TeamStoreError: with ``team``, when no remote is configured or ``remote`` is unknown.
+    """
     from werkzeug.serving import make_server
 
-    app = create_app(config)
+    app = create_app(config, team=team, remote=remote)
+    shown = str(app.config["FLOR_CONFIG"].db_path)
+    if team:
+        from ..team import resolve_remote
+
+        # The remote's name, never its url: the url may name a user or host the log should not carry.
+        shown = f"the team store '{resolve_remote(app.config['FLOR_CONFIG'], remote).name}'"
     server = make_server(HOST, port, app, threaded=True)
     url = f"http://{HOST}:{server.server_port}/"
-    announce(f"flordb-build ui: serving {app.config['FLOR_CONFIG'].db_path} at {url} (read-only; Ctrl-C stops)")
+    announce(f"flordb-build ui: serving {shown} at {url} (read-only; Ctrl-C stops)")
     if open_browser:
         import webbrowser
 

@@ -1,8 +1,11 @@
 """The Flask app of ``flordb-build ui``: routes over a read-only store, templates, static files.
 
-Every request opens the store read-only (reader.py) and closes it; nothing here writes. The
-runs table of a large store is built once per store version (it changes whenever a writer
-commits) and paged on the server, so a page of 50 rows out of thousands costs a slice.
+Every request opens the store read-only (reader.py; with ``team=True`` the team store over a
+read-only PostgreSQL session) and closes it; nothing here writes. Pages read through the store's
+:class:`~flordb_build.team.ViewReader` only, so the team store shows the same pages as the local
+one. The runs table of a large store is built once per store version (it changes whenever a
+writer commits or a clone pushes) and paged on the server, so a page of 50 rows out of
+thousands costs a slice.
 """
 
 from __future__ import annotations
@@ -17,10 +20,10 @@ from urllib.parse import urlencode
 from ..charts import plotly_js_path
 from ..config import Config, load_config
 from ..errors import FlorBuildError, ViewError
-from ..reader import reading, store_version
+from ..reader import reading
 from ..runlist import RunList, read_run_table, select_runs
-from ..store import Store
 from ..table import MISSING, format_cell
+from ..team._protocol import SQLiteReader, ViewReader
 from ._pages import build_compare_page, build_run_page, read_run_values, resolve_run_id, run_facts
 
 if TYPE_CHECKING:
@@ -36,10 +39,10 @@ class RunTableCache:
     def __init__(self, config: Config) -> None:
         self.config = config
         self._lock = threading.Lock()
-        self._entries: dict[str | None, tuple[tuple[int, ...], RunList]] = {}
+        self._entries: dict[str | None, tuple[tuple[Any, ...], RunList]] = {}
 
-    def get(self, store: Store, where: str | None) -> RunList:
-        version = store_version(self.config)
+    def get(self, store: ViewReader, where: str | None) -> RunList:
+        version = store.data_version()
         with self._lock:
             hit = self._entries.get(where)
         if hit is not None and hit[0] == version:
@@ -57,9 +60,10 @@ class RunTableCache:
             self._entries.clear()
 
 
-def create_app(config: Config | None = None) -> Flask:
+def create_app(config: Config | None = None, *, team: bool = False, remote: str | None = None) -> Flask:
     """The UI over ``config``'s store (the current project's by default).
 
+    :param team: show the team store (``remote``, or the only one configured) instead, read-only.
     :raises ViewError: when Flask is not installed.
     """
     try:
@@ -70,6 +74,7 @@ def create_app(config: Config | None = None) -> Flask:
     config = config or load_config()
     app = Flask(__name__, template_folder=str(HERE / "templates"), static_folder=str(HERE / "static"))
     app.config["FLOR_CONFIG"] = config
+    app.config["FLOR_TEAM"] = (team, remote)
     cache = RunTableCache(config)
     app.extensions["flordb_build.run_tables"] = cache
     app.jinja_env.filters["cell"] = format_cell
@@ -77,9 +82,15 @@ def create_app(config: Config | None = None) -> Flask:
     app.jinja_env.globals["MISSING"] = MISSING
 
     @contextmanager
-    def store() -> Iterator[Store]:
+    def store() -> Iterator[ViewReader]:
+        if team:
+            from ..team import open_team_reader
+
+            with open_team_reader(config, remote) as reader:
+                yield reader
+            return
         with reading(config, missing=f"No flordb_build store at '{config.db_path}' yet; record a run first.") as st:
-            yield st
+            yield SQLiteReader(st.conn, st)
 
     @app.errorhandler(FlorBuildError)
     def _error(exc: FlorBuildError) -> Any:
@@ -115,7 +126,7 @@ def create_app(config: Config | None = None) -> Flask:
     def run(run_id: str) -> Any:
         with store() as st:
             full = resolve_run_id(st, run_id)
-            page = build_run_page(st, full)
+            page = build_run_page(st, full, config)
         return render_template("run.html", page=page, project=config.root)
 
     @app.get("/api/run/<run_id>/figures")
@@ -135,7 +146,7 @@ def create_app(config: Config | None = None) -> Flask:
             raise ViewError("Pick runs to compare: tick them on the Runs page, or /compare?run=ID&run=ID.")
         with store() as st:
             run_ids = list(dict.fromkeys(resolve_run_id(st, r) for r in picked))
-            page = build_compare_page(st, run_ids, request.args.get("name"))
+            page = build_compare_page(st, run_ids, request.args.get("name"), config)
         return render_template("compare.html", page=page, project=config.root)
 
     @app.get("/pipelines")
@@ -143,7 +154,7 @@ def create_app(config: Config | None = None) -> Flask:
         from ..dag._report import read_pipelines
 
         with store() as st:
-            frame = read_pipelines(st.conn, 500)
+            frame = read_pipelines(st.build_context(), 500)
         return render_template("pipelines.html", rows=frame.to_dict("records"), project=config.root)
 
     @app.get("/pipeline/<pipeline_id>")
@@ -152,8 +163,9 @@ def create_app(config: Config | None = None) -> Flask:
         from ..graph import to_svg
 
         with store() as st:
-            view = read_pipeline(st.conn, pipeline_id)
-            tasks = read_tasks(st.conn, view.pipeline_id).to_dict("records")
+            conn = st.build_context()
+            view = read_pipeline(conn, pipeline_id)
+            tasks = read_tasks(conn, view.pipeline_id).to_dict("records")
         links = {n.id: "/runs?" + urlencode({"pipeline": view.pipeline_id, "task": n.label}) for n in view.graph.nodes}
         return render_template("pipeline.html", view=view, svg=to_svg(view.graph, links), tasks=tasks,
                                project=config.root)
@@ -166,7 +178,8 @@ def create_app(config: Config | None = None) -> Flask:
         path = request.args.get("path") or None
         sha = request.args.get("sha") or None
         with store() as st:
-            files = st.conn.execute(
+            conn = st.build_context()
+            files = conn.execute(
                 "SELECT f.path, f.sha256, max(t.started) AS at, count(DISTINCT f.pipeline_id) AS pipelines FROM files f "
                 "JOIN tasks t ON t.pipeline_id = f.pipeline_id AND t.task = f.task "
                 "WHERE f.sha256 IS NOT NULL GROUP BY f.path, f.sha256 ORDER BY f.path, at DESC"
@@ -178,8 +191,8 @@ def create_app(config: Config | None = None) -> Flask:
                     sha = _current_sha(config, path) or next((f[1] for f in files if f[0] == path), None)
                 if sha is None:
                     raise ViewError(f"No recorded task read or wrote '{path}'; pick a file from the list.")
-                size = st.conn.execute("SELECT size FROM files WHERE sha256 = ? LIMIT 1", (sha,)).fetchone()
-                node = LineageTracer(st).trace(path, sha, size[0] if size else None)
+                size = conn.execute("SELECT size FROM files WHERE sha256 = ? LIMIT 1", (sha,)).fetchone()
+                node = LineageTracer(conn).trace(path, sha, size[0] if size else None)
         if node is not None:
             graph = lineage_graph(node)
             links = {

@@ -1,4 +1,9 @@
-"""What each page of the UI shows, read from a read-only store (no Flask here: testable alone)."""
+"""What each page of the UI shows, read from a read-only store (no Flask here: testable alone).
+
+Every read goes through the store's :class:`~flordb_build.team.ViewReader` (the local store's, or the
+team store's for ``flordb-build ui --team``), so the pages show the same over either. The code at a
+run's snapshot always comes from this clone's git repository.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +17,11 @@ from ..charts import GroupBy, RunLabel
 from ..config import Config
 from ..errors import SnapshotError, ViewError
 from ..plot import name_figure, run_labels
-from ..reader import shown_status
-from ..runlist import divergent_marks, run_level_values
-from ..series import NOT_LOGGED, is_loop_level, logged_names, read_series
+from ..runlist import run_level_values
+from ..series import NOT_LOGGED, read_series
 from ..store import Store
 from ..table import is_missing
+from ..team._protocol import ViewReader, as_view_reader
 
 RUN_ID = re.compile(r"^[0-9a-f]{1,32}$")
 #: Longest script shown whole on a run page (characters); longer ones are cut with a note.
@@ -55,39 +60,36 @@ class ComparePage:
     code: list[dict[str, Any]] = field(default_factory=list)  # {"a", "b", "table" (HTML) or "note"}
 
 
-def resolve_run_id(store: Store, prefix: str) -> str:
+def resolve_run_id(store: Store | ViewReader, prefix: str) -> str:
     """The full run id that ``prefix`` starts.
 
     :raises ViewError: for something that is not a run id, an unknown or an ambiguous one.
     """
     if not RUN_ID.match(prefix or ""):
         raise ViewError(f"'{prefix}' is not a run id.")
-    rows = store.conn.execute(
-        "SELECT run_id FROM runs WHERE substr(run_id, 1, ?) = ? LIMIT 2", (len(prefix), prefix)
-    ).fetchall()
+    rows = as_view_reader(store).run_ids_starting(prefix, 2)
     if len(rows) != 1:
         raise ViewError(f"No run '{prefix}' in this store." if not rows else f"Run id prefix '{prefix}' is ambiguous.")
-    return str(rows[0][0])
+    return rows[0]
 
 
-def run_facts(store: Store, run_id: str) -> dict[str, Any]:
+def run_facts(store: Store | ViewReader, run_id: str) -> dict[str, Any]:
     """The ``runs`` row of a run, with the status a viewer should show."""
-    cursor = store.conn.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,))
-    row = cursor.fetchone()
-    if row is None:
+    reader = as_view_reader(store)
+    facts = reader.run_record(run_id)
+    if facts is None:
         raise ViewError(f"No run '{run_id}' in this store.")
-    facts = dict(zip([d[0] for d in cursor.description], row, strict=True))
-    facts["status"] = shown_status(store, run_id, facts.get("status"), facts.get("host"))
-    facts["divergent"] = divergent_marks(store, run_id)
+    facts["divergent"] = reader.divergent_marks(run_id)
     return facts
 
 
-def split_names(store: Store, run_id: str) -> tuple[list[str], list[str]]:
+def split_names(store: Store | ViewReader, run_id: str) -> tuple[list[str], list[str]]:
     """The run's names: (logged inside loops, logged at run level only)."""
+    reader = as_view_reader(store)
     loop: list[str] = []
     run_level: list[str] = []
-    for name in logged_names(store, run_id):
-        (loop if is_loop_level(store, run_id, name) else run_level).append(name)
+    for name in reader.logged_names(run_id):
+        (loop if reader.is_loop_level(run_id, name) else run_level).append(name)
     return loop, run_level
 
 
@@ -100,11 +102,12 @@ class RunValues:
     run_level: dict[str, Any]
 
 
-def read_run_values(store: Store, run_id: str) -> RunValues:
+def read_run_values(store: Store | ViewReader, run_id: str) -> RunValues:
     """Every name of the run, each series read once (a million-point name is read one time)."""
+    store = as_view_reader(store)
     labels = run_labels(store, [run_id])
     figures, others, run_level = {}, {}, {}
-    for name in logged_names(store, run_id):
+    for name in store.logged_names(run_id):
         series = read_series(store, run_id, name)
         if series.run_value is not NOT_LOGGED and not is_missing(series.run_value):
             run_level[name] = series.run_value
@@ -118,10 +121,9 @@ def read_run_values(store: Store, run_id: str) -> RunValues:
     return RunValues(figures, others, run_level)
 
 
-def build_run_page(store: Store, run_id: str) -> RunPage:
-    """The Run page of ``run_id``."""
-    from ..environment import load_environment
-
+def build_run_page(store: Store | ViewReader, run_id: str, config: Config) -> RunPage:
+    """The Run page of ``run_id``; its code from ``config``'s repository."""
+    store = as_view_reader(store)
     facts = run_facts(store, run_id)
     try:
         args = json.loads(facts.get("args") or "{}")
@@ -129,24 +131,12 @@ def build_run_page(store: Store, run_id: str) -> RunPage:
         args = {}
     read = read_run_values(store, run_id)
     values, figures, others = read.run_level, read.figures, read.others
-    cursor = store.conn.execute(
-        "SELECT loop_name, iteration, name, bytes, substr(sha256, 1, 12) AS sha256 FROM checkpoints "
-        "WHERE run_id = ? ORDER BY ctx_id, name",
-        (run_id,),
-    )
-    checkpoints = [dict(zip([d[0] for d in cursor.description], r, strict=True)) for r in cursor.fetchall()]
-    env = load_environment(store, facts["env_id"]) if facts.get("env_id") else None
-    code, note = script_at_snapshot(store.config, facts.get("snapshot"), facts.get("filename"))
+    checkpoints = store.checkpoint_rows(run_id)
+    env = store.environment(facts["env_id"]) if facts.get("env_id") else None
+    code, note = script_at_snapshot(config, facts.get("snapshot"), facts.get("filename"))
     task = None
     if facts.get("pipeline_id") and facts.get("task"):
-        cursor = store.conn.execute(
-            "SELECT t.status, t.seconds, t.reason, p.tool FROM tasks t LEFT JOIN pipelines p "
-            "ON p.pipeline_id = t.pipeline_id WHERE t.pipeline_id = ? AND t.task = ?",
-            (facts["pipeline_id"], facts["task"]),
-        )
-        row = cursor.fetchone()
-        if row is not None:
-            task = dict(zip([d[0] for d in cursor.description], row, strict=True))
+        task = store.task_row(facts["pipeline_id"], facts["task"])
     shown_values = {k: v for k, v in values.items() if k not in args}
     return RunPage(facts, args, shown_values, figures, others, checkpoints, env, code, note, task)
 
@@ -168,10 +158,11 @@ def script_at_snapshot(config: Config, snapshot: str | None, filename: str | Non
     return text, None
 
 
-def build_compare_page(store: Store, run_ids: list[str], name: str | None) -> ComparePage:
+def build_compare_page(store: Store | ViewReader, run_ids: list[str], name: str | None, config: Config) -> ComparePage:
     """The Compare page of ``run_ids`` (oldest first: A is the baseline), charting ``name``."""
     from ..table import format_cell
 
+    store = as_view_reader(store)
     runs = sorted((run_facts(store, r) for r in run_ids), key=lambda f: str(f.get("tstamp") or ""))
     run_ids = [f["run_id"] for f in runs]
     arg_sets = []
@@ -213,7 +204,7 @@ def build_compare_page(store: Store, run_ids: list[str], name: str | None) -> Co
                 summaries.append("-")
         rows.append({"section": "last value", "name": key, "cells": summaries,
                      "changed": [c != summaries[0] for c in summaries], "differs": len(set(summaries)) > 1})
-    return ComparePage(runs, names, chosen, figure, rows, compare_code(store.config, runs))
+    return ComparePage(runs, names, chosen, figure, rows, compare_code(config, runs))
 
 
 def compare_code(config: Config, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
