@@ -3,10 +3,11 @@
 A run (runtime.Session starts it at the first recording call; it ends at ``commit()`` or at
 exit) is a ``recorder.ColumnRecorder`` with a store, a journal and a snapshot. ``log()`` only
 appends to in-memory buffers (floats and ints packed per name, other values as tuples); queued
-rows move to SQLite (and to the run's journal) at least every ``flush_seconds`` and at the end of
-each outermost loop iteration. Inside a running loop the recording thread writes them itself, at
-the first iteration after the flusher thread's interval passed (a tight loop would starve that
-thread of the GIL); outside loops the flusher thread does:
+rows move to SQLite (and to the run's journal) at least every ``flush_seconds``. Inside a running
+loop the recording thread writes them itself, at the first iteration (or inner-loop end, or
+outermost-iteration end) after ``flush_seconds`` passed: a tight loop holds the GIL, and a flusher
+thread writing beside it fell behind by the whole run. Outside loops (and at the end of an
+outermost loop) the flusher thread writes them:
 
     log()/loop() --append--> deques --flusher, one transaction per batch--> flor.db
                                                                       \\--> .flor/runs/<id>.jsonl
@@ -183,8 +184,10 @@ class Run(ColumnRecorder):
         self._driven_indexes: dict[tuple[int, str], itertools.count[int]] = {}
         self._flush_lock = threading.Lock()
         self._flusher = Flusher(self.flush, config.flush_seconds, self._note_write_failure, self._hand_off)
-        #: Set by the flusher thread when ``flush_seconds`` passed: the next loop iteration flushes.
+        #: Set by the flusher thread's tick or an inner loop's end: the next loop iteration flushes.
         self._due = False
+        self._flush_seconds = config.flush_seconds
+        self._flushed_at = time.monotonic()  # when the last flush (by either thread) began
         self._wake = self._flusher.wake  # set at loop boundaries: hand the rows over now
         self._closed = False
         # Set by Ctrl-C, SIGTERM or SIGHUP (Session.interrupt): the run ends 'interrupted'.
@@ -299,7 +302,11 @@ class Run(ColumnRecorder):
             _CTX.set(parent)
             if timed:
                 self._inner_seconds += time.perf_counter() - started
-            self._wake.set()
+            # An inner loop's end inside a running loop: the enclosing loop's next iteration
+            # flushes when flush_seconds have passed (waking the flusher thread instead would
+            # start it writing beside the loop, which then holds the GIL: the flusher falls behind).
+            if time.monotonic() - self._flushed_at >= self._flush_seconds:
+                self._due = True
         # Reached only when the iterable is exhausted: a `break` (or an exception) closes the
         # generator at its `yield` instead, and that iteration's checkpoint waits for its end.
         if first_nested and self.checkpointer is not None:
@@ -334,13 +341,13 @@ class Run(ColumnRecorder):
                 _CTX.set(ROOT_CTX)
                 self._outer_ctx = -1
                 queue_timing((ctx, "iteration", seconds))
-                if self._due:
-                    self._flush_in_loop()
                 if self._inner_seconds:
                     queue_timing((ctx, "inner", self._inner_seconds))
                 if self.checkpointer is not None:
                     self.checkpointer.end_iteration(ctx, name, index, seconds)
-                self._wake.set()  # loop boundary: hand the iteration's rows to the flusher
+                # Loop boundary: write the iterations queued so far, here, once flush_seconds passed.
+                if self._due or time.monotonic() - self._flushed_at >= self._flush_seconds:
+                    self._flush_in_loop()
             if self.checkpointer is not None and ctx >= 0:
                 self.checkpointer.end_loop(ctx, name, index, seconds)
         finally:
@@ -438,6 +445,7 @@ class Run(ColumnRecorder):
         :raises sqlite3.Error, OSError: when a write fails; the batch stays pending, nothing is lost.
         """
         with self._flush_lock:
+            self._flushed_at = time.monotonic()
             self._flush_locked()
 
     def _flush_locked(self) -> None:
@@ -467,6 +475,7 @@ class Run(ColumnRecorder):
         if not self._flush_lock.acquire(blocking=False):
             return  # the flusher thread is writing right now (and sees the request at its next tick)
         self._due = False
+        self._flushed_at = time.monotonic()
         try:
             self._flush_locked()
         except Exception as exc:  # noqa: BLE001 - the batch stays pending; the flusher retries it
