@@ -396,3 +396,35 @@ def test_a_tight_loop_flushes_on_its_own_thread_when_the_interval_passes(project
     assert "main thread wrote in the loop: True" in proc.stdout, proc.stdout + proc.stderr
     frame = flor.dataframe("loss")
     assert frame["loss"].tolist() == [s * 0.5 for s in range(len(frame))] and len(frame) > 1
+
+
+def test_the_flusher_offers_each_unwoken_tick_to_the_recording_thread_first() -> None:
+    """An unwoken tick asks the recording thread (``handoff`` True: it will flush); the flusher
+    writes itself only at a tick where the request went untaken (``handoff`` False)."""
+    import threading
+
+    from flordb_build.recorder import Flusher
+
+    answers = iter([True, True, False])
+    asked: list[bool] = []
+    flushed = threading.Event()
+
+    def handoff() -> bool:
+        answer = next(answers, False)
+        asked.append(answer)
+        return answer
+
+    asked_at_first_flush: list[bool] = []
+
+    def flush() -> None:
+        if not flushed.is_set():
+            asked_at_first_flush.extend(asked)
+        flushed.set()
+
+    flusher = Flusher(flush, 0.01, lambda exc: None, handoff)
+    flusher.start()
+    try:
+        assert flushed.wait(60)
+    finally:
+        flusher.stop()
+    assert asked_at_first_flush == [True, True, False]  # never before a request went untaken
