@@ -1,9 +1,13 @@
 """A recorded run: ``Run`` and its write path, and the runs of processes that cannot record.
 
 A run (runtime.Session starts it at the first recording call; it ends at ``commit()`` or at
-exit) is a ``recorder.Recorder`` with a store, a journal and a snapshot. ``log()`` only appends
-a tuple to an in-memory queue; a flusher thread moves queued rows to SQLite (and to the run's
-journal) at least every ``flush_seconds`` and at the end of each outermost loop iteration:
+exit) is a ``recorder.ColumnRecorder`` with a store, a journal and a snapshot. ``log()`` only
+appends to in-memory buffers (floats and ints packed per name, other values as tuples); queued
+rows move to SQLite (and to the run's journal) at least every ``flush_seconds``. Inside a running
+loop the recording thread writes them itself, at the first iteration (or inner-loop end, or
+outermost-iteration end) after ``flush_seconds`` passed: a tight loop holds the GIL, and a flusher
+thread writing beside it fell behind by the whole run. Outside loops (and at the end of an
+outermost loop) the flusher thread writes them:
 
     log()/loop() --append--> deques --flusher, one transaction per batch--> flor.db
                                                                       \\--> .flor/runs/<id>.jsonl
@@ -37,7 +41,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -46,7 +50,16 @@ from .cmdline import ARGV_AFTER_KWARGS, PARAMS_FILE
 from .config import Config
 from .errors import FlorBuildError, SnapshotError
 from .journalfile import JournalFile, batch_entry, end_entry, env_entry, run_entry
-from .recorder import LOOP_CONTEXT, RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS, ROOT_CTX, Flusher, Recorder, warn
+from .recorder import (
+    LOOP_CONTEXT,
+    RETRY_FIRST_SECONDS,
+    RETRY_MAX_SECONDS,
+    ROOT_CTX,
+    ColumnRecorder,
+    Flusher,
+    LogColumn,
+    warn,
+)
 from .redaction import redact_argv, redact_mapping, redact_value
 from .store import (
     CHILD_CTX_BASE,
@@ -105,16 +118,19 @@ class Batch:
     logs: list[tuple[Any, ...]]
     timings: list[tuple[Any, ...]]
     checkpoints: list[tuple[Any, ...]]
+    #: Plain floats and ints, packed per name (recorder.ColumnRecorder); no name is also in ``logs``.
+    columns: list[LogColumn] = field(default_factory=list)
     journaled: bool = False
     stored: bool = False
     refusals: int = 0
 
     @property
     def rows(self) -> int:
-        return len(self.loops) + len(self.logs) + len(self.timings) + len(self.checkpoints)
+        values = sum(len(column) for column in self.columns)
+        return len(self.loops) + len(self.logs) + len(self.timings) + len(self.checkpoints) + values
 
     def journal_entry(self) -> dict[str, Any]:
-        return batch_entry(self.loops, self.logs, self.timings, self.checkpoints)
+        return batch_entry(self.loops, self.logs, self.timings, self.checkpoints, self.columns)
 
 
 class LoopObserver(Protocol):
@@ -139,7 +155,7 @@ class LoopObserver(Protocol):
         """The run ends inside the observer's scope: finish what it writes."""
 
 
-class Run(Recorder):
+class Run(ColumnRecorder):
     """One recorded run: from its first recording call to ``commit()`` or process exit."""
 
     def __init__(
@@ -167,7 +183,11 @@ class Run(Recorder):
         self.failure: tuple[str, int] | None = None
         self._driven_indexes: dict[tuple[int, str], itertools.count[int]] = {}
         self._flush_lock = threading.Lock()
-        self._flusher = Flusher(self.flush, config.flush_seconds, self._note_write_failure)
+        self._flusher = Flusher(self.flush, config.flush_seconds, self._note_write_failure, self._hand_off)
+        #: Set by the flusher thread's tick or an inner loop's end: the next loop iteration flushes.
+        self._due = False
+        self._flush_seconds = config.flush_seconds
+        self._flushed_at = time.monotonic()  # when the last flush (by either thread) began
         self._wake = self._flusher.wake  # set at loop boundaries: hand the rows over now
         self._closed = False
         # Set by Ctrl-C, SIGTERM or SIGHUP (Session.interrupt): the run ends 'interrupted'.
@@ -211,7 +231,7 @@ class Run(Recorder):
 
     # -- recording ----------------------------------------------------------------------------
 
-    # log() is Recorder.log: the hot path, unchanged by what a run adds around it.
+    # log() is ColumnRecorder.log: the hot path, unchanged by what a run adds around it.
 
     def arg(self, name: str, default: Any = None) -> Any:
         """``--kwargs name=...``, else the params file's value, cast to ``default``'s type; else ``default``.
@@ -255,20 +275,38 @@ class Run(Recorder):
         first_nested = timed and not self._nested_seen
         if timed:
             self._nested_seen = True
+        # Consecutive iterations (consecutive ctx ids, no value) extend one open block in the loop
+        # queue, [ctx, parent, name, index, count, value, taken, closed], instead of a tuple each:
+        # _take_batch writes what a block gained since the last take (see there).
+        block: list[Any] | None = None
         try:
             for index, element in enumerate(iterable):
                 ctx = next_ctx()
                 # range(n) yields its own index: skip the call for the commonest case.
                 value = None if type(element) is int and element == index else simple_loop_value(element, index)
-                queue_loop((ctx, parent, name, index, value))
+                if value is None and block is not None and ctx == block[0] + block[4] and block[5] is None:
+                    block[4] += 1
+                else:
+                    if block is not None:
+                        block[7] = True
+                    block = [ctx, parent, name, index, 1, value, 0, False]
+                    queue_loop(block)
                 _CTX.set(ctx)
                 yield element
                 _CTX.set(parent)
+                if self._due:  # one attribute test per iteration; the flusher thread sets it
+                    self._flush_in_loop()
         finally:
+            if block is not None:
+                block[7] = True
             _CTX.set(parent)
             if timed:
                 self._inner_seconds += time.perf_counter() - started
-            self._wake.set()
+            # An inner loop's end inside a running loop: the enclosing loop's next iteration
+            # flushes when flush_seconds have passed (waking the flusher thread instead would
+            # start it writing beside the loop, which then holds the GIL: the flusher falls behind).
+            if time.monotonic() - self._flushed_at >= self._flush_seconds:
+                self._due = True
         # Reached only when the iterable is exhausted: a `break` (or an exception) closes the
         # generator at its `yield` instead, and that iteration's checkpoint waits for its end.
         if first_nested and self.checkpointer is not None:
@@ -307,7 +345,9 @@ class Run(Recorder):
                     queue_timing((ctx, "inner", self._inner_seconds))
                 if self.checkpointer is not None:
                     self.checkpointer.end_iteration(ctx, name, index, seconds)
-                self._wake.set()  # loop boundary: hand the iteration's rows to the flusher
+                # Loop boundary: write the iterations queued so far, here, once flush_seconds passed.
+                if self._due or time.monotonic() - self._flushed_at >= self._flush_seconds:
+                    self._flush_in_loop()
             if self.checkpointer is not None and ctx >= 0:
                 self.checkpointer.end_loop(ctx, name, index, seconds)
         finally:
@@ -405,25 +445,93 @@ class Run(Recorder):
         :raises sqlite3.Error, OSError: when a write fails; the batch stays pending, nothing is lost.
         """
         with self._flush_lock:
-            if self._pending is not None:
-                self._write_pending()
-            self._pending = self._take_batch()
-            if self._pending is not None:
-                self._write_pending()
+            self._flushed_at = time.monotonic()
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        if self._pending is not None:
+            self._write_pending()
+        self._pending = self._take_batch()
+        if self._pending is not None:
+            self._write_pending()
+
+    def _hand_off(self) -> bool:
+        """The flusher thread's tick: ask the recording thread to flush at its next loop iteration.
+        False (flush here) when the last tick's request is still untaken: no loop is running."""
+        if self._due:
+            self._due = False
+            return False
+        self._due = True
+        return True
+
+    def _flush_in_loop(self) -> None:
+        """Flush on the recording thread between two loop iterations (``flush_seconds`` passed).
+
+        A tight loop holds the GIL, so a flusher thread beside it gets a turn only every switch
+        interval, and executemany gives the GIL up once per row: it fell behind by the whole run.
+        Here the batch is written while the loop waits, a few milliseconds every ``flush_seconds``.
+        Never raises for a write: a failed batch stays pending for the flusher thread's retries.
+        """
+        if not self._flush_lock.acquire(blocking=False):
+            return  # the flusher thread is writing right now (and sees the request at its next tick)
+        self._due = False
+        self._flushed_at = time.monotonic()
+        try:
+            self._flush_locked()
+        except Exception as exc:  # noqa: BLE001 - the batch stays pending; the flusher retries it
+            self._note_write_failure(exc)
+        finally:
+            self._flush_lock.release()
 
     def _take_batch(self) -> Batch | None:
         # Count the logs first: every context they reference was queued before them, so
         # draining the loop queue afterwards never writes a log whose context is missing.
         n_logs = len(self._logs)
+        columns = self.take_columns()
         n_timings = len(self._timings)
         n_checkpoints = len(self._checkpoint_rows)
-        loops = coalesce_loops([self._loops.popleft() for _ in range(len(self._loops))])
+        loops = self._take_loops()
         logs = [self._logs.popleft() for _ in range(n_logs)]
         timings = [self._timings.popleft() for _ in range(n_timings)]
         checkpoints = [self._checkpoint_rows.popleft() for _ in range(n_checkpoints)]
-        if not loops and not logs and not timings and not checkpoints:
+        if columns and logs:
+            # A name with values of two types in one batch: its column joins its rows, so that
+            # the batch has one log_columns chunk per name, as rebuild packs it from the journal.
+            row_names = {row[2] for row in logs}
+            mixed = [column for column in columns if column.name in row_names]
+            if mixed:
+                columns = [column for column in columns if column.name not in row_names]
+                logs = sorted([*logs, *(row for column in mixed for row in column.rows())], key=lambda row: row[0])
+        if not loops and not logs and not timings and not checkpoints and not columns:
             return None
-        return Batch(loops, logs, timings, checkpoints)
+        return Batch(loops, logs, timings, checkpoints, columns)
+
+    def _take_loops(self) -> list[tuple[Any, ...]]:
+        """Loop blocks ``(ctx, parent, name, iteration, count, value)`` queued since the last take.
+
+        The queue holds ``(ctx, parent, name, iteration, value)`` tuples (outermost loops,
+        ``flor.iteration``) and the open blocks of inner loops (lists, see :meth:`loop`). Of a block
+        this takes what it gained since the last take; a block still open goes back in the queue.
+        Its loop's thread only grows ``count`` and sets ``closed``, this only sets ``taken``: a
+        take racing an iteration writes that iteration's context at the next take at the latest,
+        and the logs taken before the loops (:meth:`_take_batch`) never reference a context left out.
+        """
+        queue = self._loops
+        singles: list[tuple[Any, ...]] = []
+        parts: list[tuple[Any, ...]] = []
+        still_open: list[list[Any]] = []
+        for entry in [queue.popleft() for _ in range(len(queue))]:
+            if type(entry) is not list:
+                singles.append(entry)
+                continue
+            count, taken = entry[4], entry[6]
+            if count > taken:
+                parts.append((entry[0] + taken, entry[1], entry[2], entry[3] + taken, count - taken, entry[5]))
+                entry[6] = count
+            if not entry[7]:
+                still_open.append(entry)
+        queue.extend(still_open)
+        return coalesce_loops(singles) + parts if singles else parts
 
     def _write_pending(self) -> None:
         """Journal the pending batch, then store it; each part is done once, retried until done.
@@ -445,7 +553,12 @@ class Run(Recorder):
         if not batch.stored:
             try:
                 self.store.write_batch(
-                    self.run_id, batch.loops, batch.logs, timings=batch.timings, checkpoints=batch.checkpoints
+                    self.run_id,
+                    batch.loops,
+                    batch.logs,
+                    timings=batch.timings,
+                    checkpoints=batch.checkpoints,
+                    columns=batch.columns,
                 )
                 batch.stored = True
             except sqlite3.OperationalError:
@@ -669,6 +782,9 @@ class UnrecordedRun(Run):
         """Drop what was queued."""
         with self._flush_lock:
             self._take_batch()
+
+    def _flush_locked(self) -> None:
+        self._take_batch()
 
     def close(self, status: str = "ok", exit_code: int = 0, error: str | None = None) -> None:
         """Stop the flusher; there is nothing to mark or commit."""

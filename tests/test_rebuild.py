@@ -19,6 +19,7 @@ import pytest
 import flordb_build as flor
 from flordb_build.config import load_config
 from flordb_build.dag import init_project
+from flordb_build.journalfile import batch_line_rows
 from flordb_build.rebuild import PAUSE_ENV, RebuildStep
 from flordb_build.store import Store
 from tests.conftest import GIT_ENV, Project
@@ -215,7 +216,7 @@ def journaled_logs(project: Project, script: str) -> int:
     for path in (project.root / ".flor" / "runs").glob("*.jsonl"):
         lines = [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
         if lines and lines[0].get("run", {}).get("filename") == script:
-            count += sum(len(line.get("logs", ())) for line in lines)
+            count += sum(len(batch_line_rows(line)) for line in lines if "loops" in line)
     return count
 
 
@@ -433,3 +434,64 @@ def test_rebuild_journals_build_context_an_older_store_holds_without_a_journal(p
     remove(project, ".flor/flor.db", ".flor/runs", ".flor/pipelines")  # and from git alone, later
     project.cli("rebuild")
     assert store_rows(project) == before
+
+
+# -- the packed journal columns (issue 14) ---------------------------------------------------------
+
+EVERY_KIND = """
+import math
+import flordb_build as flor
+from flordb_build import runtime
+for epoch in flor.loop("epoch", range(3)):
+    for step in flor.loop("step", range(200)):
+        flor.log("loss", (step * 0.6180339887498949 + epoch) % 1.0)  # a packed float column
+        flor.log("count", step - 100)  # a packed int column
+        flor.log("mixed", 1.5 if step % 3 else step)  # floats and ints under one name: rows
+    flor.log("special", [-0.0, 5e-324, 1.7976931348623157e308, math.inf, -math.inf, math.nan][epoch])
+    flor.log("special", [math.nan, 2.0**63, 1e-310][epoch])
+    flor.log("huge", 2**70 if epoch == 1 else epoch)  # beyond int64 in the middle of an int column
+    flor.log("flag", epoch == 1)
+    flor.log("text", f"epoch {epoch}")
+    runtime.SESSION.run.flush()
+"""
+
+
+def test_rebuild_reproduces_every_table_from_packed_and_row_journal_lines(project: Project) -> None:
+    project.write("kinds.py", EVERY_KIND)
+    project.run("kinds.py")
+    before = store_rows(project)
+    assert len(before["logs"]) == 3 * 200 * 3 + 3 * 5
+    remove(project, ".flor/flor.db")
+    project.cli("rebuild")
+    assert store_rows(project) == before
+    frame = flor.dataframe("loss", "count", "special", "huge", "flag", "text")
+    assert frame["count"].tolist()[:3] == [-100, -99, -98]
+    assert frame["huge"].drop_duplicates().tolist() == [0, 2**70, 2]
+
+
+def test_a_journal_of_row_lines_only_still_rebuilds(project: Project) -> None:
+    """Journals written before the packed columns (``logs`` rows only) read back as they did."""
+    from flordb_build.journalfile import batch_line_rows, parse_run_journal
+
+    project.write("kinds.py", EVERY_KIND)
+    project.run("kinds.py")
+    before = store_rows(project)
+    (path,) = (project.root / ".flor" / "runs").glob("*.jsonl")
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert any("cols" in line for line in lines)
+    old = []
+    for line in lines:  # the same journal as the code before issue 14 wrote it
+        if "loops" in line:
+            line = {**line, "logs": sorted(batch_line_rows(line), key=lambda row: row[0])}
+            line.pop("cols", None)
+        old.append(json.dumps(line))
+    old_text = "\n".join(old) + "\n"
+    assert json.dumps(parse_run_journal(old_text, tolerant=False).logs) == json.dumps(
+        sorted(parse_run_journal(path.read_text(), tolerant=False).logs, key=lambda row: row[0])
+    )  # (as JSON text: NaN != NaN)
+    path.write_text(old_text)
+    remove(project, ".flor/flor.db")
+    project.git("update-ref", "-d", "refs/heads/flor.shadow")  # rebuild from the old-format file alone
+    project.cli("rebuild")
+    assert store_rows(project)["logs"] == before["logs"]
+    assert store_rows(project)["log_columns"] == before["log_columns"]

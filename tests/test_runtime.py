@@ -9,6 +9,7 @@ import pytest
 
 import flordb_build as flor
 from flordb_build.errors import QueryError
+from flordb_build.journalfile import batch_line_rows
 from tests.conftest import Project
 
 TRAIN = """
@@ -325,8 +326,9 @@ def test_journal_holds_every_logged_row(project: Project) -> None:
     (journal,) = (project.root / ".flor" / "runs").glob("*.jsonl")
     entries = [json.loads(line) for line in journal.read_text().splitlines()]
     assert "run" in entries[0] and "end" in entries[-1]
-    logged = [log for entry in entries for log in entry.get("logs", [])]
+    logged = [log for entry in entries if "loops" in entry for log in batch_line_rows(entry)]
     assert len(logged) == 3 + 6 + 2 + 1  # args, losses, val_accs, accuracy
+    assert any("cols" in entry for entry in entries)  # the floats went packed
 
 
 def test_kwargs_mistakes_are_named(project: Project) -> None:
@@ -359,3 +361,70 @@ def test_a_loop_name_of_one_script_and_a_value_name_of_another_are_never_mixed(p
     assert "'epoch' is a loop dimension in runs of a.py" in str(refused.value) and "b.py" in str(refused.value)
     apart = flor.dataframe("loss", "epoch", where="filename = 'b.py'")
     assert apart["epoch"].tolist() == [7]
+
+
+IN_LOOP_FLUSH = """
+import itertools, threading, time
+import flordb_build as flor
+from flordb_build.store import Store
+
+writers = []
+write_batch = Store.write_batch
+
+def noting_writer(self, *args, **kwargs):
+    writers.append(threading.current_thread() is threading.main_thread())
+    return write_batch(self, *args, **kwargs)
+
+Store.write_batch = noting_writer
+flor.arg("lr", 0.1)
+deadline = time.monotonic() + 30  # main (before issue 14) never writes here: it ends by this
+for epoch in flor.loop("epoch", range(1)):
+    for step in flor.loop("step", itertools.count()):  # a tight loop with no end of its own
+        flor.log("loss", step * 0.5)
+        if any(writers) or time.monotonic() > deadline:
+            break
+print("main thread wrote in the loop:", any(writers))
+"""
+
+
+def test_a_tight_loop_flushes_on_its_own_thread_when_the_interval_passes(project: Project) -> None:
+    """A tight loop holds the GIL, so the flusher thread asks the loop to write (issue 14): the
+    batches then land during the loop, written by the recording thread between two iterations."""
+    project.write("pyproject.toml", "[tool.flordb_build]\nflush_seconds = 0.05\n")
+    project.write("tight.py", IN_LOOP_FLUSH)
+    proc = project.run("tight.py")
+    assert "main thread wrote in the loop: True" in proc.stdout, proc.stdout + proc.stderr
+    frame = flor.dataframe("loss")
+    assert frame["loss"].tolist() == [s * 0.5 for s in range(len(frame))] and len(frame) > 1
+
+
+def test_the_flusher_offers_each_unwoken_tick_to_the_recording_thread_first() -> None:
+    """An unwoken tick asks the recording thread (``handoff`` True: it will flush); the flusher
+    writes itself only at a tick where the request went untaken (``handoff`` False)."""
+    import threading
+
+    from flordb_build.recorder import Flusher
+
+    answers = iter([True, True, False])
+    asked: list[bool] = []
+    flushed = threading.Event()
+
+    def handoff() -> bool:
+        answer = next(answers, False)
+        asked.append(answer)
+        return answer
+
+    asked_at_first_flush: list[bool] = []
+
+    def flush() -> None:
+        if not flushed.is_set():
+            asked_at_first_flush.extend(asked)
+        flushed.set()
+
+    flusher = Flusher(flush, 0.01, lambda exc: None, handoff)
+    flusher.start()
+    try:
+        assert flushed.wait(60)
+    finally:
+        flusher.stop()
+    assert asked_at_first_flush == [True, True, False]  # never before a request went untaken

@@ -292,7 +292,10 @@ from flordb_build.store import Store
 write_batch = Store.write_batch
 
 def write_or_die(self, run_id, loops, logs, *args, **kwargs):
-    if any(row[2] == "loss" and row[3] == 1 for row in logs):  # killed between journal line and transaction
+    columns = kwargs.get("columns", ())
+    if any(row[2] == "loss" and row[3] == 1 for row in logs) or any(
+        c.name == "loss" and 1 in c.vals for c in columns
+    ):  # killed between journal line and transaction
         os.kill(os.getpid(), signal.SIGKILL)
     return write_batch(self, run_id, loops, logs, *args, **kwargs)
 

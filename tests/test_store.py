@@ -432,3 +432,50 @@ def test_a_read_in_a_process_that_writes_keeps_its_locks(project: Project) -> No
         assert seen.stdout.strip() == "2"
     finally:
         store.close()
+
+
+def _column(name: str, typecode: str, seqs: list[int], ctxs: list[int], vals: list[object]):  # type: ignore[no-untyped-def]
+    from array import array
+
+    from flordb_build.recorder import LogColumn
+
+    return LogColumn(name, typecode, array("q", seqs), array("q", ctxs), array(typecode, vals))  # type: ignore[arg-type]
+
+
+def test_packed_columns_store_exactly_the_rows_executemany_stores(project: Project) -> None:
+    """The one-statement insert of a column (JSON text into SQLite) keeps every float bit-exact and
+    every row as binding it row by row does: NaN, infinities, -0.0, subnormals, breaks in the ctx
+    runs, interleaved seqs, int64 bounds."""
+    import math
+    import random
+    import struct
+
+    rng = random.Random(14)
+    n = 3000
+    bits = [struct.unpack("<d", rng.randbytes(8))[0] for _ in range(n)]
+    floats = [x if math.isfinite(x) else 0.25 for x in bits]
+    floats[:8] = [-0.0, 0.0, 5e-324, 2.2250738585072014e-308, 1.7976931348623157e308, 1e16, 1.0, 2.0**63]
+    floats[2500] = math.nan  # its segment is bound row by row, as SQLite stores NaN (NULL)
+    floats[2600] = -math.inf
+    ctxs = [10 + i + (i // 700) * 5 for i in range(n)]  # runs of consecutive ctxs with breaks
+    columns = [
+        _column("loss", "d", list(range(0, 2 * n, 2)), ctxs, floats),  # seqs interleaved with "count"
+        _column("count", "q", list(range(1, 2 * n, 2)), ctxs, [rng.randint(-(2**63), 2**63 - 1) for _ in range(n)]),
+        _column("scattered", "d", [10**6 + 7 * i for i in range(200)], [rng.randint(1, 50) for _ in range(200)], floats[:200]),
+    ]
+    store = Store.open(load_config())
+    try:
+        store.write_batch("packed", [], [], columns=columns)
+        rows_of = [(c.name, s, x, v) for c in columns for s, x, v in zip(c.seqs, c.ctxs, c.vals, strict=True)]
+        store.write_batch("bound", [], [(s, x, name, v, 0) for name, s, x, v in rows_of])
+        sql = "SELECT seq, ctx_id, name, value, typeof(value), kind, source FROM logs WHERE run_id = ? ORDER BY name, seq"
+        packed = store.conn.execute(sql, ("packed",)).fetchall()
+        bound = store.conn.execute(sql, ("bound",)).fetchall()
+        assert len(packed) == len(bound) == 2 * n + 200
+        for got, want in zip(packed, bound, strict=True):
+            assert got[:3] == want[:3] and got[4:] == want[4:]
+            assert struct.pack("<d", got[3]) == struct.pack("<d", want[3]) if got[4] == "real" else got[3] == want[3], (got, want)
+        chunks = "SELECT name, first_seq, count, format, ctx_ids, vals FROM log_columns WHERE run_id = ? ORDER BY name"
+        assert store.conn.execute(chunks, ("packed",)).fetchall() == store.conn.execute(chunks, ("bound",)).fetchall()
+    finally:
+        store.close()
