@@ -152,6 +152,7 @@ def running_server(bin_dir: Path, *, durable: bool = False) -> Iterator[PgServer
         text=True,
         start_new_session=True,
     )
+    drain: threading.Thread | None = None
     try:
         assert proc.stderr is not None
         seen: list[str] = []
@@ -162,16 +163,24 @@ def running_server(bin_dir: Path, *, durable: bool = False) -> Iterator[PgServer
         else:
             raise RuntimeError("postgres exited before it was ready:\n" + "".join(seen))
         # Keep draining its log so the server never blocks on a full pipe.
-        threading.Thread(target=lambda: [None for _ in proc.stderr or ()], daemon=True).start()
+        drain = threading.Thread(target=lambda: [None for _ in proc.stderr or ()], daemon=True)
+        drain.start()
         server = PgServer("127.0.0.1", port, password, bin_dir)
         server.psql("postgres", f"CREATE DATABASE {DATABASE}")
         yield server
     finally:
         if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)  # "fast" shutdown
+            # SIGINT is postgres' "fast" shutdown. Signal the process group (start_new_session): as
+            # root, proc is runuser, which ignores SIGINT while it waits for its child, so a signal
+            # to proc alone waited out the timeout and then killed runuser, leaving postgres behind.
+            os.killpg(proc.pid, signal.SIGINT)
             try:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+        if drain is not None:
+            drain.join(timeout=10)  # the server is gone: its log ends
+        if proc.stderr is not None:
+            proc.stderr.close()
         shutil.rmtree(workdir, ignore_errors=True)
