@@ -200,20 +200,22 @@ class PostgresReader:
         readers (dag/_report.py, lineage.py) over them: a few thousand small rows, not the logs."""
         from psycopg import sql
 
+        from ..expression import quote_identifier
         from ..store import TABLES
 
         affinity = {str: "TEXT", int: "INTEGER", float: "REAL"}
         copy = sqlite3.connect(":memory:", check_same_thread=False)
         for table in BUILD_CONTEXT_TABLES:
-            columns = list(TABLES[table]["columns"].items())  # identifiers from TABLES only
-            names = ", ".join(f'"{c}"' for c, _ in columns)
-            copy.execute(f'CREATE TABLE "{table}" (' + ", ".join(f'"{c}" {affinity[t]}' for c, t in columns) + ")")
+            columns = list(TABLES[table]["columns"].items())  # identifiers from TABLES only, quoted
+            names = ", ".join(quote_identifier(c) for c, _ in columns)
+            definitions = ", ".join(f"{quote_identifier(c)} {affinity[t]}" for c, t in columns)
+            copy.execute(f"CREATE TABLE {quote_identifier(table)} ({definitions})")
             select = sql.SQL("SELECT {} FROM {}").format(
                 sql.SQL(", ").join(sql.Identifier(c) for c, _ in columns), sql.Identifier(table)
             )
             rows = self.conn.execute(select).fetchall()
             marks = ", ".join("?" * len(columns))
-            copy.executemany(f'INSERT INTO "{table}" ({names}) VALUES ({marks})', rows)  # noqa: S608
+            copy.executemany(f"INSERT INTO {quote_identifier(table)} ({names}) VALUES ({marks})", rows)  # noqa: S608
         copy.commit()
         copy.execute("PRAGMA query_only = ON")
         return copy
