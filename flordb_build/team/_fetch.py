@@ -18,12 +18,16 @@ Python types, as the local store's rows do).
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import TeamStoreError
 from ..pivot import LogArrays
+
+if TYPE_CHECKING:
+    from ..blockpivot import ValuePart
 
 _PLAIN = "kind = 0 AND value_{0} IS NOT NULL"
 _PACKED_SQL = (
@@ -109,6 +113,28 @@ class _Parts:
         self.replay.append(np.broadcast_to(np.asarray(replay, dtype=bool), (n,)))
         self.kind.append(np.broadcast_to(np.asarray(kind, dtype=np.int64), (n,)))
 
+    def by_name(self, n_names: int) -> list[list[ValuePart]]:
+        """The parts of one run per name, replayed before recorded (blockpivot.FrameSource.value_parts)."""
+        keys = self.keys
+        if (
+            len(set(keys)) == len(keys) and (-1, -1, False) not in keys
+            and all(bool(np.all(s[1:] > s[:-1])) for s in self.seq)
+        ):
+            # One part per (name, source), each in seq order (a push copies a run's rows so): as they are.
+            out: list[list[ValuePart]] = [[] for _ in range(n_names)]
+            for i in sorted(range(len(keys)), key=lambda i: (keys[i][1], not keys[i][2])):
+                out[keys[i][1]].append((self.ctx[i], self.value[i], None))
+            return out
+        # Floats and ints of one name, or rows of several names: sorted by name, source and seq first.
+        logs = self.arrays()
+        result: list[list[ValuePart]] = []
+        for code in range(n_names):
+            rows = np.flatnonzero(logs.name == code)
+            rows = rows[np.argsort(~logs.replay[rows], kind="stable")]  # replayed first: recorded wins
+            kind = logs.kind[rows]
+            result.append([(logs.ctx[rows], logs.value[rows], kind if kind.any() else None)] if rows.size else [])
+        return result
+
     def arrays(self) -> LogArrays:
         if not self.seq:
             empty = np.empty(0, dtype=np.int64)
@@ -146,42 +172,84 @@ def fetch_logs(conn: Any, run_ids: list[str], names: list[str]) -> LogArrays:
     """As pivot.read_logs, over the team store (see the module docstring)."""
     position = {name: code for code, name in enumerate(names)}
     parts = _Parts()
-    columnar = conn.execute("SELECT to_regclass('log_chunks') IS NOT NULL").fetchone()[0]
+    columnar = _has_log_chunks(conn)
     for code, run_id in enumerate(run_ids):
-        covered: list[str] = []
-        if columnar:
-            for name, fmt, count, seqs, ctxs, values in conn.execute(_CHUNKS_SQL, (run_id, names), binary=True):
-                number = np.dtype(np.float64 if fmt == "f8" else np.int64)
-                seq = np.frombuffer(seqs, dtype="<i8").astype(np.int64)
-                ctx = np.frombuffer(ctxs, dtype="<i8").astype(np.int64)
-                value = np.frombuffer(values, dtype=number.newbyteorder("<")).astype(number)
-                if not len(seq) == len(ctx) == len(value) == count:
-                    raise TeamStoreError(f"The team store's columnar copy of '{name}' in run '{run_id}' is damaged.")
-                parts.add(code, position[name], False, seq, ctx, value, 0)
-                covered.append(name)
-        if len(covered) == len(names) and not conn.execute(_REPLAYED_SQL, (run_id,)).fetchone():
-            continue  # every value from the columnar copy: no pass over the run's rows
-        groups = conn.execute(_PACKED_SQL, (run_id, names, covered), binary=True).fetchall()
-        groups.sort(key=lambda g: (position[g[0]], g[1] == "replay"))
-        others = 0
-        for name, source, *packed, other in groups:
-            others += other
-            for offset, kind in ((0, "f8"), (3, "i8")):
-                seq, ctx, value = (unpack_array(packed[offset + i], "i8" if i < 2 else kind) for i in range(3))
-                if len(seq):
-                    parts.add(code, position[name], source == "replay", seq, ctx, value, 0)
-        if not others:
-            continue
-        rows = conn.execute(_ROWS_SQL, (run_id, names)).fetchall()
-        values = np.empty(len(rows), dtype=object)
-        values[:] = [_value(r[5:]) for r in rows]
-        parts.add(
-            code,
-            np.array([position[r[0]] for r in rows], dtype=np.int64),
-            np.array([r[1] == "replay" for r in rows], dtype=bool),
-            np.array([r[2] for r in rows], dtype=np.int64),
-            np.array([r[3] for r in rows], dtype=np.int64),
-            values,
-            np.array([r[4] for r in rows], dtype=np.int64),
-        )
+        _fetch_run(conn, code, run_id, names, position, parts, columnar)
     return parts.arrays()
+
+
+def fetch_value_parts(conn: Any, run_ids: list[str], names: list[str]) -> Iterator[list[list[ValuePart]]]:
+    """blockpivot.FrameSource.value_parts over the team store: per run, per name, its values.
+
+    The bulk (a name's recorded plain numbers from ``log_chunks``) is handed on as the float64 or
+    int64 array ``np.frombuffer`` made of it, no Python object per value and no sort.
+    """
+    position = {name: code for code, name in enumerate(names)}
+    columnar = _has_log_chunks(conn)
+    for run_id in run_ids:
+        parts = _Parts()
+        _fetch_run(conn, 0, run_id, names, position, parts, columnar)
+        yield parts.by_name(len(names))
+
+
+_LOOPS_SQL = (
+    "SELECT name, ctx_id, parent_ctx, iteration, count, value_int, value_float, value_text, value_bool "
+    "FROM loops WHERE run_id = %s"
+)
+
+
+def fetch_loop_blocks(conn: Any, run_id: str) -> list[tuple[Any, ...]]:
+    """blockpivot.FrameSource.loop_blocks over the team store: ``(name, ctx_id, parent_ctx, iteration,
+    count, value)`` of each of the run's loop blocks, the value from its typed column (team/_schema.py)."""
+    return [(name, ctx, parent, it, count, _value(typed)) for name, ctx, parent, it, count, *typed in conn.execute(_LOOPS_SQL, (run_id,))]
+
+
+def _has_log_chunks(conn: Any) -> bool:
+    """True when the store has the columnar copy (a store pushed by an older version may not)."""
+    return bool(conn.execute("SELECT to_regclass('log_chunks') IS NOT NULL").fetchone()[0])
+
+
+def _fetch_run(
+    conn: Any, code: int, run_id: str, names: list[str], position: dict[str, int], parts: _Parts, columnar: bool
+) -> None:
+    """Add run ``run_id``'s values of ``names`` to ``parts`` under run ``code``."""
+    covered: list[str] = []
+    if columnar:
+        for name, fmt, count, seqs, ctxs, values in conn.execute(_CHUNKS_SQL, (run_id, names), binary=True):
+            number = np.dtype(np.float64 if fmt == "f8" else np.int64)
+            seq = np.frombuffer(seqs, dtype="<i8").astype(np.int64, copy=False)
+            ctx = np.frombuffer(ctxs, dtype="<i8").astype(np.int64, copy=False)
+            value = np.frombuffer(values, dtype=number.newbyteorder("<")).astype(number, copy=False)
+            if not len(seq) == len(ctx) == len(value) == count:
+                raise TeamStoreError(
+                    f"The team store's columnar copy of '{name}' in run '{run_id}' is damaged "
+                    f"({count} values, {len(seq)} seqs, {len(ctx)} contexts, {len(value)} values read); "
+                    "push the run again into a fresh team store."
+                )
+            parts.add(code, position[name], False, seq, ctx, value, 0)
+            covered.append(name)
+    if len(covered) == len(names) and not conn.execute(_REPLAYED_SQL, (run_id,)).fetchone():
+        return  # every value from the columnar copy: no pass over the run's rows
+    groups = conn.execute(_PACKED_SQL, (run_id, names, covered), binary=True).fetchall()
+    groups.sort(key=lambda g: (position[g[0]], g[1] == "replay"))
+    others = 0
+    for name, source, *packed, other in groups:
+        others += other
+        for offset, kind in ((0, "f8"), (3, "i8")):
+            seq, ctx, value = (unpack_array(packed[offset + i], "i8" if i < 2 else kind) for i in range(3))
+            if len(seq):
+                parts.add(code, position[name], source == "replay", seq, ctx, value, 0)
+    if not others:
+        return
+    rows = conn.execute(_ROWS_SQL, (run_id, names)).fetchall()
+    values = np.empty(len(rows), dtype=object)
+    values[:] = [_value(r[5:]) for r in rows]
+    parts.add(
+        code,
+        np.array([position[r[0]] for r in rows], dtype=np.int64),
+        np.array([r[1] == "replay" for r in rows], dtype=bool),
+        np.array([r[2] for r in rows], dtype=np.int64),
+        np.array([r[3] for r in rows], dtype=np.int64),
+        values,
+        np.array([r[4] for r in rows], dtype=np.int64),
+    )
