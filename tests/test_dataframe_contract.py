@@ -160,8 +160,8 @@ def test_frames_match_the_contract(contract_store: Project) -> None:
 
 
 class _OtherStoreReader:
-    """The local store behind the reader interface only (not an SQLiteReader): the path a team
-    store's frame takes (per-context arrays from read_logs/read_loops, then the same pivot)."""
+    """The local store behind the reader interface only (not an SQLiteReader): a frame needs no
+    more of a store than the interface's reads (value_parts, loop_blocks), as the team store's."""
 
     def __init__(self, reader: Any) -> None:
         self._reader = reader
