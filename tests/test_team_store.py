@@ -172,6 +172,32 @@ def test_a_push_killed_mid_copy_then_repeated_loses_and_duplicates_nothing(
     pdt.assert_frame_equal(flor.dataframe("loss", config=config, store="team"), local)
 
 
+def test_two_pushes_of_one_store_at_once_add_each_run_once(
+    clones: tuple[Project, Project], pg_server: PgServer, team_url: str
+) -> None:
+    """Two pushes started together (a watcher and a manual push, or two machines sharing runs): the
+    run's team_units key is taken in its transaction, so the later one waits for it and finds it there."""
+    a, _b = clones
+    a.run("big.py", "200000")
+    config = config_of_root(a.root, True)
+    pushes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "flordb_build", "push"], cwd=a.root, stdout=subprocess.PIPE, text=True,
+            env={**os.environ, **GIT_ENV},
+        )
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in pushes]
+    assert [p.returncode for p in pushes] == [0, 0], outputs
+    summaries = sorted(next(line for line in out.splitlines() if line.startswith("pushed to 'team'")) for out in outputs)
+    assert "0 runs" in summaries[0] and "1 already there" in summaries[0], summaries
+    assert "1 runs" in summaries[1] and "200000 values" in summaries[1], summaries
+    assert _count(pg_server, team_url, "SELECT count(*) FROM logs") == 200_000
+    assert _count(pg_server, team_url, "SELECT count(*) FROM log_chunks") == 1
+    assert _count(pg_server, team_url, "SELECT count(*) FROM team_units") == 1
+    pdt.assert_frame_equal(flor.dataframe("loss", config=config, store="team"), flor.dataframe("loss", config=config))
+
+
 def test_an_unfinished_run_is_not_pushed_until_it_ends(
     clones: tuple[Project, Project], pg_server: PgServer, team_url: str
 ) -> None:
