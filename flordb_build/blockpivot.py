@@ -19,16 +19,15 @@ Keys: ``(run code << 32) | ctx_id`` is one int64 per context; ``ctx_id`` 0 is th
 
 from __future__ import annotations
 
-import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
 
 from .errors import QueryError
-from .pivot import LogArrays, LoopArrays, typed_series
+from .pivot import typed_series
 from .runtable import RUN_COLUMNS, RunTable
 from .values import ValueKind, decode_value
 
@@ -86,64 +85,60 @@ class NameRows:
     kind: np.ndarray | None  # ValueKind per row; None when every value is native
 
 
-# -- reading the local store -------------------------------------------------------------------
+# -- the frame's reads, over any store ----------------------------------------------------------
 
-_CHUNKS_SQL = (
-    "SELECT first_seq, format, ctx_ids, vals FROM log_columns WHERE run_id = ? AND name = ? ORDER BY first_seq"
-)
-_ALL_CHUNKS_SQL = "SELECT run_id, first_seq, format, ctx_ids, vals FROM log_columns WHERE name = ?"
-_EARLIER_ROW_SQL = "SELECT 1 FROM logs WHERE run_id = ? AND name = ? AND source = 'record' AND seq < ? LIMIT 1"
-_RECORD_SQL = "SELECT ctx_id, value, kind FROM logs WHERE run_id = ? AND name = ? AND source = 'record'"
-_REPLAY_SQL = "SELECT ctx_id, value, kind FROM logs WHERE run_id = ? AND name = ? AND source = 'replay'"
-_BLOCKS_SQL = "SELECT name, ctx_id, parent_ctx, iteration, count, value FROM loops WHERE run_id = ?"
+#: ``(ctx ids, values, kinds)`` of some rows of one name in one run: int64 ctx ids; float64 / int64
+#: values (a packed copy's plain numbers, ``kinds`` None) or objects as stored, ``kinds`` per row.
+ValuePart = tuple[np.ndarray, np.ndarray, np.ndarray | None]
 
 
-def read_frame_inputs(conn: sqlite3.Connection, run_ids: list[str], names: list[str]) -> tuple[ContextBlocks, list[NameRows]]:
+class FrameSource(Protocol):
+    """What a store answers for a frame (local: localframe.py; the team store: team/_fetch.py)."""
+
+    def value_parts(self, run_ids: list[str], names: list[str]) -> Iterator[list[list[ValuePart]]]:
+        """Per run of ``run_ids`` in order, per name: its value parts, the replayed rows before the
+        recorded ones, each part in the order logged (so that of rows at one context the recorded wins)."""
+        ...
+
+    def loop_blocks(self, run_id: str) -> list[tuple[Any, ...]]:
+        """The run's loop blocks as ``(name, ctx_id, parent_ctx, iteration, count, value)``, any order."""
+        ...
+
+
+def read_frame_inputs(source: FrameSource, run_ids: list[str], names: list[str]) -> tuple[ContextBlocks, list[NameRows]]:
     """The loop blocks and the per-name rows of ``dataframe(*names)`` over ``run_ids``.
 
-    Per run and name: replayed rows, then recorded ones (packed when the packed copy holds them all),
-    so that the recorded value wins. Per run, loop levels are taken fewest contexts first until every
-    context the rows name, and each of its ancestors, is held (all levels when some context is
-    unknown), as the per-context pivot read them.
+    Per run and name: replayed rows, then recorded ones, so that the recorded value wins. Per run,
+    loop levels are taken fewest contexts first until every context the rows name, and each of its
+    ancestors, is held (all levels when some context is unknown), as the per-context pivot read them.
+    The same for every store: only the reads come from ``source``.
     """
     parts: list[tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray | None]]] = [([], [], []) for _ in names]
     loop_names: dict[str, int] = {}
     block_parts: list[tuple[int, list[tuple[Any, ...]], dict[str, int]]] = []
-    chunks = [_chunks_by_run(conn, run_ids, name) for name in names]
-    for code, run_id in enumerate(run_ids):
+    for code, (run_id, per_name) in enumerate(zip(run_ids, source.value_parts(run_ids, names), strict=True)):
         base = np.int64(code << SHIFT)
         run_keys: list[np.ndarray] = []
-        for (keys, values, kinds), name, by_run in zip(parts, names, chunks, strict=True):
-            replayed = conn.execute(_REPLAY_SQL, (run_id, name)).fetchall()
-            if replayed:
-                _add_rows(replayed, base, keys, values, kinds)
-                run_keys.append(keys[-1])
-            packed = _read_packed(conn, run_id, name, by_run)
-            if packed is not None:
-                if packed[0].size:
-                    keys.append(packed[0] | base)
-                    values.append(packed[1])
-                    kinds.append(None)
-                    run_keys.append(keys[-1])
-            else:
-                rows = conn.execute(_RECORD_SQL, (run_id, name)).fetchall()
-                if rows:
-                    _add_rows(rows, base, keys, values, kinds)
+        for (keys, values, kinds), name_parts in zip(parts, per_name, strict=True):
+            for ctx, value, kind in name_parts:
+                if ctx.size:
+                    keys.append(ctx | base)
+                    values.append(value)
+                    kinds.append(kind)
                     run_keys.append(keys[-1])
         wanted = run_keys[0] if len(run_keys) == 1 else np.concatenate(run_keys) if run_keys else np.empty(0, dtype=np.int64)
         if wanted.size and not int(wanted.min()) & _LOW:  # run-level rows (ctx 0) are no loop's
             wanted = wanted[(wanted & _LOW) != 0]
         if wanted.size:
-            _add_levels(conn, code, run_id, wanted, loop_names, block_parts)
+            _add_levels(source.loop_blocks(run_id), code, wanted, loop_names, block_parts)
     return _blocks_of(block_parts, loop_names), [_name_rows(*p) for p in parts]
 
 
 def _add_levels(
-    conn: sqlite3.Connection, code: int, run_id: str, wanted: np.ndarray, loop_names: dict[str, int],
+    blocks: list[tuple[Any, ...]], code: int, wanted: np.ndarray, loop_names: dict[str, int],
     block_parts: list[tuple[int, list[tuple[Any, ...]], dict[str, int]]],
 ) -> None:
-    """Add the blocks of the loop levels run ``code`` needs for its ``wanted`` context keys."""
-    blocks = conn.execute(_BLOCKS_SQL, (run_id,)).fetchall()
+    """Add the ``blocks`` of the loop levels run ``code`` needs for its ``wanted`` context keys."""
     if not blocks:
         return
     sizes: dict[str, int] = {}
@@ -158,18 +153,6 @@ def _add_levels(
     block_parts.append((code, [b for b in blocks if b[0] in kept], ranks))
 
 
-def _add_rows(
-    rows: list[tuple[Any, ...]], base: np.int64, keys: list[np.ndarray], values: list[np.ndarray],
-    kinds: list[np.ndarray | None],
-) -> None:
-    ctx, value, kind = zip(*rows, strict=True)
-    array = np.empty(len(rows), dtype=object)
-    array[:] = value
-    keys.append(np.array(ctx, dtype=np.int64) | base)
-    values.append(array)
-    kinds.append(np.array(kind, dtype=np.int64))
-
-
 def _name_rows(keys: list[np.ndarray], values: list[np.ndarray], kinds: list[np.ndarray | None]) -> NameRows:
     if not keys:
         return NameRows(np.empty(0, dtype=np.int64), np.empty(0, dtype=object), None)
@@ -182,47 +165,6 @@ def _name_rows(keys: list[np.ndarray], values: list[np.ndarray], kinds: list[np.
     if any(k is not None and k.any() for k in kinds):
         kind = np.concatenate([np.zeros(len(v), dtype=np.int64) if k is None else k for v, k in zip(values, kinds, strict=True)])
     return NameRows(np.concatenate(keys), joined, kind)
-
-
-def _chunks_by_run(
-    conn: sqlite3.Connection, run_ids: list[str], name: str
-) -> dict[str, list[tuple[Any, ...]]] | None:
-    """``run_id -> [(first_seq, format, ctx_ids, vals)]`` of ``name`` in one scan, when the frame
-    reads most runs (one scan of ``log_columns`` beats a seek per run); None: seek per run."""
-    total = conn.execute("SELECT count(*) FROM runs").fetchone()[0]
-    if 2 * len(run_ids) < total:
-        return None
-    by_run: dict[str, list[tuple[Any, ...]]] = {}
-    for run_id, *chunk in conn.execute(_ALL_CHUNKS_SQL, (name,)):
-        by_run.setdefault(run_id, []).append(tuple(chunk))
-    for chunks in by_run.values():
-        chunks.sort(key=lambda c: c[0])
-    return by_run
-
-
-def _read_packed(
-    conn: sqlite3.Connection, run_id: str, name: str, by_run: dict[str, list[tuple[Any, ...]]] | None = None
-) -> tuple[np.ndarray, np.ndarray] | None:
-    """Recorded ``(ctx ids, values)`` from ``log_columns`` when its chunks hold every recorded row.
-
-    Every writer (the flusher, rebuild) stores a batch's chunks in the transaction of its rows, so
-    a run's chunks cover all its recorded rows of a name, or (a store older than log_columns)
-    none: one index seek for a row before the first chunk tells, where counting would read them all.
-    """
-    chunks = conn.execute(_CHUNKS_SQL, (run_id, name)).fetchall() if by_run is None else by_run.get(run_id, [])
-    formats = {c[1] for c in chunks}
-    if len(formats) != 1 or "rows" in formats:
-        return None
-    first_seq = chunks[0][0]
-    if conn.execute(_EARLIER_ROW_SQL, (run_id, name, first_seq)).fetchone() is not None:
-        return None
-    dtype = np.float64 if chunks[0][1] == "f8" else np.int64
-    if len(chunks) == 1:
-        return np.frombuffer(chunks[0][2], dtype=np.int64), np.frombuffer(chunks[0][3], dtype=dtype)
-    return (
-        np.concatenate([np.frombuffer(c[2], dtype=np.int64) for c in chunks]),
-        np.concatenate([np.frombuffer(c[3], dtype=dtype) for c in chunks]),
-    )
 
 
 def _is_sorted(values: np.ndarray) -> bool:
@@ -278,40 +220,6 @@ def _blocks_of(parts: list[tuple[int, list[tuple[Any, ...]], dict[str, int]]], l
     return ContextBlocks(
         list(loop_names), key[order], count[order], parent[order], iteration[order], name[order], rank[order],
         value[order],
-    )
-
-
-# -- the team store's arrays ---------------------------------------------------------------------
-
-
-def rows_of_log_arrays(logs: LogArrays, n_names: int) -> list[NameRows]:
-    """Per-name rows from a reader's :class:`~flordb_build.pivot.LogArrays` (the team store's)."""
-    out = []
-    for code in range(n_names):
-        rows = np.nonzero(logs.name == code)[0]
-        rows = rows[np.argsort(~logs.replay[rows], kind="stable")]  # replayed first: recorded wins
-        kind = logs.kind[rows]
-        out.append(NameRows((logs.code[rows] << SHIFT) | logs.ctx[rows], logs.value[rows], kind if kind.any() else None))
-    return out
-
-
-def blocks_of_loop_arrays(loops: LoopArrays) -> ContextBlocks:
-    """One-context blocks from a reader's :class:`~flordb_build.pivot.LoopArrays`, ranked by read order."""
-    # Levels arrive per run in read order: a level's rank is the order of its first context in its run.
-    n_names = max(len(loops.names), 1)
-    pair = loops.code * n_names + loops.name
-    levels, first = np.unique(pair, return_index=True)
-    level_code = levels // n_names
-    order = np.lexsort((first, level_code))
-    in_order = level_code[order]
-    level_rank = np.empty(len(levels), dtype=np.int64)
-    level_rank[order] = np.arange(len(levels)) - np.searchsorted(in_order, in_order)
-    ranks = level_rank[np.searchsorted(levels, pair)] if len(levels) else np.zeros(0, dtype=np.int64)
-    key = (loops.code << SHIFT) | loops.ctx
-    order = np.argsort(key, kind="stable")
-    return ContextBlocks(
-        list(loops.names), key[order], np.ones(len(key), dtype=np.int64)[order], loops.parent[order],
-        loops.iteration[order], loops.name[order], ranks[order], loops.value[order],
     )
 
 

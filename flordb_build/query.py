@@ -172,17 +172,11 @@ def _pivot(
     reader: StoreReader, runs: RunTable, names: list[str], expression: WhereExpression | None, timeout: float | None
 ) -> tuple[dict[str, Any], bool]:
     """The frame's columns, and whether ``expression`` was applied already (over run and loop columns)."""
-    from .blockpivot import BlockPivot, blocks_of_loop_arrays, read_frame_inputs, rows_of_log_arrays
+    from .blockpivot import BlockPivot, read_frame_inputs
 
-    if isinstance(reader, SQLiteReader):
-        # The local store: packed values and loop blocks straight from SQLite (blockpivot.py).
-        blocks, rows = read_frame_inputs(reader.conn, runs.run_ids, names)
-        pivot = BlockPivot(runs, names, blocks, rows)
-    else:
-        # Another store (the team's) answers the reader interface's per-context arrays.
-        logs = reader.read_logs(runs.run_ids, names)
-        loops = reader.read_loops(runs.run_ids, logs)
-        pivot = BlockPivot(runs, names, blocks_of_loop_arrays(loops), rows_of_log_arrays(logs, len(names)))
+    # Every store answers the same reads (values as typed parts, loops as blocks): one pivot.
+    blocks, rows = read_frame_inputs(reader, runs.run_ids, names)
+    pivot = BlockPivot(runs, names, blocks, rows)
     row_filter = None if expression is None else _dimension_filter(expression, runs, timeout)
     columns = pivot.columns(row_filter)
     return columns, pivot.filtered

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ import flordb_build as flor
 from flordb_build.expression import parse_where
 from flordb_build.store import RUN_LEVEL_INDEX, RUN_LEVEL_ROWS_SQL, has_run_level_index
 from tests.conftest import Project
+from tests.pg_server import PgServer
 
 GOLDEN = Path(__file__).with_name("dataframe_contract.json")
 
@@ -158,8 +160,8 @@ def test_frames_match_the_contract(contract_store: Project) -> None:
 
 
 class _OtherStoreReader:
-    """The local store behind the reader interface only (not an SQLiteReader): the path a team
-    store's frame takes (per-context arrays from read_logs/read_loops, then the same pivot)."""
+    """The local store behind the reader interface only (not an SQLiteReader): a frame needs no
+    more of a store than the interface's reads (value_parts, loop_blocks), as the team store's."""
 
     def __init__(self, reader: Any) -> None:
         self._reader = reader
@@ -184,6 +186,24 @@ def test_frames_through_the_reader_interface_match_the_contract(contract_store: 
             assert frame == expected[call_key(names, where)], (names, where)
     finally:
         store.close()
+
+
+def test_team_frames_match_the_contract(
+    contract_store: Project, pg_server: PgServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The contract store pushed into a real PostgreSQL reads back as the same frames, cell by cell
+    (repr) and dtype by dtype: every value kind, the replayed rows over the recorded ones, loop values
+    and where= through the team reader's value parts and loop blocks (team/_fetch.py)."""
+    monkeypatch.setenv("PGPASSWORD", pg_server.password)
+    url = pg_server.create_database("contract_" + uuid.uuid4().hex[:12])
+    pyproject = contract_store.root / "pyproject.toml"
+    old = pyproject.read_text() if pyproject.exists() else ""
+    pyproject.write_text(old + f'\n[tool.flordb_build.remotes.team]\nurl = "{url}"\n')
+    contract_store.cli("push")
+    expected = json.loads(GOLDEN.read_text())
+    for names, where in CALLS:
+        frame = describe(flor.dataframe(*names, where=where, store="team"))
+        assert frame == expected[call_key(names, where)], (names, where)
 
 
 def test_run_level_frame_reads_the_run_level_index_and_matches_without_it(contract_store: Project) -> None:

@@ -172,6 +172,32 @@ def test_a_push_killed_mid_copy_then_repeated_loses_and_duplicates_nothing(
     pdt.assert_frame_equal(flor.dataframe("loss", config=config, store="team"), local)
 
 
+def test_two_pushes_of_one_store_at_once_add_each_run_once(
+    clones: tuple[Project, Project], pg_server: PgServer, team_url: str
+) -> None:
+    """Two pushes started together (a watcher and a manual push, or two machines sharing runs): the
+    run's team_units key is taken in its transaction, so the later one waits for it and finds it there."""
+    a, _b = clones
+    a.run("big.py", "200000")
+    config = config_of_root(a.root, True)
+    pushes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "flordb_build", "push"], cwd=a.root, stdout=subprocess.PIPE, text=True,
+            env={**os.environ, **GIT_ENV},
+        )
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in pushes]
+    assert [p.returncode for p in pushes] == [0, 0], outputs
+    summaries = sorted(next(line for line in out.splitlines() if line.startswith("pushed to 'team'")) for out in outputs)
+    assert "0 runs" in summaries[0] and "1 already there" in summaries[0], summaries
+    assert "1 runs" in summaries[1] and "200000 values" in summaries[1], summaries
+    assert _count(pg_server, team_url, "SELECT count(*) FROM logs") == 200_000
+    assert _count(pg_server, team_url, "SELECT count(*) FROM log_chunks") == 1
+    assert _count(pg_server, team_url, "SELECT count(*) FROM team_units") == 1
+    pdt.assert_frame_equal(flor.dataframe("loss", config=config, store="team"), flor.dataframe("loss", config=config))
+
+
 def test_an_unfinished_run_is_not_pushed_until_it_ends(
     clones: tuple[Project, Project], pg_server: PgServer, team_url: str
 ) -> None:
@@ -371,3 +397,101 @@ def test_runs_read_the_same_from_the_columnar_copy_and_from_the_rows(
     pg_server.psql(team_url.rsplit("/", 1)[1], "DELETE FROM log_chunks")
     for names, frame in local.items():
         pdt.assert_frame_equal(flor.dataframe(*names, config=config, store="team"), frame)
+
+
+AWKWARD = """
+import flordb_build as flor
+
+for epoch in flor.loop("epoch", range(2)):
+    for step in flor.loop("step", range(3)):
+        flor.log("signed", [-0.0, float("nan"), float("inf"), -float("inf"), 5e-324, -1.5][epoch * 3 + step])
+        flor.log("wide", [2**53 + 1, -(2**63), 2**63 - 1, -(2**53) - 1, 0, 2**62 + 3][epoch * 3 + step])
+        flor.log("gappy", None if step == 1 else epoch + step / 4)  # a None among a loop's floats
+        flor.log("both", step if epoch else step + 0.5)  # ints in one epoch, floats in the other
+        flor.log("word", ["", "h\\u00e9", "x\\x00y", "\\U0001f600", "1", "None"][epoch * 3 + step])
+    for doc in flor.loop("doc", [-0.0, 2.5]):  # loop values that are floats
+        flor.log("per_doc", 2**53 + 3)
+"""
+AWKWARD_NAMES = ("signed", "wide", "gappy", "both", "word", "per_doc")
+
+
+def _cells(frame: pd.DataFrame) -> dict[str, list[str]]:
+    """Each column's dtype and cells by repr, floats by their bits: -0.0 and 0.0, or two NaNs, differ."""
+    import struct
+
+    def shown(value: object) -> str:
+        return struct.pack("<d", value).hex() if isinstance(value, float) else repr(value)
+
+    return {str(c): [str(frame[c].dtype), *map(shown, frame[c].tolist())] for c in frame.columns}
+
+
+def test_team_frames_keep_every_bit_of_awkward_values(
+    clones: tuple[Project, Project], pg_server: PgServer, team_url: str
+) -> None:
+    """-0.0, NaN, infinities, subnormals, ints beyond 2**53 and at int64's ends, a None among floats,
+    ints and floats in one name, empty and astral strings: the team frame is the local one, bit for bit."""
+    a, _b = clones
+    a.write("awkward.py", AWKWARD)
+    a.commit_all("awkward values")
+    a.run("awkward.py")
+    a.run("awkward.py")
+    a.cli("push")
+    config = config_of_root(a.root, True)
+    assert _count(pg_server, team_url, "SELECT count(*) FROM log_chunks WHERE name = 'wide'") == 2  # packed ints
+    for names in (AWKWARD_NAMES, *((n,) for n in AWKWARD_NAMES), ("signed", "per_doc")):
+        local = flor.dataframe(*names, config=config)
+        team = flor.dataframe(*names, config=config, store="team")
+        assert _cells(team) == _cells(local), names
+    wide = flor.dataframe("wide", config=config, store="team")["wide"]
+    assert str(wide.dtype) == "int64" and wide.tolist()[:3] == [2**53 + 1, -(2**63), 2**63 - 1]
+    signed = flor.dataframe("signed", config=config, store="team")["signed"].to_numpy()
+    assert str(signed[0]) == "-0.0" and bool(signed[0] == 0) and signed[1] != signed[1]
+
+
+def test_recorded_values_win_over_replayed_ones_at_one_context_in_both_stores(
+    clones: tuple[Project, Project], pg_server: PgServer, team_url: str
+) -> None:
+    """A replayed row at a context the record also logged loses to the recorded one, in the team
+    store as locally: a float beside a run's packed floats (its columnar copy read as it is), and a
+    text beside packed ints (read with the run's rows). The replay rows go into both stores' logs
+    tables as a replay's backfill and push would leave them (no replay writes a recorded name today)."""
+    import sqlite3
+
+    import psycopg
+
+    a, _b = clones
+    a.run("train.py")
+    a.run("train.py", "--kwargs", "lr=0.2")
+    config = config_of_root(a.root, True)
+    first, second = flor.query("SELECT run_id FROM runs ORDER BY tstamp", config=config)["run_id"]
+    a.cli("push")
+    step_ctx = int(flor.query("SELECT min(ctx_id) AS c FROM logs WHERE name = 'loss'", config=config)["c"][0])
+    replayed = [  # (run, name, ctx: a recorded one, or the run level above it, value)
+        (first, "loss", step_ctx, 999.0), (first, "loss", 0, -7.25),
+        (second, "count", step_ctx, "replayed"), (second, "count", 0, "only replayed"),
+    ]
+    local = sqlite3.connect(config.db_path)
+    with local:
+        for seq, (run, name, ctx, value) in enumerate(replayed, start=10_000):
+            local.execute(
+                "INSERT INTO logs (run_id, seq, ctx_id, name, value, kind, source) VALUES (?, ?, ?, ?, ?, 0, 'replay')",
+                (run, seq, ctx, name, value),
+            )
+    local.close()
+    with psycopg.connect(team_url) as pg:
+        for seq, (run, name, ctx, value) in enumerate(replayed, start=10_000):
+            column = "value_float" if isinstance(value, float) else "value_text"
+            pg.execute(
+                f"INSERT INTO logs (run_id, name, source, seq, ctx_id, kind, {column}) "  # noqa: S608 - a fixed column
+                "VALUES (%s, %s, 'replay', %s, %s, 0, %s)",
+                (run, name, seq, ctx, value),
+            )
+        for run in (first, second):
+            pg.execute("INSERT INTO team_units (unit_id, kind, content_hash) VALUES (%s, 'replay', 'test')", (run,))
+    for names in (("loss",), ("count",), ("loss", "count")):
+        frame = flor.dataframe(*names, config=config)
+        assert _cells(flor.dataframe(*names, config=config, store="team")) == _cells(frame), names
+    loss = flor.dataframe("loss", config=config, store="team")
+    assert 999.0 not in set(loss["loss"]) and (loss["run_id"] == first).sum() == 12
+    count = flor.dataframe("count", config=config, store="team")
+    assert "replayed" not in set(count["count"]) and str(count["count"].dtype) == "int64"

@@ -2,25 +2,27 @@
 :func:`query_team` (read-only SQL in PostgreSQL's dialect).
 
 Every read runs in a read-only session (team/_connect.py), so a statement that would write fails
-server side. The reads mirror pivot.py's over the local store, one run at a time, with the value
-taken from the typed column its kind uses (team/_schema.py), so the frame is the local one.
+server side. A frame's reads (values as typed parts, loops as blocks: team/_fetch.py) answer blockpivot's
+FrameSource as the local store's do, one run at a time, each value from the typed column its kind
+uses (team/_schema.py), so the frame is the local one.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import QueryError
-from ..pivot import LogArrays, LoopArrays, expand_blocks, unique
+from ..pivot import LogArrays
 from ..runtable import RUN_COLUMNS, RunTable
 from ._connect import first_line
 from ._protocol import BUILD_CONTEXT_TABLES, join_names
 
-_BLOCK = np.dtype([("ctx", np.int64), ("parent", np.int64), ("iteration", np.int64), ("count", np.int64)])
+if TYPE_CHECKING:
+    from ..blockpivot import ValuePart
 
 
 def _value(row: Sequence[Any]) -> Any:
@@ -45,69 +47,21 @@ class PostgresReader:
         return RunTable({c: [r[i] for r in rows] for i, c in enumerate(RUN_COLUMNS)})
 
     def read_logs(self, run_ids: list[str], names: list[str]) -> LogArrays:
-        """As pivot.read_logs: one pass over each run's rows, plain numbers as binary arrays (team/_fetch.py)."""
+        """The values of ``names`` as per-row arrays (series_points'): one pass over each run's rows,
+        plain numbers as binary arrays (team/_fetch.py)."""
         from ._fetch import fetch_logs
 
         return fetch_logs(self.conn, run_ids, names)
 
-    def read_loops(self, run_ids: list[str], logs: LogArrays) -> LoopArrays:
-        from ..pivot import _closure_complete
+    def value_parts(self, run_ids: list[str], names: list[str]) -> Iterator[list[list[ValuePart]]]:
+        from ._fetch import fetch_value_parts
 
-        names: dict[str, int] = {}
-        parts: dict[str, list[np.ndarray]] = {
-            k: [] for k in ("code", "ctx", "parent", "name", "iteration", "value")
-        }
-        levels_sql = (
-            "SELECT name, sum(count) FROM loops WHERE run_id = %s GROUP BY name ORDER BY sum(count), name"
-        )
-        blocks_sql = (
-            "SELECT ctx_id, parent_ctx, iteration, count FROM loops WHERE run_id = %s AND name = %s ORDER BY ctx_id"
-        )
-        values_sql = (
-            "SELECT ctx_id, value_int, value_float, value_text, value_bool FROM loops WHERE run_id = %s AND name = %s "
-            "AND num_nonnulls(value_int, value_float, value_text, value_bool) > 0"
-        )
-        for code, run_id in enumerate(run_ids):
-            wanted = unique(logs.ctx[logs.code == code])
-            wanted = wanted[wanted != 0]
-            read_ctx: list[np.ndarray] = []
-            read_parent: list[np.ndarray] = []
-            for level, _count in self.conn.execute(levels_sql, (run_id,)).fetchall() if wanted.size else ():
-                blocks = np.array(
-                    [tuple(r) for r in self.conn.execute(blocks_sql, (run_id, level))], dtype=_BLOCK
-                )
-                ctx, parent, iteration = expand_blocks(blocks)
-                if not bool(np.all(ctx[1:] > ctx[:-1])):  # blocks in key order expand in order: no sort
-                    order = np.argsort(ctx, kind="stable")
-                    ctx, parent, iteration = ctx[order], parent[order], iteration[order]
-                values = np.full(len(ctx), None, dtype=object)
-                with_value = self.conn.execute(values_sql, (run_id, level)).fetchall()
-                if with_value:
-                    value_ctx = np.array([r[0] for r in with_value], dtype=np.int64)
-                    values[np.searchsorted(ctx, value_ctx)] = [_value(r[1:]) for r in with_value]
-                parts["code"].append(np.full(len(ctx), code, dtype=np.int64))
-                parts["ctx"].append(ctx)
-                parts["parent"].append(parent)
-                parts["name"].append(np.full(len(ctx), names.setdefault(level, len(names)), dtype=np.int64))
-                parts["iteration"].append(iteration)
-                parts["value"].append(values)
-                read_ctx.append(ctx)
-                read_parent.append(parent)
-                if _closure_complete(wanted, np.concatenate(read_ctx), np.concatenate(read_parent)):
-                    break
+        return fetch_value_parts(self.conn, run_ids, names)
 
-        def joined(key: str, dtype: Any) -> np.ndarray:
-            return np.concatenate(parts[key]) if parts[key] else np.empty(0, dtype=dtype)
+    def loop_blocks(self, run_id: str) -> list[tuple[Any, ...]]:
+        from ._fetch import fetch_loop_blocks
 
-        return LoopArrays(
-            names=list(names),
-            code=joined("code", np.int64),
-            ctx=joined("ctx", np.int64),
-            parent=joined("parent", np.int64),
-            name=joined("name", np.int64),
-            iteration=joined("iteration", np.int64),
-            value=joined("value", object),
-        )
+        return fetch_loop_blocks(self.conn, run_id)
 
     def run_level_rows(self, run_id: str) -> list[tuple[Any, ...]]:
         rows = self.conn.execute(

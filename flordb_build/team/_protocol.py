@@ -1,7 +1,7 @@
 """The reader interface every read path (dataframe, runs table, query, UI) works over, and its SQLite side.
 
-``flor.dataframe`` is a pivot (pivot.py) over four reads: the runs, the log rows of some names,
-the loop contexts those rows need, and a run's run-level values. A store that answers these
+``flor.dataframe`` is a pivot (blockpivot.py) over four reads: the runs, the values of some names,
+the loop blocks those values need, and a run's run-level values. A store that answers these
 reads gives the same frame, whatever holds the rows: :class:`SQLiteReader` reads today's local
 store, team/_postgres.py the team store. :class:`ViewReader` adds what the UI's pages read
 (one run's row, its names, a name's points, its checkpoints, environment and task), so every
@@ -11,7 +11,7 @@ page shows the same over either store (``flordb-build ui --team``).
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from ..runtable import RunTable, read_run_rows
@@ -19,7 +19,7 @@ from ..runtable import RunTable, read_run_rows
 if TYPE_CHECKING:
     import numpy as np
 
-    from ..pivot import LogArrays, LoopArrays
+    from ..blockpivot import ValuePart
     from ..store import Store
 
 #: ``loop_block_rows()`` columns, in order, sorted by ctx_id: the blocks of a run's loops.
@@ -38,12 +38,13 @@ class StoreReader(Protocol):
         """Every run's projid, run_id, tstamp, task and filename, ordered by tstamp."""
         ...
 
-    def read_logs(self, run_ids: list[str], names: list[str]) -> LogArrays:
-        """Every value of ``names`` that ``run_ids`` logged, recorded and replayed (pivot.py's arrays)."""
+    def value_parts(self, run_ids: list[str], names: list[str]) -> Iterator[list[list[ValuePart]]]:
+        """Per run, per name: the values ``run_ids`` logged of ``names``, replayed before recorded
+        (blockpivot.FrameSource: typed numpy parts, no Python object per plain number)."""
         ...
 
-    def read_loops(self, run_ids: list[str], logs: LogArrays) -> LoopArrays:
-        """The loop contexts that hold ``logs``' values, and their ancestors."""
+    def loop_blocks(self, run_id: str) -> list[tuple[Any, ...]]:
+        """The run's loop blocks as ``(name, ctx_id, parent_ctx, iteration, count, value)``."""
         ...
 
     def run_level_rows(self, run_id: str) -> list[tuple[Any, ...]]:
@@ -136,15 +137,15 @@ class SQLiteReader:
     def run_rows(self) -> RunTable:
         return read_run_rows(self.conn)
 
-    def read_logs(self, run_ids: list[str], names: list[str]) -> LogArrays:
-        from ..pivot import read_logs
+    def value_parts(self, run_ids: list[str], names: list[str]) -> Iterator[list[list[ValuePart]]]:
+        from ..localframe import local_value_parts
 
-        return read_logs(self.conn, run_ids, names)
+        return local_value_parts(self.conn, run_ids, names)
 
-    def read_loops(self, run_ids: list[str], logs: LogArrays) -> LoopArrays:
-        from ..pivot import read_loops
+    def loop_blocks(self, run_id: str) -> list[tuple[Any, ...]]:
+        from ..localframe import local_loop_blocks
 
-        return read_loops(self.conn, run_ids, logs)
+        return local_loop_blocks(self.conn, run_id)
 
     def run_level_rows(self, run_id: str) -> list[tuple[Any, ...]]:
         sql = "SELECT name, value, kind, source FROM logs WHERE run_id = ? AND ctx_id = 0"

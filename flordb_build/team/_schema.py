@@ -71,22 +71,59 @@ _COMPRESSED_CHUNK_COLUMNS = (
 )
 
 
+#: Every relation :data:`DDL` creates, by the name it gives it.
+_RELATIONS = (
+    *PLAIN_TABLES, "loops", "logs", "logs_run", "log_chunks", "replay_divergent", "team_units", "runs_tstamp",
+    "team_schema",
+)
+_ALL_RELATIONS_SQL = "SELECT bool_and(to_regclass(r) IS NOT NULL) FROM unnest(%s::text[]) AS r"
+
+
 def ensure_team_schema(conn: Any) -> None:
-    """Create the team tables where missing (one transaction, serialised between pushers)."""
-    with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
-        for statement in DDL:
-            conn.execute(statement)
-        # log_chunks' arrays are stored out of line uncompressed: packed numbers barely compress,
-        # and pglz would cost each push and read more than the bytes save. Altered once, when new
-        # (the ALTER locks the table; a push must not wait on readers for nothing).
-        if conn.execute(_COMPRESSED_CHUNK_COLUMNS).fetchone()[0]:
-            conn.execute(
-                "ALTER TABLE log_chunks ALTER COLUMN seqs SET STORAGE EXTERNAL, "
-                "ALTER COLUMN ctx_ids SET STORAGE EXTERNAL, ALTER COLUMN vals SET STORAGE EXTERNAL"
-            )
-        if conn.execute("SELECT count(*) FROM team_schema").fetchone()[0] == 0:
-            conn.execute("INSERT INTO team_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
+    """Create the team tables where missing (one transaction, serialised between pushers).
+
+    A store that has them all is left alone without a lock: ``CREATE INDEX IF NOT EXISTS`` takes a
+    SHARE lock on its table even when the index is there, so a pusher that ran the DDL while another
+    was inside a run's transaction (rows into ``runs``, then ``logs``) held ``logs`` and waited for
+    ``runs`` as the other held ``runs`` and waited for ``logs``: PostgreSQL's "deadlock detected".
+    """
+    while True:
+        with conn.transaction():
+            if _schema_complete(conn):  # catalog reads only: no lock on any team table
+                return
+            if conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (_SCHEMA_LOCK,)).fetchone()[0]:
+                _create_schema(conn)
+                return
+        # Another pusher is creating them. Wait for its commit, then look again in a new transaction:
+        # this one's view of the catalogs may predate that commit (a wait on an advisory lock does not
+        # refresh it), and running the DDL again is what takes the locks.
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+
+
+def _create_schema(conn: Any) -> None:
+    """Run :data:`DDL` in the open transaction, which holds the schema lock."""
+    for statement in DDL:
+        conn.execute(statement)
+    # log_chunks' arrays are stored out of line uncompressed: packed numbers barely compress,
+    # and pglz would cost each push and read more than the bytes save. Altered once, when new
+    # (the ALTER locks the table; a push must not wait on readers for nothing).
+    if conn.execute(_COMPRESSED_CHUNK_COLUMNS).fetchone()[0]:
+        conn.execute(
+            "ALTER TABLE log_chunks ALTER COLUMN seqs SET STORAGE EXTERNAL, "
+            "ALTER COLUMN ctx_ids SET STORAGE EXTERNAL, ALTER COLUMN vals SET STORAGE EXTERNAL"
+        )
+    if conn.execute("SELECT count(*) FROM team_schema").fetchone()[0] == 0:
+        conn.execute("INSERT INTO team_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
+
+
+def _schema_complete(conn: Any) -> bool:
+    """True when every relation of :data:`DDL` exists as it leaves it, and team_schema has its row."""
+    if not conn.execute(_ALL_RELATIONS_SQL, (list(_RELATIONS),)).fetchone()[0]:
+        return False
+    if conn.execute(_COMPRESSED_CHUNK_COLUMNS).fetchone()[0]:
+        return False
+    return bool(conn.execute("SELECT count(*) FROM team_schema").fetchone()[0])
 
 
 def typed_value(value: Any, kind: int) -> tuple[int, tuple[Any, ...]]:
