@@ -78,6 +78,7 @@ def run_sleep_job(payload: SleepPayload, progress: Callable[[int, int], None]) -
     return SleepReply(
         key=payload.key, ok=code == 0, exit_code=code,
         error=None if code == 0 else f"child exited {code}",
-        node_id=ray.get_runtime_context().get_node_id(), cuda_visible_devices=cuda,
+        node_id=ray.get_runtime_context().get_node_id() if ray.is_initialized() else "",
+        cuda_visible_devices=cuda,
         tar_sha256=hashlib.sha256(payload.snapshot_tar).hexdigest(), attempt_pid=os.getpid(),
     )

@@ -134,3 +134,10 @@ def test_driver_interrupted_or_killed_leaves_no_job_child(cluster_report: dict[s
         assert len(replies) == 3 and not any(reply["ok"] for reply in replies)
     else:
         assert part["driver_exit"] == -9
+
+
+def test_without_an_address_a_local_ray_is_started_and_stopped(cluster_report: dict[str, Any]) -> None:
+    part = cluster_report["local"]
+    assert [reply["ok"] for reply in part["replies"]] == [True, True]
+    assert part["slots"] == 2 and part["address"].startswith("127.0.0.1:")
+    assert part["initialized_after_close"] is False and part["raylets_gone_s"] is not None

@@ -272,7 +272,10 @@ class RayExecutor:
         """key -> (iterations done, total) of the running jobs that reported progress."""
         if not self._pending:
             return {}
-        board = self._ray.get(self._board.snapshot.remote())
+        try:
+            board = self._ray.get(self._board.snapshot.remote())
+        except self._ray.exceptions.RayActorError:
+            return {}  # the driver's node lost its board: the jobs still reply, without progress
         running = set(self._pending.values())
         return {key: value for key, value in board.items() if key in running}
 
