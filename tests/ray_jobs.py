@@ -15,9 +15,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 # The child: print CUDA_VISIBLE_DEVICES, then one line per iteration; optionally SIGKILL itself.
+# With "nest" it runs itself once more as its own child (a replay child's own subprocess, a warm
+# server's fork): both carry the marker, and both must die with the job.
 CHILD = """
-import os, signal, sys, time
+import os, signal, subprocess, sys, time
 steps, seconds, kill_at = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
+if sys.argv[5] == "nest":
+    code = subprocess.call([sys.executable, "-c", os.environ["FLORDB_RAY_TEST_CHILD"], *sys.argv[1:5], "leaf"])
+    if code < 0:
+        os.kill(os.getpid(), -code)  # die as the leaf died
+    sys.exit(code)
 print("cuda=" + os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>"), flush=True)
 for step in range(steps):
     if step == kill_at:
@@ -39,6 +46,7 @@ class SleepPayload:
     steps: int = 4
     marker: str = "flordb-ray-test-job"
     kill_at: int = -1  # the iteration at which the child SIGKILLs itself (-1: never)
+    nest: bool = False  # the child runs the work in a child of its own
 
 
 @dataclass(frozen=True)
@@ -65,8 +73,9 @@ def run_sleep_job(payload: SleepPayload, progress: Callable[[int, int], None]) -
     import ray
 
     argv = [sys.executable, "-c", CHILD, str(payload.steps), str(payload.seconds), str(payload.kill_at),
-            payload.marker]
-    child = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+            payload.marker, "nest" if payload.nest else "leaf"]
+    env = {**os.environ, "FLORDB_RAY_TEST_CHILD": CHILD}
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env)
     assert child.stdout is not None
     cuda = ""
     for line in child.stdout:

@@ -114,7 +114,7 @@ def scenario_gpu(tar: bytes) -> dict[str, Any]:
 def scenario_sigkill(tar: bytes) -> dict[str, Any]:
     """A job whose child SIGKILLs itself at its second iteration, beside a job that succeeds."""
     ex = executor()
-    ex.submit(SleepPayload(key="killed", snapshot_sha="k", snapshot_tar=tar, seconds=1.0, kill_at=1))
+    ex.submit(SleepPayload(key="killed", snapshot_sha="k", snapshot_tar=tar, seconds=1.0, kill_at=1, nest=True))
     ex.submit(SleepPayload(key="fine", snapshot_sha="k", snapshot_tar=tar, seconds=0.5))
     replies = [asdict(reply) for reply in ex.completed()]
     ex.close()
@@ -143,8 +143,9 @@ def scenario_cancel(tar: bytes) -> dict[str, Any]:
     marker = MARKER + "-cancel"
     for index in range(6):
         ex.submit(SleepPayload(key=f"cancel{index}", snapshot_sha="c", snapshot_tar=tar, seconds=120.0,
-                               steps=120, marker=marker))
-    running_after = wait_until(lambda: len(marked_processes(marker)) >= 3, 60)
+                               steps=120, marker=marker, nest=True))
+    # 3 nodes left, each running one job: its child and that child's child.
+    running_after = wait_until(lambda: len(marked_processes(marker)) >= 6, 60)
     running = len(marked_processes(marker))
     cancelled_at = time.monotonic()
     ex.cancel()
@@ -161,7 +162,7 @@ def scenario_driver_signal(address: str, signum: int, name: str) -> dict[str, An
     marker = f"{MARKER}-{name}"
     driver = subprocess.Popen([sys.executable, "-m", "tests.ray_scenario", "driver", address, marker],
                               stdout=subprocess.PIPE, text=True)
-    running_after = wait_until(lambda: len(marked_processes(marker)) >= 3, 90)
+    running_after = wait_until(lambda: len(marked_processes(marker)) >= 6, 90)
     signalled_at = time.monotonic()
     driver.send_signal(signum)
     output, _ = driver.communicate(timeout=60)
@@ -181,7 +182,7 @@ def run_driver(address: str, marker: str) -> int:
     ex = RayExecutor(address=address, job_function=run_sleep_job, failure_reply=failure_reply)
     for index in range(3):
         ex.submit(SleepPayload(key=f"drv{index}", snapshot_sha="d", snapshot_tar=b"tar", seconds=120.0, steps=120,
-                               marker=marker))
+                               marker=marker, nest=True))
     replies: list[SleepReply] = []
     try:
         replies.extend(ex.completed())

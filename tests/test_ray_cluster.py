@@ -117,7 +117,7 @@ def test_jobs_of_a_lost_node_are_retried_elsewhere(cluster_report: dict[str, Any
 
 def test_cancel_kills_every_job_child_within_five_seconds(cluster_report: dict[str, Any]) -> None:
     part = cluster_report["cancel"]
-    assert part["running_before"] >= 3
+    assert part["running_before"] >= 6  # 3 jobs, each a child and a grandchild
     replies = part["replies"]
     assert len(replies) == 6
     assert all(reply["ok"] is False and reply["exit_code"] == -9 for reply in replies)
