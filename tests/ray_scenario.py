@@ -175,6 +175,19 @@ def scenario_driver_signal(address: str, signum: int, name: str) -> dict[str, An
             "gone_s": time.monotonic() - signalled_at if lived is not None else None}
 
 
+def scenario_no_token(address: str) -> dict[str, Any]:
+    """A driver without the cluster's token (none in its environment, none under its HOME) is refused."""
+    home = tempfile.mkdtemp(prefix="frt-home-", dir="/tmp")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    code = f"import ray; ray.init(address={address!r}); print('connected', ray.cluster_resources())"
+    try:
+        done = subprocess.run([sys.executable, "-c", code], env={**env, "HOME": home}, capture_output=True, text=True,
+                              timeout=120)
+    except subprocess.TimeoutExpired:
+        return {"exit": None, "connected": False, "tail": "timed out"}
+    return {"exit": done.returncode, "connected": "connected" in done.stdout, "tail": done.stderr[-600:]}
+
+
 def run_driver(address: str, marker: str) -> int:
     """The interrupted driver: like the CLI, it cancels on KeyboardInterrupt and reports the replies."""
     # A background job's children start with SIGINT ignored (tests/conftest.py): hear Ctrl-C.
@@ -247,6 +260,7 @@ def run_cluster(out: Path) -> int:
         result["tar_sha256"] = {sha: __import__("hashlib").sha256(tar).hexdigest() for sha, tar in tars.items()}
         timed: dict[str, float] = {}
         for name, run in (
+            ("no_token", lambda: scenario_no_token(cluster.address)),
             ("sixteen", lambda: scenario_sixteen(tars)),
             ("gpu", lambda: scenario_gpu(b"gpu")),
             ("sigkill", lambda: scenario_sigkill(b"kill")),

@@ -67,6 +67,8 @@ def test_cluster_is_four_nodes_with_token_auth(cluster_report: dict[str, Any]) -
     nodes = cluster_report["nodes"]
     assert len({nodes["head"], nodes["cpu"], *nodes["gpu"]}) == 4
     assert cluster_report["auth_mode"] == "token"
+    refused = cluster_report["no_token"]  # a driver without the token cannot use the cluster
+    assert refused["connected"] is False and refused["exit"] != 0, refused
 
 
 def test_sixteen_jobs_reply_ok_and_each_snapshot_is_shipped_once(cluster_report: dict[str, Any]) -> None:
