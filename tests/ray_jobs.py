@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 # The child: print CUDA_VISIBLE_DEVICES, then one line per iteration; optionally SIGKILL itself.
 # With "nest" it runs itself once more as its own child (a replay child's own subprocess, a warm
@@ -61,6 +62,7 @@ class SleepReply:
     cuda_visible_devices: str = ""
     tar_sha256: str = ""
     attempt_pid: int = 0
+    worker: dict[str, Any] | None = None  # what setup_worker gave this job's worker process
 
 
 def failure_reply(key: str, exit_code: int | None, error: str) -> SleepReply:
@@ -68,7 +70,19 @@ def failure_reply(key: str, exit_code: int | None, error: str) -> SleepReply:
     return SleepReply(key=key, ok=False, exit_code=exit_code, error=error)
 
 
-def run_sleep_job(payload: SleepPayload, progress: Callable[[int, int], None]) -> SleepReply:
+#: How often setup_worker ran in this process (each Ray worker process: once).
+_SETUPS = [0]
+
+
+def setup_worker() -> dict[str, Any]:
+    """The RayExecutor's ``worker_setup``: what a job function gets from its worker process."""
+    _SETUPS[0] += 1
+    return {"worker": {"pid": os.getpid(), "setups": _SETUPS[0]}}
+
+
+def run_sleep_job(
+    payload: SleepPayload, progress: Callable[[int, int], None], worker: dict[str, Any] | None = None
+) -> SleepReply:
     """Run the payload's child, relay its progress, reply with its exit status (never raises)."""
     import ray
 
@@ -89,5 +103,5 @@ def run_sleep_job(payload: SleepPayload, progress: Callable[[int, int], None]) -
         error=None if code == 0 else f"child exited {code}",
         node_id=ray.get_runtime_context().get_node_id() if ray.is_initialized() else "",
         cuda_visible_devices=cuda,
-        tar_sha256=hashlib.sha256(payload.snapshot_tar).hexdigest(), attempt_pid=os.getpid(),
+        tar_sha256=hashlib.sha256(payload.snapshot_tar).hexdigest(), attempt_pid=os.getpid(), worker=worker,
     )

@@ -81,8 +81,9 @@ def executor() -> RayExecutor:
 
 
 def scenario_sixteen(tars: dict[str, bytes]) -> dict[str, Any]:
-    """16 jobs of two snapshots over 4 nodes: all ok, each tar put once, progress seen."""
-    ex = executor()
+    """16 jobs of two snapshots over 4 nodes: all ok, each tar put once, progress seen, setup once per worker."""
+    ex = RayExecutor(job_function=run_sleep_job, failure_reply=failure_reply,
+                     worker_setup="tests.ray_jobs:setup_worker")
     shas = sorted(tars)
     for index in range(16):
         sha = shas[index % 2]

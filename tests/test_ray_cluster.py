@@ -84,6 +84,9 @@ def test_sixteen_jobs_reply_ok_and_each_snapshot_is_shipped_once(cluster_report:
         assert reply["tar_sha256"] == expected["sha-a" if index % 2 == 0 else "sha-b"]
     # Spread over the nodes, and the progress of running jobs reached the driver.
     assert len({reply["node_id"] for reply in replies}) == 4
+    # worker_setup ran once in each worker process, and every job of that process got its result.
+    assert all(reply["worker"]["setups"] == 1 and reply["worker"]["pid"] == reply["attempt_pid"] for reply in replies)
+    assert len({reply["attempt_pid"] for reply in replies}) < len(replies)  # workers ran several jobs each
     assert part["progress_seen"] and all(0 < done <= total == 4 for done, total in part["progress_seen"].values())
 
 

@@ -71,7 +71,9 @@ class RayReply(Protocol):
 
 P = TypeVar("P", bound=RayPayload)
 Progress = Callable[[int, int], None]
-JobFunction = Callable[[Any, Progress], Any]
+JobFunction = Callable[..., Any]  # (payload, progress, **worker_setup()) -> reply
+#: Runs once per Ray worker process; what it returns goes to every job of that worker as keywords.
+WorkerSetup = Callable[[], Mapping[str, Any]]
 #: Builds the reply of a job that produced none: (key, exit_code, error) -> reply.
 FailureReply = Callable[[str, "int | None", str], Any]
 
@@ -123,8 +125,26 @@ class _ProgressBoard:
             self._progress.pop(key, None)
 
 
-def _run_on_worker(job_function: JobFunction, payload: Any, snapshot_tar: bytes, board: Any) -> Any:
+#: Per Ray worker process: what each ``worker_setup`` returned, by its name. A cache on purpose: a
+#: worker process runs many jobs one after another, and what the setup made (a warm server pool)
+#: lives as long as the worker, whose exit takes its child processes with it.
+_WORKER_STATE: dict[str, Mapping[str, Any]] = {}
+
+
+def _worker_kwargs(setup: WorkerSetup | None) -> Mapping[str, Any]:
+    if setup is None:
+        return {}
+    name = f"{setup.__module__}:{setup.__qualname__}"
+    if name not in _WORKER_STATE:
+        _WORKER_STATE[name] = setup()
+    return _WORKER_STATE[name]
+
+
+def _run_on_worker(
+    job_function: JobFunction, setup: WorkerSetup | None, payload: Any, snapshot_tar: bytes, board: Any
+) -> Any:
     """The remote task's body: the payload with its tar back in, run by the job function."""
+    kwargs = _worker_kwargs(setup)
     payload = dataclasses.replace(payload, snapshot_tar=snapshot_tar)
     key = payload.key
     last = [0.0]
@@ -136,7 +156,7 @@ def _run_on_worker(job_function: JobFunction, payload: Any, snapshot_tar: bytes,
             last[0] = now
             board.report.remote(key, done, total)
 
-    return job_function(payload, progress)
+    return job_function(payload, progress, **kwargs)
 
 
 class RayExecutor:
@@ -150,6 +170,9 @@ class RayExecutor:
     :param failure_reply: builds the reply of a job that did not produce one (cancelled, node
         lost after the retries, worker crashed): ``(key, exit_code, error) -> reply`` with ok False.
     :param max_retries: retries of a job whose worker or node died.
+    :param worker_setup: called once in each Ray worker process (or its import path); the mapping
+        it returns is passed to the job function as keyword arguments (e.g. a warm server pool
+        that lives as long as the worker).
     :raises ReplayError: Ray is not installed, or the cluster at ``address`` cannot be reached.
     """
 
@@ -161,12 +184,14 @@ class RayExecutor:
         job_function: JobFunction | str = DEFAULT_JOB_FUNCTION,
         failure_reply: FailureReply = _default_failure_reply,
         max_retries: int = DEFAULT_MAX_RETRIES,
+        worker_setup: WorkerSetup | str | None = None,
     ) -> None:
         self._ray = _import_ray()
         self._job_function_spec = job_function
         self._job_function: JobFunction | None = None
         self._failure_reply = failure_reply
         self._max_retries = max_retries
+        self._worker_setup = resolve_import_path(worker_setup) if isinstance(worker_setup, str) else worker_setup
         self._owns_connection = False
         self._connect(address, slots)
         cpus = int(self._ray.cluster_resources().get("CPU", 1))
@@ -235,7 +260,7 @@ class RayExecutor:
         ref = self._task.options(
             num_cpus=1, num_gpus=payload.gpus, max_retries=self._max_retries, retry_exceptions=False,
             name=f"flordb-build replay {payload.key}",
-        ).remote(job_function, light, blob, self._board)
+        ).remote(job_function, self._worker_setup, light, blob, self._board)
         self._pending[ref] = payload.key
 
     def completed(self) -> Iterator[Any]:
