@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -82,6 +83,7 @@ def measure_inside(jobs: int, seconds: float, repeats: int) -> dict[str, Any]:
     finally:
         ray.shutdown()
         cluster.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
     return {"sequential_s": sequential, "cluster_start_s": start, "head_start_s": head_s, "cluster_walls_s": walls}
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -186,6 +187,8 @@ def scenario_no_token(address: str) -> dict[str, Any]:
                               timeout=120)
     except subprocess.TimeoutExpired:
         return {"exit": None, "connected": False, "tail": "timed out"}
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
     return {"exit": done.returncode, "connected": "connected" in done.stdout, "tail": done.stderr[-600:]}
 
 
@@ -277,6 +280,7 @@ def run_cluster(out: Path) -> int:
     finally:
         ray.shutdown()
         cluster.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
         out.write_text(json.dumps(result, indent=1))
     return 0
 

@@ -15,6 +15,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -48,15 +49,20 @@ def cluster_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         pytest.skip(refusal)
     home = tmp_path_factory.mktemp("ray-home")
     out = home / "report.json"
+    # Ray's sessions (logs, sockets) of the local-Ray scenario go here, not /tmp/ray; short: socket paths.
+    ray_tmp = tempfile.mkdtemp(prefix="frt-", dir="/tmp")
     env = {
         **os.environ, "HOME": str(home), "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+        "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_TMPDIR": ray_tmp,
     }
     command = f"ip link set lo up && exec {sys.executable} -m tests.ray_scenario cluster {out}"
-    done = subprocess.run(
-        ["unshare", "--net", "--pid", "--fork", "--mount-proc", "bash", "-c", command],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=SCENARIO_TIMEOUT_SECONDS,
-    )
+    try:
+        done = subprocess.run(
+            ["unshare", "--net", "--pid", "--fork", "--mount-proc", "bash", "-c", command],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=SCENARIO_TIMEOUT_SECONDS,
+        )
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     if done.returncode != 0 or not out.exists():
         pytest.fail(f"the Ray scenarios failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
     report: dict[str, Any] = json.loads(out.read_text())
