@@ -69,6 +69,10 @@ class Config:
     replay_links: tuple[str, ...] = ()
     replay_warm: bool = True
     replay_keep_warm: float = DEFAULT_REPLAY_KEEP_WARM
+    #: Where replay jobs run: "local" (a process pool) or "ray" (hindsight/_ray.py, ``flordb_build[ray]``).
+    replay_executor: str = "local"
+    #: The Ray cluster ``replay_executor = "ray"`` submits to (as ``ray.init`` takes it); None: a local Ray.
+    ray_address: str | None = None
     #: A DVC-style params file (relative to the root) that ``flor.arg`` reads defaults from (args.py).
     params: str | None = None
     #: Team stores (``[tool.flordb_build.remotes.NAME]``) that ``flordb-build push`` writes to, by name.
@@ -256,6 +260,18 @@ def _object_store_url(key: str, value: Any) -> str:
     return value.rstrip("/")
 
 
+#: The replay executors (``replay --executor``, ``replay_executor``).
+REPLAY_EXECUTORS = ("local", "ray")
+
+
+def _executor(key: str, value: Any) -> str:
+    if value not in REPLAY_EXECUTORS:
+        raise ConfigError(
+            f"'{key}' in [tool.flordb_build] must be one of {', '.join(map(repr, REPLAY_EXECUTORS))}, got '{value}'."
+        )
+    return str(value)
+
+
 def _path_text(key: str, value: Any) -> str:
     if not isinstance(value, str):
         raise ConfigError(f"'{key}' in [tool.flordb_build] must be a path string.")
@@ -283,6 +299,8 @@ SETTINGS: Mapping[str, Callable[[str, Any], Any]] = MappingProxyType({
     "replay_links": _relative_paths,
     "replay_warm": _flag,
     "replay_keep_warm": _seconds,
+    "replay_executor": _executor,
+    "ray_address": _text,
     "params": _path_text,
     "remotes": _remotes,
     "objects": _object_store_url,

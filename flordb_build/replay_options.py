@@ -15,10 +15,18 @@ from __future__ import annotations
 import argparse
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from .errors import ReplayError
+
+if TYPE_CHECKING:
+    from .config import Config
 
 #: Relative tolerance when comparing recorded and replayed floats (hindsight/_execute.py).
 DEFAULT_REL_TOL = 1e-6
+
+EXECUTORS = (("local", "a process pool on this machine"),
+             ("ray", "Ray tasks on a cluster (--address) or a local Ray; pip install 'flordb_build[ray]'"))
 
 DEVICES = (("auto", "cuda if torch sees one, else cpu"), ("cpu", "replay on the CPU"),
            ("cuda", "restore checkpoints onto the GPU and replay there"))
@@ -32,6 +40,10 @@ class ReplayOptions:
     task: str | None = None
     workers: int = 1
     device: str = "auto"
+    #: None: ``replay_executor`` of [tool.flordb_build] (default "local").
+    executor: str | None = None
+    #: None: ``ray_address`` of [tool.flordb_build] (default: a local Ray).
+    address: str | None = None
     dry_run: bool = False
     diff: bool = False
     yes: bool = False
@@ -50,6 +62,12 @@ REPLAY_OPTIONS: tuple[dict[str, Any], ...] = (
      "help": "split range and validation scans into N segments replayed in parallel processes (default 1)"},
     {"name": "device", "long": "device", "type": str, "default": "auto", "metavar": "D", "choices": DEVICES,
      "help": "where to replay: auto, cpu or cuda (default auto: cuda if torch sees one)"},
+    {"name": "executor", "long": "executor", "type": str, "default": None, "metavar": "E", "choices": EXECUTORS,
+     "help": "where replay jobs run: local (a process pool) or ray (Ray tasks across machines and GPUs); "
+             "default: replay_executor in [tool.flordb_build], else local"},
+    {"name": "address", "long": "address", "type": str, "default": None, "metavar": "ADDR",
+     "help": "the Ray cluster --executor ray submits to (e.g. 10.0.0.5:6379); default: ray_address in "
+             "[tool.flordb_build], else a local Ray started for the replay"},
     {"name": "dry_run", "long": "dry-run", "type": bool, "default": False,
      "help": "show the plan and, per run, where each statement goes in its version (line, anchor); then stop"},
     {"name": "diff", "long": "diff", "type": bool, "default": False,
@@ -91,3 +109,20 @@ def options_from(values: Mapping[str, Any]) -> ReplayOptions:
     """
     given = {f.name: values[f.name] for f in fields(ReplayOptions) if values.get(f.name) not in (None, "")}
     return ReplayOptions(**given)
+
+
+def executor_of(options: ReplayOptions, config: Config) -> tuple[str, str | None]:
+    """The executor a replay uses and, for Ray, the cluster address: the command line over the config.
+
+    An ``--address`` (or ``ray_address``) alone means Ray.
+
+    :raises ReplayError: ``--executor local`` with an ``--address``.
+    """
+    address = options.address or config.ray_address
+    if options.executor == "local" and options.address:
+        raise ReplayError(
+            f"'--address {options.address}' names a Ray cluster, but '--executor local' was asked for. "
+            "Drop --address, or use '--executor ray'."
+        )
+    executor = options.executor or ("ray" if options.address else config.replay_executor)
+    return executor, address if executor == "ray" else None

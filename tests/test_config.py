@@ -28,6 +28,7 @@ def test_defaults_when_the_section_says_nothing(tmp_path: Path, monkeypatch: pyt
     assert (config.env_vars, config.snapshot_exclude, config.snapshot_include, config.replay_links) == ((),) * 4
     assert config.snapshot_max_file_bytes == 5 * 1024 * 1024
     assert (config.replay_warm, config.replay_keep_warm) == (True, 600.0)
+    assert (config.replay_executor, config.ray_address) == ("local", None)
 
 
 def test_every_key_is_parsed_into_a_typed_field(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -48,6 +49,8 @@ snapshot_max_file_bytes = 10
 replay_links = ["data"]
 replay_warm = false
 replay_keep_warm = 0
+replay_executor = "ray"
+ray_address = "10.0.0.5:6379"
 """,
     )
     assert config.db_path == tmp_path.resolve() / "store" / "x.db" and config.projid == "demo"
@@ -57,6 +60,7 @@ replay_keep_warm = 0
     assert (config.env_vars, config.snapshot_exclude, config.snapshot_include) == (("MY_VAR",), ("*.bin",), (".env.example",))
     assert (config.snapshot_max_file_bytes, config.replay_links) == (10, ("data",))
     assert (config.replay_warm, config.replay_keep_warm) == (False, 0.0)
+    assert (config.replay_executor, config.ray_address) == ("ray", "10.0.0.5:6379")
     # Each key of the table is a field (db sets db_path), and the config cannot change under a reader.
     assert set(SETTINGS) - {"db"} <= {f.name for f in dataclasses.fields(Config)}
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -94,6 +98,8 @@ def test_an_unknown_key_nothing_like_a_setting_lists_them(tmp_path: Path) -> Non
         ("checkpoint_every = 1.5\n", "'checkpoint_every' .* whole number >= 1"),
         ("projid = ''\n", "'projid' .* non-empty string"),
         ("db = 3\n", "'db' .* path string"),
+        ("replay_executor = 'dask'\n", "'replay_executor' .* one of 'local', 'ray', got 'dask'"),
+        ("ray_address = ''\n", "'ray_address' .* non-empty string"),
     ],
 )
 def test_a_bad_value_is_refused_when_the_config_loads(tmp_path: Path, body: str, message: str) -> None:

@@ -14,9 +14,11 @@ from typing import Any
 import pytest
 
 from flordb_build import cli
+from flordb_build.config import config_of_root
+from flordb_build.errors import ReplayError
 from flordb_build.hindsight import _command
 from flordb_build.hindsight._doit import ReplayCommand
-from flordb_build.replay_options import REPLAY_OPTIONS, ReplayOptions
+from flordb_build.replay_options import REPLAY_OPTIONS, ReplayOptions, executor_of
 
 
 def _other_value(row: dict[str, Any]) -> Any:
@@ -123,3 +125,26 @@ def test_building_the_cli_parser_imports_nothing_of_hindsight() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("section", "options", "expected"),
+    [
+        ("", ReplayOptions(), ("local", None)),
+        ("", ReplayOptions(executor="ray"), ("ray", None)),
+        ("", ReplayOptions(address="10.0.0.5:6379"), ("ray", "10.0.0.5:6379")),
+        ('replay_executor = "ray"\nray_address = "head:6379"\n', ReplayOptions(), ("ray", "head:6379")),
+        ('replay_executor = "ray"\nray_address = "head:6379"\n', ReplayOptions(address="other:1"), ("ray", "other:1")),
+        ('replay_executor = "ray"\nray_address = "head:6379"\n', ReplayOptions(executor="local"), ("local", None)),
+    ],
+)
+def test_the_executor_is_the_command_lines_over_the_configs(
+    tmp_path: Any, section: str, options: ReplayOptions, expected: tuple[str, str | None]
+) -> None:
+    (tmp_path / "pyproject.toml").write_text("[tool.flordb_build]\n" + section)
+    assert executor_of(options, config_of_root(tmp_path, False)) == expected
+
+
+def test_an_address_with_the_local_executor_is_refused(tmp_path: Any) -> None:
+    with pytest.raises(ReplayError, match="'--address h:1' names a Ray cluster, but '--executor local'"):
+        executor_of(ReplayOptions(executor="local", address="h:1"), config_of_root(tmp_path, False))
