@@ -316,6 +316,10 @@ class ReplaySpec:
     worker: int = 0
     result: str | None = None  # where the process writes its result JSON
     progress_fd: int | None = None
+    #: ``[tool.flordb_build]`` settings of the driver's project (``Config`` field -> plain value):
+    #: the child's Config is built from them, not from a pyproject.toml it may not be able to read.
+    #: None: read ``<root>/pyproject.toml``.
+    settings: Mapping[str, Any] | None = None
 
     def to_json(self) -> str:
         """The spec as the JSON text of :data:`REPLAY_ENV`."""
@@ -327,6 +331,7 @@ class ReplaySpec:
             "root": self.root, "projid": self.projid, "filename": self.filename, "task": self.task,
             "args": dict(self.args), "session": self.session, "worker": self.worker, "result": self.result,
             "progress_fd": self.progress_fd,
+            "settings": dict(self.settings) if self.settings is not None else None,
         }
         return json.dumps(data, default=str)
 
@@ -345,5 +350,5 @@ class ReplaySpec:
             schedule=schedule, device=data["device"], db=data["db"], root=data["root"], projid=data["projid"],
             filename=data["filename"], task=data["task"], args=data["args"], session=data["session"],
             worker=int(data["worker"]),
-            result=data["result"], progress_fd=data["progress_fd"],
+            result=data["result"], progress_fd=data["progress_fd"], settings=data.get("settings"),
         )
