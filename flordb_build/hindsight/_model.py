@@ -170,8 +170,23 @@ class ReplayPlan:
 
     @property
     def estimate(self) -> float:
-        """Total estimated seconds, runs one after another."""
-        return sum(run.estimate for run in self.runs)
+        """Estimated seconds of the whole replay: the makespan of its jobs over ``workers`` slots.
+
+        The jobs queue in plan order and each starts on the first slot that frees up (as
+        ``run_replay`` submits them); a run's bookkeeping (its journal commit) follows its
+        slowest job. With one slot this is the sum of the runs' estimates.
+        """
+        free = [0.0] * max(1, self.workers)  # when each slot is free next
+        end = 0.0
+        for run in self.runs:
+            ends = []
+            for seconds in run.segment_estimates or (run.estimate,):
+                slot = min(range(len(free)), key=free.__getitem__)
+                free[slot] += seconds
+                ends.append(free[slot])
+            bookkeeping = max(0.0, run.estimate - max(run.segment_estimates, default=run.estimate))
+            end = max(end, max(ends) + bookkeeping)
+        return end
 
     def why_no_runs(self) -> str:
         """Why the plan replays no run: what its skipped runs say (for ``nothing replayed: ...``)."""
