@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import functools
@@ -32,7 +33,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from ..config import Config, load_config
 from ..errors import FlorBuildError, WarmStartError
@@ -52,6 +53,9 @@ from ._model import (
     RunOutcome,
     RunPlan,
 )
+
+if TYPE_CHECKING:
+    from ..store import Store
 
 #: Recorded environment variables a replay does not take over (they name this replay's own setup).
 _NOT_RESTORED_PREFIXES = ("FLOR_", "VIRTUAL_ENV", "CONDA_")
@@ -470,8 +474,15 @@ class ReplayDriver:
         self._tars: dict[str, bytes] = {}
         self._reads: dict[str, bool] = {}  # snapshot -> its Python files may read the store
         self._slices: dict[str, bytes] = {}
-        self._staged = 0
-        self.backfill = Backfill(config)  # last: it holds the session's lock until close()
+        self.backfill = Backfill(config)  # it holds the session's lock until close()
+        from ..store import Store
+
+        try:
+            # One connection for the session's reads and staging writes (an open costs ~15 ms).
+            self.store = Store.open(config)
+        except BaseException:
+            self.backfill.close()
+            raise
 
     def payload(self, job: ReplayJob) -> JobPayload:
         """Everything a worker needs for ``job``, with no path into this project but the objects'."""
@@ -505,7 +516,7 @@ class ReplayDriver:
             gpus=1.0 if job.device == "cuda" else 0.0, spec=spec, script=run.script, sources=sources,
             # The recorded flags first (the script's own argparse reads them), then the recorded --kwargs.
             argv=(*run.argv, *kwargs_tokens(run.args)),
-            env=replay_environment(self.config, run.run_id, run.task, job.device),
+            env=replay_environment(self.config, run.run_id, run.task, job.device, self.store),
             import_paths=self.import_paths, settings={},
             objects_dir=str(self.config.db_path.parent / OBJECTS_DIR_NAME), objects_url=self.config.objects,
             store_slice=self._slices[run.run_id], reads_store=reads,
@@ -515,7 +526,6 @@ class ReplayDriver:
 
     def ingest(self, job: ReplayJob, reply: JobReply) -> JobResult:
         """Stage the reply's rows for its run, compare what it logged with the record; the job's result."""
-        from ..store import Store
         from ._staging import stage_batch
 
         run = job.run
@@ -524,11 +534,7 @@ class ReplayDriver:
         if not reply.ok:
             return JobResult(run.run_id, job.worker, False, reply.seconds, error=reply.error, notes=notes, warm=reply.warm)
         try:
-            store = Store.open(self.config)
-            try:
-                stage_batch(store.conn, self.backfill.session, run.run_id, reply.loops, reply.logs)
-            finally:
-                store.close()
+            stage_batch(self.store.conn, self.backfill.session, run.run_id, reply.loops, reply.logs)
         except (FlorBuildError, sqlite3.Error) as exc:
             return JobResult(run.run_id, job.worker, False, reply.seconds, notes=notes, warm=reply.warm,
                              error=f"its replayed values could not be staged in '{self.config.db_path}': {exc}")
@@ -560,7 +566,10 @@ class ReplayDriver:
 
     def close(self) -> None:
         """End of the session: drop its staging and let go of its lock."""
-        self.backfill.close()
+        try:
+            self.store.close()
+        finally:
+            self.backfill.close()
 
     def _learn_costs(
         self, run: RunPlan, outcome: Mapping[str, Any], seconds: float, warm: bool, fresh_server: bool,
@@ -586,7 +595,7 @@ class ReplayDriver:
             replayed.setdefault((int(ctx), str(name)), []).append(decode_value(stored, int(kind)))
         if not replayed:
             return ()
-        recorded, describe = read_recorded(self.config, run.run_id, sorted({name for _c, name in replayed}))
+        recorded, describe = read_recorded(self.config, run.run_id, sorted({name for _c, name in replayed}), self.store)
         return compare_values(run.run_id, recorded, replayed, describe, self.rel_tol)
 
 
@@ -613,12 +622,14 @@ def _sources_read_store(sources: Iterable[str]) -> bool:
 
     return reads_store(text.encode("utf-8") for text in sources)
 
-def replay_environment(config: Config, run_id: str, task: str | None, device: str) -> dict[str, str]:
+def replay_environment(
+    config: Config, run_id: str, task: str | None, device: str, store: Store | None = None
+) -> dict[str, str]:
     """A replay process's environment, but for its spec: ours, with the run's recorded variables."""
     env = dict(os.environ)
     for name in ("FLOR_PIPELINE_ID", "FLOR_MAKE_PIPELINE_ID"):
         env.pop(name, None)
-    for name, value in recorded_env_vars(config, run_id).items():
+    for name, value in recorded_env_vars(config, run_id, store).items():
         if name.startswith(_NOT_RESTORED_PREFIXES):
             continue
         if device != "auto" and name in ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES"):
@@ -672,32 +683,45 @@ def replay_links(config: Config) -> tuple[str, ...]:
     return config.replay_links
 
 
-def recorded_env_vars(config: Config, run_id: str) -> dict[str, str]:
-    """The environment variables recorded with the run's environment (none if unknown)."""
-    from ..environment import load_environment
-    from ..store import Store
+def recorded_env_vars(config: Config, run_id: str, store: Store | None = None) -> dict[str, str]:
+    """The environment variables recorded with the run's environment (none if unknown).
 
-    store = Store.open(config)
-    try:
-        row = store.conn.execute("SELECT env_id FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-        env = load_environment(store, row[0]) if row and row[0] else None
-    finally:
-        store.close()
+    :param store: an open store of the project to read (else one is opened for the call).
+    """
+    from ..environment import load_environment
+
+    with _opened(config, store) as opened:
+        row = opened.conn.execute("SELECT env_id FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        env = load_environment(opened, row[0]) if row and row[0] else None
     variables = (env or {}).get("env_vars") or {}
     return {str(k): str(v) for k, v in variables.items()}
 
 
+@contextlib.contextmanager
+def _opened(config: Config, store: Store | None) -> Iterator[Store]:
+    """``store``, or the project's store opened for the block."""
+    if store is not None:
+        yield store
+        return
+    from ..store import Store
+
+    opened = Store.open(config)
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
 def read_recorded(
-    config: Config, run_id: str, names: Sequence[str]
+    config: Config, run_id: str, names: Sequence[str], store: Store | None = None
 ) -> tuple[dict[tuple[int, str], list[Any]], Callable[[int], str]]:
     """Recorded values of ``names`` by (ctx, name) in log order, and a describer of contexts."""
-    from ..store import Store, loop_contexts
+    from ..store import loop_contexts
 
-    store = Store.open(config)
-    try:
+    with _opened(config, store) as opened:
         recorded: dict[tuple[int, str], list[Any]] = {}
         for name in names:
-            rows = store.conn.execute(
+            rows = opened.conn.execute(
                 "SELECT ctx_id, value, kind FROM logs WHERE run_id = ? AND name = ? AND source = 'record' ORDER BY seq",
                 (run_id, name),
             ).fetchall()
@@ -705,10 +729,8 @@ def read_recorded(
                 recorded.setdefault((int(ctx), name), []).append(decode_value(value, kind))
         loops = {
             int(ctx): (int(parent), str(loop), int(iteration))
-            for ctx, parent, loop, iteration, _value in loop_contexts(store.conn, run_id)
+            for ctx, parent, loop, iteration, _value in loop_contexts(opened.conn, run_id)
         }
-    finally:
-        store.close()
 
     def describe(ctx: int) -> str:
         parts = []
