@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 import shutil
 import signal
 import sqlite3
@@ -170,7 +171,8 @@ def test_a_worker_replays_from_its_payload_alone_with_the_project_moved_away(
     # The checkpoint objects go where the payload says (a worker's copy); the project itself goes away.
     objects = tmp_path / "worker-objects"
     shutil.copytree(config.db_path.parent / "objects", objects)
-    payload = dataclasses.replace(payload, objects_dir=str(objects))
+    # Picklable, as a backend that ships it to another machine needs (Ray pickles its task arguments).
+    payload = pickle.loads(pickle.dumps(dataclasses.replace(payload, objects_dir=str(objects))))
     moved = project.root.with_name("proj-moved-away")
     project.root.rename(moved)
     elsewhere = tmp_path / "elsewhere"

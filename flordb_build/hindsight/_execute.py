@@ -505,7 +505,7 @@ class ReplayDriver:
         spec = ReplaySpec(
             run_id=run.run_id, depth=run.depth.value, names=run.names, main_loop=run.main_loop,
             schedule=job.schedule, device=job.device, db="", root="", projid=self.config.projid,
-            filename=run.script, task=run.task, args=run.args, session=self.backfill.session, worker=job.worker,
+            filename=run.script, task=run.task, args=dict(run.args), session=self.backfill.session, worker=job.worker,
             settings={"flush_seconds": self.config.flush_seconds, "params": self.config.params,
                       "busy_timeout_seconds": self.config.busy_timeout_seconds},
         )
