@@ -52,6 +52,7 @@ from ._model import (
     ReplaySpec,
     RunOutcome,
     RunPlan,
+    format_seconds,
 )
 
 if TYPE_CHECKING:
@@ -744,15 +745,6 @@ def read_recorded(
 
 
 # -- what the user sees ---------------------------------------------------------------------------
-
-
-def format_seconds(seconds: float) -> str:
-    """``0.42s``, ``12.3s``, ``4m05s``."""
-    if seconds < 10:
-        return f"{seconds:.2f}s"
-    if seconds < 120:
-        return f"{seconds:.1f}s"
-    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ..errors import FlorBuildError, WarmStartError
 from ._child import MODULE as CHILD_MODULE
 from ._child import PREPARE
-from ._model import PROGRESS_FD_ENV, REPLAY_ENV, ReplaySpec
+from ._model import PROGRESS_FD_ENV, REPLAY_ENV, ReplaySpec, format_seconds
 
 if TYPE_CHECKING:
     from ._warm import WarmPool, WarmProcess
@@ -398,8 +398,6 @@ class LocalExecutor:
         """Wait for the threads (after a cancel they end at once), let go of the warm servers."""
         self._threads.shutdown(wait=True)
         servers = self.pool.close() if self.pool is not None else []
-        from ._execute import format_seconds
-
         return (*self._notes, *(
             f"the warm replay server (pid {server.pid}) stays up for {format_seconds(server.idle)} of idle time "
             "so the next replay starts warm; 'flordb-build warm stop' ends it now"

@@ -367,3 +367,12 @@ class ReplaySpec:
             worker=int(data["worker"]),
             result=data["result"], progress_fd=data["progress_fd"], settings=data.get("settings"),
         )
+
+
+def format_seconds(seconds: float) -> str:
+    """``0.42s``, ``12.3s``, ``4m05s``."""
+    if seconds < 10:
+        return f"{seconds:.2f}s"
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
