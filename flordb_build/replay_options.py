@@ -13,6 +13,7 @@ same rows. Both front ends turn what they parsed into one :class:`ReplayOptions`
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
@@ -32,13 +33,21 @@ DEVICES = (("auto", "cuda if torch sees one, else cpu"), ("cpu", "replay on the 
            ("cuda", "restore checkpoints onto the GPU and replay there"))
 
 
+def default_workers() -> int:
+    """``--workers`` when not given: the cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 @dataclass(frozen=True)
 class ReplayOptions:
     """What a replay command line asked for besides the names (see :data:`REPLAY_OPTIONS`)."""
 
     where: str | None = None
     task: str | None = None
-    workers: int = 1
+    workers: int = 0  # 0: default_workers()
     device: str = "auto"
     #: None: ``replay_executor`` of [tool.flordb_build] (default "local").
     executor: str | None = None
@@ -58,8 +67,9 @@ REPLAY_OPTIONS: tuple[dict[str, Any], ...] = (
     {"name": "where", "long": "where", "type": str, "default": None, "metavar": "EXPR",
      "help": "SQL expression over the run-level dataframe selecting runs, e.g. \"tstamp >= '2026-06-23'\""},
     {"name": "task", "long": "task", "type": str, "default": None, "metavar": "T", "help": "only runs of this task"},
-    {"name": "workers", "long": "workers", "type": int, "default": 1, "metavar": "N",
-     "help": "split range and validation scans into N segments replayed in parallel processes (default 1)"},
+    {"name": "workers", "long": "workers", "type": int, "default": 0, "metavar": "N",
+     "help": "replay processes running at once, across all selected runs; range and validation scans are also "
+             "split into up to N segments (default 0: the number of cores this process may use)"},
     {"name": "device", "long": "device", "type": str, "default": "auto", "metavar": "D", "choices": DEVICES,
      "help": "where to replay: auto, cpu or cuda (default auto: cuda if torch sees one)"},
     {"name": "executor", "long": "executor", "type": str, "default": None, "metavar": "E", "choices": EXECUTORS,

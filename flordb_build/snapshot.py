@@ -586,9 +586,8 @@ def snapshot_message(run_id: str, filename: str, task: str | None, args: Mapping
     return f"flor run {run_id}: {filename}{task_text} {arg_text}\n\n{RUN_TRAILER}: {run_id}\n"
 
 
-def export_snapshot(root: Path, commit: str, destination: Path) -> None:
-    """Write the files of a snapshot commit into ``destination`` (never the user's work tree)."""
-    destination.mkdir(parents=True, exist_ok=True)
+def archive_snapshot(root: Path, commit: str) -> bytes:
+    """The ``git archive`` (tar) of a snapshot commit: its files, to ship to a replay worker."""
     archive = subprocess.run(
         ["git", *GIT_OPTIONS, "archive", "--format=tar", commit], cwd=root, capture_output=True, check=False
     )
@@ -596,4 +595,15 @@ def export_snapshot(root: Path, commit: str, destination: Path) -> None:
         raise SnapshotError(
             f"Snapshot '{commit}' is not in '{root}': {archive.stderr.decode(errors='replace').strip()}"
         )
-    subprocess.run(["tar", "-x", "-C", str(destination)], input=archive.stdout, check=True)
+    return archive.stdout
+
+
+def extract_snapshot(archive: bytes, destination: Path) -> None:
+    """Write the files of an :func:`archive_snapshot` tar into ``destination``."""
+    destination.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["tar", "-x", "-C", str(destination)], input=archive, check=True)
+
+
+def export_snapshot(root: Path, commit: str, destination: Path) -> None:
+    """Write the files of a snapshot commit into ``destination`` (never the user's work tree)."""
+    extract_snapshot(archive_snapshot(root, commit), destination)

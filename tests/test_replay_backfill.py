@@ -205,7 +205,7 @@ def test_ctrl_c_while_a_replay_process_runs_keeps_store_and_journal_as_they_were
     # On a terminal the progress line is redrawn per epoch: "1/4" means the replay process has run
     # epoch 0 and sleeps in epoch 1.
     controller, terminal = pty.openpty()
-    proc = _replay_process(project, "x", "--yes", env={"SLEEP": "600"}, stderr=terminal)
+    proc = _replay_process(project, "x", "--yes", "--workers", "1", env={"SLEEP": "600"}, stderr=terminal)
     os.close(terminal)
     seen = b""
     try:

@@ -320,3 +320,28 @@ def test_a_module_whose_layers_sit_in_a_plain_list_warns_once_when_checkpointed(
         warnings.simplefilter("always")
         warn_empty_state("model", torch.nn.Linear(2, 2))
     assert not [w for w in caught if issubclass(w.category, FlorBuildWarning)]
+
+
+def test_a_method_of_a_builtin_changes_nothing_but_a_builtin_name_the_script_binds_is_its_state() -> None:
+    # `int.from_bytes(...)` in the loop is no change of `int` (it made split validation replays
+    # refuse any script drawing noise that way); a script's own `list` variable stays its state.
+    source = """\
+        import os
+        import flordb_build as flor
+        state = {"w": 0}
+        with flor.checkpointing(state=state):
+            for epoch in flor.loop("epoch", range(3)):
+                state["w"] += 1
+                flor.log("val", state["w"] + int.from_bytes(os.urandom(4), "big") / 2**32)
+        flor.log("final", state["w"])
+        """
+    assert carried(source, MID_LOOP) == set()
+    bound = """\
+        import flordb_build as flor
+        list = []
+        with flor.checkpointing(model=model):
+            for epoch in flor.loop("epoch", range(5)):
+                list.append(train(model))
+        flor.log("new", sum(list))
+        """
+    assert carried(bound, SUFFIX) == {"list"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from typing import Any
 
@@ -293,3 +294,14 @@ def test_start_costs_make_later_runs_warm_and_skip_the_recorded_imports() -> Non
     assert plan_replay(runs[:1], today, ["fin2"], start=huge).runs[0].estimate == pytest.approx(
         timings_only - 1.0 + DEFAULT_OVERHEAD[True] + DEFAULT_JOURNAL
     )
+
+
+def test_the_plan_estimates_its_jobs_as_a_schedule_over_the_slots() -> None:
+    # Issue 16: all runs' jobs share --workers slots, so 8 equal runs on 2 slots take 4 runs' time.
+    one_slot = plan_replay([recorded(f"r{i}") for i in range(8)], {"train.py": TODAY}, ["w2"])
+    each = one_slot.runs[0].estimate
+    assert len(one_slot.runs) == 8 and all(len(run.segments) == 1 for run in one_slot.runs)
+    assert one_slot.estimate == pytest.approx(8 * each)
+    assert dataclasses.replace(one_slot, workers=2).estimate == pytest.approx(4 * each)
+    assert dataclasses.replace(one_slot, workers=3).estimate == pytest.approx(3 * each)  # 3 + 3 + 2 runs
+    assert dataclasses.replace(one_slot, workers=16).estimate == pytest.approx(each)

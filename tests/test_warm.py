@@ -76,7 +76,8 @@ def _record(project: Any, steps: tuple[int, ...] = (1, 2)) -> None:
 
 def test_a_kept_server_serves_the_next_replay_with_what_the_last_one_imported(project: Any, kept_warm: Any) -> None:
     _record(project)
-    first = flor.replay("half", quiet=True)
+    # One slot: the second run's job starts after the first one's imports were learned.
+    first = flor.replay("half", quiet=True, workers=1)
     assert [o.warm for o in first.outcomes] == [True, True]
     # The first child imported `fractions` itself; the second forked after the server preloaded it.
     assert first.outcomes[0].counters["modules_imported"] > 0

@@ -5,10 +5,16 @@ would replace the ``flor.replay`` function with the module.)
 
     select runs (where, task) -> propagate statements into each snapshot (rewrite/)
       -> plan: scan depth + estimate per run (pure: plan_replay)
-      -> run: one process per run or segment, in replay mode (run_replay, _mode.py)
-      -> values staged per session (_staging.py); nondeterminism check
-      -> per run, finish or withhold (_backfill.py): journal on flor.shadow, then the staged
-         values promoted into the original run's rows (source 'replay') in one transaction
+      -> run: every run's jobs (one per run, or per segment of a split scan) in one queue over
+         --workers slots (run_replay, _execute.py); each job is a JobPayload that needs no shared
+         filesystem (snapshot tar, patched sources, settings, a store slice: _slice.py), run by
+         run_job in a worker (_executors.py: LocalExecutor here, Ray across machines), whose
+         replay-mode child (_mode.py) stages its values in the slice and the reply carries them back
+      -> the driver, the only writer of the store, stages each reply's rows for the session
+         (_staging.py) and checks them against the record (nondeterminism check)
+      -> per run, once its last job replied: finish or withhold (_backfill.py): journal on
+         flor.shadow, then the staged values promoted into the original run's rows (source
+         'replay') in one transaction, while other runs' jobs still run
 
 Public: :func:`plan_replay` (pure), :func:`run_replay`, :func:`prepare_replay` (selection +
 plan), :func:`replay` (all of it, ``flor.replay``), the result dataclasses, and the doit
@@ -22,15 +28,17 @@ from typing import TYPE_CHECKING, Any
 from ._command import ReplayArguments, read_replay_arguments, replay, run_replay_command, warm_command
 from ._execute import (
     ProgressLine,
+    ReplayDriver,
     ReplayExecutor,
-    SubprocessExecutor,
     compare_values,
     format_plan,
     format_report,
     jobs_of,
+    local_executor,
     run_replay,
     values_match,
 )
+from ._executors import Executor, JobPayload, JobReply, LocalExecutor, run_job
 from ._model import (
     REPLAY_ENV,
     JobResult,
@@ -75,12 +83,17 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "REPLAY_ENV",
+    "Executor",
+    "JobPayload",
+    "JobReply",
     "JobResult",
+    "LocalExecutor",
     "Mismatch",
     "ProgressLine",
     "RecordedRun",
     "ReplayArguments",
     "ReplayCommand",
+    "ReplayDriver",
     "ReplayExecutor",
     "ReplayJob",
     "ReplayPlan",
@@ -93,16 +106,17 @@ __all__ = [
     "StartCosts",
     "Step",
     "StepKind",
-    "SubprocessExecutor",
     "balance_segments",
     "compare_values",
     "format_plan",
     "format_report",
     "jobs_of",
+    "local_executor",
     "plan_replay",
     "prepare_replay",
     "read_replay_arguments",
     "replay",
+    "run_job",
     "run_replay",
     "run_replay_command",
     "schedule_scan",

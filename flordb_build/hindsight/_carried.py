@@ -32,6 +32,7 @@ Not seen (known gaps): a change through an alias (``for p in params: p.add_(...)
 
 from __future__ import annotations
 
+import builtins
 import itertools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -51,6 +52,8 @@ from libcst.metadata import (
 from ._model import Schedule, StepKind
 
 _SKIPPING = (StepKind.SKIP, StepKind.RESTORE, StepKind.VALIDATE)
+#: Python's builtin names (``int``, ``dict``, ``open``): not the script's state unless it binds them.
+_BUILTINS = frozenset(dir(builtins))
 #: Methods that only read their receiver (tensors, containers, estimators' predictions): calling
 #: one is not a change. Any other method call is taken to change its receiver.
 READ_ONLY_METHODS = frozenset(
@@ -251,6 +254,15 @@ class _Script:
                         self.flor_functions[bound] = alias.evaluated_name
             elif isinstance(node, cst.FunctionDef):
                 self.functions.setdefault(node.name.value, []).append(node)
+        # Names the script binds anywhere; a builtin it never binds (``int`` in ``int.from_bytes``)
+        # is not its state, so a method call on it changes nothing the replay must carry.
+        self.bound: set[str] = {
+            node.value for node in self.nodes
+            if isinstance(node, cst.Name) and self.context.get(node) in (ExpressionContext.STORE, ExpressionContext.DEL)
+        }
+        self.bound |= {
+            node.name.value for node in self.nodes if isinstance(node, cst.FunctionDef | cst.ClassDef | cst.Param)
+        }
 
     def walk(self, node: cst.CSTNode, into_defs: bool = True) -> Iterator[cst.CSTNode]:
         """Every node under ``node`` (itself included), optionally not into nested defs and classes."""
@@ -443,6 +455,8 @@ class _Script:
         root = path.split(".")[0]
         if root in self.imported or root in self.flor:
             return  # a library's function (torch.manual_seed): not the script's state
+        if root in _BUILTINS and root not in self.bound:
+            return  # int.from_bytes(...), str.join(...): a builtin, not the script's state
         record.mutates.add(path)
 
 

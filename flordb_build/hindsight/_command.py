@@ -85,7 +85,7 @@ def replay(
     *names: str | Sequence[str],
     where: str | None = None,
     task: str | None = None,
-    workers: int = 1,
+    workers: int | None = None,
     device: str = "auto",
     dry_run: bool = False,
     rel_tol: float = DEFAULT_REL_TOL,

@@ -1,17 +1,19 @@
-"""Executing a replay plan: one process per run (per segment with workers), then the checks.
+"""Executing a replay plan: every run's jobs in one queue, each run settled when its last job ends.
 
     run_replay(plan)
-      for each run, its segments in parallel:   executor(job, progress) -> JobResult
-        SubprocessExecutor:
-          1. before the run's first job: the store shows the run's newest replay journal
-          2. git archive <snapshot> -> tmp/tree        (never the user's work tree)
-          3. write the patched script at tmp/tree/<filename>
-          4. sys.executable <script> --kwargs <recorded args>, cwd tmp/tree,
-             FLOR_REPLAY=<spec>: the script's flordb_build stages its values (session's staging)
-          5. compare what it logged with what was recorded (nondeterminism check)
-      decide(outcome): finish or withhold the run    (_backfill.py: the one decision point)
-      executor.finish_run: journal, then promote the staged values in one transaction; or drop them
-      -> RunOutcome per run: estimated vs actual seconds, mismatches, errors, why withheld
+      ReplayDriver.payload(job) for every job of every run -> executor.submit   (N slots: --workers)
+        payload: the snapshot's git archive (read once per commit), the patched sources, argv,
+        env, settings, where the checkpoint objects are, the store slice (_slice.py: the run's
+        rows and what asof.py shows its script)
+      worker: run_job(payload) (_executors.py): tar -> tmp/tree, the child (warm fork or
+        python -m _child) replays against the slice and stages its values there; the reply
+        carries the staged rows back
+      for reply in executor.completed():            (in the order jobs end)
+        ReplayDriver.ingest: stage the rows (the driver is the only writer of the store),
+          compare what the job logged with what was recorded (nondeterminism check)
+        a run's last reply: decide(outcome): finish or withhold it   (_backfill.py: the one decision)
+          ReplayDriver.finish_run: journal, then promote the staged values in one transaction; or drop
+      -> RunOutcome per run, in plan order: estimated vs actual seconds, mismatches, errors, why withheld
 """
 
 from __future__ import annotations
@@ -23,13 +25,12 @@ import functools
 import json
 import math
 import os
-import shutil
-import subprocess
+import queue
+import sqlite3
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
@@ -39,13 +40,10 @@ from ..errors import FlorBuildError, WarmStartError
 from ..redaction import contains_mask
 from ..values import decode_value
 from ._backfill import Backfill, Decision, decide
-from ._child import MODULE as CHILD_MODULE
-from ._child import PREPARE
+from ._executors import Executor, JobPayload, JobReply, LocalExecutor, Progress
 from ._model import (
     DEFAULT_REL_TOL,
     GENERATORS,
-    PROGRESS_FD_ENV,
-    REPLAY_ENV,
     JobResult,
     Mismatch,
     ReplayJob,
@@ -54,22 +52,23 @@ from ._model import (
     ReplaySpec,
     RunOutcome,
     RunPlan,
+    format_seconds,
 )
 
 if TYPE_CHECKING:
-    from ._warm import WarmProcess
+    from ..store import Store
 
-Progress = Callable[[int, int], None]
 #: Recorded environment variables a replay does not take over (they name this replay's own setup).
 _NOT_RESTORED_PREFIXES = ("FLOR_", "VIRTUAL_ENV", "CONDA_")
+#: How often the progress of running jobs is polled for the progress line.
+_PROGRESS_POLL_SECONDS = 0.2
 
 
 class ReplayExecutor(Protocol):
-    """Runs one replay job; ``progress(done, total)`` reports main-loop iterations.
+    """Runs one replay job in the calling thread; ``progress(done, total)`` reports main-loop
+    iterations (a stand-in for the store-backed :class:`ReplayDriver`, e.g. in tests of scheduling).
 
-    An executor may also have ``cancel()`` (kill what runs: the session was interrupted) and
-    ``finish_run(run, decision) -> decision`` (after all jobs of a run: :class:`SubprocessExecutor`
-    journals and promotes the run's staged values there, or drops them, and says what it did).
+    It may also have ``cancel()`` (kill what runs) and ``finish_run(run, decision) -> decision``.
     """
 
     def __call__(self, job: ReplayJob, progress: Progress) -> JobResult: ...
@@ -96,9 +95,14 @@ def jobs_of(run: RunPlan, device: str) -> list[ReplayJob]:
     ]
 
 
+def job_key(job: ReplayJob) -> str:
+    """The job's key among a session's jobs (``JobPayload.key``)."""
+    return f"{job.run.run_id}/{job.worker}"
+
+
 def run_replay(
     plan: ReplayPlan,
-    executor: ReplayExecutor | None = None,
+    executor: Executor | ReplayExecutor | None = None,
     *,
     config: Config | None = None,
     progress: Callable[[RunPlan, int, int], None] | None = None,
@@ -106,75 +110,260 @@ def run_replay(
     warm: bool | None = None,
     accept_divergent: bool = False,
 ) -> ReplayReport:
-    """Execute ``plan``: runs one after another, the segments of a run in parallel processes.
+    """Execute ``plan``: the jobs of every run in one queue over ``plan.workers`` slots; each run is
+    checked and finished (journalled, backfilled) or withheld as soon as its last job is done.
 
-    :param executor: runs one job; default :class:`SubprocessExecutor` for the project.
+    :param executor: the backend that runs job payloads (default :class:`LocalExecutor` with
+        ``plan.workers`` slots and this machine's warm servers; a given one is not closed here),
+        or a :class:`ReplayExecutor` callable that runs a job itself (no store is touched then).
     :param progress: called with (run, iterations done, iterations total) as replays advance.
     :param warm: fork processes from warm servers (None: the project's setting, on by default).
     :param accept_divergent: write a run's values although values both the record and the replay
         logged differ beyond ``rel_tol`` (marked divergent); by default they are withheld.
     """
-    owned = executor is None
-    if executor is None:
-        executor = SubprocessExecutor(config or load_config(), rel_tol=rel_tol, warm=warm)
+    decider = functools.partial(decide, rel_tol=rel_tol, accept_divergent=accept_divergent)
+    if executor is not None and not hasattr(executor, "submit"):
+        calls = _CalledJobs(executor, plan.workers)
+        try:
+            outcomes = _schedule(plan, calls, progress, decider)
+        finally:
+            calls.close()
+        return ReplayReport(plan=plan, outcomes=tuple(outcomes))
+    config = config or load_config()
+    driver = ReplayDriver(config, rel_tol=rel_tol, warm=warm)
     notes: tuple[str, ...] = ()
+    backend = executor if executor is not None else local_executor(config, plan.workers, warm)
     try:
-        decider = functools.partial(decide, rel_tol=rel_tol, accept_divergent=accept_divergent)
-        outcomes = [_replay_run(run, jobs_of(run, plan.device), executor, progress, decider) for run in plan.runs]
+        outcomes = _schedule(plan, _SubmittedJobs(driver, backend), progress, decider)  # type: ignore[arg-type]
     finally:
-        if owned:
-            notes = executor.close()  # type: ignore[attr-defined]
+        try:
+            if executor is None:
+                notes = backend.close()  # type: ignore[union-attr]
+        finally:
+            driver.close()
     return ReplayReport(plan=plan, outcomes=tuple(outcomes), notes=notes)
 
 
-def _replay_run(
-    run: RunPlan,
-    jobs: Sequence[ReplayJob],
-    executor: ReplayExecutor,
-    progress: Callable[[RunPlan, int, int], None] | None,
-    decider: Callable[[RunOutcome], Decision] = decide,
+def local_executor(config: Config, slots: int, warm: bool | None) -> LocalExecutor:
+    """A :class:`LocalExecutor` with this machine's warm servers (unless warm starts are off)."""
+    from ._warm import WarmPool, warm_settings
+
+    enabled, keep_warm = warm_settings(config)
+    if not (enabled if warm is None else warm):
+        return LocalExecutor(slots)
+    try:
+        return LocalExecutor(slots, pool=WarmPool(config, keep_warm))
+    except WarmStartError as exc:
+        return LocalExecutor(slots, notes=(f"started cold: {exc}",))
+
+
+class _Jobs(Protocol):
+    """What :func:`_schedule` drives: jobs started, their results as they end (by key)."""
+
+    def start(self, job: ReplayJob) -> None: ...
+
+    def results(self) -> Iterator[tuple[str, JobResult]]: ...
+
+    def progress(self) -> Mapping[str, tuple[int, int]]: ...
+
+    def cancel(self) -> None: ...
+
+    def finish_run(self, run: RunPlan, decision: Decision) -> Decision: ...
+
+
+def _schedule(
+    plan: ReplayPlan, jobs: _Jobs, progress: Callable[[RunPlan, int, int], None] | None,
+    decider: Callable[[RunOutcome], Decision],
+) -> list[RunOutcome]:
+    """Start every job of every run, then settle each run when its last result is in.
+
+    ::
+
+        start(a/0) start(a/1) start(b/0) ... start(h/0)     one queue, N slots (the backend's)
+        result b/0 -> b done: decide, finish_run(b)          while a/0, a/1, c/0 ... still run
+        result a/1, result a/0 -> a done: decide, finish_run(a)
+    """
+    by_key: dict[str, ReplayJob] = {}
+    left: dict[str, int] = {}
+    results: dict[str, list[JobResult]] = {}
+    totals: dict[str, int] = {}
+    runs = {run.run_id: run for run in plan.runs}
+    settled: dict[str, RunOutcome] = {}
+    watcher = _ProgressWatcher(jobs, by_key, runs, totals, progress) if progress is not None else None
+    try:
+        for run in plan.runs:
+            run_jobs = jobs_of(run, plan.device)
+            left[run.run_id] = len(run_jobs)
+            results[run.run_id] = []
+            totals[run.run_id] = sum(len(job.schedule.steps) for job in run_jobs)
+            for job in run_jobs:
+                by_key[job_key(job)] = job
+                jobs.start(job)
+        if watcher is not None:
+            watcher.start()
+        for key, result in jobs.results():
+            run = by_key[key].run
+            results[run.run_id].append(result)
+            left[run.run_id] -= 1
+            if left[run.run_id]:
+                continue
+            if watcher is not None:
+                watcher.finished(run)
+            settled[run.run_id] = _settle(run, results[run.run_id], jobs, decider)
+    except BaseException:
+        # Ctrl-C (or a failure of ours): end every job's processes, or the backend's shutdown
+        # would wait for whole replays.
+        jobs.cancel()
+        raise
+    finally:
+        if watcher is not None:
+            watcher.stop()
+    return [settled[run.run_id] for run in plan.runs]
+
+
+def _settle(
+    run: RunPlan, results: Sequence[JobResult], jobs: _Jobs, decider: Callable[[RunOutcome], Decision]
 ) -> RunOutcome:
-    """Run the jobs of one run (in parallel threads that wait on their processes)."""
-    done = [0] * len(jobs)
-    total = sum(len(job.schedule.steps) for job in jobs)
-    lock = threading.Lock()
-
-    def reporter(worker: int) -> Progress:
-        def report(n_done: int, _n_total: int) -> None:
-            with lock:
-                done[worker] = n_done
-                if progress is not None:
-                    progress(run, sum(done), total)
-
-        return report
-
+    """Decide the run from its jobs' results and carry it out (journal and promote, or drop)."""
     started = time.perf_counter()
-    if progress is not None:
-        progress(run, 0, total)
-    if len(jobs) == 1:
-        results = [executor(jobs[0], reporter(0))]
-    else:
-        with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
-            futures = [pool.submit(executor, job, reporter(i)) for i, job in enumerate(jobs)]
-            try:
-                results = [future.result() for future in futures]
-            except BaseException:
-                # Ctrl-C reaches this thread only: end the processes the worker threads wait on,
-                # or the pool's shutdown would wait for whole replays.
-                cancel = getattr(executor, "cancel", None)
-                if cancel is not None:
-                    cancel()
-                raise
-    outcome = _outcome(run, results, time.perf_counter() - started)
-    decision = decider(outcome)
-    finish = getattr(executor, "finish_run", None)
-    if finish is not None:
-        decision = finish(run, decision)
-    # The run's bookkeeping (its journal commit and promotion) is part of what it cost.
+    ordered = sorted(results, key=lambda r: r.worker)
+    # The run's time is its slowest job's (they may have waited for a slot) plus its bookkeeping.
+    outcome = _outcome(run, ordered, max((r.seconds for r in ordered), default=0.0))
+    decision = jobs.finish_run(run, decider(outcome))
     return dataclasses.replace(
-        outcome, ok=outcome.ok and decision.finish, withheld=decision.withheld, seconds=time.perf_counter() - started,
-        divergent=decision.finish and bool(decision.divergent),
+        outcome, ok=outcome.ok and decision.finish, withheld=decision.withheld,
+        seconds=outcome.seconds + time.perf_counter() - started, divergent=decision.finish and bool(decision.divergent),
     )
+
+
+class _ProgressWatcher:
+    """Polls the running jobs' progress and draws it per run (many runs may be in flight)."""
+
+    def __init__(
+        self, jobs: _Jobs, by_key: Mapping[str, ReplayJob], runs: Mapping[str, RunPlan], totals: Mapping[str, int],
+        draw: Callable[[RunPlan, int, int], None],
+    ) -> None:
+        self.jobs = jobs
+        self.by_key = by_key
+        self.runs = runs
+        self.totals = totals
+        self.draw = draw
+        self._done: dict[str, dict[str, int]] = {}  # run -> key -> iterations done
+        self._drawn: dict[str, int] = {}
+        self._finished: set[str] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="flor-replay-progress", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(_PROGRESS_POLL_SECONDS):
+            self.poll()
+
+    def poll(self) -> None:
+        """Draw every run whose progress changed since the last poll."""
+        with self._lock:
+            for key, (done, _total) in self.jobs.progress().items():
+                job = self.by_key.get(key)
+                if job is None or job.run.run_id in self._finished:
+                    continue
+                self._done.setdefault(job.run.run_id, {})[key] = done
+            for run_id, done_by_key in self._done.items():
+                done = sum(done_by_key.values())
+                if run_id not in self._finished and self._drawn.get(run_id) != done:
+                    self._drawn[run_id] = done
+                    self.draw(self.runs[run_id], done, self.totals[run_id])
+
+    def finished(self, run: RunPlan) -> None:
+        """The run's last job ended: draw it complete, and never again."""
+        self.poll()
+        with self._lock:
+            self._finished.add(run.run_id)
+            total = self.totals[run.run_id]
+            self.draw(run, total, total)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+class _CalledJobs:
+    """:class:`_Jobs` over a :class:`ReplayExecutor` callable, ``slots`` jobs at a time in threads."""
+
+    def __init__(self, executor: ReplayExecutor, slots: int) -> None:
+        self.executor = executor
+        self._pool = ThreadPoolExecutor(max_workers=max(1, slots), thread_name_prefix="flor-replay")
+        self._results: queue.Queue[tuple[str, JobResult]] = queue.Queue()
+        self._progress: dict[str, tuple[int, int]] = {}
+        self._lock = threading.Lock()
+        self._started = 0
+
+    def start(self, job: ReplayJob) -> None:
+        key = job_key(job)
+
+        def work() -> None:
+            def report(done: int, total: int) -> None:
+                with self._lock:
+                    self._progress[key] = (done, total)
+
+            try:
+                result = self.executor(job, report)
+            except Exception as exc:  # a job's result is never lost: results() waits for each
+                result = JobResult(job.run.run_id, job.worker, False, 0.0, error=f"the replay job raised {exc!r}")
+            self._results.put((key, result))
+
+        self._started += 1
+        self._pool.submit(work)
+
+    def results(self) -> Iterator[tuple[str, JobResult]]:
+        for _ in range(self._started):
+            yield self._results.get()
+
+    def progress(self) -> Mapping[str, tuple[int, int]]:
+        with self._lock:
+            return dict(self._progress)
+
+    def cancel(self) -> None:
+        cancel = getattr(self.executor, "cancel", None)
+        if cancel is not None:
+            cancel()
+
+    def finish_run(self, run: RunPlan, decision: Decision) -> Decision:
+        finish = getattr(self.executor, "finish_run", None)
+        return finish(run, decision) if finish is not None else decision
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+class _SubmittedJobs:
+    """:class:`_Jobs` over an :class:`Executor` backend: payloads out, replies in, via the driver."""
+
+    def __init__(self, driver: ReplayDriver, executor: Executor) -> None:
+        self.driver = driver
+        self.executor = executor
+        self._jobs: dict[str, ReplayJob] = {}
+
+    def start(self, job: ReplayJob) -> None:
+        payload = self.driver.payload(job)
+        self._jobs[payload.key] = job
+        self.executor.submit(payload)
+
+    def results(self) -> Iterator[tuple[str, JobResult]]:
+        for reply in self.executor.completed():
+            yield reply.key, self.driver.ingest(self._jobs[reply.key], reply)
+
+    def progress(self) -> Mapping[str, tuple[int, int]]:
+        return self.executor.progress()
+
+    def cancel(self) -> None:
+        self.executor.cancel()
+
+    def finish_run(self, run: RunPlan, decision: Decision) -> Decision:
+        return self.driver.finish_run(run, decision)
 
 
 def _outcome(run: RunPlan, results: Sequence[JobResult], seconds: float) -> RunOutcome:
@@ -262,54 +451,112 @@ def merge_mismatches(mismatches: Sequence[Mismatch]) -> tuple[Mismatch, ...]:
     return tuple(merged.values())
 
 
-# -- running a job in a process ---------------------------------------------------------------------
+# -- the driver: payloads out, replies in ---------------------------------------------------------
 
 
-class SubprocessExecutor:
-    """Runs each job as ``sys.executable <patched script>`` in an exported snapshot.
+class ReplayDriver:
+    """The driver's side of a replay session: it builds each job's payload and ingests its reply.
 
-    With warm starts on (the default, ``_warm.py``) the process is forked from a server that has
-    imported the script's libraries; where that cannot be done the job starts a fresh interpreter.
+    It is the only writer of the store: a reply's staged rows go into the session's staging
+    (``_staging.py``) here, and :meth:`finish_run` journals and promotes a run's, or drops them
+    (``_backfill.py``). The snapshot's ``git archive`` is read once per commit and the store slice
+    (``_slice.py``) once per run, whatever the number of its jobs.
     """
 
-    def __init__(
-        self, config: Config, *, rel_tol: float = DEFAULT_REL_TOL, keep_dirs: bool = False, warm: bool | None = None
-    ) -> None:
-        from ._warm import WarmPool, warm_settings
+    def __init__(self, config: Config, *, rel_tol: float = DEFAULT_REL_TOL, warm: bool | None = None) -> None:
+        from ._warm import warm_settings
 
         self.config = config
         self.rel_tol = rel_tol
-        self.keep_dirs = keep_dirs
+        enabled, _keep = warm_settings(config)
+        self.warm = enabled if warm is None else warm
         self.links = replay_links(config)
-        self.import_paths = project_import_paths(config.root)
-        self._begun: set[str] = set()
-        self._lock = threading.Lock()
-        self._running: set[WarmProcess | subprocess.Popen[bytes]] = set()
-        self._cancelled = False
-        enabled, keep_warm = warm_settings(config)
-        self.pool: WarmPool | None = None
-        self._pool_note: str | None = None
-        if enabled if warm is None else warm:
-            try:
-                self.pool = WarmPool(config, keep_warm)
-            except WarmStartError as exc:
-                self._pool_note = f"started cold: {exc}"
-        self.backfill = Backfill(config)  # last: it holds the session's lock until close()
+        self.import_paths = tuple(str(p) for p in project_import_paths(config.root))
+        self._tars: dict[str, bytes] = {}
+        self._reads: dict[str, bool] = {}  # snapshot -> its Python files may read the store
+        self._slices: dict[str, bytes] = {}
+        self.backfill = Backfill(config)  # it holds the session's lock until close()
+        from ..store import Store
 
-    def cancel(self) -> None:
-        """Kill every replay process still running, and any that starts from now on (an interrupted session)."""
-        with self._lock:
-            self._cancelled = True
-            running = list(self._running)
-        for proc in running:
-            with contextlib.suppress(OSError):
-                proc.kill()
+        try:
+            # One connection for the session's reads and staging writes (an open costs ~15 ms).
+            self.store = Store.open(config)
+        except BaseException:
+            self.backfill.close()
+            raise
+
+    def payload(self, job: ReplayJob) -> JobPayload:
+        """Everything a worker needs for ``job``, with no path into this project but the objects'."""
+        from ..snapshot import archive_snapshot
+        from ._slice import build_slice
+
+        run = job.run
+        sources = {run.script: run.source, **run.modules}
+        params = self.config.root / self.config.params if self.config.params else None
+        if params is not None and params.is_file():  # flor.arg reads today's params file, as before
+            sources[self.config.params or ""] = params.read_text(encoding="utf-8")
+        if run.snapshot not in self._tars:
+            self._tars[run.snapshot] = archive_snapshot(self.config.root, run.snapshot)
+            self._reads[run.snapshot] = _snapshot_reads_store(self._tars[run.snapshot])
+        reads = self._reads[run.snapshot] or _sources_read_store(sources.values())
+        if run.run_id not in self._slices:
+            # Before the run's first job: the store shows the run's newest replay journal.
+            self.backfill.begin_run(run.run_id)
+            self._slices[run.run_id] = build_slice(self.config, run.run_id, as_of=reads)
+        spec = ReplaySpec(
+            run_id=run.run_id, depth=run.depth.value, names=run.names, main_loop=run.main_loop,
+            schedule=job.schedule, device=job.device, db="", root="", projid=self.config.projid,
+            filename=run.script, task=run.task, args=dict(run.args), session=self.backfill.session, worker=job.worker,
+            settings={"flush_seconds": self.config.flush_seconds, "params": self.config.params,
+                      "busy_timeout_seconds": self.config.busy_timeout_seconds},
+        )
+        from ..objects import OBJECTS_DIR_NAME
+
+        return JobPayload(
+            key=job_key(job), snapshot_sha=run.snapshot, snapshot_tar=self._tars[run.snapshot],
+            gpus=1.0 if job.device == "cuda" else 0.0, spec=spec, script=run.script, sources=sources,
+            # The recorded flags first (the script's own argparse reads them), then the recorded --kwargs.
+            argv=(*run.argv, *kwargs_tokens(run.args)),
+            env=replay_environment(self.config, run.run_id, run.task, job.device, self.store),
+            import_paths=self.import_paths, settings={},
+            objects_dir=str(self.config.db_path.parent / OBJECTS_DIR_NAME), objects_url=self.config.objects,
+            store_slice=self._slices[run.run_id], reads_store=reads,
+            links=tuple((rel, str(self.config.root / rel)) for rel in self.links),
+            warm=self.warm, project_root=str(self.config.root),
+        )
+
+    def ingest(self, job: ReplayJob, reply: JobReply) -> JobResult:
+        """Stage the reply's rows for its run, compare what it logged with the record; the job's result."""
+        from ._staging import stage_batch
+
+        run = job.run
+        outcome = reply.outcome or {}
+        notes = tuple(reply.notes)
+        if not reply.ok:
+            return JobResult(run.run_id, job.worker, False, reply.seconds, error=reply.error, notes=notes, warm=reply.warm)
+        try:
+            stage_batch(self.store.conn, self.backfill.session, run.run_id, reply.loops, reply.logs)
+        except (FlorBuildError, sqlite3.Error) as exc:
+            return JobResult(run.run_id, job.worker, False, reply.seconds, notes=notes, warm=reply.warm,
+                             error=f"its replayed values could not be staged in '{self.config.db_path}': {exc}")
+        self._learn_costs(run, outcome, reply.seconds, reply.warm, reply.fresh_server, reply.modules)
+        mismatches = self._compare(run, outcome.get("compare", ()))
+        if outcome.get("generators"):  # issue 12.9: the record's checkpoints are another trajectory now
+            mismatches = (Mismatch(run.run_id, GENERATORS, 1, 1, str(outcome["generators"])), *mismatches)
+        counters = dict(outcome.get("counters", {}))
+        if reply.warm:
+            counters["modules_imported"] = len(reply.modules)  # installed modules the server had not preloaded
+        return JobResult(
+            run.run_id, job.worker, True, reply.seconds, stored=int(counters.get("stored", 0)), notes=notes,
+            counters=counters, mismatches=mismatches, warm=reply.warm,
+        )
 
     def finish_run(self, run: RunPlan, decision: Decision) -> Decision:
         """Journal and promote the run's staged values, or drop them (``_backfill.py``); what was done."""
         from ._costs import record_costs
 
         started = time.perf_counter()
+        self._slices.pop(run.run_id, None)
         try:
             done = self.backfill.settle(run, decision)
         except FlorBuildError as exc:  # the store or git refused before anything of the run was written
@@ -318,148 +565,12 @@ class SubprocessExecutor:
             record_costs(self.config, run.script, {"journal": time.perf_counter() - started})
         return done
 
-    def close(self) -> tuple[str, ...]:
-        """End of the session: drop its staging, let go of the warm servers; a note for each one that stays up."""
+    def close(self) -> None:
+        """End of the session: drop its staging and let go of its lock."""
         try:
+            self.store.close()
+        finally:
             self.backfill.close()
-        finally:
-            servers = self.pool.close() if self.pool is not None else []
-        return tuple(
-            f"the warm replay server (pid {server.pid}) stays up for {format_seconds(server.idle)} of idle time "
-            "so the next replay starts warm; 'flordb-build warm stop' ends it now"
-            for server in servers
-        )
-
-    def __call__(self, job: ReplayJob, progress: Progress) -> JobResult:
-        """Replay one job; errors of the script or of the setup come back in the result."""
-        started = time.perf_counter()
-        tmp = Path(tempfile.mkdtemp(prefix=f"flor-replay-{job.run.run_id[:8]}-"))
-        try:
-            with self._lock:
-                if job.run.run_id not in self._begun:
-                    self.backfill.begin_run(job.run.run_id)
-                    self._begun.add(job.run.run_id)
-            return self._execute(job, tmp, progress, started)
-        except FlorBuildError as exc:
-            return JobResult(job.run.run_id, job.worker, False, time.perf_counter() - started, error=str(exc))
-        finally:
-            if not self.keep_dirs:
-                shutil.rmtree(tmp, ignore_errors=True)
-
-    def _execute(self, job: ReplayJob, tmp: Path, progress: Progress, started: float) -> JobResult:
-        from ..snapshot import export_snapshot
-
-        run = job.run
-        tree = tmp / "tree"
-        export_snapshot(self.config.root, run.snapshot, tree)
-        script = tree / run.script
-        script.parent.mkdir(parents=True, exist_ok=True)
-        script.write_text(run.source, encoding="utf-8")
-        for path, text in run.modules.items():  # the project's other modules, with their new statements
-            (tree / path).parent.mkdir(parents=True, exist_ok=True)
-            (tree / path).write_text(text, encoding="utf-8")
-        self._link_inputs(tree)
-        result_path = tmp / "result.json"
-        read_fd, write_fd = os.pipe()
-        spec = ReplaySpec(
-            run_id=run.run_id, depth=run.depth.value, names=run.names, main_loop=run.main_loop,
-            schedule=job.schedule, device=job.device, db=str(self.config.db_path), root=str(self.config.root),
-            projid=self.config.projid, filename=run.script, task=run.task, args=run.args,
-            session=self.backfill.session, worker=job.worker,
-            result=str(result_path), progress_fd=write_fd,
-        )
-        env = self._environment(run, spec, job.device)
-        # The project's own packages import from the snapshot (an editable install points at today's tree).
-        snapshot_paths = [tree / p for p in self.import_paths]
-        child_env = with_snapshot_paths(env, tree, self.import_paths)
-        # The recorded flags first (the script's own argparse reads them), then the recorded --kwargs.
-        argv = [str(script), *run.argv, *kwargs_tokens(run.args)]
-        notes: list[str] = [self._pool_note] if self._pool_note else []
-        with open(tmp / "output.log", "wb") as output:
-            try:
-                forked, fresh_server = self._start_warm(
-                    run, spec, argv, tree, env, child_env, snapshot_paths, output.fileno(), write_fd, tmp, notes
-                )
-                warm = forked is not None
-                proc: WarmProcess | subprocess.Popen[bytes]
-                if forked is not None:
-                    proc = forked
-                else:
-                    proc = subprocess.Popen(
-                        [sys.executable, "-m", CHILD_MODULE, *argv], cwd=tree, env=child_env, stdout=output, stderr=subprocess.STDOUT,
-                        pass_fds=(write_fd,),
-                    )
-            finally:
-                os.close(write_fd)
-            reader = threading.Thread(target=_read_progress, args=(read_fd, progress), daemon=True)
-            reader.start()
-            with self._lock:
-                self._running.add(proc)
-                if self._cancelled:  # cancelled while this job was starting: it must not run on
-                    proc.kill()
-            try:
-                code = proc.wait()
-            except BaseException:
-                proc.kill()  # Ctrl-C: a warm child is in another session, so the terminal does not stop it
-                raise
-            finally:
-                with self._lock:
-                    self._running.discard(proc)
-            reader.join()
-        seconds = time.perf_counter() - started
-        outcome = json.loads(result_path.read_text(encoding="utf-8")) if result_path.exists() else None
-        imported = _read_modules(tmp / "modules.json") if warm else []
-        if warm and self.pool is not None:
-            self.pool.learn(env, imported)
-        if code == 0 and outcome is not None and outcome.get("status") == "ok":
-            self._learn_costs(run, outcome, seconds, warm, fresh_server, imported)
-        if code != 0 or outcome is None or outcome.get("status") != "ok":
-            tail = _tail(tmp / "output.log")
-            reason = (outcome or {}).get("error") or f"exit status {code}"
-            return JobResult(
-                run.run_id, job.worker, False, seconds,
-                error=f"the replayed script failed ({reason}); its last output:\n{tail}",
-                notes=tuple([*notes, *(outcome or {}).get("notes", ())]), warm=warm,
-            )
-        mismatches = self._compare(run, outcome["compare"])
-        if outcome.get("generators"):  # issue 12.9: the record's checkpoints are another trajectory now
-            mismatches = (Mismatch(run.run_id, GENERATORS, 1, 1, str(outcome["generators"])), *mismatches)
-        counters = dict(outcome["counters"])
-        if warm:
-            counters["modules_imported"] = len(imported)  # installed modules the server had not preloaded
-        return JobResult(
-            run.run_id, job.worker, True, seconds, stored=int(counters.get("stored", 0)),
-            notes=tuple([*notes, *outcome.get("notes", ())]), counters=counters, mismatches=mismatches, warm=warm,
-        )
-
-    def _start_warm(
-        self, run: RunPlan, spec: ReplaySpec, argv: list[str], tree: Path, env: dict[str, str],
-        child_env: dict[str, str], snapshot_paths: Sequence[Path], output: int, progress_fd: int, tmp: Path,
-        notes: list[str],
-    ) -> tuple[WarmProcess | None, bool]:
-        """Fork the job from a warm server: (the process, whether this job waited for the server to start).
-
-        ``env`` picks the server (it holds nothing of this job's temporary tree); the child gets
-        ``child_env`` and ``snapshot_paths`` on its ``sys.path``. ``(None, False)`` and a note when
-        the job must start a fresh interpreter instead.
-        """
-        if self.pool is None:
-            return None, False
-        # The child finds its progress descriptor in PROGRESS_FD_ENV: a free number there, not ours.
-        child_env = {**child_env, REPLAY_ENV: dataclasses.replace(spec, progress_fd=None).to_json()}
-        try:
-            server, fresh = self.pool.server_for(env, run.source)
-            process = server.run(
-                argv, tree, child_env, {1: output, 2: output}, {PROGRESS_FD_ENV: progress_fd},
-                preload=self.pool.learned(env), modules_out=tmp / "modules.json", exclude=(self.config.root,),
-                path_prepend=snapshot_paths, prepare=PREPARE,
-            )
-            return process, fresh
-        except (WarmStartError, OSError) as exc:  # a warm start is an optimisation: never fail a replay on it
-            note = f"started cold: {exc}"
-            if note not in notes:
-                notes.append(note)
-            return None, False
 
     def _learn_costs(
         self, run: RunPlan, outcome: Mapping[str, Any], seconds: float, warm: bool, fresh_server: bool,
@@ -479,61 +590,47 @@ class SubprocessExecutor:
             figures["saving"] = run.recorded_prefix - prefix
         record_costs(self.config, run.script, figures)
 
-    def _environment(self, run: RunPlan, spec: ReplaySpec, device: str) -> dict[str, str]:
-        env = replay_environment(self.config, run.run_id, run.task, device)
-        env[REPLAY_ENV] = spec.to_json()
-        return env
-
-    def _link_inputs(self, tree: Path) -> None:
-        """Symlink the inputs named by ``replay_links`` (ignored data the snapshot lacks)."""
-        for relative in self.links:
-            source = self.config.root / relative
-            target = tree / relative
-            if source.exists() and not target.exists():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.symlink_to(source, target_is_directory=source.is_dir())
-
     def _compare(self, run: RunPlan, replayed_rows: Sequence[Sequence[Any]]) -> tuple[Mismatch, ...]:
         replayed: dict[tuple[int, str], list[Any]] = {}
         for ctx, name, stored, kind in replayed_rows:
             replayed.setdefault((int(ctx), str(name)), []).append(decode_value(stored, int(kind)))
         if not replayed:
             return ()
-        recorded, describe = read_recorded(self.config, run.run_id, sorted({name for _c, name in replayed}))
+        recorded, describe = read_recorded(self.config, run.run_id, sorted({name for _c, name in replayed}), self.store)
         return compare_values(run.run_id, recorded, replayed, describe, self.rel_tol)
 
 
-def _read_modules(path: Path) -> list[str]:
-    """The modules a warm-started child reported importing (nothing when it could not say)."""
-    try:
-        names = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return []
-    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+def _snapshot_reads_store(archive: bytes) -> bool:
+    """Whether any Python file of a snapshot's tar may read the store (``_slice.reads_store``)."""
+    import io
+    import tarfile
+
+    from ._slice import reads_store
+
+    def python_files() -> Iterator[bytes]:
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            for member in tar:
+                if member.isfile() and member.name.endswith(".py"):
+                    handle = tar.extractfile(member)
+                    if handle is not None:
+                        yield handle.read()
+
+    return reads_store(python_files())
 
 
-def _read_progress(fd: int, progress: Progress) -> None:
-    with os.fdopen(fd, "rb") as pipe:
-        for line in pipe:
-            parts = line.split()
-            if len(parts) == 2:
-                progress(int(parts[0]), int(parts[1]))
+def _sources_read_store(sources: Iterable[str]) -> bool:
+    from ._slice import reads_store
 
+    return reads_store(text.encode("utf-8") for text in sources)
 
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return "(no output)"
-    return "\n".join(text.rstrip().splitlines()[-lines:]) or "(no output)"
-
-
-def replay_environment(config: Config, run_id: str, task: str | None, device: str) -> dict[str, str]:
+def replay_environment(
+    config: Config, run_id: str, task: str | None, device: str, store: Store | None = None
+) -> dict[str, str]:
     """A replay process's environment, but for its spec: ours, with the run's recorded variables."""
     env = dict(os.environ)
     for name in ("FLOR_PIPELINE_ID", "FLOR_MAKE_PIPELINE_ID"):
         env.pop(name, None)
-    for name, value in recorded_env_vars(config, run_id).items():
+    for name, value in recorded_env_vars(config, run_id, store).items():
         if name.startswith(_NOT_RESTORED_PREFIXES):
             continue
         if device != "auto" and name in ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES"):
@@ -587,32 +684,45 @@ def replay_links(config: Config) -> tuple[str, ...]:
     return config.replay_links
 
 
-def recorded_env_vars(config: Config, run_id: str) -> dict[str, str]:
-    """The environment variables recorded with the run's environment (none if unknown)."""
-    from ..environment import load_environment
-    from ..store import Store
+def recorded_env_vars(config: Config, run_id: str, store: Store | None = None) -> dict[str, str]:
+    """The environment variables recorded with the run's environment (none if unknown).
 
-    store = Store.open(config)
-    try:
-        row = store.conn.execute("SELECT env_id FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-        env = load_environment(store, row[0]) if row and row[0] else None
-    finally:
-        store.close()
+    :param store: an open store of the project to read (else one is opened for the call).
+    """
+    from ..environment import load_environment
+
+    with _opened(config, store) as opened:
+        row = opened.conn.execute("SELECT env_id FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        env = load_environment(opened, row[0]) if row and row[0] else None
     variables = (env or {}).get("env_vars") or {}
     return {str(k): str(v) for k, v in variables.items()}
 
 
+@contextlib.contextmanager
+def _opened(config: Config, store: Store | None) -> Iterator[Store]:
+    """``store``, or the project's store opened for the block."""
+    if store is not None:
+        yield store
+        return
+    from ..store import Store
+
+    opened = Store.open(config)
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
 def read_recorded(
-    config: Config, run_id: str, names: Sequence[str]
+    config: Config, run_id: str, names: Sequence[str], store: Store | None = None
 ) -> tuple[dict[tuple[int, str], list[Any]], Callable[[int], str]]:
     """Recorded values of ``names`` by (ctx, name) in log order, and a describer of contexts."""
-    from ..store import Store, loop_contexts
+    from ..store import loop_contexts
 
-    store = Store.open(config)
-    try:
+    with _opened(config, store) as opened:
         recorded: dict[tuple[int, str], list[Any]] = {}
         for name in names:
-            rows = store.conn.execute(
+            rows = opened.conn.execute(
                 "SELECT ctx_id, value, kind FROM logs WHERE run_id = ? AND name = ? AND source = 'record' ORDER BY seq",
                 (run_id, name),
             ).fetchall()
@@ -620,10 +730,8 @@ def read_recorded(
                 recorded.setdefault((int(ctx), name), []).append(decode_value(value, kind))
         loops = {
             int(ctx): (int(parent), str(loop), int(iteration))
-            for ctx, parent, loop, iteration, _value in loop_contexts(store.conn, run_id)
+            for ctx, parent, loop, iteration, _value in loop_contexts(opened.conn, run_id)
         }
-    finally:
-        store.close()
 
     def describe(ctx: int) -> str:
         parts = []
@@ -637,15 +745,6 @@ def read_recorded(
 
 
 # -- what the user sees ---------------------------------------------------------------------------
-
-
-def format_seconds(seconds: float) -> str:
-    """``0.42s``, ``12.3s``, ``4m05s``."""
-    if seconds < 10:
-        return f"{seconds:.2f}s"
-    if seconds < 120:
-        return f"{seconds:.1f}s"
-    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -741,17 +840,28 @@ class ProgressLine:
     """A one-line progress bar per run on a stream (redrawn in place on a terminal)."""
 
     def __init__(self, stream: IO[str] | None = None, width: int = 24) -> None:
+        self._lock = threading.Lock()  # the progress watcher and the driver's thread both draw
         self.stream = stream if stream is not None else sys.stderr
         self.width = width
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self._last: dict[str, int] = {}
+        self._ended: set[str] = set()
         self._started: dict[str, float] = {}
 
     def __call__(self, run: RunPlan, done: int, total: int) -> None:
-        """Draw ``run``'s progress (on a pipe: only the start and the end)."""
+        """Draw ``run``'s progress (on a pipe: only the start and the end); a terminal's line shows
+        the run that moved last, and each run's finished line stays."""
+        with self._lock:
+            self._draw(run, done, total)
+
+    def _draw(self, run: RunPlan, done: int, total: int) -> None:
         now = time.perf_counter()
         started = self._started.setdefault(run.run_id, now)
         finished = total > 0 and done >= total or total == 0 and done > 0
+        if run.run_id in self._ended:
+            return
+        if finished:
+            self._ended.add(run.run_id)
         if not self.tty and self._last.get(run.run_id) is not None and not finished:
             return
         if self._last.get(run.run_id) == done and run.run_id in self._last and not finished:

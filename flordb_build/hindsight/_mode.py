@@ -440,7 +440,10 @@ def start_replay_run(kwargs: dict[str, str]) -> ReplayRun:
     """The replay run of this process, from :data:`REPLAY_ENV` (called by ``Session.start``)."""
     spec = ReplaySpec.from_json(os.environ[REPLAY_ENV])
     root = Path(spec.root)
-    config = config_of_root(root, True, db_path=Path(spec.db), projid=spec.projid)
+    if spec.settings is not None:  # the driver's settings travel with the job (_executors.py)
+        config = Config(root=root, in_git=True, db_path=Path(spec.db), projid=spec.projid, **spec.settings)
+    else:
+        config = config_of_root(root, True, db_path=Path(spec.db), projid=spec.projid)
     store = Store.open(config)
     run = ReplayRun(config, store, spec, kwargs)
     run.begin()

@@ -170,8 +170,23 @@ class ReplayPlan:
 
     @property
     def estimate(self) -> float:
-        """Total estimated seconds, runs one after another."""
-        return sum(run.estimate for run in self.runs)
+        """Estimated seconds of the whole replay: the makespan of its jobs over ``workers`` slots.
+
+        The jobs queue in plan order and each starts on the first slot that frees up (as
+        ``run_replay`` submits them); a run's bookkeeping (its journal commit) follows its
+        slowest job. With one slot this is the sum of the runs' estimates.
+        """
+        free = [0.0] * max(1, self.workers)  # when each slot is free next
+        end = 0.0
+        for run in self.runs:
+            ends = []
+            for seconds in run.segment_estimates or (run.estimate,):
+                slot = min(range(len(free)), key=free.__getitem__)
+                free[slot] += seconds
+                ends.append(free[slot])
+            bookkeeping = max(0.0, run.estimate - max(run.segment_estimates, default=run.estimate))
+            end = max(end, max(ends) + bookkeeping)
+        return end
 
     def why_no_runs(self) -> str:
         """Why the plan replays no run: what its skipped runs say (for ``nothing replayed: ...``)."""
@@ -316,6 +331,10 @@ class ReplaySpec:
     worker: int = 0
     result: str | None = None  # where the process writes its result JSON
     progress_fd: int | None = None
+    #: ``[tool.flordb_build]`` settings of the driver's project (``Config`` field -> plain value):
+    #: the child's Config is built from them, not from a pyproject.toml it may not be able to read.
+    #: None: read ``<root>/pyproject.toml``.
+    settings: Mapping[str, Any] | None = None
 
     def to_json(self) -> str:
         """The spec as the JSON text of :data:`REPLAY_ENV`."""
@@ -327,6 +346,7 @@ class ReplaySpec:
             "root": self.root, "projid": self.projid, "filename": self.filename, "task": self.task,
             "args": dict(self.args), "session": self.session, "worker": self.worker, "result": self.result,
             "progress_fd": self.progress_fd,
+            "settings": dict(self.settings) if self.settings is not None else None,
         }
         return json.dumps(data, default=str)
 
@@ -345,5 +365,14 @@ class ReplaySpec:
             schedule=schedule, device=data["device"], db=data["db"], root=data["root"], projid=data["projid"],
             filename=data["filename"], task=data["task"], args=data["args"], session=data["session"],
             worker=int(data["worker"]),
-            result=data["result"], progress_fd=data["progress_fd"],
+            result=data["result"], progress_fd=data["progress_fd"], settings=data.get("settings"),
         )
+
+
+def format_seconds(seconds: float) -> str:
+    """``0.42s``, ``12.3s``, ``4m05s``."""
+    if seconds < 10:
+        return f"{seconds:.2f}s"
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"

@@ -175,20 +175,25 @@ def prepare_replay(
     *,
     where: str | None = None,
     task: str | None = None,
-    workers: int = 1,
+    workers: int | None = None,
     device: str = "auto",
     config: Config | None = None,
     warm: bool | None = None,
 ) -> ReplayPlan:
     """Select runs, read their versions and timings, and plan replaying ``names`` (nothing runs).
 
+    :param workers: slots the replay's jobs run in at once (all runs together), also the most
+        segments a range or validation scan is split into; None or 0: the cores this process may use.
     :param warm: whether replay processes will fork from warm servers (None: the project's setting).
 
     :raises ReplayError: unknown names or device, no matching run.
     :raises ExpressionError: an invalid ``where``.
     """
+    from ..replay_options import default_workers
     from ._plan import plan_replay
 
+    if not workers:  # None or 0 (the command line's default)
+        workers = default_workers()
     if device not in DEVICES:
         raise ReplayError(f"Unknown device '{device}'; use one of {', '.join(DEVICES)}.")
     config = config or load_config()
