@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -177,13 +178,24 @@ def run_replay_command(
     :param names: the command's positional arguments, read by :func:`read_replay_arguments`.
     :param confirm: asks "run it?"; None when nobody can answer (then ``options.yes`` is required).
     """
-    from ._execute import ProgressLine, format_placements, format_plan, format_report, run_replay
+    from ..config import load_config
+    from ..replay_options import executor_of
+    from ._execute import (
+        ProgressLine,
+        format_placements,
+        format_plan,
+        format_report,
+        make_executor,
+        run_replay,
+    )
     from ._select import prepare_replay
 
     out = out if out is not None else sys.stdout
     if not options.rel_tol >= 0:
         raise ReplayError(f"--rel-tol must be a number >= 0, got '{options.rel_tol}'.")
     warm = False if options.cold else None
+    config = load_config()
+    kind, address = executor_of(options, config)  # refuses --executor local with --address before planning
     arguments = read_replay_arguments(names, options.where)
     plan: ReplayPlan = prepare_replay(
         arguments.names, where=arguments.where, task=options.task, workers=options.workers, device=options.device,
@@ -209,10 +221,15 @@ def run_replay_command(
         if not answer:
             print("not replayed", file=out)
             return 0
-    report = run_replay(
-        plan, progress=ProgressLine(sys.stderr), rel_tol=options.rel_tol, warm=warm,
-        accept_divergent=options.accept_divergent,
-    )
+    executor = make_executor(config, plan.workers, warm, kind, address)
+    try:
+        report = run_replay(
+            plan, executor, config=config, progress=ProgressLine(sys.stderr), rel_tol=options.rel_tol, warm=warm,
+            accept_divergent=options.accept_divergent,
+        )
+    finally:
+        notes = executor.close()
+    report = dataclasses.replace(report, notes=(*report.notes, *notes))
     print(format_report(report), file=out)
     return 0 if report.ok else 1
 

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from ..config import Config, load_config
-from ..errors import FlorBuildError, WarmStartError
+from ..errors import FlorBuildError, ReplayError, WarmStartError
 from ..redaction import contains_mask
 from ..values import decode_value
 from ._backfill import Backfill, Decision, decide
@@ -132,7 +132,7 @@ def run_replay(
     config = config or load_config()
     driver = ReplayDriver(config, rel_tol=rel_tol, warm=warm)
     notes: tuple[str, ...] = ()
-    backend = executor if executor is not None else local_executor(config, plan.workers, warm)
+    backend = executor if executor is not None else make_executor(config, plan.workers, warm, *_configured(config))
     try:
         outcomes = _schedule(plan, _SubmittedJobs(driver, backend), progress, decider)  # type: ignore[arg-type]
     finally:
@@ -142,6 +142,26 @@ def run_replay(
         finally:
             driver.close()
     return ReplayReport(plan=plan, outcomes=tuple(outcomes), notes=notes)
+
+
+def _configured(config: Config) -> tuple[str, str | None]:
+    """``replay_executor`` and, for Ray, ``ray_address`` of the project."""
+    return config.replay_executor, config.ray_address if config.replay_executor == "ray" else None
+
+
+def make_executor(config: Config, slots: int, warm: bool | None, kind: str = "local", address: str | None = None) -> Executor:
+    """The backend a replay runs on: ``"local"`` (:func:`local_executor`) or ``"ray"`` (Ray tasks on
+    the cluster at ``address``, or on a local Ray started for the replay; ``_ray.py``).
+
+    :raises ReplayError: an unknown kind, Ray not installed, or its cluster unreachable.
+    """
+    if kind == "local":
+        return local_executor(config, slots, warm)
+    if kind == "ray":
+        from ._ray import RayExecutor
+
+        return RayExecutor(slots, address)
+    raise ReplayError(f"unknown replay executor '{kind}': use 'local' or 'ray'.")
 
 
 def local_executor(config: Config, slots: int, warm: bool | None) -> LocalExecutor:
