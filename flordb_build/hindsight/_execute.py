@@ -532,6 +532,11 @@ class ReplayDriver:
         )
         from ..objects import OBJECTS_DIR_NAME
 
+        objects_dir = self.config.db_path.parent / OBJECTS_DIR_NAME
+        if self.config.objects:
+            # .flor/objects caches the remote store: a worker on this machine (it links the folder
+            # where it exists) keeps what it restores there, as on a machine that never recorded.
+            objects_dir.mkdir(parents=True, exist_ok=True)
         return JobPayload(
             key=job_key(job), snapshot_sha=run.snapshot, snapshot_tar=self._tars[run.snapshot],
             gpus=1.0 if job.device == "cuda" else 0.0, spec=spec, script=run.script, sources=sources,
@@ -539,7 +544,7 @@ class ReplayDriver:
             argv=(*run.argv, *kwargs_tokens(run.args)),
             env=replay_environment(self.config, run.run_id, run.task, job.device, self.store),
             import_paths=self.import_paths, settings={},
-            objects_dir=str(self.config.db_path.parent / OBJECTS_DIR_NAME), objects_url=self.config.objects,
+            objects_dir=str(objects_dir), objects_url=self.config.objects,
             store_slice=self._slices[run.run_id], reads_store=reads,
             links=tuple((rel, str(self.config.root / rel)) for rel in self.links),
             warm=self.warm, project_root=str(self.config.root),
