@@ -29,7 +29,7 @@ from typing import Any
 
 from ..config import Config, config_of_root
 from ..expression import quote_identifier
-from ..store import Store
+from ..store import TABLES, Store
 from ._staging import ensure_staging, staged_logs, staged_loops
 
 #: Names of what a script calls to read the store (``flor.<name>`` or ``from flordb_build import
@@ -95,15 +95,12 @@ def _copy(conn: sqlite3.Connection, run_id: str, as_of: bool) -> None:
         conn.execute("CREATE TEMP TABLE slice_runs (run_id TEXT PRIMARY KEY)")
         conn.executemany("INSERT INTO temp.slice_runs VALUES (?)", [(r,) for r in visible])
         for table in _BY_RUN:
-            where = "run_id IN (SELECT run_id FROM temp.slice_runs)"
-            if table == "logs":
-                where += " AND source = 'record'"  # a replay never reads replayed values
-            _copy_table(conn, table, where, ())
+            _copy_table(conn, table, "recorded_logs" if table == "logs" else "visible_runs", ())
         if as_of and started is not None:
-            _copy_table(conn, "tasks", "ended IS NOT NULL AND ended <= ?", (started,))
-            _copy_table(conn, "files", "(pipeline_id, task) IN (SELECT pipeline_id, task FROM main.tasks)", ())
-            _copy_table(conn, "pipelines", "started <= ?", (started,))
-        _copy_table(conn, "envs", "1" if as_of else "env_id IN (SELECT env_id FROM main.runs)", ())
+            _copy_table(conn, "tasks", "ended_before", (started,))
+            _copy_table(conn, "files", "of_copied_tasks", ())
+            _copy_table(conn, "pipelines", "started_before", (started,))
+        _copy_table(conn, "envs", "all" if as_of else "of_copied_runs", ())
         conn.execute("DROP TABLE temp.slice_runs")
         conn.execute("COMMIT")
     except BaseException:
@@ -111,15 +108,30 @@ def _copy(conn: sqlite3.Connection, run_id: str, as_of: bool) -> None:
         raise
 
 
-def _copy_table(conn: sqlite3.Connection, table: str, where: str, params: Sequence[Any]) -> None:
-    """Copy ``project.<table>`` rows matching ``where`` (constant SQL of this module) into the slice."""
+#: The row filters of the copies, constant SQL (values are bound): a filter is named, never passed in.
+_FILTERS = {
+    "visible_runs": "run_id IN (SELECT run_id FROM temp.slice_runs)",
+    "recorded_logs": "run_id IN (SELECT run_id FROM temp.slice_runs) AND source = 'record'",  # never replayed values
+    "ended_before": "ended IS NOT NULL AND ended <= ?",
+    "of_copied_tasks": "(pipeline_id, task) IN (SELECT pipeline_id, task FROM main.tasks)",
+    "started_before": "started <= ?",
+    "of_copied_runs": "env_id IN (SELECT env_id FROM main.runs)",
+    "all": "1",
+}
+
+
+def _copy_table(conn: sqlite3.Connection, table: str, row_filter: str, params: Sequence[Any]) -> None:
+    """Copy the ``project.<table>`` rows that the named ``row_filter`` (:data:`_FILTERS`) keeps into the slice."""
+    if table not in TABLES:
+        raise ValueError(f"'{table}' is not a table of the store")
+    where = _FILTERS[row_filter]
     mine = [r[1] for r in conn.execute(f"PRAGMA main.table_info({quote_identifier(table)})")]
     theirs = {r[1] for r in conn.execute(f"PRAGMA project.table_info({quote_identifier(table)})")}
     columns = ", ".join(quote_identifier(c) for c in mine if c in theirs)
     if not columns:
         return
     name = quote_identifier(table)
-    # Identifiers quoted (table and column names of our own schema); ``where`` is this module's constant SQL.
+    # Identifiers validated (a table of store.TABLES) and quoted; ``where`` is one of this module's constants.
     statement = f"INSERT OR REPLACE INTO main.{name} ({columns}) SELECT {columns} FROM project.{name} WHERE {where}"  # noqa: S608
     conn.execute(statement, params)
 
