@@ -688,15 +688,6 @@ def project_import_paths(root: Path) -> list[Path]:
     return found
 
 
-def with_snapshot_paths(env: Mapping[str, str], tree: Path, paths: Sequence[Path]) -> dict[str, str]:
-    """``env`` with the snapshot's counterparts of ``paths`` first on ``PYTHONPATH``."""
-    mapped = [str(tree / p) for p in paths]
-    if not mapped:
-        return dict(env)
-    existing = [e for e in env.get("PYTHONPATH", "").split(os.pathsep) if e]
-    return {**env, "PYTHONPATH": os.pathsep.join([*mapped, *existing])}
-
-
 def kwargs_tokens(args: Mapping[str, Any]) -> list[str]:
     """``--kwargs name=value ...`` reproducing the recorded args (JSON for non-strings)."""
     if not args:
