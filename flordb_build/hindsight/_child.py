@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import os
 import runpy
+import signal
 import sys
+import threading
+import time
 from collections.abc import Sequence
 
 from ..errors import ReplayError
@@ -23,6 +26,8 @@ from ..replaying import REPLAY_ENV
 MODULE = "flordb_build.hindsight._child"
 #: What a warm server calls in its forked child before it runs the script (``module:function``).
 PREPARE = f"{MODULE}:install_replay_mode"
+#: How often the child looks whether the process that started it is still there.
+PARENT_POLL_SECONDS = 0.1
 
 
 def install_replay_mode() -> None:
@@ -48,9 +53,49 @@ def run_as_main(argv: Sequence[str]) -> None:
     runpy.run_path(script, run_name="__main__")
 
 
+def end_with_parent() -> None:
+    """End this process's group (the script and all it started) when this process or the one that
+    started it dies, however it dies.
+
+    The job that starts a replay child (``_executors.run_job``, in a session of its own, so that
+    the group is the replay's processes and nothing else) may die without running a line of
+    Python: a Ray worker killed by a forced cancel, by its driver's death or with its node.
+    Ray then SIGKILLs the worker's direct children (this process), but not what the script
+    started (a data loader, a server): they would run on, holding a GPU, for a replay whose
+    reply nobody reads. So, in the group:
+
+    - a guard process, forked here before the script runs, waits for this process to die
+      (it is reparented: ``getppid`` changes) and kills the group, itself last;
+    - a thread here waits for the parent to die and kills the group (a parent that dies alone).
+
+    Polling ``getppid``, not ``PR_SET_PDEATHSIG`` (Linux-only; it fires when the parent *thread*
+    ends) nor a pipe (a process the script forks would hold its end open).
+    """
+    if not hasattr(os, "fork") or os.getpgrp() != os.getpid():
+        return  # the group is our parent's (not started by a job): not ours to end
+    child = os.getpid()
+    if os.fork() == 0:  # the guard: before any thread starts here, so the fork is safe
+        try:
+            os.closerange(0, os.sysconf("SC_OPEN_MAX"))  # hold no pipe of the job open
+            while os.getppid() == child:
+                time.sleep(PARENT_POLL_SECONDS)
+            os.killpg(child, signal.SIGKILL)
+        finally:
+            os._exit(0)
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_SECONDS)
+        os.killpg(child, signal.SIGKILL)
+
+    threading.Thread(target=watch, name="flor-replay-parent-watch", daemon=True).start()
+
+
 def main() -> None:
     if len(sys.argv) < 2:
         raise SystemExit("usage: python -m flordb_build.hindsight._child SCRIPT [ARG ...]")
+    end_with_parent()
     install_replay_mode()
     run_as_main(sys.argv[1:])
 

@@ -1,0 +1,268 @@
+"""Faults of REAL replays on a real 4-node Ray cluster, run by tests/test_replay_ray_faults.py.
+
+Run inside a loopback-only network and PID namespace (the test starts it under ``unshare``), so a
+/proc scan sees every process of every node:
+
+    python -m tests.ray_replay_scenario PROJECT RUNS.json OUT.json
+
+PROJECT holds recorded runs of tests/test_replay_ray_faults.py's script, today's version logging
+``x``; RUNS.json maps each run id to its seed. One cluster (the slow part) serves every phase, in
+this order (the node loss last: it leaves 3 nodes)::
+
+    sigint      seeds 0, 1 finish, the others wait at their gate; SIGINT to the driver
+    sigkill     every seed waits at its gate; SIGKILL to the driver
+    minus_nine  seed 3 waits at its gate and its replay child is killed with -9
+    node_loss   every seed waits at its gate; the node running one of them is removed, the gates
+                open: the replay completes (a re-run after the faults above)
+
+Each phase runs ``flordb-build replay x --executor ray --address <cluster>`` as a user would,
+and reports what it saw; the test asserts. Every wait waits on a condition, with a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from flordb_build.values import decode_value
+from tests.ray_scenario import node_args, wait_until
+
+#: Every replay process (the ``_child`` and what the script started) has the replay spec here.
+REPLAY_ENV = b"FLOR_REPLAY="
+CHILD_MODULE = b"flordb_build.hindsight._child"
+#: The argv word of the process the recorded script starts (it must die with the replay child).
+GRANDCHILD_MARKER = "flordb-fault-grandchild"
+GONE_WITHIN_SECONDS = 5.0
+
+
+def _read(pid: str, name: str) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/{name}").read_bytes()
+    except OSError:
+        return b""
+
+
+def _state_and_ppid(pid: str) -> tuple[str, int]:
+    fields = _read(pid, "stat").rsplit(b")", 1)[-1].split()
+    return (fields[0].decode(), int(fields[1])) if len(fields) > 1 else ("?", 0)
+
+
+def replay_processes() -> dict[int, list[str]]:
+    """Live processes of replays: pid -> argv (the children, and every process they started)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        argv = _read(entry, "cmdline").split(b"\0")
+        state, _ppid = _state_and_ppid(entry)
+        if state in ("Z", "X", "?"):
+            continue
+        if REPLAY_ENV in _read(entry, "environ") or GRANDCHILD_MARKER.encode() in argv:
+            found[int(entry)] = [word.decode(errors="replace") for word in argv if word]
+    return found
+
+
+def replay_children() -> dict[int, int]:
+    """The replay children (``python -m ..._child``) alive: pid -> the seed it replays.
+
+    Not their guards (``_child.end_with_parent``): forked, they have the same argv, and a child as parent.
+    """
+    found = {pid: argv for pid, argv in replay_processes().items() if CHILD_MODULE.decode() in argv}
+    children = {}
+    for pid, argv in found.items():
+        if _state_and_ppid(str(pid))[1] not in found:
+            seeds = [word.split("=", 1)[1] for word in argv if word.startswith("seed=")]
+            children[pid] = int(seeds[0]) if seeds else -1
+    return children
+
+
+def grandchildren() -> list[int]:
+    return [pid for pid, argv in replay_processes().items() if GRANDCHILD_MARKER in argv]
+
+
+def ancestors(pid: int) -> list[int]:
+    chain = []
+    while pid > 1 and len(chain) < 32:
+        _state, pid = _state_and_ppid(str(pid))
+        chain.append(pid)
+    return chain
+
+
+def stored_x(project: Path, seeds: dict[str, int]) -> dict[int, list[Any]]:
+    """seed -> every x value in the store's logs (the values readers see), in seq order."""
+    conn = sqlite3.connect(project / ".flor" / "flor.db", timeout=30)
+    try:
+        rows = conn.execute("SELECT run_id, value, kind FROM logs WHERE name = 'x' ORDER BY run_id, seq").fetchall()
+        staged = conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'replay_staged_logs'").fetchone()[0]
+        staged_rows = conn.execute("SELECT count(*) FROM replay_staged_logs").fetchone()[0] if staged else 0
+    finally:
+        conn.close()
+    found: dict[int, list[Any]] = {}
+    for run_id, value, kind in rows:
+        found.setdefault(seeds[run_id], []).append(decode_value(value, kind))
+    found[-1] = [staged_rows]  # not a seed: the rows left in the staging tables
+    return found
+
+
+class Phase:
+    """One ``flordb-build replay x`` against the cluster, with its gates."""
+
+    def __init__(self, project: Path, address: str, gates: Path, name: str, gated: list[int]) -> None:
+        self.gate = gates / f"gate-{name}"
+        env = {**os.environ, "FLOR_TEST_GATE": str(self.gate), "FLOR_TEST_GATED": ",".join(map(str, gated))}
+        argv = [sys.executable, "-m", "flordb_build", "replay", "x", "--yes", "--executor", "ray",
+                "--address", address, "--workers", "4"]
+        self.started = time.monotonic()
+        self.driver = subprocess.Popen(argv, cwd=project, env=env, stdin=subprocess.DEVNULL,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def open_gate(self) -> None:
+        self.gate.touch()
+
+    def wait_for(self, condition: Callable[[], bool], timeout: float = 120) -> float | None:
+        """Seconds until ``condition`` held while the driver still ran; None when it did not."""
+        wait_until(lambda: self.driver.poll() is not None or condition(), timeout)
+        if self.driver.poll() is not None or not condition():
+            return None
+        return time.monotonic() - self.started
+
+    def signal_and_watch(self, signum: int) -> dict[str, Any]:
+        """Send ``signum`` to the driver: how soon every replay process was gone, what was left."""
+        before = replay_processes()
+        signalled = time.monotonic()
+        self.driver.send_signal(signum)
+        gone = wait_until(lambda: not replay_processes(), GONE_WITHIN_SECONDS)
+        left = replay_processes()
+        out, err = self.driver.communicate(timeout=120)
+        return {"before": len(before), "before_grandchildren": sum(GRANDCHILD_MARKER in a for a in before.values()),
+                "gone_s": gone, "left_after_5s": {str(k): v for k, v in left.items()},
+                "signalled_after_s": signalled - self.started,
+                "driver_exit": self.driver.returncode, "stdout": out[-3000:], "stderr": err[-3000:]}
+
+    def finish(self, timeout: float = 240) -> dict[str, Any]:
+        out, err = self.driver.communicate(timeout=timeout)
+        return {"driver_exit": self.driver.returncode, "stdout": out[-4000:], "stderr": err[-3000:],
+                "seconds": time.monotonic() - self.started}
+
+
+def phase_interrupted(project: Path, address: str, gates: Path, seeds: dict[str, int], signum: int,
+                      name: str, gated: list[int]) -> dict[str, Any]:
+    """Replay with ``gated`` seeds held at their gate; ``signum`` once 4 replay children run (and the
+    ungated runs are in the store)."""
+    phase = Phase(project, address, gates, name, gated)
+    finished = [seed for seed in seeds.values() if seed not in gated]
+
+    def ready() -> bool:
+        stored = stored_x(project, seeds)
+        return (len(replay_children()) >= 4 and len(grandchildren()) >= 4
+                and all(len(stored.get(seed, [])) == 1 for seed in finished))
+
+    ready_after = phase.wait_for(ready)
+    result = {"ready_after_s": ready_after, "children_at_signal": sorted(replay_children().values())}
+    if ready_after is None:
+        phase.driver.kill()
+        return {**result, **phase.finish(), "error": "the replay never reached the point to interrupt it at"}
+    result.update(phase.signal_and_watch(signum))
+    # Past the 5 s (for the report, and so that the next phase starts clean): how long they lived.
+    result["lived_s"] = wait_until(lambda: not replay_processes(), 30)
+    phase.open_gate()
+    result["stored_after"] = stored_x(project, seeds)
+    return result
+
+
+def phase_minus_nine(project: Path, address: str, gates: Path, seeds: dict[str, int]) -> dict[str, Any]:
+    """Seed 3 waits at its gate; its replay child is SIGKILLed; the others run to the end."""
+    phase = Phase(project, address, gates, "minus-nine", [3])
+    ready_after = phase.wait_for(lambda: 3 in replay_children().values() and len(grandchildren()) >= 1)
+    result: dict[str, Any] = {"ready_after_s": ready_after}
+    if ready_after is None:
+        phase.driver.kill()
+        return {**result, **phase.finish(), "error": "seed 3's replay child never ran"}
+    victim = next(pid for pid, seed in replay_children().items() if seed == 3)
+    os.kill(victim, signal.SIGKILL)
+    result.update(phase.finish())
+    # What the killed child had started dies with its job, not only when the gate opens.
+    result["grandchildren_gone_s"] = wait_until(lambda: not grandchildren(), GONE_WITHIN_SECONDS)
+    phase.open_gate()
+    result["stored_after"] = stored_x(project, seeds)
+    return result
+
+
+def phase_node_loss(project: Path, address: str, gates: Path, seeds: dict[str, int], cluster: Any,
+                    victim: Any) -> dict[str, Any]:
+    """Every seed waits at its gate; once the victim node runs one, it is removed and the gates open."""
+    raylet = victim.all_processes["raylet"][0].process.pid
+    phase = Phase(project, address, gates, "node-loss", sorted(seeds.values()))
+
+    def on_victim() -> dict[int, int]:
+        return {pid: seed for pid, seed in replay_children().items() if raylet in ancestors(pid)}
+
+    ready_after = phase.wait_for(lambda: len(replay_children()) >= 4 and bool(on_victim()))
+    doomed = on_victim()
+    result: dict[str, Any] = {"ready_after_s": ready_after, "seeds_on_victim": sorted(doomed.values()),
+                              "children_at_removal": len(replay_children())}
+    if ready_after is None:
+        phase.driver.kill()
+        return {**result, **phase.finish(), "error": "the victim node never ran a replay job"}
+    cluster.remove_node(victim, allow_graceful=False)
+    # The replay children of the dead node die with it (their worker is gone) ...
+    result["victim_children_gone_s"] = wait_until(
+        lambda: not set(doomed) & set(replay_children()), GONE_WITHIN_SECONDS)
+    phase.open_gate()  # ... and their runs, retried on the other nodes, pass the gate there
+    result.update(phase.finish())
+    result["stored_after"] = stored_x(project, seeds)
+    result["left_after"] = len(replay_processes())
+    return result
+
+
+def run(project: Path, runs_file: Path, out: Path) -> int:
+    from ray.cluster_utils import Cluster
+
+    # A background job's children start with SIGINT ignored (tests/conftest.py): the driver must hear it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    seeds: dict[str, int] = json.loads(runs_file.read_text())
+    temp_dir = tempfile.mkdtemp(prefix="frf-", dir="/tmp")  # short: Ray's socket paths have a limit
+    gates = Path(tempfile.mkdtemp(prefix="frf-gates-", dir="/tmp"))
+    result: dict[str, Any] = {"seeds": seeds}
+    started = time.monotonic()
+    cluster = Cluster(initialize_head=True, head_node_args=node_args(temp_dir))
+    try:
+        workers = [cluster.add_node(wait=False, **node_args(temp_dir, num_gpus=1 if i < 2 else 0)) for i in range(3)]
+        cluster.wait_for_nodes()
+        result["cluster_start_s"] = time.monotonic() - started
+        address = cluster.address
+        timed: dict[str, float] = {}
+        for name, phase in (
+            ("sigint", lambda: phase_interrupted(project, address, gates, seeds, signal.SIGINT, "sigint",
+                                                 [s for s in seeds.values() if s >= 2])),
+            ("sigkill", lambda: phase_interrupted(project, address, gates, seeds, signal.SIGKILL, "sigkill",
+                                                  sorted(seeds.values()))),
+            ("minus_nine", lambda: phase_minus_nine(project, address, gates, seeds)),
+            ("node_loss", lambda: phase_node_loss(project, address, gates, seeds, cluster, workers[2])),
+        ):
+            began = time.monotonic()
+            result[name] = phase()
+            timed[name] = time.monotonic() - began
+        result["seconds"] = timed
+    finally:
+        for gate in ("sigint", "sigkill", "minus-nine", "node-loss"):
+            (gates / f"gate-{gate}").touch()  # nothing left waits at a gate
+        cluster.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        shutil.rmtree(gates, ignore_errors=True)
+        out.write_text(json.dumps(result, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])))
