@@ -137,9 +137,9 @@ def test_a_driver_interrupted_or_killed_leaves_no_replay_process_on_any_node(
     faults: dict[str, Any], scenario: str
 ) -> None:
     part = _phase(faults, scenario)
-    # Four replays were running on the four nodes: each a replay child, its guard and a process it started.
-    assert part["children_at_signal"] and len(part["children_at_signal"]) == 4, part
-    assert part["before"] >= 12 and part["before_grandchildren"] >= 4, part
+    # Four replays were running on the four nodes: each a replay child and a process it started.
+    assert len(part["children_at_signal"]) == 4, part
+    assert part["before"] >= 8 and part["before_grandchildren"] >= 4, part
     assert part["gone_s"] is not None and part["left_after_5s"] == {}, part
     assert part["driver_exit"] == (130 if scenario == "sigint" else -9), part["stderr"]
 
