@@ -14,6 +14,7 @@ this order (the node loss last: it leaves 3 nodes)::
     minus_nine  seed 3 waits at its gate and its replay child is killed with -9
     node_loss   every seed waits at its gate; the node running one of them is removed, the gates
                 open: the replay completes (a re-run after the faults above)
+    gpu         ``replay gpu --device cuda``: every job on a node that declares a GPU
 
 Each phase runs ``flordb-build replay x --executor ray --address <cluster>`` as a user would,
 and reports what it saw; the test asserts. Every wait waits on a condition, with a deadline.
@@ -98,11 +99,12 @@ def ancestors(pid: int) -> list[int]:
     return chain
 
 
-def stored_x(project: Path, seeds: dict[str, int]) -> dict[int, list[Any]]:
-    """seed -> every x value in the store's logs (the values readers see), in seq order."""
+def stored_x(project: Path, seeds: dict[str, int], name: str = "x") -> dict[int, list[Any]]:
+    """seed -> every value of ``name`` in the store's logs (the values readers see), in seq order."""
     conn = sqlite3.connect(project / ".flor" / "flor.db", timeout=30)
     try:
-        rows = conn.execute("SELECT run_id, value, kind FROM logs WHERE name = 'x' ORDER BY run_id, seq").fetchall()
+        rows = conn.execute("SELECT run_id, value, kind FROM logs WHERE name = ? ORDER BY run_id, seq",
+                            (name,)).fetchall()
         staged = conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'replay_staged_logs'").fetchone()[0]
         staged_rows = conn.execute("SELECT count(*) FROM replay_staged_logs").fetchone()[0] if staged else 0
     finally:
@@ -117,10 +119,11 @@ def stored_x(project: Path, seeds: dict[str, int]) -> dict[int, list[Any]]:
 class Phase:
     """One ``flordb-build replay x`` against the cluster, with its gates."""
 
-    def __init__(self, project: Path, address: str, gates: Path, name: str, gated: list[int]) -> None:
+    def __init__(self, project: Path, address: str, gates: Path, name: str, gated: list[int],
+                 replay: tuple[str, ...] = ("x",)) -> None:
         self.gate = gates / f"gate-{name}"
         env = {**os.environ, "FLOR_TEST_GATE": str(self.gate), "FLOR_TEST_GATED": ",".join(map(str, gated))}
-        argv = [sys.executable, "-m", "flordb_build", "replay", "x", "--yes", "--executor", "ray",
+        argv = [sys.executable, "-m", "flordb_build", "replay", *replay, "--yes", "--executor", "ray",
                 "--address", address, "--workers", "4"]
         self.started = time.monotonic()
         self.driver = subprocess.Popen(argv, cwd=project, env=env, stdin=subprocess.DEVNULL,
@@ -225,6 +228,15 @@ def phase_node_loss(project: Path, address: str, gates: Path, seeds: dict[str, i
     return result
 
 
+def phase_gpu(project: Path, address: str, gates: Path, seeds: dict[str, int]) -> dict[str, Any]:
+    """``--device cuda``: each job asks for a GPU, so it runs on a node that declares one and sees
+    it in ``CUDA_VISIBLE_DEVICES`` (which today's script logs as ``gpu``); no real GPU is needed."""
+    phase = Phase(project, address, gates, "gpu", [], replay=("gpu", "--device", "cuda"))
+    result = phase.finish()
+    result["stored_after"] = stored_x(project, seeds, "gpu")
+    return result
+
+
 def run(project: Path, runs_file: Path, out: Path) -> int:
     from ray.cluster_utils import Cluster
 
@@ -249,6 +261,7 @@ def run(project: Path, runs_file: Path, out: Path) -> int:
                                                   sorted(seeds.values()))),
             ("minus_nine", lambda: phase_minus_nine(project, address, gates, seeds)),
             ("node_loss", lambda: phase_node_loss(project, address, gates, seeds, cluster, workers[2])),
+            ("gpu", lambda: phase_gpu(project, address, gates, seeds)),
         ):
             began = time.monotonic()
             result[name] = phase()

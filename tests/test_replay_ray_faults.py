@@ -61,7 +61,7 @@ if str(seed) in os.environ.get("FLOR_TEST_GATED", "").split(","):
 %s
 flor.log("done", 1)
 """
-TODAY = 'flor.log("x", state["w"] * 10)'
+TODAY = 'flor.log("x", state["w"] * 10)\nflor.log("gpu", os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>"))'
 
 
 def expected_x(seed: int) -> int:
@@ -183,3 +183,13 @@ def test_a_node_lost_mid_replay_has_its_runs_retried_and_the_replay_completes(fa
     }
     assert stored[-1] == [0]  # no staged row of any session is left behind
     assert part["left_after"] == 0
+
+
+def test_jobs_of_a_cuda_replay_run_on_the_nodes_that_declare_a_gpu(faults: dict[str, Any]) -> None:
+    part = _phase(faults, "gpu")
+    assert part["driver_exit"] == 0, part["stdout"] + part["stderr"]
+    # Each job was given its node's one GPU (Ray sets CUDA_VISIBLE_DEVICES only where a job asked
+    # for a GPU and the node has one): the value the replayed script saw, written once per run.
+    assert {seed: values for seed, values in _stored(part).items() if seed >= 0} == {
+        seed: ["0"] for seed in range(RUNS)
+    }

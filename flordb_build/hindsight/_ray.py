@@ -140,12 +140,27 @@ def _worker_kwargs(setup: WorkerSetup | None) -> Mapping[str, Any]:
     return _WORKER_STATE[name]
 
 
+def _with_assigned_gpus(payload: Any) -> Any:
+    """The payload with the GPUs Ray gave this task in the environment its child gets.
+
+    Ray sets ``CUDA_VISIBLE_DEVICES`` in the worker's own environment for the task, but the job's
+    child is started with the payload's ``env``, made on the driver, which cannot know the
+    assignment: without this a ``--device cuda`` replay saw every GPU of its node (or the driver's
+    setting) and the jobs of a node all ran on its first GPU. Jobs that asked for none keep theirs.
+    """
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    env = getattr(payload, "env", None)
+    if payload.gpus <= 0 or visible is None or env is None:
+        return payload
+    return dataclasses.replace(payload, env={**env, "CUDA_VISIBLE_DEVICES": visible})
+
+
 def _run_on_worker(
     job_function: JobFunction, setup: WorkerSetup | None, payload: Any, snapshot_tar: bytes, board: Any
 ) -> Any:
     """The remote task's body: the payload with its tar back in, run by the job function."""
     kwargs = _worker_kwargs(setup)
-    payload = dataclasses.replace(payload, snapshot_tar=snapshot_tar)
+    payload = _with_assigned_gpus(dataclasses.replace(payload, snapshot_tar=snapshot_tar))
     key = payload.key
     last = [0.0]
 
