@@ -71,7 +71,8 @@ REPLAY_OPTIONS: tuple[dict[str, Any], ...] = (
      "help": "replay processes running at once, across all selected runs; range and validation scans are also "
              "split into up to N segments (default 0: the number of cores this process may use)"},
     {"name": "device", "long": "device", "type": str, "default": "auto", "metavar": "D", "choices": DEVICES,
-     "help": "where to replay: auto, cpu or cuda (default auto: cuda if torch sees one)"},
+     "help": "where to replay: auto, cpu or cuda (default auto: cuda if torch sees one; on --executor ray "
+             "a job sees only the GPU Ray gave it, so auto runs on the CPU there: ask for cuda)"},
     {"name": "executor", "long": "executor", "type": str, "default": None, "metavar": "E", "choices": EXECUTORS,
      "help": "where replay jobs run: local (a process pool) or ray (Ray tasks across machines and GPUs); "
              "default: replay_executor in [tool.flordb_build], else local"},

@@ -14,6 +14,8 @@ this order (the node loss last: it leaves 3 nodes)::
     minus_nine  seed 3 waits at its gate and its replay child is killed with -9
     node_loss   every seed waits at its gate; the node running one of them is removed, the gates
                 open: the replay completes (a re-run after the faults above)
+    gpu_auto    ``replay visible --where 'seed >= 3'`` (``--device auto``): seeds 3-5 wait at their gate
+                until the 2 nodes that declare a GPU run one each; none of them sees a GPU
     gpu         ``replay gpu --device cuda``: every job on a node that declares a GPU
 
 Each phase runs ``flordb-build replay x --executor ray --address <cluster>`` as a user would,
@@ -44,6 +46,8 @@ CHILD_MODULE = b"flordb_build.hindsight._child"
 #: The argv word of the process the recorded script starts (it must die with the replay child).
 GRANDCHILD_MARKER = "flordb-fault-grandchild"
 GONE_WITHIN_SECONDS = 5.0
+#: The runs the gpu_auto phase replays (one per node the node loss leaves).
+AUTO_SEEDS = [3, 4, 5]
 
 
 def _read(pid: str, name: str) -> bytes:
@@ -228,6 +232,29 @@ def phase_node_loss(project: Path, address: str, gates: Path, seeds: dict[str, i
     return result
 
 
+def phase_gpu_auto(project: Path, address: str, gates: Path, seeds: dict[str, int],
+                   gpu_nodes: list[Any]) -> dict[str, Any]:
+    """``--device auto``: jobs that ask Ray for no GPU, held until the nodes that declare one run
+    some; the ``CUDA_VISIBLE_DEVICES`` each saw (today's script logs it as ``visible``)."""
+    raylets = {node.all_processes["raylet"][0].process.pid for node in gpu_nodes}
+    # Three runs, one per node left: one wave, and both nodes that declare a GPU run one.
+    phase = Phase(project, address, gates, "gpu-auto", AUTO_SEEDS,
+                  replay=("visible", "--where", f"seed >= {min(AUTO_SEEDS)}"))
+
+    def on_gpu_nodes() -> list[int]:
+        return sorted(seed for pid, seed in replay_children().items() if raylets & set(ancestors(pid)))
+
+    ready_after = phase.wait_for(lambda: len(on_gpu_nodes()) >= len(gpu_nodes))
+    result: dict[str, Any] = {"ready_after_s": ready_after, "seeds_on_gpu_nodes": on_gpu_nodes()}
+    phase.open_gate()
+    if ready_after is None:
+        phase.driver.kill()
+        return {**result, **phase.finish(), "error": "no --device auto job ran on a node that declares a GPU"}
+    result.update(phase.finish())
+    result["stored_after"] = stored_x(project, seeds, "visible")
+    return result
+
+
 def phase_gpu(project: Path, address: str, gates: Path, seeds: dict[str, int]) -> dict[str, Any]:
     """``--device cuda``: each job asks for a GPU, so it runs on a node that declares one and sees
     it in ``CUDA_VISIBLE_DEVICES`` (which today's script logs as ``gpu``); no real GPU is needed."""
@@ -261,6 +288,7 @@ def run(project: Path, runs_file: Path, out: Path) -> int:
                                                   sorted(seeds.values()))),
             ("minus_nine", lambda: phase_minus_nine(project, address, gates, seeds)),
             ("node_loss", lambda: phase_node_loss(project, address, gates, seeds, cluster, workers[2])),
+            ("gpu_auto", lambda: phase_gpu_auto(project, address, gates, seeds, workers[:2])),
             ("gpu", lambda: phase_gpu(project, address, gates, seeds)),
         ):
             began = time.monotonic()
@@ -268,7 +296,7 @@ def run(project: Path, runs_file: Path, out: Path) -> int:
             timed[name] = time.monotonic() - began
         result["seconds"] = timed
     finally:
-        for gate in ("sigint", "sigkill", "minus-nine", "node-loss"):
+        for gate in ("sigint", "sigkill", "minus-nine", "node-loss", "gpu-auto"):
             (gates / f"gate-{gate}").touch()  # nothing left waits at a gate
         cluster.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -45,3 +45,19 @@ def test_a_job_function_path_that_does_not_resolve_names_it() -> None:
         resolve_import_path("os.path:nope")
     with pytest.raises(ReplayError, match="'no_such_module_xyz:run'"):
         resolve_import_path("no_such_module_xyz:run")
+
+
+def test_a_ray_job_sees_only_the_gpus_it_asked_ray_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The env a job's child gets on a Ray worker: ``_with_assigned_gpus`` (the real function the
+    remote task applies); the 4-node cluster scenario checks the same with real replays."""
+    from flordb_build.hindsight._executors import JobPayload
+    from flordb_build.hindsight._ray import _with_assigned_gpus
+
+    # What the driver put in the payload (its own or the recorded value), and what Ray set on the worker.
+    driver_env = {"CUDA_VISIBLE_DEVICES": "0,1,2,3", "PATH": "/bin"}
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2")
+    cpu_job = _with_assigned_gpus(JobPayload(key="a", snapshot_sha="s", snapshot_tar=b"", gpus=0.0, env=driver_env))
+    gpu_job = _with_assigned_gpus(JobPayload(key="b", snapshot_sha="s", snapshot_tar=b"", gpus=1.0, env=driver_env))
+    # No GPU asked for: none visible (a --device auto replay then runs on the CPU), not the driver's four.
+    assert cpu_job.env == {"CUDA_VISIBLE_DEVICES": "", "PATH": "/bin"}
+    assert gpu_job.env == {"CUDA_VISIBLE_DEVICES": "2", "PATH": "/bin"}

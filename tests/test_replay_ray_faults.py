@@ -61,7 +61,11 @@ if str(seed) in os.environ.get("FLOR_TEST_GATED", "").split(","):
 %s
 flor.log("done", 1)
 """
-TODAY = 'flor.log("x", state["w"] * 10)\nflor.log("gpu", os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>"))'
+TODAY = """flor.log("x", state["w"] * 10)
+flor.log("gpu", os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>"))
+flor.log("visible", os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>"))"""
+#: What the report says once when --device auto jobs ran on a cluster whose nodes declare GPUs.
+AUTO_NOTE = "ask for --device cuda to use them"
 
 
 def expected_x(seed: int) -> int:
@@ -193,3 +197,16 @@ def test_jobs_of_a_cuda_replay_run_on_the_nodes_that_declare_a_gpu(faults: dict[
     assert {seed: values for seed, values in _stored(part).items() if seed >= 0} == {
         seed: ["0"] for seed in range(RUNS)
     }
+    assert AUTO_NOTE not in part["stdout"], part["stdout"]
+
+
+def test_a_device_auto_job_on_a_node_that_declares_a_gpu_sees_none_and_the_report_says_why(
+    faults: dict[str, Any],
+) -> None:
+    part = _phase(faults, "gpu_auto")
+    assert part["driver_exit"] == 0, part["stdout"] + part["stderr"]
+    # Both nodes that declare a GPU ran --device auto jobs at once: none reserved a GPU there, so
+    # none may use one (it kept the driver's unset value before: "<unset>").
+    assert len(part["seeds_on_gpu_nodes"]) == 2, part
+    assert {seed: values for seed, values in _stored(part).items() if seed >= 0} == {3: [""], 4: [""], 5: [""]}
+    assert part["stdout"].count(AUTO_NOTE) == 1, part["stdout"]

@@ -146,11 +146,18 @@ def _with_assigned_gpus(payload: Any) -> Any:
     Ray sets ``CUDA_VISIBLE_DEVICES`` in the worker's own environment for the task, but the job's
     child is started with the payload's ``env``, made on the driver, which cannot know the
     assignment: without this a ``--device cuda`` replay saw every GPU of its node (or the driver's
-    setting) and the jobs of a node all ran on its first GPU. Jobs that asked for none keep theirs.
+    setting) and the jobs of a node all ran on its first GPU. A job that asked for none sees none
+    (empty: ``--device auto`` then answers cpu): it kept the driver's or the recorded value, so on a
+    node with GPUs it used one nobody reserved, beside the jobs Ray gave it to. The local executor
+    does not come here: on one machine a job keeps the user's GPUs.
     """
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     env = getattr(payload, "env", None)
-    if payload.gpus <= 0 or visible is None or env is None:
+    if env is None:
+        return payload
+    if payload.gpus <= 0:
+        return dataclasses.replace(payload, env={**env, "CUDA_VISIBLE_DEVICES": ""})
+    if visible is None:
         return payload
     return dataclasses.replace(payload, env={**env, "CUDA_VISIBLE_DEVICES": visible})
 
@@ -209,7 +216,11 @@ class RayExecutor:
         self._worker_setup = resolve_import_path(worker_setup) if isinstance(worker_setup, str) else worker_setup
         self._owns_connection = False
         self._connect(address, slots)
-        cpus = int(self._ray.cluster_resources().get("CPU", 1))
+        resources = self._ray.cluster_resources()
+        cpus = int(resources.get("CPU", 1))
+        #: GPUs the cluster's nodes declare, and the --device auto jobs sent to it (which see none).
+        self._declared_gpus = int(resources.get("GPU", 0))
+        self._auto_jobs = 0
         self.slots: int = slots if slots is not None else max(1, cpus)
         # num_cpus=0: the board must never take the CPU a job is waiting for; on the driver's node,
         # so losing another node never loses the progress of the jobs still running.
@@ -277,6 +288,8 @@ class RayExecutor:
             name=f"flordb-build replay {payload.key}",
         ).remote(job_function, self._worker_setup, light, blob, self._board)
         self._pending[ref] = payload.key
+        if payload.gpus <= 0 and getattr(getattr(payload, "spec", None), "device", None) == "auto":
+            self._auto_jobs += 1
 
     def completed(self) -> Iterator[Any]:
         """Each job's reply as its job ends; ends when every submitted job has replied."""
@@ -338,6 +351,12 @@ class RayExecutor:
             self.cancel()
             notes.append(f"ray: {len(self._pending)} unfinished job(s) cancelled at close")
             self._pending.clear()
+        if self._auto_jobs and self._declared_gpus:
+            notes.append(
+                f"ray: {self._auto_jobs} --device auto job(s) ran on the CPU though the cluster's nodes declare "
+                f"{self._declared_gpus} GPU(s): a job that asks Ray for no GPU sees none; ask for --device cuda "
+                "to use them"
+            )
         shipped = sum(self.blob_puts.values())
         if shipped:
             notes.append(f"ray: {shipped} snapshot(s) shipped to the cluster's object store")
