@@ -85,6 +85,11 @@ def test_a_kept_server_serves_the_next_replay_with_what_the_last_one_imported(pr
     assert any("stays up" in note for note in first.notes)
     df = flor.dataframe("final", "half")
     assert df["half"].tolist() == ["3/2", "3"]  # final 3 and 6, each from its own version's code
+    # The session started the server: its first job measured that start (the next new server's
+    # cost, issue 16), and no warm overhead was learned from jobs that may have waited for it.
+    costs = json.loads((project.root / ".flor" / "replay_costs.json").read_text())
+    assert costs["train.py"]["server"] > 0 and costs["train.py"]["prepare"] > 0
+    assert "overhead_warm" not in costs["train.py"]
 
     (server,) = project_servers(load_config())
     server.release()
