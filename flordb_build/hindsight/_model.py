@@ -22,14 +22,17 @@ if TYPE_CHECKING:  # the rewrite package imports libcst; a replaying script neve
 PROGRESS_FD_ENV = "FLOR_REPLAY_PROGRESS_FD"
 
 #: Seconds a replay process costs outside its own lifetime before one was measured: a fork from a
-#: warm server; or a fresh interpreter's spawn and teardown (its start-up is in the recorded prefix).
-DEFAULT_OVERHEAD = {True: 0.02, False: 0.15}
+#: warm server (with the job's snapshot and store slice written out: bench_scale's per-job
+#: overhead, 0.18 s on the idle 2-core dev machine); or a fresh interpreter's spawn and teardown
+#: (its start-up is in the recorded prefix).
+DEFAULT_OVERHEAD = {True: 0.15, False: 0.15}
 #: Seconds to commit a run's replay journal (hindsight/_journal.py) before one was measured.
 DEFAULT_JOURNAL = 0.05
 #: Seconds a new warm server costs its first job beyond the recorded start-up (interpreter and the
 #: script's imports, which the server preloads) before one was measured: the server's own start and
-#: its first fork. Measured by bench/bench_estimate.py on the 2-core dev machine (2026-12-03).
-DEFAULT_SERVER = 0.3
+#: its first fork. bench/bench_estimate.py learned 0.5 s beyond a 3.0 s recorded start-up on the
+#: 2-core dev machine (2026-12-03, load 6).
+DEFAULT_SERVER = 0.5
 #: Driver seconds to prepare one run's jobs (the snapshot's archive, the store slice) before measured.
 DEFAULT_PREPARE = 0.03
 DEVICES = ("auto", "cpu", "cuda")
