@@ -86,10 +86,11 @@ def test_a_kept_server_serves_the_next_replay_with_what_the_last_one_imported(pr
     df = flor.dataframe("final", "half")
     assert df["half"].tolist() == ["3/2", "3"]  # final 3 and 6, each from its own version's code
     # The session started the server: its first job measured that start (the next new server's
-    # cost, issue 16); with one slot the second job forked from a server already up.
+    # cost, issue 16); its forks waited for the server (to start, to preload what the first child
+    # imported), so no fork overhead was learned from them.
     costs = json.loads((project.root / ".flor" / "replay_costs.json").read_text())
     assert costs["train.py"]["server"] > 0 and costs["train.py"]["prepare"] > 0
-    assert costs["train.py"]["overhead_warm"] >= 0
+    assert "overhead_warm" not in costs["train.py"]
 
     (server,) = project_servers(load_config())
     server.release()
@@ -317,27 +318,27 @@ def test_the_projects_own_package_comes_from_each_runs_snapshot(
     assert flor.dataframe("final", "pkg")[["final", "pkg"]].values.tolist() == [[3, 1], [15, 5]]
 
 
-def test_a_session_that_started_the_server_learns_no_fork_overhead_from_a_job_that_waited_for_it(project: Any) -> None:
-    # Issue 16: with two slots, the first job starts the server and the job on the other slot
-    # waits for it; its "overhead" is that wait, not a fork, and taught the next plan a second
-    # replay 6x too long. What each session measured is learned when it closes.
+def test_a_session_that_started_the_server_learns_no_fork_overhead_from_its_jobs(project: Any) -> None:
+    # Issue 16: in the session that starts the server, the job on another slot waits for that
+    # start, and a later one for the server to import what the first children imported before it
+    # forks (bench_estimate: 1.2 s "overhead" for a 0.05 s fork, the next replay estimated 6x too
+    # long). What each session measured is learned when it closes.
     from flordb_build.hindsight._costs import read_costs
     from flordb_build.hindsight._execute import ReplayDriver
 
     _record(project, steps=(1,))
     config = load_config()
 
-    def session(fresh: bool, overheads: list[float], slots: int = 2) -> dict[str, float]:
+    def session(fresh: bool, overheads: list[float]) -> dict[str, float]:
         driver = ReplayDriver(config)
-        driver.slots = slots
         if fresh:
             driver._fresh.add("train.py")
         driver._warm_overheads["train.py"] = overheads
         driver.close()
         return read_costs(config).get("train.py", {})
 
-    assert "overhead_warm" not in session(fresh=True, overheads=[1.5])  # the other slot's first job: it waited
-    # A third job started once a slot freed, from a server already up: the least of them.
-    assert session(fresh=True, overheads=[1.5, 0.05])["overhead_warm"] == pytest.approx(0.05)
-    # A session that forked from a server already up: the median of its jobs, averaged with what was known.
-    assert session(fresh=False, overheads=[0.09, 0.07, 0.9])["overhead_warm"] == pytest.approx((0.05 + 0.09) / 2)
+    assert "overhead_warm" not in session(fresh=True, overheads=[1.5, 1.2, 0.9])
+    # A session that forked from a server already up: the median of its jobs ...
+    assert session(fresh=False, overheads=[0.05, 0.04, 0.9])["overhead_warm"] == pytest.approx(0.05)
+    # ... averaged with what was known (one session's measure on a loaded machine is noisy).
+    assert session(fresh=False, overheads=[0.09])["overhead_warm"] == pytest.approx((0.05 + 0.09) / 2)

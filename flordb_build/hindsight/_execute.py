@@ -131,7 +131,6 @@ def run_replay(
         return ReplayReport(plan=plan, outcomes=tuple(outcomes))
     config = config or load_config()
     driver = ReplayDriver(config, rel_tol=rel_tol, warm=warm)
-    driver.slots = plan.workers
     notes: tuple[str, ...] = ()
     backend = executor if executor is not None else make_executor(config, plan.workers, warm, *_configured(config))
     try:
@@ -496,9 +495,7 @@ class ReplayDriver:
         self._tars: dict[str, bytes] = {}
         self._reads: dict[str, bool] = {}  # snapshot -> its Python files may read the store
         self._slices: dict[str, bytes] = {}
-        # What this session measured of its start costs, learned at close() (_costs.py). Where it
-        # started a script's server, the first job on each other slot waited for that start.
-        self.slots = 1
+        # What this session measured of its start costs, learned at close() (_costs.py).
         self._fresh: set[str] = set()
         self._warm_overheads: dict[str, list[float]] = {}
         self._prepared: dict[str, dict[str, float]] = {}  # script -> run -> driver seconds preparing its jobs
@@ -634,11 +631,10 @@ class ReplayDriver:
                 figures["prepare"] = sum(prepared.values()) / len(prepared)
             overheads = sorted(self._warm_overheads.get(script, ()))
             if overheads and script not in self._fresh:
+                # Not from a session that started the server: the first job on each other slot
+                # waited for its start, and each later one for the server to import what the
+                # first children imported (the learned preloads) before it forked.
                 figures["overhead_warm"] = overheads[len(overheads) // 2]
-            elif len(overheads) >= self.slots:
-                # At most slots - 1 of them waited for the server (the other slots' first jobs): a
-                # later one, which started once a slot freed, forked from a server already up.
-                figures["overhead_warm"] = overheads[0]
             record_costs(self.config, script, figures)
 
     def _learn_costs(
