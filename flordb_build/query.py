@@ -15,6 +15,7 @@ second.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -263,8 +264,14 @@ def _dimension_filter(expression: WhereExpression, runs: RunTable, timeout: floa
 # `epoch >= 8 AND step < 1000`: comparisons of a name with a plain number, joined by AND, nothing else.
 _NUMBER = r"-?\d{1,15}(?:\.\d{1,15})?"
 _COMPARISON = r'\s*("[A-Za-z_][A-Za-z0-9_]*"|[A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=|<>|!=|==|=|<|>)\s*(' + _NUMBER + r")\s*"
-_COMPARISON_RE = re.compile(_COMPARISON)
-_CONJUNCTION_RE = re.compile(r"(?i)" + _COMPARISON + r"(?:\bAND\b" + _COMPARISON + r")*")
+
+
+@functools.cache
+def _comparison_patterns() -> tuple[re.Pattern[str], re.Pattern[str]]:
+    """(one comparison, a conjunction of them): compiled on first use, not at `import flordb_build`."""
+    return re.compile(_COMPARISON), re.compile(r"(?i)" + _COMPARISON + r"(?:\bAND\b" + _COMPARISON + r")*")
+
+
 _COMPARE = {
     "<": "less", "<=": "less_equal", ">": "greater", ">=": "greater_equal",
     "=": "equal", "==": "equal", "!=": "not_equal", "<>": "not_equal",
@@ -280,11 +287,12 @@ def _comparison_mask(text: str, dimensions: dict[str, Any]) -> Any:
     """
     import numpy as np
 
-    if not dimensions or _CONJUNCTION_RE.fullmatch(text) is None:
+    comparison, conjunction = _comparison_patterns()
+    if not dimensions or conjunction.fullmatch(text) is None:
         return None
     by_lower = {name.lower(): column for name, column in dimensions.items()}
     mask = None
-    for name, op, number in _COMPARISON_RE.findall(text):
+    for name, op, number in comparison.findall(text):
         column = by_lower.get(name.strip('"').lower() if name.startswith('"') else name.lower())
         if column is None or (name.startswith('"') and name.strip('"') not in dimensions):
             return None
