@@ -27,7 +27,11 @@ the body on state it already changed (issue 12.1), so those iterations run in fu
 An estimate is the sum of the recorded seconds of the parts a schedule executes: the prefix,
 each executed iteration (minus its nested loops for V), each restore, and the tail; plus what
 starting the process costs outside those timings, and minus the imports of the prefix when the
-process forks from a warm server (:class:`StartCosts`, learned from earlier replays).
+process forks from a warm server (:class:`StartCosts`, learned from earlier replays). The run
+whose job starts its script's warm server also waits for that start (``RunPlan.server_start``:
+before any replay measured it, the run's recorded start-up, which the server pays again), and
+every run costs the driver its preparation (``RunPlan.prepare``); ``ReplayPlan.estimate`` lays
+the jobs out over the slots with both.
 """
 
 from __future__ import annotations
