@@ -20,7 +20,7 @@ the load average is printed before and after.
 
 Run from the repository root with the project's interpreter::
 
-    .venv/bin/python bench/bench_estimate.py                      # about 2 minutes on 2 cores
+    .venv/bin/python bench/bench_estimate.py                      # about 5 minutes on 2 cores (load ~2)
     .venv/bin/python bench/bench_estimate.py --load 2             # the same on a loaded machine
     .venv/bin/python bench/bench_estimate.py --runs 3 --more 0    # a quick look
 
