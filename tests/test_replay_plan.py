@@ -261,7 +261,7 @@ def test_values_match_is_exact_for_ints_and_strings_and_tolerant_for_floats() ->
     assert mismatches == (Mismatch("r", "val", 2, 1, "epoch 1: recorded 2.0, replayed 2.5"),)
 
 
-def test_start_costs_make_later_runs_warm_and_skip_the_recorded_imports() -> None:
+def test_start_costs_fork_every_run_from_the_server_and_skip_the_recorded_imports() -> None:
     today = {"train.py": TODAY}
     runs = [recorded("r1"), recorded("r2"), recorded("r3")]
     timings_only = 1.0 + 0.1 + 0.5  # prefix + one restore + suffix
