@@ -22,6 +22,7 @@ Run from the repository root with the project's interpreter::
 
     .venv/bin/python bench/bench_record.py                # full run, about 7 minutes on 2 cores
     .venv/bin/python bench/bench_record.py --steps 1000 --repeats 3   # a quick look
+    .venv/bin/python bench/bench_record.py --import-only main         # measurement 3 vs main alone
 """
 
 from __future__ import annotations
@@ -44,11 +45,13 @@ from _common import (
     DEFAULT_FLORDB_VENV,
     FLORDB_VENV_ENV_VAR,
     FLORDB_VERSION,
+    REPO_ROOT,
     BenchError,
     bench_env,
     ensure_flordb_venv,
     make_git_repo,
     median,
+    peer_tree,
     print_table,
     remove_tree,
     run_timed,
@@ -135,6 +138,7 @@ class Tool:
     label: str
     python: Path
     module: str
+    pythonpath: str | None = None  # where its code comes from instead of the install (--import-only's peer)
 
 
 @dataclass(frozen=True)
@@ -251,18 +255,20 @@ def measure_import(
     """Measurement 3: import wall time above a bare interpreter, and -X importtime's figure."""
     # FlorDB refuses to import outside a git repository (and makes .flor/ there on import).
     repo = make_git_repo(work / "import-project")
-    env = bench_env()
 
-    def wall(python: Path, code: str) -> float:
+    def env_of(tool: Tool) -> dict[str, str]:
+        return bench_env({"PYTHONPATH": tool.pythonpath} if tool.pythonpath else None)
+
+    def wall(tool: Tool, code: str) -> float:
         start = time.perf_counter()
-        subprocess.run([str(python), "-c", code], cwd=repo, env=env, check=True, capture_output=True)
+        subprocess.run([str(tool.python), "-c", code], cwd=repo, env=env_of(tool), check=True, capture_output=True)
         return time.perf_counter() - start
 
     def self_reported(tool: Tool) -> float:
         proc = subprocess.run(
             [str(tool.python), "-X", "importtime", "-c", f"import {tool.module}"],
             cwd=repo,
-            env=env,
+            env=env_of(tool),
             check=True,
             capture_output=True,
             text=True,
@@ -270,13 +276,13 @@ def measure_import(
         return importtime_ms(proc.stderr, tool.module)
 
     for tool in tools:  # warm-up: byte-compile caches, page cache, FlorDB's one-time .flor/ setup
-        wall(tool.python, f"import {tool.module}")
+        wall(tool, f"import {tool.module}")
     wall_ms: dict[str, list[float]] = {tool.label: [] for tool in tools}
     self_ms: dict[str, list[float]] = {tool.label: [] for tool in tools}
     for _ in range(repeats):
         for tool in tools:
-            bare = wall(tool.python, "pass")
-            wall_ms[tool.label].append((wall(tool.python, f"import {tool.module}") - bare) * 1000)
+            bare = wall(tool, "pass")
+            wall_ms[tool.label].append((wall(tool, f"import {tool.module}") - bare) * 1000)
             self_ms[tool.label].append(self_reported(tool))
     return wall_ms, self_ms
 
@@ -408,11 +414,35 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help=f"venv holding flordb=={FLORDB_VERSION}; created when missing (default bench/.venv-flordb)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary projects and print where")
+    parser.add_argument(
+        "--import-only", metavar="REV", nargs="?", const="main", default=None,
+        help="measure only `import flordb_build`, against flordb_build at git revision REV (default main)",
+    )
     args = parser.parse_args(argv)
     for name in ("epochs", "steps", "repeats", "df_repeats", "import_repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got '{getattr(args, name)}'.")
     return args
+
+
+def import_only(rev: str, repeats: int) -> int:
+    """Measurement 3 alone: this tree's ``import flordb_build`` vs the same at ``rev``, interleaved."""
+    work = Path(tempfile.mkdtemp(prefix="flordb-bench-import-"))
+    try:
+        peer_dir = peer_tree(rev, work / "peer")
+        ours = Tool("flordb_build (this tree)", Path(sys.executable), "flordb_build", str(REPO_ROOT))
+        peer = Tool(f"flordb_build at {rev}", Path(sys.executable), "flordb_build", str(peer_dir))
+        load = " ".join(f"{v:.2f}" for v in os.getloadavg())
+        wall_ms, self_ms = measure_import((ours, peer), work, repeats)
+    finally:
+        remove_tree(work)
+    print(f"import flordb_build, median of {repeats} (load average before {load}, after "
+          f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}):")
+    for tool in (ours, peer):
+        wall_med, self_med = median(wall_ms[tool.label]), median(self_ms[tool.label])
+        print(f"  {tool.label:<28} {wall_med:6.1f} ms wall minus bare interpreter, {self_med:6.1f} ms -X importtime  "
+              f"{verdict(wall_med <= IMPORT_MS_TARGET) if tool is ours else ''}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -426,6 +456,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    if args.import_only is not None:
+        return import_only(args.import_only, args.import_repeats)
     try:
         peer_python = ensure_flordb_venv(args.flordb_venv.resolve())
     except BenchError as exc:

@@ -15,7 +15,6 @@ Where ``flor.arg(name, default)`` finds its value, first match wins:
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -116,6 +115,8 @@ def param_value(name: str, value: Any, default: Any) -> Any:
     if isinstance(default, float) and type(value) is int:
         return float(value)
     if isinstance(value, list | dict):
+        import json
+
         return cast_arg(name, json.dumps(value), default)
     return cast_arg(name, "" if value is None else str(value), default)
 
@@ -151,6 +152,8 @@ def cast_arg(name: str, raw: str, default: Any) -> Any:
         if isinstance(default, str):
             return raw
         if isinstance(default, list | dict | tuple):
+            import json  # here, not at `import flordb_build` (issue 14)
+
             value = json.loads(raw)
             if not isinstance(value, list | dict):
                 raise ValueError("not a JSON list or object")
@@ -181,6 +184,8 @@ def infer_value(raw: str) -> Any:
         except ValueError:
             pass
     if raw[:1] in "[{":
+        import json
+
         try:
             return json.loads(raw)
         except json.JSONDecodeError:

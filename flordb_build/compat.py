@@ -24,27 +24,40 @@ FlorDB's API has the same name and meaning here; this module holds the counterpa
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from .config import Config, load_config
+if TYPE_CHECKING:  # `import flordb_build` imports this module: the config and sqlite3 load on use
+    import sqlite3
+    from pathlib import Path
 
-if TYPE_CHECKING:
     import pandas as pd
 
+    from .config import Config
 
-@dataclass(frozen=True)
+
 class FlorDBUtils:
-    """``flor.utils`` as FlorDB scripts call it: ``flor.utils.latest(df)``, nothing else."""
+    """``flor.utils`` as FlorDB scripts call it: ``flor.utils.latest(df)``, nothing else.
+
+    Read-only, as the frozen dataclass it was; not a dataclass because ``dataclasses`` imports
+    ``inspect``, which ``import flordb_build`` should not pay for (issue 14).
+    """
 
     latest: Callable[[pd.DataFrame], pd.DataFrame]
+
+    def __init__(self, latest: Callable[[pd.DataFrame], pd.DataFrame]) -> None:
+        object.__setattr__(self, "latest", latest)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"flor.utils is read-only; cannot set '{name}'")
+
+    def __repr__(self) -> str:
+        return f"FlorDBUtils(latest={self.latest!r})"
 
 
 def flordb_home(config: Config | None = None) -> Path:
     """The project's ``.flor`` directory (FlorDB's ``flor.HOMEDIR``), created git-ignored if missing."""
+    from .config import load_config
     from .store import ignore_flor_dir
 
     config = config or load_config()

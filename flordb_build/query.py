@@ -15,25 +15,29 @@ second.
 
 from __future__ import annotations
 
+import functools
 import re
-import sqlite3
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .asof import as_of_replay
-from .compat import add_flordb_views, refused_view_write
-from .config import Config, load_config
 from .errors import QueryError
-from .expression import WhereExpression, filter_rows, parse_where
-from .reader import open_read_only, show_dead_runs_killed
-from .runtable import RUN_COLUMNS, RunTable
-from .sqlguard import DEFAULT_TIMEOUT_S, StatementGuard
-from .store import Store
-from .team._protocol import SQLiteReader, StoreReader
-from .values import ValueKind, decode_value
 
+# The store, its readers and the team protocol load on the first read: `import flordb_build` in a
+# training script (which binds dataframe and query) pays for none of them (issue 14).
 if TYPE_CHECKING:
+    import sqlite3
+
     import pandas as pd
+
+    from .config import Config
+    from .expression import WhereExpression
+    from .runtable import RunTable
+    from .store import Store
+    from .team._protocol import StoreReader
+
+#: Seconds a where= filter or a query may run by default: sqlguard.DEFAULT_TIMEOUT_S, spelled out
+#: here because importing sqlguard loads sqlite3 (tests/test_import_cost.py keeps the two equal).
+DEFAULT_TIMEOUT_S = 60.0
 
 def dataframe(
     *names: str,
@@ -51,6 +55,13 @@ def dataframe(
         store every clone pushes to: ``flordb-build push``); the frame has the same shape either way.
     :param remote: the name of the team store (``[tool.flordb_build.remotes.NAME]``) when several are set.
     """
+    from .asof import as_of_replay
+    from .config import load_config
+    from .expression import parse_where
+    from .reader import open_read_only
+    from .runtable import RUN_COLUMNS
+    from .team._protocol import SQLiteReader
+
     for name in names:
         if not isinstance(name, str) or not name:
             raise QueryError(f"dataframe() takes names as non-empty strings, got {name!r}.")
@@ -116,6 +127,8 @@ def read_dataframe(
 ) -> pd.DataFrame:
     """``dataframe(*names)`` over a store's reader, or an open local connection (a read-only one
     works: this only reads). ``expression`` is evaluated here, the same way over every store."""
+    from .expression import filter_rows
+
     reader = _as_reader(source)
     runs = reader.run_rows()
     if expression is not None and _reads_run_columns_only(expression):
@@ -151,6 +164,8 @@ _SQL_WORDS = frozenset(
 
 def _reads_run_columns_only(expression: WhereExpression) -> bool:
     """True when every identifier of the expression is a run column, a keyword or a function."""
+    from .runtable import RUN_COLUMNS
+
     run_columns = {c.lower() for c in RUN_COLUMNS}
     return all(i.lower() in run_columns or i.lower() in _SQL_WORDS for i in expression.identifiers)
 
@@ -158,11 +173,17 @@ def _reads_run_columns_only(expression: WhereExpression) -> bool:
 def _empty_frame(names: list[str]) -> pd.DataFrame:
     import pandas as pd
 
+    from .runtable import RUN_COLUMNS
+
     return pd.DataFrame({c: pd.Series(dtype=object) for c in [*RUN_COLUMNS, *names]})
 
 
 def _as_reader(source: sqlite3.Connection | StoreReader) -> StoreReader:
     """A reader over ``source``: a bare local connection reads through :class:`SQLiteReader`."""
+    import sqlite3
+
+    from .team._protocol import SQLiteReader
+
     if isinstance(source, sqlite3.Connection):
         return SQLiteReader(source)
     return source
@@ -191,6 +212,9 @@ def _dimension_filter(expression: WhereExpression, runs: RunTable, timeout: floa
     function of the row) nor for anything reading a logged value or a loop's ``_value`` column.
     """
     import numpy as np
+
+    from .expression import filter_rows
+    from .runtable import RUN_COLUMNS
 
     if any(i.lower().startswith("random") for i in expression.identifiers):
         return None
@@ -240,8 +264,14 @@ def _dimension_filter(expression: WhereExpression, runs: RunTable, timeout: floa
 # `epoch >= 8 AND step < 1000`: comparisons of a name with a plain number, joined by AND, nothing else.
 _NUMBER = r"-?\d{1,15}(?:\.\d{1,15})?"
 _COMPARISON = r'\s*("[A-Za-z_][A-Za-z0-9_]*"|[A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=|<>|!=|==|=|<|>)\s*(' + _NUMBER + r")\s*"
-_COMPARISON_RE = re.compile(_COMPARISON)
-_CONJUNCTION_RE = re.compile(r"(?i)" + _COMPARISON + r"(?:\bAND\b" + _COMPARISON + r")*")
+
+
+@functools.cache
+def _comparison_patterns() -> tuple[re.Pattern[str], re.Pattern[str]]:
+    """(one comparison, a conjunction of them): compiled on first use, not at `import flordb_build`."""
+    return re.compile(_COMPARISON), re.compile(r"(?i)" + _COMPARISON + r"(?:\bAND\b" + _COMPARISON + r")*")
+
+
 _COMPARE = {
     "<": "less", "<=": "less_equal", ">": "greater", ">=": "greater_equal",
     "=": "equal", "==": "equal", "!=": "not_equal", "<>": "not_equal",
@@ -257,11 +287,12 @@ def _comparison_mask(text: str, dimensions: dict[str, Any]) -> Any:
     """
     import numpy as np
 
-    if not dimensions or _CONJUNCTION_RE.fullmatch(text) is None:
+    comparison, conjunction = _comparison_patterns()
+    if not dimensions or conjunction.fullmatch(text) is None:
         return None
     by_lower = {name.lower(): column for name, column in dimensions.items()}
     mask = None
-    for name, op, number in _COMPARISON_RE.findall(text):
+    for name, op, number in comparison.findall(text):
         column = by_lower.get(name.strip('"').lower() if name.startswith('"') else name.lower())
         if column is None or (name.startswith('"') and name.strip('"') not in dimensions):
             return None
@@ -284,6 +315,9 @@ def _dense(key: Any, size: int) -> tuple[Any, Any]:
 
 def _run_level(reader: StoreReader, runs: RunTable) -> dict[str, Any]:
     """``dataframe()`` with no names: one row per run with every run-level name."""
+    from .runtable import RUN_COLUMNS
+    from .values import ValueKind, decode_value
+
     out: dict[str, Any] = {c: list(runs.columns[c]) for c in RUN_COLUMNS}
     scanned = _run_level_rows_by_run(reader)
     n_runs = len(runs)
@@ -309,6 +343,8 @@ def _run_level_rows_by_run(reader: StoreReader) -> tuple[dict[str, list[tuple[An
     """Every run's run-level rows from one scan of the local store's run-level index (store.py),
     and the runs that have replayed ones; None where there is no such index (another store, a
     store made before it, a replay's as-of views)."""
+    from .team._protocol import SQLiteReader
+
     if not isinstance(reader, SQLiteReader):
         return None
     from .store import RUN_LEVEL_ROWS_SQL, has_run_level_index
@@ -328,6 +364,7 @@ def _to_frame(columns: dict[str, Any]) -> pd.DataFrame:
     import pandas as pd
 
     from .pivot import typed_series
+    from .runtable import RUN_COLUMNS
 
     frame = pd.DataFrame(
         {
@@ -389,7 +426,14 @@ def query(
     :raises QueryError: when the statement would write, calls another function, runs past
         ``timeout``, returns more than :data:`MAX_QUERY_ROWS` rows, or SQLite rejects it.
     """
+    import sqlite3
+
     import pandas as pd
+
+    from .compat import refused_view_write
+    from .config import load_config
+    from .reader import open_read_only
+    from .sqlguard import StatementGuard
 
     if not isinstance(sql, str) or not sql.strip():
         raise QueryError("query() needs a SQL SELECT statement.")
@@ -450,6 +494,10 @@ def _query_team(
 
 def _query_views(store: Store) -> None:
     """The TEMP views ``query`` reads through, made before its connection turns query-only."""
+    from .asof import as_of_replay
+    from .compat import add_flordb_views
+    from .reader import show_dead_runs_killed
+
     as_of_replay(store.conn)  # a replayed script reads what its run read (asof.py)
     show_dead_runs_killed(store)  # a dead run reads 'killed', as a writer would have marked it
     add_flordb_views(store.conn)  # FlorDB's column names beside ours (compat.py)

@@ -13,22 +13,23 @@ from __future__ import annotations
 import atexit
 import os
 import signal
-import sqlite3
 import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from .args import kwargs_never_read
 from .cmdline import KWARGS, MALFORMED_KWARGS
-from .config import Config, load_config
 from .errors import ArgError, FlorBuildError, FlorBuildWarning, StoreError
 from .interrupts import StopSignals, die_of, signal_name, signals_deferred
-from .recorder import ROOT_CTX, warn
-from .recording import ForkedRun, LoopObserver, Run, UnrecordedRun, process_age, script_filename
-from .store import Store
+
+# The recording machinery (config, store, journal) loads at the first recording call, not at
+# `import flordb_build` (issue 14): a script pays for it once it records, and then only once.
+if TYPE_CHECKING:
+    from .config import Config
+    from .recording import LoopObserver, Run
 
 T = TypeVar("T")
 
@@ -110,6 +111,8 @@ class Session:
                 self._install_hooks()
                 self.run = started
                 return started
+            from .recording import process_age
+
             # Before the snapshot capture, which the recorded startup must not count.
             startup = process_age()
             forked = os.getpid() != self._pid
@@ -126,6 +129,13 @@ class Session:
 
     def _start_new(self, startup: float, forked: bool) -> Run:
         """A new run; on a store that cannot be written, an :class:`UnrecordedRun` (one warning)."""
+        import sqlite3
+
+        from .config import load_config
+        from .recorder import ROOT_CTX, warn
+        from .recording import Run, script_filename
+        from .store import Store
+
         config = load_config()
         if self.malformed_kwargs and not forked:
             malformed, self.malformed_kwargs = self.malformed_kwargs, []  # said once per process
@@ -179,6 +189,9 @@ class Session:
         return run
 
     def _unrecorded(self, config: Config, exc: BaseException) -> Run:
+        from .recorder import warn
+        from .recording import UnrecordedRun, script_filename
+
         warn(
             f"nothing of this run is recorded: the store '{config.db_path}' cannot be written ({exc}). The "
             f"script goes on; free space on the disk (or make '{config.flor_dir}' writable) to record.",
@@ -192,6 +205,8 @@ class Session:
 
     def _start_forked(self, parent: Run) -> Run:
         """This forked child's share of the parent's run; unrecorded (one warning) if it cannot have one."""
+        from .recording import ForkedRun
+
         try:
             run = ForkedRun.of_parent(parent)
         except (StoreError, OSError) as exc:
@@ -252,6 +267,8 @@ class Session:
         try:
             self.commit()
         except FlorBuildError as exc:
+            from .recorder import warn
+
             warn(f"could not close the run: {exc}", stacklevel=None)
         self._warn_unread_kwargs()
         if self._exit_signal is not None and os.getpid() == self._pid:
@@ -263,6 +280,8 @@ class Session:
             return  # a failed run may have ended before it read its args
         unread = kwargs_never_read(self.kwargs, self._args_read)
         if unread:
+            from .recorder import warn
+
             warn(unread, stacklevel=None)
 
     def _forget_in_child(self) -> None:
@@ -272,11 +291,13 @@ class Session:
         inherited, self.run = self.run, None
         self._start_lock = threading.Lock()
         self._forked_from = None
-        if isinstance(inherited, UnrecordedRun):
+        if inherited is None:
+            pass
+        elif isinstance(inherited, _recorded_runs()[1]):
             self.run = inherited  # nothing to protect: the child goes on unrecorded too
-        elif inherited is not None:
+        else:
             inherited.abandon_in_child()
-            if isinstance(inherited, Run):  # not a replay run: that writes through its driver
+            if isinstance(inherited, _recorded_runs()[0]):  # not a replay run: that writes through its driver
                 self._forked_from = inherited
         # A child that does not record dies of SIGTERM as it did before it had our handler.
         self._stop_signals.restore()
@@ -299,6 +320,13 @@ class Session:
 
         sys.excepthook = excepthook
         os.register_at_fork(after_in_child=self._forget_in_child)
+
+
+def _recorded_runs() -> tuple[type[Run], type[Run]]:
+    """``(Run, UnrecordedRun)``: imported already once a run exists (the hooks that ask come with one)."""
+    from .recording import Run, UnrecordedRun
+
+    return Run, UnrecordedRun
 
 
 SESSION = Session(KWARGS, MALFORMED_KWARGS)

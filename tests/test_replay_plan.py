@@ -26,7 +26,7 @@ from flordb_build.hindsight import (
     split_segments,
     values_match,
 )
-from flordb_build.hindsight._model import DEFAULT_JOURNAL, DEFAULT_OVERHEAD
+from flordb_build.hindsight._model import DEFAULT_JOURNAL, DEFAULT_OVERHEAD, DEFAULT_PREPARE, DEFAULT_SERVER
 from flordb_build.rewrite import Position
 
 OLD = """\
@@ -261,19 +261,20 @@ def test_values_match_is_exact_for_ints_and_strings_and_tolerant_for_floats() ->
     assert mismatches == (Mismatch("r", "val", 2, 1, "epoch 1: recorded 2.0, replayed 2.5"),)
 
 
-def test_start_costs_make_later_runs_warm_and_skip_the_recorded_imports() -> None:
+def test_start_costs_fork_every_run_from_the_server_and_skip_the_recorded_imports() -> None:
     today = {"train.py": TODAY}
     runs = [recorded("r1"), recorded("r2"), recorded("r3")]
     timings_only = 1.0 + 0.1 + 0.5  # prefix + one restore + suffix
     learned = StartCosts(
         warm=True, saving={"train.py": 0.8}, overhead={("train.py", True): 0.05}, journal={"train.py": 0.07}
     )
-    # No server is up: the first run starts it (cold, default overhead); the others fork from it.
-    # Every run then commits its replay journal.
+    # No server is up: the first run starts it (nothing recorded its start-up: the default), then
+    # forks from it like the others. Every run then commits its replay journal.
     plan = plan_replay(runs, today, ["fin2"], start=learned)
-    assert [r.warm for r in plan.runs] == [False, True, True]
+    assert [r.warm for r in plan.runs] == [True, True, True]
+    assert [r.server_start for r in plan.runs] == pytest.approx([DEFAULT_SERVER, 0.0, 0.0])
     assert [r.estimate for r in plan.runs] == pytest.approx(
-        [timings_only + DEFAULT_OVERHEAD[False] + 0.07, timings_only - 0.8 + 0.05 + 0.07,
+        [timings_only - 0.8 + 0.05 + DEFAULT_SERVER + 0.07, timings_only - 0.8 + 0.05 + 0.07,
          timings_only - 0.8 + 0.05 + 0.07]
     )
     assert plan.runs[0].recorded_prefix == pytest.approx(1.0)
@@ -305,3 +306,66 @@ def test_the_plan_estimates_its_jobs_as_a_schedule_over_the_slots() -> None:
     assert dataclasses.replace(one_slot, workers=2).estimate == pytest.approx(4 * each)
     assert dataclasses.replace(one_slot, workers=3).estimate == pytest.approx(3 * each)  # 3 + 3 + 2 runs
     assert dataclasses.replace(one_slot, workers=16).estimate == pytest.approx(each)
+
+
+def test_the_first_replay_pays_for_the_warm_server_its_first_job_starts() -> None:
+    # Issue 16: a fresh project's first replay starts the script's warm server, which imports what
+    # the recorded run imported before its first flor call (timings' startup): the job that starts
+    # it waits that long, and so does every other warm job of the script (they fork from it).
+    today = {"train.py": TODAY}
+    startup = 0.6
+    runs = [recorded(f"r{i}", timings=(*recorded().timings, (0, "startup", startup))) for i in range(3)]
+    fresh = StartCosts(warm=True)
+    plan = plan_replay(runs, today, ["fin2"], workers=2, start=fresh)
+    job = 1.0 - startup + 0.1 + 0.5 + DEFAULT_OVERHEAD[True]  # a warm fork: prefix less the imports, restore, suffix
+    server = startup + DEFAULT_SERVER
+    assert [r.server_start for r in plan.runs] == pytest.approx([server, 0.0, 0.0])
+    assert [len(r.segment_estimates) for r in plan.runs] == [1, 1, 1]
+    assert [r.segment_estimates[0] for r in plan.runs] == pytest.approx([job] * 3)
+    assert [r.prepare for r in plan.runs] == pytest.approx([DEFAULT_PREPARE] * 3)
+    # Slot 1: r1 starts the server once prepared, then runs. Slot 2: r2, prepared after r1, waits
+    # for the server, runs; then r3 (prepared long before), on the slot that frees first.
+    up = DEFAULT_PREPARE + server
+    assert plan.estimate == pytest.approx(up + 2 * job + DEFAULT_JOURNAL)
+    # What a replay measured of the server's start replaces the recorded start-up.
+    learned = dataclasses.replace(fresh, server={"train.py": 2.5}, prepare={"train.py": 0.01})
+    again = plan_replay(runs, today, ["fin2"], workers=2, start=learned)
+    assert again.runs[0].server_start == pytest.approx(2.5)
+    assert again.estimate == pytest.approx(0.01 + 2.5 + 2 * job + DEFAULT_JOURNAL)
+    # A server already up: nobody waits; the three jobs share two slots after their preparation.
+    live = dataclasses.replace(learned, live=frozenset({"train.py"}))
+    up_already = plan_replay(runs, today, ["fin2"], workers=2, start=live)
+    assert [r.server_start for r in up_already.runs] == [0.0, 0.0, 0.0]
+    assert up_already.estimate == pytest.approx(0.01 + 2 * job + DEFAULT_JOURNAL)
+    # Warm starts off: no server, every job a cold start.
+    cold = plan_replay(runs, today, ["fin2"], workers=2, start=StartCosts(warm=False))
+    assert [r.warm for r in cold.runs] == [False] * 3 and [r.server_start for r in cold.runs] == [0.0] * 3
+
+
+def test_a_split_run_that_starts_the_server_holds_its_other_segments_until_it_is_up() -> None:
+    startup = 0.6
+    run = recorded(timings=(*recorded().timings, (0, "startup", startup)))
+    plan = plan_replay([run], {"train.py": TODAY}, ["w2"], workers=2, start=StartCosts(warm=True))
+    (planned,) = plan.runs
+    assert len(planned.segments) == 2 and planned.server_start == pytest.approx(startup + DEFAULT_SERVER)
+    # Both segments fork from the server segment 0 starts: the slower one ends the run.
+    assert plan.estimate == pytest.approx(
+        DEFAULT_PREPARE + planned.server_start + max(planned.segment_estimates) + DEFAULT_JOURNAL
+    )
+    assert planned.estimate == pytest.approx(max(planned.segment_estimates) + planned.server_start + DEFAULT_JOURNAL)
+
+
+def test_a_measured_warm_prefix_replaces_the_recorded_one_whatever_run_it_was_measured_on() -> None:
+    # Runs recorded on a busy machine carry their own noise in their prefix; the prefix a warm
+    # replay process measured is what every run's warm process takes (issue 16).
+    today = {"train.py": TODAY}
+    noisy = [recorded("r1"), recorded("r2", timings=((0, "prefix", 3.0), *recorded().timings[1:]))]
+    costs = StartCosts(warm=True, live=frozenset({"train.py"}), saving={"train.py": 0.2}, warm_prefix={"train.py": 0.3},
+                       overhead={("train.py", True): 0.05})
+    plan = plan_replay(noisy, today, ["fin2"], start=costs)
+    assert [r.segment_estimates[0] for r in plan.runs] == pytest.approx([0.3 + 0.1 + 0.5 + 0.05] * 2)
+    # Never more than the recorded prefix.
+    slow = dataclasses.replace(costs, warm_prefix={"train.py": 5.0})
+    assert plan_replay(noisy[:1], today, ["fin2"], start=slow).runs[0].segment_estimates[0] == pytest.approx(
+        1.0 + 0.1 + 0.5 + 0.05
+    )

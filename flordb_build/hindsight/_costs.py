@@ -4,14 +4,21 @@ A recorded run's timings cover its process from interpreter start to the close o
 replay adds what happens outside that span (exporting the snapshot, starting or forking the
 process, interpreter teardown, reading the result) and, when it is forked from a warm server,
 skips the imports that the recorded prefix paid. Neither can be read from the record, so each
-replay measures them and the next plan uses the latest figures (``.flor/replay_costs.json``,
+replay measures them and the next plan uses the learned figures (``.flor/replay_costs.json``,
 per script; losing the file only makes estimates coarser)::
 
-    {"train.py": {"saving": 3.1, "overhead_warm": 0.02, "overhead_cold": 0.21, "journal": 0.05}}
+    {"train.py": {"saving": 3.1, "overhead_warm": 0.02, "overhead_cold": 0.21, "journal": 0.05,
+                  "server": 2.4, "prepare": 0.03}}
 
 ``saving``: recorded prefix minus the prefix of a fully warm replay (no import left to do).
-``overhead_*``: a job's wall time minus its process's own lifetime, warm or cold.
-``journal``: committing the run's replay journal once its processes are done.
+``warm_prefix``: the prefix seconds of that fully warm replay (what a warm estimate's prefix takes).
+``overhead_*``: a job's wall time minus its process's own lifetime, warm or cold. Warm figures
+come only from sessions that started no server for the script: a job that waited for a server
+someone else was starting measured that wait, not a fork.
+``journal``: staging a run's replayed rows and committing its replay journal once its processes are done.
+``server``: what the job that started the script's warm server took beyond its estimate as a fork
+(the server's interpreter and preload imports, and the imports its first children did that it lacked).
+``prepare``: the driver's seconds to prepare one run's jobs (snapshot archive, store slice).
 """
 
 from __future__ import annotations
@@ -50,12 +57,17 @@ def read_costs(config: Config) -> dict[str, dict[str, float]]:
 
 
 def record_costs(config: Config, script: str, figures: Mapping[str, float]) -> None:
-    """Replace ``script``'s learned ``figures`` (atomic: a reader sees the old file or the new one)."""
+    """Learn ``script``'s ``figures``: each the mean of the one learned before and the new one (one
+    replay's measure on a loaded machine is noisy; the mean follows a real change within a few
+    replays). Atomic: a reader sees the old file or the new one."""
     if not figures:
         return
     with _lock:
         data = read_costs(config)
-        data.setdefault(script, {}).update({k: round(max(v, 0.0), 4) for k, v in figures.items()})
+        known = data.setdefault(script, {})
+        for key, value in figures.items():
+            value = max(value, 0.0)
+            known[key] = round((known[key] + value) / 2 if key in known else value, 4)
         path = costs_path(config)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{FILE_NAME}.{os.getpid()}.{threading.get_ident()}")
@@ -77,4 +89,7 @@ def start_costs(config: Config, warm: bool, live: frozenset[str]) -> StartCosts:
             if key in f
         },
         journal={script: f["journal"] for script, f in learned.items() if "journal" in f},
+        warm_prefix={script: f["warm_prefix"] for script, f in learned.items() if "warm_prefix" in f},
+        server={script: f["server"] for script, f in learned.items() if "server" in f},
+        prepare={script: f["prepare"] for script, f in learned.items() if "prepare" in f},
     )

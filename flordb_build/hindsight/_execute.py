@@ -495,6 +495,11 @@ class ReplayDriver:
         self._tars: dict[str, bytes] = {}
         self._reads: dict[str, bool] = {}  # snapshot -> its Python files may read the store
         self._slices: dict[str, bytes] = {}
+        # What this session measured of its start costs, learned at close() (_costs.py).
+        self._fresh: set[str] = set()
+        self._warm_overheads: dict[str, list[float]] = {}
+        self._prepared: dict[str, dict[str, float]] = {}  # script -> run -> driver seconds preparing its jobs
+        self._ingested: dict[str, float] = {}  # run -> driver seconds staging its replies
         self.backfill = Backfill(config)  # it holds the session's lock until close()
         from ..store import Store
 
@@ -507,6 +512,14 @@ class ReplayDriver:
 
     def payload(self, job: ReplayJob) -> JobPayload:
         """Everything a worker needs for ``job``, with no path into this project but the objects'."""
+        started = time.perf_counter()
+        try:
+            return self._payload(job)
+        finally:
+            per_run = self._prepared.setdefault(job.run.script, {})
+            per_run[job.run.run_id] = per_run.get(job.run.run_id, 0.0) + time.perf_counter() - started
+
+    def _payload(self, job: ReplayJob) -> JobPayload:
         from ..snapshot import archive_snapshot
         from ._slice import build_slice
 
@@ -552,6 +565,13 @@ class ReplayDriver:
 
     def ingest(self, job: ReplayJob, reply: JobReply) -> JobResult:
         """Stage the reply's rows for its run, compare what it logged with the record; the job's result."""
+        started = time.perf_counter()
+        try:
+            return self._ingest(job, reply)
+        finally:
+            self._ingested[job.run.run_id] = self._ingested.get(job.run.run_id, 0.0) + time.perf_counter() - started
+
+    def _ingest(self, job: ReplayJob, reply: JobReply) -> JobResult:
         from ._staging import stage_batch
 
         run = job.run
@@ -564,7 +584,7 @@ class ReplayDriver:
         except (FlorBuildError, sqlite3.Error) as exc:
             return JobResult(run.run_id, job.worker, False, reply.seconds, notes=notes, warm=reply.warm,
                              error=f"its replayed values could not be staged in '{self.config.db_path}': {exc}")
-        self._learn_costs(run, outcome, reply.seconds, reply.warm, reply.fresh_server, reply.modules)
+        self._learn_costs(job, outcome, reply.seconds, reply.warm, reply.fresh_server, reply.modules)
         mismatches = self._compare(run, outcome.get("compare", ()))
         if outcome.get("generators"):  # issue 12.9: the record's checkpoints are another trajectory now
             mismatches = (Mismatch(run.run_id, GENERATORS, 1, 1, str(outcome["generators"])), *mismatches)
@@ -587,32 +607,61 @@ class ReplayDriver:
         except FlorBuildError as exc:  # the store or git refused before anything of the run was written
             return Decision(withheld=f"its values could not be written: {exc}")
         if done.finish:
-            record_costs(self.config, run.script, {"journal": time.perf_counter() - started})
+            ingested = self._ingested.pop(run.run_id, 0.0)
+            record_costs(self.config, run.script, {"journal": ingested + time.perf_counter() - started})
         return done
 
     def close(self) -> None:
-        """End of the session: drop its staging and let go of its lock."""
+        """End of the session: learn what it measured of its start costs, drop its staging, let go of its lock."""
         try:
-            self.store.close()
+            self._learn_session_costs()
         finally:
-            self.backfill.close()
+            try:
+                self.store.close()
+            finally:
+                self.backfill.close()
+
+    def _learn_session_costs(self) -> None:
+        from ._costs import record_costs
+
+        for script in {*self._prepared, *self._warm_overheads}:
+            figures: dict[str, float] = {}
+            prepared = self._prepared.get(script, {})
+            if prepared:
+                figures["prepare"] = sum(prepared.values()) / len(prepared)
+            overheads = sorted(self._warm_overheads.get(script, ()))
+            if overheads and script not in self._fresh:
+                # Not from a session that started the server: the first job on each other slot
+                # waited for its start, and each later one for the server to import what the
+                # first children imported (the learned preloads) before it forked.
+                figures["overhead_warm"] = overheads[len(overheads) // 2]
+            record_costs(self.config, script, figures)
 
     def _learn_costs(
-        self, run: RunPlan, outcome: Mapping[str, Any], seconds: float, warm: bool, fresh_server: bool,
+        self, job: ReplayJob, outcome: Mapping[str, Any], seconds: float, warm: bool, fresh_server: bool,
         imported: Sequence[str],
     ) -> None:
         """Feed what this job's start cost into the next plan's estimates (``_costs.py``)."""
         from ._costs import record_costs
 
+        run = job.run
         process = outcome.get("process_seconds")
         prefix = outcome.get("prefix_seconds")
         figures: dict[str, float] = {}
-        if isinstance(process, int | float) and process > 0 and not fresh_server:
-            # A job that waited for its server to start measured that start, not a fork.
-            figures["overhead_warm" if warm else "overhead_cold"] = seconds - process
+        if fresh_server:
+            # The job that started the server: what it took beyond its estimate as a fork is what
+            # the next new server will cost (its estimate already holds the fork's own figures).
+            self._fresh.add(run.script)
+            figures["server"] = seconds - job.estimate
+        elif isinstance(process, int | float) and process > 0:
+            if warm:
+                self._warm_overheads.setdefault(run.script, []).append(seconds - process)
+            else:
+                figures["overhead_cold"] = seconds - process
         if warm and not imported and isinstance(prefix, int | float) and run.recorded_prefix > 0:
             # Only a fully warm child (it imported nothing the server lacked) shows the whole saving.
             figures["saving"] = run.recorded_prefix - prefix
+            figures["warm_prefix"] = prefix
         record_costs(self.config, run.script, figures)
 
     def _compare(self, run: RunPlan, replayed_rows: Sequence[Sequence[Any]]) -> tuple[Mismatch, ...]:

@@ -22,10 +22,19 @@ if TYPE_CHECKING:  # the rewrite package imports libcst; a replaying script neve
 PROGRESS_FD_ENV = "FLOR_REPLAY_PROGRESS_FD"
 
 #: Seconds a replay process costs outside its own lifetime before one was measured: a fork from a
-#: warm server; or a fresh interpreter's spawn and teardown (its start-up is in the recorded prefix).
-DEFAULT_OVERHEAD = {True: 0.02, False: 0.15}
+#: warm server (with the job's snapshot and store slice written out: bench_scale's per-job
+#: overhead, 0.18 s on the idle 2-core dev machine); or a fresh interpreter's spawn and teardown
+#: (its start-up is in the recorded prefix).
+DEFAULT_OVERHEAD = {True: 0.15, False: 0.15}
 #: Seconds to commit a run's replay journal (hindsight/_journal.py) before one was measured.
 DEFAULT_JOURNAL = 0.05
+#: Seconds a new warm server costs its first job beyond the recorded start-up (interpreter and the
+#: script's imports, which the server preloads) before one was measured: the server's own start and
+#: its first fork. bench/bench_estimate.py learned 0.5 s beyond a 3.0 s recorded start-up on the
+#: 2-core dev machine (2026-12-03, load 6).
+DEFAULT_SERVER = 0.5
+#: Driver seconds to prepare one run's jobs (the snapshot's archive, the store slice) before measured.
+DEFAULT_PREPARE = 0.03
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -93,23 +102,47 @@ class StartCosts:
     warm: bool = False  # warm starts are on
     live: frozenset[str] = frozenset()  # scripts whose warm server is already up
     saving: Mapping[str, float] = field(default_factory=dict)  # script -> prefix seconds a warm start skips
+    #: script -> the prefix seconds of a fully warm replay process, as measured: unlike ``saving`` it
+    #: does not carry the noise of the one recorded run it was measured against to every other run.
+    warm_prefix: Mapping[str, float] = field(default_factory=dict)
     overhead: Mapping[tuple[str, bool], float] = field(default_factory=dict)  # (script, warm) -> seconds
     journal: Mapping[str, float] = field(default_factory=dict)  # script -> seconds to commit a replay journal
+    server: Mapping[str, float] = field(default_factory=dict)  # script -> seconds a new warm server cost its first job
+    prepare: Mapping[str, float] = field(default_factory=dict)  # script -> driver seconds to prepare a run's jobs
 
     def bookkeeping(self, script: str) -> float:
         """Seconds a replayed run of ``script`` spends after its processes: committing its journal."""
         return self.journal.get(script, DEFAULT_JOURNAL)
 
+    def server_start(self, script: str, startup: float) -> float:
+        """Seconds the job that starts ``script``'s warm server waits before its process forks.
+
+        As a replay measured it; before any did, the recorded ``startup`` (interpreter and the
+        script's imports: the server pays them again, preloading the same modules) plus
+        :data:`DEFAULT_SERVER`.
+        """
+        learned = self.server.get(script)
+        return learned if learned is not None else startup + DEFAULT_SERVER
+
+    def preparing(self, script: str) -> float:
+        """Driver seconds to prepare one run's jobs of ``script`` before they can start."""
+        return self.prepare.get(script, DEFAULT_PREPARE)
+
     def seconds(self, script: str, warm: bool, prefix: float, startup: float = 0.0) -> float:
         """Seconds to add to the recorded timings' estimate for one process of ``script``.
 
         Every start costs its overhead outside the process; a warm start skips the imports of the
-        recorded prefix (never more than the prefix): as a replay measured them, or before any did,
-        the recorded ``startup`` (interpreter and imports before the run's first flor call).
+        recorded prefix (never more than the prefix): its prefix takes what a fully warm replay
+        process's prefix measured (``warm_prefix``); before one did, the recorded prefix less the
+        measured ``saving``, or less the recorded ``startup`` (interpreter and imports before the
+        run's first flor call).
         """
         overhead = self.overhead.get((script, warm), DEFAULT_OVERHEAD[warm])
         if not warm:
             return overhead
+        measured = self.warm_prefix.get(script)
+        if measured is not None:
+            return overhead - max(prefix - measured, 0.0)
         return overhead - min(self.saving.get(script, startup), prefix)
 
 
@@ -144,13 +177,17 @@ class RunPlan:
     checkpointed: tuple[int, ...]  # main-loop iterations with a checkpoint
     segments: tuple[tuple[int, int], ...]  # [start, stop) of main-loop iterations per worker
     segment_estimates: tuple[float, ...]
-    warm: bool = False  # expected to fork from a warm server that is up by then
+    warm: bool = False  # expected to fork from a warm server (one already up, or one its first job starts)
     recorded_prefix: float = 0.0  # the record's prefix seconds (interpreter start to the main loop)
     old_source: str = ""  # the script as recorded, before propagation (for --diff)
     modules: Mapping[str, str] = field(default_factory=dict)  # path -> propagated text of other modules
     old_modules: Mapping[str, str] = field(default_factory=dict)  # path -> their recorded text (for --diff)
     argv: tuple[str, ...] = ()  # the script's recorded arguments, passed again (before the --kwargs)
     nested: tuple[int, ...] = ()  # the checkpointed iterations that also hold their nested point
+    #: Seconds its first job waits for the warm server it starts (0: a server is up, or an earlier
+    #: run of the script starts it); the script's other jobs cannot fork before it is up either.
+    server_start: float = 0.0
+    prepare: float = 0.0  # driver seconds to prepare its jobs (archive, store slice) before they start
 
     @property
     def version(self) -> str:
@@ -173,18 +210,29 @@ class ReplayPlan:
         """Estimated seconds of the whole replay: the makespan of its jobs over ``workers`` slots.
 
         The jobs queue in plan order and each starts on the first slot that frees up (as
-        ``run_replay`` submits them); a run's bookkeeping (its journal commit) follows its
-        slowest job. With one slot this is the sum of the runs' estimates.
+        ``run_replay`` submits them), once the driver has prepared its run (runs are prepared one
+        after the other, in plan order) and, for a warm job, once its script's warm server is up:
+        the run that starts the server holds every warm job of that script until then. A run's
+        bookkeeping (its journal commit) follows its slowest job. With one slot and nothing to
+        start or prepare this is the sum of the runs' estimates.
         """
         free = [0.0] * max(1, self.workers)  # when each slot is free next
+        ready: dict[str, float] = {}  # script -> when its warm server is up
+        prepared = 0.0  # when the driver has prepared the runs so far
         end = 0.0
         for run in self.runs:
+            prepared += run.prepare
             ends = []
-            for seconds in run.segment_estimates or (run.estimate,):
+            for worker, seconds in enumerate(run.segment_estimates or (run.estimate,)):
                 slot = min(range(len(free)), key=free.__getitem__)
-                free[slot] += seconds
+                begin = max(free[slot], prepared, ready.get(run.script, 0.0) if run.warm else 0.0)
+                if worker == 0 and run.server_start > 0:
+                    ready[run.script] = begin + run.server_start
+                    seconds += run.server_start
+                free[slot] = begin + seconds
                 ends.append(free[slot])
-            bookkeeping = max(0.0, run.estimate - max(run.segment_estimates, default=run.estimate))
+            slowest = max(run.segment_estimates, default=run.estimate - run.server_start)
+            bookkeeping = max(0.0, run.estimate - run.server_start - slowest)
             end = max(end, max(ends) + bookkeeping)
         return end
 

@@ -27,7 +27,11 @@ the body on state it already changed (issue 12.1), so those iterations run in fu
 An estimate is the sum of the recorded seconds of the parts a schedule executes: the prefix,
 each executed iteration (minus its nested loops for V), each restore, and the tail; plus what
 starting the process costs outside those timings, and minus the imports of the prefix when the
-process forks from a warm server (:class:`StartCosts`, learned from earlier replays).
+process forks from a warm server (:class:`StartCosts`, learned from earlier replays). The run
+whose job starts its script's warm server also waits for that start (``RunPlan.server_start``:
+before any replay measured it, the run's recorded start-up, which the server pays again), and
+every run costs the driver its preparation (``RunPlan.prepare``); ``ReplayPlan.estimate`` lays
+the jobs out over the slots with both.
 """
 
 from __future__ import annotations
@@ -286,7 +290,8 @@ def plan_replay(
         outcome = _plan_run(
             run, today.get(run.filename),
             logged_today.get(run.filename, frozenset()).union(*(logged_helpers[p] for p in mine)),
-            wanted, workers, start, warm=run.filename in served, helpers=mine,
+            wanted, workers, start, warm=warm_starts, starts_server=warm_starts and run.filename not in served,
+            helpers=mine,
         )
         if isinstance(outcome, RunPlan):
             planned.append(outcome)
@@ -322,6 +327,7 @@ def _plan_run(
     workers: int,
     start: StartCosts | None,
     warm: bool,
+    starts_server: bool = False,
     helpers: Mapping[str, str] | None = None,
 ) -> RunPlan | SkippedRun:
     def skip(reason: str, unaffected: bool = False) -> SkippedRun:
@@ -384,13 +390,14 @@ def _plan_run(
         return skip(refusal)
     start_seconds = start.seconds(run.filename, warm, costs.prefix, costs.startup) if start is not None else 0.0
     estimates = tuple(costs.estimate(schedule) + start_seconds for schedule in schedules)
+    server_start = start.server_start(run.filename, costs.startup) if start is not None and starts_server else 0.0
     return RunPlan(
         run_id=run.run_id,
         task=run.task,
         script=run.filename,
         snapshot=run.snapshot,
         depth=depth,
-        estimate=max(estimates) + (start.bookkeeping(run.filename) if start is not None else 0.0),
+        estimate=max(estimates) + server_start + (start.bookkeeping(run.filename) if start is not None else 0.0),
         names=tuple(dict.fromkeys(p.name for p in placed)),
         placed=placed,
         not_placed=not_placed,
@@ -408,6 +415,8 @@ def _plan_run(
         old_modules={path: run.old_modules[path] for path in patched},
         argv=run.argv or (),
         nested=nested,
+        server_start=server_start,
+        prepare=start.preparing(run.filename) if start is not None else 0.0,
     )
 
 
