@@ -273,6 +273,8 @@ class BlockPivot:
         out: dict[str, Any] = self._run_columns(codes if keep is None else codes[keep])
         out.update(dimensions)
         for name, c in zip(self.names, chosen, strict=True):
+            if name in dimensions and not c[0].size:
+                continue  # a loop name no run logs: the frame's dimension column is what was asked for
             out[name] = self._value_column(name, c[:3], leaves, leaf_block)
         if keep is None:
             return out
@@ -412,8 +414,8 @@ class BlockPivot:
         """A requested value named like a loop dimension of other runs (script A loops over
         ``epoch``, script B logs ``epoch``) would overwrite that column: refuse, naming both."""
         for code, name in enumerate(self.names):
-            if name not in dimensions:
-                continue
+            if name not in dimensions or not self.rows[code].key.size:
+                continue  # not a dimension, or only one: no run logs it (see columns())
             loop_name = name[: -len("_value")] if name not in self.blocks.names else name
             d = self.blocks.names.index(loop_name)
             filenames = self.runs.columns["filename"]

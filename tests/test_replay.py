@@ -340,3 +340,31 @@ def test_statements_in_an_imported_module_are_replayed_where_the_script_calls_th
     assert frame["scaled"].tolist() == frame["val"].tolist() == [3, 6]
     assert flor.dataframe("factor")["factor"].tolist() == [3]
     assert (project.root / "helper.py").read_text() == HELPER_TODAY  # the work tree is untouched
+
+
+PLAIN = """\
+import sys
+import flordb_build as flor
+
+state = {"w": 0}
+with flor.checkpointing(state=state):
+    for epoch in flor.loop("epoch", range(3)):
+        state["w"] += epoch
+        flor.log("val", state["w"])
+"""
+
+
+def test_restoring_a_checkpoint_of_a_script_without_torch_does_not_import_torch(project: Any) -> None:
+    # Deciding the device for `auto` imported torch in every replay that restored a checkpoint: over a
+    # second per process for a script that never uses it (and a GPU context for nothing).
+    pytest.importorskip("torch")  # installed: otherwise this test could not tell
+    project.write("pyproject.toml", "[tool.flordb_build]\ncheckpoint_every = 1\n")
+    project.write("train.py", PLAIN)
+    project.commit_all("plain")
+    project.run("train.py")
+    project.write("train.py", PLAIN + 'flor.log("torch_loaded", "torch" in sys.modules)\n')
+    project.commit_all("today")
+    done = project.cli("replay", "torch_loaded", "--yes")
+    assert "FAILED" not in done.stdout, done.stdout
+    frame = flor.dataframe("torch_loaded")
+    assert frame["torch_loaded"].tolist() == [False]

@@ -363,6 +363,17 @@ def test_a_loop_name_of_one_script_and_a_value_name_of_another_are_never_mixed(p
     assert apart["epoch"].tolist() == [7]
 
 
+def test_asking_for_a_loop_name_that_no_run_logs_gives_its_dimension_column(project: Project) -> None:
+    # Used to raise IndexError while it built the refusal above (no run logs 'epoch' here).
+    project.write("a.py", "import flordb_build as flor\nfor epoch in flor.loop('epoch', range(3)):\n"
+                  "    flor.log('loss', 1.0 / (epoch + 1))\n")
+    project.run("a.py")
+    frame = flor.dataframe("loss", "epoch")
+    assert frame["epoch"].tolist() == [0, 1, 2]
+    assert frame["loss"].tolist() == [1.0, 0.5, 1.0 / 3]
+    assert list(frame.columns).count("epoch") == 1
+
+
 IN_LOOP_FLUSH = """
 import itertools, threading, time
 import flordb_build as flor

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -346,7 +347,10 @@ class ReplayRun:
         from ..checkpoints import restore_objects
 
         assert self.checkpointer is not None  # the schedule restores only inside flor.checkpointing
-        map_location = "cuda" if self.device() == "cuda" else "cpu"
+        # A script that has not imported torch by now holds no tensor in its state: load to the CPU
+        # without asking torch for a GPU (importing it costs a second or more per process).
+        uses_torch = "torch" in sys.modules or self.spec.device == "cuda"
+        map_location = "cuda" if uses_torch and self.device() == "cuda" else "cpu"
         # The objects come from the project's own hash-verified store, written by the run being
         # replayed: they are the run's own, so pickled ones (a scikit-learn estimator) load too
         # (the user-facing load_checkpoint keeps weights_only=True). The generators, gradients and
