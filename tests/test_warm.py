@@ -89,7 +89,8 @@ def test_a_kept_server_serves_the_next_replay_with_what_the_last_one_imported(pr
     # cost, issue 16); its forks waited for the server (to start, to preload what the first child
     # imported), so no fork overhead was learned from them.
     costs = json.loads((project.root / ".flor" / "replay_costs.json").read_text())
-    assert costs["train.py"]["server"] > 0 and costs["train.py"]["prepare"] > 0
+    # (The server's cost beyond a fork's estimate may be ~0 for a script this small: learned, not positive.)
+    assert costs["train.py"]["server"] >= 0 and costs["train.py"]["prepare"] > 0
     assert "overhead_warm" not in costs["train.py"]
 
     (server,) = project_servers(load_config())
