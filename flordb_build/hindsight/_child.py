@@ -26,7 +26,7 @@ PREPARE = f"{MODULE}:prepare_warm_child"
 #: What a warm server imports before it forks (``_warm.WarmPool``): flordb_build and its replay
 #: mode, imported once instead of in every child. Its command line is taken in the child
 #: (:func:`prepare_warm_child`), the replay spec when the script's first ``flor`` call starts the run.
-WARM_PRELOAD = ("flordb_build", MODULE, "flordb_build.hindsight._mode")
+WARM_PRELOAD = ("flordb_build", MODULE, "flordb_build.hindsight._mode", "flordb_build.objects")
 
 
 def install_replay_mode() -> None:

@@ -97,16 +97,32 @@ def _private_dir(root: Path) -> Path:
     return root
 
 
+#: (site directories, their modification times) -> fingerprint: listing a large site-packages on
+#: every job cost more than the rest of picking its server.
+_FINGERPRINTS: dict[tuple[tuple[str, int], ...], str] = {}
+
+
 def _installed_fingerprint() -> str:
     """Names of the installed distributions (a pip install or upgrade changes them)."""
     import sysconfig
 
+    paths = sorted({sysconfig.get_path(key) for key in ("purelib", "platlib")})
+    stamps = []
+    for path in paths:
+        try:
+            stamps.append((path, os.stat(path).st_mtime_ns))  # adding or removing a .dist-info changes it
+        except OSError:
+            stamps.append((path, -1))
+    cached = _FINGERPRINTS.get(tuple(stamps))
+    if cached is not None:
+        return cached
     names: list[str] = []
-    for key in ("purelib", "platlib"):
-        path = sysconfig.get_path(key)
+    for path in paths:
         with contextlib.suppress(OSError):
             names.extend(n for n in os.listdir(path) if n.endswith((".dist-info", ".egg-info", ".pth")))
-    return hashlib.sha256("\n".join(sorted(set(names))).encode()).hexdigest()
+    fingerprint = hashlib.sha256("\n".join(sorted(set(names))).encode()).hexdigest()
+    _FINGERPRINTS[tuple(stamps)] = fingerprint
+    return fingerprint
 
 
 def server_environment(env: Mapping[str, str]) -> dict[str, str]:
