@@ -306,20 +306,15 @@ def _project_root(payload: JobPayload) -> Path | None:
 def ray_worker_setup() -> dict[str, Any]:
     """``RayExecutor(worker_setup=...)``: once per Ray worker process, its warm pool for :func:`run_job`.
 
-    The pool is node-local (sockets under this node's runtime directory, named by the Ray node)
-    and needs no checkout of the project; the servers it starts are owned by this worker and end
-    with it, so with the Ray session (``_warm.WarmPool.for_node``).
+    The pool is node-local (sockets under this machine's runtime directory, in ``ray/``: one
+    name for every Ray session, so what earlier replays imported is preloaded next time and no
+    directory is left per session) and needs no checkout of the project; the servers it starts
+    are owned by this worker and end with it, so with the Ray session (``_warm.WarmPool.for_node``).
     """
     from ._warm import WarmPool
 
     try:
-        import ray
-
-        node = ray.get_runtime_context().get_node_id()[:16]
-    except (ImportError, AttributeError, RuntimeError):  # not in a Ray worker: this process alone
-        node = f"pid{os.getpid()}"
-    try:
-        return {"pool": WarmPool.for_node(f"ray-{node}")}
+        return {"pool": WarmPool.for_node("ray")}
     except (WarmStartError, OSError) as exc:
         return {"pool_error": str(exc)}
 
