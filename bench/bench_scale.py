@@ -110,13 +110,13 @@ def _project(base: Path, kind: str, runs: int) -> Path:
     return root
 
 
-def _executor(name: str, slots: int) -> Any:
+def _executor(name: str, config: Any, slots: int) -> Any:
     if name == "local":
         return None  # run_replay's default: LocalExecutor with the plan's slots and this machine's warm servers
     if name == "ray":
-        from flordb_build.hindsight._ray import RayExecutor  # type: ignore[import-not-found]
+        from flordb_build.hindsight._execute import make_executor
 
-        return RayExecutor(slots)
+        return make_executor(config, slots, None, "ray")  # as the CLI: each Ray worker's warm pool
     raise BenchError(f"unknown --executor '{name}'; use local or ray")
 
 
@@ -128,7 +128,7 @@ def _replay(root: Path, name: str, slots: int, executor: str) -> tuple[float, fl
     os.chdir(root)
     config = load_config(root)
     plan = prepare_replay([name], workers=slots, config=config)
-    backend = _executor(executor, slots)
+    backend = _executor(executor, config, slots)
     started = time.perf_counter()
     try:
         report = run_replay(plan, backend, config=config)

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from .args import read_params, resolve_arg
-from .cmdline import ARGV_AFTER_KWARGS, PARAMS_FILE
+from .cmdline import ARGV_AFTER_KWARGS, given_params_file
 from .config import Config
 from .errors import FlorBuildError, SnapshotError
 from .journalfile import JournalFile, batch_entry, end_entry, env_entry, run_entry
@@ -845,8 +845,9 @@ class ForkedRun(Run):
 
 def params_file(config: Config) -> Path | None:
     """The params file flor.arg reads: ``--params FILE``, else ``[tool.flordb_build] params``."""
-    if PARAMS_FILE:
-        return Path(PARAMS_FILE)
+    given = given_params_file()  # at call time: a warm replay child takes its command line late
+    if given:
+        return Path(given)
     return config.root / config.params if config.params else None
 
 

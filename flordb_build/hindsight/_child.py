@@ -25,7 +25,11 @@ from ..replaying import REPLAY_ENV
 #: ``python -m`` this module to start a replay child (not ``__name__``: that is ``__main__`` then).
 MODULE = "flordb_build.hindsight._child"
 #: What a warm server calls in its forked child before it runs the script (``module:function``).
-PREPARE = f"{MODULE}:install_replay_mode"
+PREPARE = f"{MODULE}:prepare_warm_child"
+#: What a warm server imports before it forks (``_warm.WarmPool``): flordb_build and its replay
+#: mode, imported once instead of in every child. Its command line is taken in the child
+#: (:func:`prepare_warm_child`), the replay spec when the script's first ``flor`` call starts the run.
+WARM_PRELOAD = ("flordb_build", MODULE, "flordb_build.hindsight._mode", "flordb_build.objects")
 #: How often the child looks whether the process that started it is still there.
 PARENT_POLL_SECONDS = 0.1
 
@@ -41,6 +45,16 @@ def install_replay_mode() -> None:
     from ._mode import start_replay_run
 
     SESSION.use_run_starter(start_replay_run)
+
+
+def prepare_warm_child() -> None:
+    """In a child forked from a warm server, with its ``sys.argv`` set: take the command line
+    (``--kwargs``, ``--params``) the server's import of flordb_build could not see, then
+    :func:`install_replay_mode`."""
+    from ..cmdline import retake
+
+    retake()
+    install_replay_mode()
 
 
 def run_as_main(argv: Sequence[str]) -> None:

@@ -158,9 +158,14 @@ def make_executor(config: Config, slots: int, warm: bool | None, kind: str = "lo
     if kind == "local":
         return local_executor(config, slots, warm)
     if kind == "ray":
+        from ._executors import ray_worker_setup
         from ._ray import RayExecutor
+        from ._warm import warm_settings
 
-        return RayExecutor(slots, address)
+        enabled, _keep = warm_settings(config)
+        # Each Ray worker makes its node-local warm pool once; cold starts when warm starts are off.
+        setup = ray_worker_setup if (enabled if warm is None else warm) else None
+        return RayExecutor(slots, address, worker_setup=setup)
     raise ReplayError(f"unknown replay executor '{kind}': use 'local' or 'ray'.")
 
 

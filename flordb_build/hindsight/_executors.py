@@ -19,7 +19,8 @@ it, or the project's remote ``objects`` URL), and ``replay_links`` inputs, linke
 exist on the worker.
 
 Backends: :class:`LocalExecutor` (threads, each waiting on its job's child process; the warm
-pool of this machine) and ``_ray.RayExecutor``.
+pool of this machine) and ``_ray.RayExecutor``, whose worker processes each make a node-local
+warm pool once (:func:`ray_worker_setup`, its ``worker_setup``) and pass it to every job they run.
 """
 
 from __future__ import annotations
@@ -168,15 +169,18 @@ def cancel_jobs(keys: set[str]) -> None:
     RUNNING.cancel(keys)
 
 
-def run_job(payload: JobPayload, progress: Progress, *, pool: WarmPool | None = None) -> JobReply:
+def run_job(
+    payload: JobPayload, progress: Progress, *, pool: WarmPool | None = None, pool_error: str | None = None
+) -> JobReply:
     """The worker side (pure function of the payload; never raises for a script failure).
 
     :param pool: this machine's warm servers; None starts the child in a fresh interpreter.
+    :param pool_error: why this worker has no pool (a note of a job that asked for a warm start).
     """
     started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="flor-job-"))
     try:
-        return _run(payload, tmp, progress, started, pool)
+        return _run(payload, tmp, progress, started, pool, pool_error)
     except (FlorBuildError, OSError, sqlite3.Error, subprocess.CalledProcessError, ValueError) as exc:
         return JobReply(
             payload.key, False, None, f"the replay job could not be set up or read back: {exc}",
@@ -186,7 +190,9 @@ def run_job(payload: JobPayload, progress: Progress, *, pool: WarmPool | None = 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _run(payload: JobPayload, tmp: Path, progress: Progress, started: float, pool: WarmPool | None) -> JobReply:
+def _run(
+    payload: JobPayload, tmp: Path, progress: Progress, started: float, pool: WarmPool | None, pool_error: str | None
+) -> JobReply:
     from ..snapshot import extract_snapshot
     from ._slice import read_staged
 
@@ -219,7 +225,7 @@ def _run(payload: JobPayload, tmp: Path, progress: Progress, started: float, poo
     snapshot_paths = [tree / p for p in payload.import_paths]
     child_env = _with_paths(env, snapshot_paths)
     argv = [str(tree / payload.script), *payload.argv]
-    notes: list[str] = []
+    notes: list[str] = [f"started cold: {pool_error}"] if pool is None and payload.warm and pool_error else []
     fresh_server = False
     with open(tmp / "output.log", "wb") as output:
         proc: WarmProcess | subprocess.Popen[bytes] | None = None
@@ -253,7 +259,7 @@ def _run(payload: JobPayload, tmp: Path, progress: Progress, started: float, poo
     outcome = json.loads(result_path.read_text(encoding="utf-8")) if result_path.exists() else None
     imported = _read_modules(tmp / "modules.json") if warm else []
     if warm and pool is not None:
-        pool.learn(payload.env, imported)
+        pool.learn(payload.env, imported, _project_root(payload))
     notes.extend((outcome or {}).get("notes", ()))
     if code != 0 or outcome is None or outcome.get("status") != "ok":
         reason = (outcome or {}).get("error") or f"exit status {code}"
@@ -278,10 +284,11 @@ def _start_warm(
     child_env = {**child_env, REPLAY_ENV: dataclasses.replace(spec, progress_fd=None).to_json()}
     try:
         # payload.env picks the server: it holds nothing of this job's temporary directory.
-        server, fresh = pool.server_for(payload.env, payload.sources.get(payload.script, ""))
+        root = _project_root(payload)
+        server, fresh = pool.server_for(payload.env, payload.sources.get(payload.script, ""), root)
         process = server.run(
             argv, tree, child_env, {1: output, 2: output}, {PROGRESS_FD_ENV: progress_fd},
-            preload=pool.learned(payload.env), modules_out=tmp / "modules.json",
+            preload=pool.learned(payload.env, root), modules_out=tmp / "modules.json",
             exclude=(Path(payload.project_root),) if payload.project_root else (),
             path_prepend=snapshot_paths, prepare=PREPARE,
         )
@@ -289,6 +296,27 @@ def _start_warm(
     except (WarmStartError, OSError) as exc:  # a warm start is an optimisation: never fail a replay on it
         notes.append(f"started cold: {exc}")
         return None, False
+
+
+def _project_root(payload: JobPayload) -> Path | None:
+    """The project as its driver names it: one part of the key of a worker pool's server."""
+    return Path(payload.project_root) if payload.project_root else None
+
+
+def ray_worker_setup() -> dict[str, Any]:
+    """``RayExecutor(worker_setup=...)``: once per Ray worker process, its warm pool for :func:`run_job`.
+
+    The pool is node-local (sockets under this machine's runtime directory, in ``ray/``: one
+    name for every Ray session, so what earlier replays imported is preloaded next time and no
+    directory is left per session) and needs no checkout of the project; the servers it starts
+    are owned by this worker and end with it, so with the Ray session (``_warm.WarmPool.for_node``).
+    """
+    from ._warm import WarmPool
+
+    try:
+        return {"pool": WarmPool.for_node("ray")}
+    except (WarmStartError, OSError) as exc:
+        return {"pool_error": str(exc)}
 
 
 def _with_paths(env: Mapping[str, str], paths: list[Path]) -> dict[str, str]:

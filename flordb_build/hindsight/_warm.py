@@ -11,10 +11,17 @@ with the job's argv, working directory, environment and descriptors.
                                          reused across sessions while it lives (replay_keep_warm)
       WarmServer.run(...) -> WarmProcess started by the server; wait() -> exit status
 
-What a server preloads: the imports of the script (read with ``ast``), then every installed
+    WarmPool.for_node(name) (one per Ray worker process, ``_executors.ray_worker_setup``)
+      the same, with no project checkout: keyed by each job's project root as the driver names
+      it, sockets and learned modules in a node-local directory, servers owned by the worker
+      (``--owner``: they exit once it is gone and nobody is connected)
+
+What a server preloads: the imports of the script (read with ``ast``), flordb_build and its replay
+mode (``_child.WARM_PRELOAD``; the child takes its ``--kwargs`` after the fork), then every installed
 module the replayed children imported (reported after each job, remembered in the runtime
-directory for the next server). A module the script's own directory provides is never preloaded,
-and the server refuses a job whose directory shadows a module it has loaded: that job starts cold.
+directory for the next server). A module the script's own directory or the project's import paths
+provide is never preloaded, and the server refuses a job whose directory shadows a module it has
+loaded: that job starts cold.
 
 Settings (``[tool.flordb_build]``): ``replay_warm = false`` turns warm starts off;
 ``replay_keep_warm = SECONDS`` (default 600; 0: stop with the session) is how long an idle server
@@ -42,6 +49,7 @@ from typing import Any
 
 from ..config import DEFAULT_REPLAY_KEEP_WARM, Config
 from ..errors import ConfigError, WarmStartError
+from ._child import WARM_PRELOAD
 from ._warm_server import PROTOCOL
 
 SERVER_SCRIPT = Path(__file__).with_name("_warm_server.py")
@@ -74,6 +82,10 @@ def runtime_dir() -> Path:
     root = Path(base) / "flordb-build" if base and Path(base).is_dir() else (
         Path(tempfile.gettempdir()) / f"flordb-build-{os.getuid()}"
     )
+    return _private_dir(root)
+
+
+def _private_dir(root: Path) -> Path:
     with contextlib.suppress(FileExistsError):
         root.mkdir(mode=0o700)
     info = root.lstat()
@@ -85,16 +97,32 @@ def runtime_dir() -> Path:
     return root
 
 
+#: (site directories, their modification times) -> fingerprint: listing a large site-packages on
+#: every job cost more than the rest of picking its server.
+_FINGERPRINTS: dict[tuple[tuple[str, int], ...], str] = {}
+
+
 def _installed_fingerprint() -> str:
     """Names of the installed distributions (a pip install or upgrade changes them)."""
     import sysconfig
 
+    paths = sorted({sysconfig.get_path(key) for key in ("purelib", "platlib")})
+    stamps = []
+    for path in paths:
+        try:
+            stamps.append((path, os.stat(path).st_mtime_ns))  # adding or removing a .dist-info changes it
+        except OSError:
+            stamps.append((path, -1))
+    cached = _FINGERPRINTS.get(tuple(stamps))
+    if cached is not None:
+        return cached
     names: list[str] = []
-    for key in ("purelib", "platlib"):
-        path = sysconfig.get_path(key)
+    for path in paths:
         with contextlib.suppress(OSError):
             names.extend(n for n in os.listdir(path) if n.endswith((".dist-info", ".egg-info", ".pth")))
-    return hashlib.sha256("\n".join(sorted(set(names))).encode()).hexdigest()
+    fingerprint = hashlib.sha256("\n".join(sorted(set(names))).encode()).hexdigest()
+    _FINGERPRINTS[tuple(stamps)] = fingerprint
+    return fingerprint
 
 
 def server_environment(env: Mapping[str, str]) -> dict[str, str]:
@@ -257,7 +285,9 @@ class WarmServer:
         """
         env_fds = env_fds or {}
         order = list(dict.fromkeys([*fds.values(), *env_fds.values()]))
-        local = local_modules(Path(argv[0]).parent)
+        # The script's directory and the project's import paths come before installed code in the
+        # child: a module they provide must not be taken from the server's preloads.
+        local = local_modules(Path(argv[0]).parent).union(*(local_modules(Path(p)) for p in path_prepend))
         message = {
             "op": "run", "argv": list(argv), "cwd": str(cwd), "env": dict(env),
             "fds": {str(target): order.index(fd) for target, fd in fds.items()},
@@ -341,24 +371,62 @@ def _alive(pid: int) -> bool:
 
 
 class WarmPool:
-    """The warm servers of one replay session, started on first use (see the module docstring)."""
+    """The warm servers of one replay session, started on first use (see the module docstring).
 
-    def __init__(self, config: Config, keep_warm: float) -> None:
+    :param config: the project whose replays this pool starts (its root keys the servers, its
+        store directory is their watch path); None for a worker's pool (:meth:`for_node`).
+    :param directory: where the sockets, logs and learned modules live (default :func:`runtime_dir`).
+    :param watch: the servers exit when it disappears (default: the project's store directory).
+    :param owner: the servers exit once this process is gone and nobody is connected.
+    """
+
+    def __init__(
+        self, config: Config | None, keep_warm: float, *, directory: Path | None = None,
+        watch: Path | None = None, owner: int | None = None,
+    ) -> None:
+        if config is None and watch is None:
+            raise ValueError("a warm pool without a project needs a watch path")
         self.config = config
         self.keep_warm = keep_warm
-        self.dir = runtime_dir()
+        self.dir = directory if directory is not None else runtime_dir()
+        self.watch = watch if watch is not None else config.db_path.parent  # type: ignore[union-attr]
+        self.owner = owner
         self._servers: dict[str, WarmServer | None] = {}
         self._lock = threading.Lock()
 
-    def server_for(self, env: Mapping[str, str], script_source: str) -> tuple[WarmServer, bool]:
+    @classmethod
+    def for_node(cls, name: str, keep_warm: float = DEFAULT_KEEP_WARM) -> WarmPool:
+        """The pool of a worker process (a Ray worker) that has no checkout of the projects it replays.
+
+        Node-local: a private directory ``name`` under :func:`runtime_dir` holds the sockets, and
+        is the servers' watch path; the calling process owns the servers it starts. Pools of other
+        workers with the same ``name`` (the node's) share the servers: a server ends when its owner
+        is gone and no worker is connected to it any more.
+
+        :raises WarmStartError: the runtime directory is not private.
+        """
+        directory = _private_dir(runtime_dir() / name)
+        return cls(None, keep_warm, directory=directory, watch=directory, owner=os.getpid())
+
+    def _root(self, root: Path | None) -> Path:
+        """The project root that keys a job's server: the pool's own, else the job's (as its driver names it)."""
+        if self.config is not None:
+            return self.config.root
+        return root if root is not None else Path("/")
+
+    def server_for(
+        self, env: Mapping[str, str], script_source: str, root: Path | None = None
+    ) -> tuple[WarmServer, bool]:
         """The server for jobs with environment ``env``, and whether it was started for this call.
 
         A server is started (preloading the script's imports and what earlier replays imported)
         when none lives; concurrent callers wait for the same one.
 
+        :param root: the job's project root (a pool of a project uses its own).
         :raises WarmStartError: it cannot be started, or it is not fork-safe.
         """
-        key = server_key(self.config.root, env)
+        root = self._root(root)
+        key = server_key(root, env)
         with self._lock:
             if key in self._servers:
                 server = self._servers[key]
@@ -369,7 +437,7 @@ class WarmPool:
             try:
                 server = connect(self.dir / f"{key}.sock")
                 if server is None:
-                    server, fresh = self._start(key, env, script_source), True
+                    server, fresh = self._start(key, env, script_source, root), True
             except WarmStartError:
                 self._servers[key] = None
                 raise
@@ -380,49 +448,52 @@ class WarmPool:
             self._servers[key] = server
             return server, fresh
 
-    def is_live(self, env: Mapping[str, str]) -> bool:
+    def is_live(self, env: Mapping[str, str], root: Path | None = None) -> bool:
         """Whether a server for ``env`` is up now (a plan's estimate depends on it)."""
-        server = connect(self.dir / f"{server_key(self.config.root, env)}.sock")
+        server = connect(self.dir / f"{server_key(self._root(root), env)}.sock")
         if server is None:
             return False
         server.release()
         return True
 
-    def learned(self, key_env: Mapping[str, str]) -> list[str]:
+    def learned(self, key_env: Mapping[str, str], root: Path | None = None) -> list[str]:
         """Modules earlier replays in this environment imported (the next server preloads them)."""
-        path = self.dir / f"{server_key(self.config.root, key_env)}.modules.json"
+        path = self.dir / f"{server_key(self._root(root), key_env)}.modules.json"
         try:
             names = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return []
         return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
 
-    def learn(self, key_env: Mapping[str, str], modules: Sequence[str]) -> None:
+    def learn(self, key_env: Mapping[str, str], modules: Sequence[str], root: Path | None = None) -> None:
         """Remember ``modules`` (imported by a replayed script) for this environment's next server."""
         if not modules:
             return
         with self._lock:
-            known = self.learned(key_env)
+            known = self.learned(key_env, root)
             merged = list(dict.fromkeys([*known, *modules]))
             if len(merged) == len(known):
                 return
-            path = self.dir / f"{server_key(self.config.root, key_env)}.modules.json"
+            path = self.dir / f"{server_key(self._root(root), key_env)}.modules.json"
             tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
             tmp.write_text(json.dumps(merged), encoding="utf-8")
             os.replace(tmp, path)
 
-    def _start(self, key: str, env: Mapping[str, str], script_source: str) -> WarmServer:
+    def _start(self, key: str, env: Mapping[str, str], script_source: str, root: Path) -> WarmServer:
         sock = self.dir / f"{key}.sock"
         preload_file = self.dir / f"{key}.preload.json"
-        imports = [name for name in script_imports(script_source) if installed_module(name, self.config.root)]
-        preload = list(dict.fromkeys([*imports, *self.learned(env)]))
+        imports = [name for name in script_imports(script_source) if installed_module(name, root)]
+        # flordb_build too: the child would spend more on importing it than on anything else it does
+        # before the script's first flor call (bench/README.md, bench_scale).
+        preload = list(dict.fromkeys([*imports, *WARM_PRELOAD, *self.learned(env, root)]))
         preload_file.write_text(json.dumps(preload), encoding="utf-8")
-        watch = self.config.db_path.parent
+        watch = self.watch
         watch.mkdir(parents=True, exist_ok=True)
         log = self.dir / f"{key}.log"
         command = [
             sys.executable, str(SERVER_SCRIPT), "--socket", str(sock), "--watch", str(watch),
             "--idle", str(self.keep_warm), "--preload-file", str(preload_file), "--log", str(log),
+            *(("--owner", str(self.owner)) if self.owner is not None else ()),
         ]
         # The starter forks the server off, prints its pid and exits: the server outlives this
         # process without being a child anyone must reap. A new session: Ctrl-C here is not for it.

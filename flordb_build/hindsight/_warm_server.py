@@ -1,8 +1,9 @@
 """A warm replay server: imports a run's libraries once, then forks one replay process per job.
 
 Run by path (``python .../_warm_server.py --socket S --watch W --idle N``), never imported: it uses
-the standard library only, so nothing of flordb_build is loaded in the process its children are
-forked from (the script's own ``import flordb_build`` must read the child's ``--kwargs``).
+the standard library only. flordb_build comes in as a preload like any library (``_child.WARM_PRELOAD``):
+its import here read the server's command line, so the child's ``prepare`` step
+(``_child.prepare_warm_child``) takes the child's ``--kwargs`` again once ``sys.argv`` is the script's.
 
 Protocol: one JSON object per packet on an ``AF_UNIX``/``SOCK_SEQPACKET`` socket (packets keep
 their boundaries and carry file descriptors)::
@@ -24,6 +25,9 @@ server's. ``random`` reseeds itself after a fork; numpy's global generator is re
 The server exits when it has had no connection for ``--idle`` seconds (a replay session holds
 one open from its first job to its end), when the ``--watch`` path (the project's store directory) disappears, when its socket path no longer names its socket (another
 server took the name), or on ``stop``. Closing a connection while its child runs kills the child.
+With ``--owner PID`` (a Ray worker's pool, ``_warm.WarmPool.for_node``) it also exits as soon as
+that process is gone and no connection or child is left, idle time or not: a worker's servers end
+with the worker (and so with the Ray session), however it ends.
 """
 
 from __future__ import annotations
@@ -83,10 +87,13 @@ def preloadable_modules(exclude_roots: tuple[str, ...], baseline: set[str] | Non
 class Server:
     """The accept/fork/reap loop (see the module docstring)."""
 
-    def __init__(self, sock_path: str, watch: str, idle: float) -> None:
+    def __init__(self, sock_path: str, watch: str, idle: float, owner: int | None = None) -> None:
         self.sock_path = sock_path
         self.watch = watch
         self.idle = idle
+        self.owner = owner
+        self.owner_gone = False
+        self.owner_fd: int | None = None
         self.selector = selectors.DefaultSelector()
         self.loaded: dict[str, float] = {}  # module -> seconds its import took here
         self.failed: dict[str, str] = {}
@@ -138,6 +145,13 @@ class Server:
         self.inode = os.stat(self.sock_path).st_ino
         self.listener = listener
         self.selector.register(listener, selectors.EVENT_READ, ("accept", None))
+        if self.owner is not None:
+            try:  # a pidfd turns readable when the process exits: no polling, no pid reuse
+                self.owner_fd = os.pidfd_open(self.owner)
+            except OSError:
+                self.owner_gone = True  # it exited before we looked
+            else:
+                self.selector.register(self.owner_fd, selectors.EVENT_READ, ("owner", None))
 
     def serve(self) -> dict[str, Any] | None:
         """Serve until told to exit (returns None) or until a fork (returns the child's request)."""
@@ -155,6 +169,10 @@ class Server:
                         return request  # in the child
                 elif kind == "child":
                     self.reap(key.fileobj, data)  # type: ignore[arg-type]
+                elif kind == "owner":
+                    self.owner_gone = True
+                    self.selector.unregister(key.fileobj)
+                    self.close_owner()
                 self.last_active = time.monotonic()
             if self.should_exit():
                 break
@@ -164,7 +182,7 @@ class Server:
     def should_exit(self) -> bool:
         if self.connections or self.children:
             return False
-        if not os.path.exists(self.watch):
+        if self.owner_gone or not os.path.exists(self.watch):
             return True
         try:
             if os.stat(self.sock_path).st_ino != self.inode:
@@ -287,9 +305,15 @@ class Server:
                 pass
             self.listener.close()
 
+    def close_owner(self) -> None:
+        if self.owner_fd is not None:
+            os.close(self.owner_fd)
+            self.owner_fd = None
+
     def close_in_child(self) -> None:
         """Drop the server's sockets and selector in a forked child."""
         self.selector.close()
+        self.close_owner()
         for conn in self.connections:
             conn.close()
         for pidfd in self.children:
@@ -345,6 +369,7 @@ def become_script(server: Server, request: dict[str, Any]) -> int:
     # As `python script.py` with the job's PYTHONPATH: the script's directory, then the project's
     # own import paths in the snapshot (see hindsight/_execute.py), then the rest.
     sys.path[0:0] = [os.path.dirname(os.path.abspath(script)), *request.get("path_prepend", [])]
+    drop_server_finalizers()
     numpy_random = sys.modules.get("numpy.random")
     if numpy_random is not None:
         numpy_random.seed()  # a fresh interpreter seeds it from the OS; siblings must not share a stream
@@ -375,6 +400,21 @@ def become_script(server: Server, request: dict[str, Any]) -> int:
         except (OSError, ValueError):
             pass
     return code
+
+
+def drop_server_finalizers() -> None:
+    """In a forked child, keep the ``weakref.finalize`` callbacks of the server's objects from running at exit.
+
+    Those objects were made by the server's preloads, and their finalizers clean up the server's
+    state: a ``tempfile.TemporaryDirectory`` a library made at import is the server's, still in
+    use by it and by the siblings. They are the server's to run at its own exit; in every child
+    they would also cost time (torch's library finalizers: ~40 ms a child). Finalizers of objects
+    the child makes, and every ``atexit`` handler, run at the child's exit as usual.
+    """
+    import weakref
+
+    for info in getattr(weakref.finalize, "_registry", {}).values():
+        info.atexit = False
 
 
 def run_script(script: str) -> int:
@@ -420,13 +460,14 @@ def main() -> None:
     parser.add_argument("--watch", required=True, help="exit when this path disappears (the project's store dir)")
     parser.add_argument("--idle", type=float, default=600.0, help="exit after this many idle seconds")
     parser.add_argument("--preload-file", help="a JSON list of modules to import before serving")
+    parser.add_argument("--owner", type=int, help="exit once this process is gone and no connection is left")
     parser.add_argument("--log", help="detach: print the server's pid, exit, and serve on in the background "
                                       "with stdout and stderr appended to this file")
     args = parser.parse_args()
     if args.log:
         detach(args.log)
     del sys.path[0]  # this file's directory: nothing beside it is meant to be importable
-    server = Server(args.socket, args.watch, args.idle)
+    server = Server(args.socket, args.watch, args.idle, args.owner)
     if args.preload_file:
         with open(args.preload_file, encoding="utf-8") as fh:
             server.preload(json.load(fh))
