@@ -48,7 +48,7 @@ def test_skipped_tasks_hashes_come_from_one_query_for_all_of_them(project: Proje
     second.flush()
     store.conn.set_trace_callback(None)
 
-    lookups = [s for s in statements if s.lstrip().upper().startswith("SELECT") and "FROM files" in s]
+    lookups = [s for s in statements if s.lstrip().upper().startswith("SELECT") and "FROM file_sets f WHERE f.path" in s]
     assert len(lookups) == 1
     rows = store.conn.execute(
         "SELECT path, role, sha256, size, mtime_ns FROM files WHERE pipeline_id = 'p2' ORDER BY path"

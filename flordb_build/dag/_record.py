@@ -6,7 +6,7 @@ per Make recipe, all recipes of one ``make`` sharing a pipeline id). Every row i
 store also goes to the pipeline's journal (``_journal.py``), which ``rebuild`` reads back.
 
 File hashes are computed once per content. :class:`FileHasher` looks a file up by
-``(path, size, mtime_ns)`` first in memory, then among the ``files`` rows already stored, and
+``(path, size, mtime_ns)`` first in memory, then among the file facts already stored, and
 reads the file only when neither knows it:
 
     stat(path) -> (path, size, mtime_ns) -> memo? -> files row with same key? -> sha256(file)
@@ -32,6 +32,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from ..filesets import write_file_rows
 from ..redaction import redact_argv, redact_command
 from ..store import Store, write_transaction
 from ._journal import PIPELINE_COLUMNS, PipelineJournal, commit_message, merge_dag_node
@@ -220,7 +221,7 @@ class FileHasher:
             return []
         keys = json.dumps([[u.rel, u.size, u.mtime_ns] for u in unknown])
         rows = self.store.conn.execute(
-            "SELECT (SELECT f.sha256 FROM files f WHERE f.path = json_extract(k.value, '$[0]') "
+            "SELECT (SELECT f.sha256 FROM file_sets f WHERE f.path = json_extract(k.value, '$[0]') "
             "AND f.size = json_extract(k.value, '$[1]') AND f.mtime_ns = json_extract(k.value, '$[2]') "
             "AND f.sha256 IS NOT NULL LIMIT 1) FROM json_each(?) AS k ORDER BY k.key",
             (keys,),
@@ -353,11 +354,8 @@ class BuildRecorder:
                     "actions, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     task_rows,
                 )
-                self.store.conn.executemany(
-                    "INSERT OR REPLACE INTO files (pipeline_id, task, path, role, sha256, size, mtime_ns) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    file_rows,
-                )
+                # An execution with the facts of an earlier one (an up-to-date task) shares its file set.
+                write_file_rows(self.store.conn, file_rows)
             # One append per batch, after the store has it: a pipeline killed before its commit
             # leaves these lines for rebuild (an up-to-date doit run writes one line in all).
             self.journal.append_tasks([list(r[1:]) for r in task_rows], [list(r[1:]) for r in file_rows])
