@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 #: The columns of the ``files`` view, as the ``files`` table of schema 5 had them.
@@ -61,13 +61,19 @@ INSERT_TRIGGER_DDL = (
     "END"
 )
 
+#: The ids of the sets the trigger makes (never shared: a row added to one changes that execution only).
+OWN_SET_PREFIX = "own:"
 _SET_INSERT = "INSERT OR REPLACE INTO file_sets (set_id, path, role, sha256, size, mtime_ns) VALUES (?, ?, ?, ?, ?, ?)"
 _TASK_FILES_UPSERT = "INSERT OR REPLACE INTO task_files (pipeline_id, task, set_id) VALUES (?, ?, ?)"
 
 
+#: One encoder for every set id (``json.dumps`` with options builds a new one per call).
+_ENCODE = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
+
+
 def set_id(facts: Sequence[Sequence[Any]]) -> str:
     """The content address of a file set: sha256 of its ``(path, role, sha256, size, mtime_ns)`` rows in order."""
-    return hashlib.sha256(json.dumps(facts, separators=(",", ":")).encode()).hexdigest()
+    return hashlib.sha256(_ENCODE(facts).encode()).hexdigest()
 
 
 def write_file_rows(conn: sqlite3.Connection, rows: Iterable[Sequence[Any]]) -> None:
@@ -77,13 +83,27 @@ def write_file_rows(conn: sqlite3.Connection, rows: Iterable[Sequence[Any]]) -> 
     replaces the one with the same ``(pipeline_id, task, path, role)``, and an execution's rows
     stored before (an earlier batch) stay beside the new ones. Runs inside the caller's transaction.
     """
-    groups: dict[tuple[str, str], dict[tuple[Any, Any], tuple[Any, ...]]] = {}
+    groups: dict[tuple[str, str], list[tuple[Any, ...]]] = {}
     for row in rows:
-        pipeline_id, task, path, role, *rest = row
-        groups.setdefault((pipeline_id, task), {})[(path, role)] = (path, role, *rest)
+        groups.setdefault((row[0], row[1]), []).append(tuple(row[2:]))
+    write_task_facts(conn, groups)
+
+
+def write_task_facts(
+    conn: sqlite3.Connection,
+    groups: Mapping[tuple[str, str], Sequence[tuple[Any, ...]]],
+    same_as: Mapping[tuple[str, str], str] | None = None,
+) -> None:
+    """:func:`write_file_rows` of rows grouped by execution: ``(pipeline_id, task) -> [(path, role, sha256, size, mtime_ns)]``.
+
+    The roles must be plain ``str`` (a set's id is the hash of its rows as JSON spells them).
+    ``same_as`` names, for some executions, a stored set that holds exactly their rows (the
+    caller compared them: an up-to-date task and its previous execution); it is linked as it is.
+    """
+    same_as = same_as or {}
     if not groups:
         return
-    keys = json.dumps([list(key) for key in groups])
+    keys = _ENCODE([list(key) for key in groups])
     known = conn.execute(
         "SELECT tf.pipeline_id, tf.task, s.path, s.role, s.sha256, s.size, s.mtime_ns "
         "FROM json_each(?) k JOIN task_files tf ON tf.pipeline_id = json_extract(k.value, '$[0]') "
@@ -91,23 +111,38 @@ def write_file_rows(conn: sqlite3.Connection, rows: Iterable[Sequence[Any]]) -> 
         (keys,),
     ).fetchall()
     earlier: dict[tuple[str, str], dict[tuple[Any, Any], tuple[Any, ...]]] = {}
-    for pipeline_id, task, path, role, *rest in known:
-        earlier.setdefault((pipeline_id, task), {})[(path, role)] = (path, role, *rest)
+    for row in known:
+        earlier.setdefault((row[0], row[1]), {})[(row[2], row[3])] = tuple(row[2:])
     sets: dict[str, list[tuple[Any, ...]]] = {}
     links = []
+    shared = set()
     for key, facts in groups.items():
-        merged = {**earlier[key], **facts} if key in earlier else facts
-        ordered = sorted(merged.values(), key=lambda fact: (fact[0], fact[1]))
+        if not facts:
+            continue  # an execution without deps or targets has no set (no rows, as in the table)
+        if key in same_as and key not in earlier and not same_as[key].startswith(OWN_SET_PREFIX):
+            links.append((key[0], key[1], same_as[key]))
+            shared.add(same_as[key])
+            continue
+        if key in earlier:  # rows stored by an earlier batch stay, unless a new row has their key
+            merged = earlier[key]
+            merged.update(((fact[0], fact[1]), tuple(fact)) for fact in facts)
+            ordered = sorted(merged.values())
+        elif len(facts) > 1:
+            # A later row with the same (path, role) replaces an earlier one, as INSERT OR REPLACE did.
+            ordered = sorted({(fact[0], fact[1]): tuple(fact) for fact in facts}.values())
+        else:
+            ordered = [tuple(fact) for fact in facts]
         sid = set_id(ordered)
         sets[sid] = ordered
-        links.append((*key, sid))
+        links.append((key[0], key[1], sid))
+    sets = {sid: facts for sid, facts in sets.items() if sid not in shared}
     stored = {
         sid
         for (sid,) in conn.execute(
             "SELECT DISTINCT set_id FROM file_sets WHERE set_id IN (SELECT value FROM json_each(?))",
-            (json.dumps(list(sets)),),
+            (_ENCODE(list(sets)),),
         )
-    }
+    } if sets else set()
     conn.executemany(_SET_INSERT, [(sid, *fact) for sid, facts in sets.items() if sid not in stored for fact in facts])
     conn.executemany(_TASK_FILES_UPSERT, links)
 

@@ -203,3 +203,22 @@ def test_rows_written_in_two_batches_keep_both_as_the_table_did(project: Project
     p2 = [r for r in files_rows(conn) if r[:2] == ("p2", "infer")]
     assert p2 == [r for r in expected_rows() if r[:2] == ("p2", "infer")]
     store.close()
+
+
+def test_a_set_made_by_the_trigger_is_never_shared_by_a_later_execution(project: Project) -> None:
+    store = Store.open(load_config())
+    conn = store.conn
+    row = ("p1", "prep", "raw.csv", "dep", RAW1.sha256, RAW1.size, RAW1.mtime_ns)
+    conn.execute("INSERT INTO files VALUES (?, ?, ?, ?, ?, ?, ?)", row)  # p1's facts: an own set
+    (own,) = conn.execute("SELECT set_id FROM task_files WHERE pipeline_id = 'p1'").fetchone()
+    assert own == "own:p1/prep"
+    recorder = BuildRecorder(store, "p2")
+    recorder.start_pipeline("doit", ["doit"], {"tasks": []}, started=1.0)
+    conn.execute("UPDATE pipelines SET tool = 'doit', cwd = ?, started = 0 WHERE pipeline_id = 'p2'", (str(project.root),))
+    conn.execute("INSERT INTO pipelines (pipeline_id, tool, cwd, started) VALUES ('p1', 'doit', ?, 0.5)", (str(project.root),))
+    recorder.remember_previous("doit")
+    recorder.queue_task(TaskRecord("prep", TaskStatus.UP_TO_DATE, 2.0, 2.0), [RAW1])
+    recorder.flush()
+    conn.execute("INSERT INTO files VALUES ('p1', 'prep', 'late.txt', 'dep', NULL, NULL, NULL)")  # p1's own, changed
+    assert files_rows(conn) == sorted([row, ("p1", "prep", "late.txt", "dep", None, None, None), ("p2", *row[1:])])
+    store.close()

@@ -271,6 +271,7 @@ class RecordingReporter:
                 "selected": list(selected_tasks or []),
             }
             self._guard(lambda: recorder.start_pipeline("doit", self.argv, dag))
+            self._guard(lambda: recorder.remember_previous("doit"))
         if hasattr(self.inner, "initialize"):
             self.inner.initialize(tasks, selected_tasks)
 

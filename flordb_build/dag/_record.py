@@ -32,7 +32,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from ..filesets import write_file_rows
+from ..filesets import write_task_facts
 from ..redaction import redact_argv, redact_command
 from ..store import Store, write_transaction
 from ._journal import PIPELINE_COLUMNS, PipelineJournal, commit_message, merge_dag_node
@@ -65,6 +65,13 @@ class FileRole(StrEnum):
 
     DEP = "dep"
     TARGET = "target"
+
+
+_ROLE_TEXT = {role: role.value for role in FileRole}
+
+
+def _path_role(fact: tuple[Any, ...]) -> tuple[Any, Any]:
+    return fact[0], fact[1]
 
 
 @dataclass(frozen=True)
@@ -169,6 +176,27 @@ class FileHasher:
         self._memo: dict[tuple[str, int, int], str] = {}
         self._lock = threading.Lock()
 
+    def remember_pipeline(self, pipeline_id: str) -> dict[str, tuple[str, list[tuple[Any, ...]]]]:
+        """Memo the hashes of ``pipeline_id``'s files; its executions' sets, ``task -> (set id, facts)``.
+
+        One query, before the tasks are checked: an up-to-date run then finds every unchanged file
+        in memory (the same ``(path, size, mtime_ns)`` key the store lookup of :meth:`resolve` trusts).
+        """
+        rows = self.store.conn.execute(
+            "SELECT tf.task, tf.set_id, s.path, s.role, s.sha256, s.size, s.mtime_ns "
+            "FROM task_files tf JOIN file_sets s ON s.set_id = tf.set_id WHERE tf.pipeline_id = ?",
+            (pipeline_id,),
+        ).fetchall()
+        sets: dict[str, tuple[str, list[tuple[Any, ...]]]] = {}
+        memo = {}
+        for task, sid, path, role, sha, size, mtime_ns in rows:
+            sets.setdefault(task, (sid, []))[1].append((path, role, sha, size, mtime_ns))
+            if sha is not None and mtime_ns is not None:
+                memo[(path, size, mtime_ns)] = sha
+        with self._lock:
+            self._memo.update(memo)
+        return sets
+
     def fact(self, path: str, role: FileRole) -> FileFact:
         """Stat and (if needed) hash ``path``; a missing or non-regular file gets no hash."""
         observed = self.observe([path], []) if role is FileRole.DEP else self.observe([], [path])
@@ -262,6 +290,8 @@ class BuildRecorder:
         self.journal = PipelineJournal(store.config, pipeline_id)
         self._lock = threading.Lock()
         self._pending: list[tuple[TaskRecord, Sequence[FileFact | FileStat]]] = []
+        #: task -> (set id, facts) of the previous invocation (:meth:`remember_previous`)
+        self._previous: dict[str, tuple[str, list[tuple[Any, ...]]]] = {}
 
     def start_pipeline(
         self, tool: str, argv: Sequence[str], dag: Mapping[str, Any], started: float | None = None
@@ -284,6 +314,22 @@ class BuildRecorder:
             # A later recipe of the same make journals the row without its DAG: the DAG grows
             # one node at a time (add_dag_node), and rewriting all of it per recipe would not scale.
             self.journal.append_pipeline(self.pipeline_row(), with_dag=bool(inserted))
+
+    def remember_previous(self, tool: str) -> None:
+        """Load the facts of the newest earlier invocation of ``tool`` from this directory.
+
+        Its file hashes go to the memo, and a task whose facts turn out the same shares its set
+        without hashing it again: what makes an up-to-date doit run cheap to record (issue 14).
+        """
+        row = self.store.conn.execute(
+            "SELECT pipeline_id FROM pipelines WHERE tool = ? AND cwd = ? AND pipeline_id <> ? "
+            "ORDER BY started DESC LIMIT 1",
+            (tool, os.getcwd(), self.pipeline_id),
+        ).fetchone()
+        if row is not None:
+            previous = self.hasher.remember_pipeline(row[0])
+            with self._lock:
+                self._previous = previous
 
     def add_dag_node(self, node: DagNode) -> None:
         """Add (or replace) one task of the pipeline's DAG JSON (Make learns its DAG one recipe at a time)."""
@@ -343,11 +389,17 @@ class BuildRecorder:
                 )
                 for r, _ in pending
             ]
-            file_rows = [
-                (self.pipeline_id, r.task, f.path, f.role.value, f.sha256, f.size, f.mtime_ns)
-                for r, files in pending
-                for f in files
-            ]
+            # Plain str roles (an enum's .value costs more than the rest of the row).
+            by_task: dict[tuple[str, str], list[tuple[Any, ...]]] = {}
+            for r, files in pending:  # a task queued twice keeps both batches' rows, the later winning
+                by_task.setdefault((self.pipeline_id, r.task), []).extend(
+                    [(f.path, _ROLE_TEXT[f.role], f.sha256, f.size, f.mtime_ns) for f in files]
+                )
+            same_as = {}  # executions whose facts are exactly those of the task's previous set
+            for key, facts in by_task.items():
+                previous = self._previous.get(key[1])
+                if previous is not None and sorted(facts, key=_path_role) == sorted(previous[1], key=_path_role):
+                    same_as[key] = previous[0]
             with write_transaction(self.store.conn):
                 self.store.conn.executemany(
                     "INSERT OR REPLACE INTO tasks (pipeline_id, task, status, reason, started, ended, seconds, "
@@ -355,10 +407,13 @@ class BuildRecorder:
                     task_rows,
                 )
                 # An execution with the facts of an earlier one (an up-to-date task) shares its file set.
-                write_file_rows(self.store.conn, file_rows)
+                write_task_facts(self.store.conn, by_task, same_as)
             # One append per batch, after the store has it: a pipeline killed before its commit
             # leaves these lines for rebuild (an up-to-date doit run writes one line in all).
-            self.journal.append_tasks([list(r[1:]) for r in task_rows], [list(r[1:]) for r in file_rows])
+            self.journal.append_tasks(
+                [list(r[1:]) for r in task_rows],
+                [[task, *fact] for (_, task), facts in by_task.items() for fact in facts],
+            )
 
     def finish_pipeline(self, status: str, exit_code: int | None) -> None:
         """Flush and set the pipeline's end time, status and exit code (then :meth:`commit_journal`)."""
