@@ -396,9 +396,9 @@ class BuildRecorder:
                     [(f.path, _ROLE_TEXT[f.role], f.sha256, f.size, f.mtime_ns) for f in files]
                 )
             same_as = {}  # executions whose facts are exactly those of the task's previous set
-            for key, facts in by_task.items():
+            for key, rows in by_task.items():
                 previous = self._previous.get(key[1])
-                if previous is not None and sorted(facts, key=_path_role) == sorted(previous[1], key=_path_role):
+                if previous is not None and sorted(rows, key=_path_role) == sorted(previous[1], key=_path_role):
                     same_as[key] = previous[0]
             with write_transaction(self.store.conn):
                 self.store.conn.executemany(
