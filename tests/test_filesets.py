@@ -222,3 +222,21 @@ def test_a_set_made_by_the_trigger_is_never_shared_by_a_later_execution(project:
     conn.execute("INSERT INTO files VALUES ('p1', 'prep', 'late.txt', 'dep', NULL, NULL, NULL)")  # p1's own, changed
     assert files_rows(conn) == sorted([row, ("p1", "prep", "late.txt", "dep", None, None, None), ("p2", *row[1:])])
     store.close()
+
+
+def test_a_replay_slice_copies_the_files_rows_through_the_view(project: Project, tmp_path: Path) -> None:
+    from flordb_build.hindsight._slice import build_slice
+
+    store = record(project)
+    store.conn.execute(
+        "INSERT INTO runs (run_id, projid, tstamp, status, started, ended) VALUES ('r1', 'p', 't', 'ok', 100.0, 101.0)"
+    )
+    store.conn.execute("UPDATE tasks SET ended = 50.0")  # every task ended before the run started
+    expected = files_rows(store.conn)
+    config = store.config
+    store.close()
+    sliced = tmp_path / "slice.db"
+    sliced.write_bytes(build_slice(config, "r1", as_of=True))
+    conn = sqlite3.connect(sliced)
+    assert files_rows(conn) == expected == expected_rows()
+    conn.close()
