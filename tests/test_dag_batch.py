@@ -75,6 +75,30 @@ def test_a_file_changed_after_its_task_was_checked_is_never_given_the_old_key(pr
     store.close()
 
 
+def test_a_target_stat_ed_when_its_task_was_checked_is_recorded_as_checked_and_never_trusted_if_changed(
+    project: Project,
+) -> None:
+    (dep,) = settled_files(project, 1)
+    target = project.write("out/0.txt", "built\n")
+    os.utime(target, (OLD, OLD))
+    checked = os.stat("out/0.txt")  # what the doit reporter's get_status saw
+    store = Store.open(load_config())
+    recorder = BuildRecorder(store, "p1")
+    recorder.start_pipeline("test", ["t"], {"tasks": []})
+    target.write_text("rebuilt by a later task, longer\n")  # after the check, before the skip
+    observed = recorder.hasher.observe([dep], ["out/0.txt"], {"out/0.txt": checked})
+    assert [(o.size, o.mtime_ns) for o in observed] == [
+        (len("input 0\n"), OLD * 10**9),
+        (checked.st_size, checked.st_mtime_ns),  # the stat of the check, not a second one
+    ]
+    (_, fact) = recorder.hasher.resolve([observed])[0]
+    # The content changed since that stat: hashed as it is now, and never given the old key.
+    assert fact == FileFact(
+        "out/0.txt", FileRole.TARGET, sha256(target), len("rebuilt by a later task, longer\n"), None
+    )
+    store.close()
+
+
 def test_an_up_to_date_invocation_reuses_the_previous_ones_hashes_and_sets(project: Project) -> None:
     paths = settled_files(project, 20)
     store = Store.open(load_config())

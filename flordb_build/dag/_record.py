@@ -173,6 +173,7 @@ class FileHasher:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.root = store.config.root
+        self._root_prefix = os.path.join(str(self.root), "")
         self._memo: dict[tuple[str, int, int], str] = {}
         self._lock = threading.Lock()
 
@@ -206,28 +207,36 @@ class FileHasher:
         """Facts of a task's deps then targets."""
         return self.resolve([self.observe(deps, targets)])[0]
 
-    def observe(self, deps: Iterable[str], targets: Iterable[str]) -> list[FileFact | FileStat]:
-        """Stat a task's deps then targets now; a file the memo knows is a finished :class:`FileFact`."""
+    def observe(
+        self, deps: Iterable[str], targets: Iterable[str], stats: Mapping[str, os.stat_result] | None = None
+    ) -> list[FileFact | FileStat]:
+        """Stat a task's deps then targets now; a file the memo knows is a finished :class:`FileFact`.
+
+        ``stats``: files stat-ed already when the task was checked (the doit reporter stats every
+        target then, for the missing ones): recorded as they were then, not stat-ed again.
+        """
         now = time.time()
-        prefix = os.path.join(str(self.root), "")
+        prefix = self._root_prefix
         cwd = os.getcwd()  # once per task, not once per file (os.path.abspath asks for it every time)
         cwd_prefix = os.path.join(cwd, "")
+        memo = self._memo  # read without the lock: a dict lookup is atomic, and entries are only ever added
         observed: list[FileFact | FileStat] = []
         for role, paths in ((FileRole.DEP, deps), (FileRole.TARGET, targets)):
             for path in paths:
                 absolute = os.path.normpath(os.path.join(cwd, path)) if _unclean(path) else cwd_prefix + os.fspath(path)
                 rel = (absolute[len(prefix) :] if absolute.startswith(prefix) else absolute).replace(os.sep, "/")
-                try:
-                    st = os.stat(path)
-                except OSError:
-                    observed.append(FileFact(rel, role, None, None, None))
-                    continue
+                st = stats.get(path) if stats else None
+                if st is None:
+                    try:
+                        st = os.stat(path)
+                    except OSError:
+                        observed.append(FileFact(rel, role, None, None, None))
+                        continue
                 if not stat.S_ISREG(st.st_mode):
                     observed.append(FileFact(rel, role, None, None, None))
                     continue
                 racy = now - st.st_mtime_ns / 1e9 < RACY_SECONDS
-                with self._lock:
-                    sha = self._memo.get((rel, st.st_size, st.st_mtime_ns))
+                sha = memo.get((rel, st.st_size, st.st_mtime_ns))
                 if sha is None:
                     observed.append(FileStat(os.fspath(path), rel, role, st.st_size, st.st_mtime_ns, racy))
                 else:
