@@ -9,7 +9,7 @@ Nothing here touches the user's HEAD, branch, index or work tree. The trick is a
 Copying the user's index keeps its stat cache, so ``git add -u`` re-hashes only changed files.
 The ref update is a compare-and-swap: when a concurrent run moved the tip first, we rebuild the
 commit on the new tip and try again, so parallel tasks never lose a snapshot. A commit of one
-file (a pipeline's or a replay's journal) is one ``git fast-import`` that does all three steps.
+file (a pipeline's or a replay's journal) writes its blob, then one ``git fast-import`` does the rest.
 
 Plumbing runs through ``git`` itself rather than GitPython: every call needs its own
 environment (``GIT_INDEX_FILE``), which is plain subprocess work, and importing GitPython would
@@ -361,24 +361,27 @@ def commit_snapshot(root: Path, code_tree: str, journal: Path, journal_path_in_t
 
 def commit_file(root: Path, content: bytes, path_in_tree: str, message: str) -> str:
     """Commit a tree holding only ``content`` at ``path_in_tree`` onto the shadow branch (a replay journal)."""
-    return _import_to_shadow(root, content, path_in_tree, message)
+    return _commit_blob(root, run_git(root, "hash-object", "-w", "--stdin", input=content), path_in_tree, message)
 
 
 def commit_path(root: Path, path_in_tree: str, message: str) -> str:
     """Commit a tree holding only the work-tree file at ``path_in_tree`` (a pipeline journal) onto the shadow branch."""
-    return _import_to_shadow(root, (root / path_in_tree).read_bytes(), path_in_tree, message)
+    # As update-index --add would hash it: the path's attributes apply.
+    blob = run_git(root, "hash-object", "-w", "--", path_in_tree)
+    return _commit_blob(root, blob, path_in_tree, message)
 
 
-def _import_to_shadow(root: Path, content: bytes, path_in_tree: str, message: str) -> str:
-    """Commit a tree holding only ``content`` at ``path_in_tree`` on the shadow tip; the commit sha.
+def _commit_blob(root: Path, blob: str, path_in_tree: str, message: str) -> str:
+    """Commit a tree holding only ``blob`` at ``path_in_tree`` on the shadow tip; the commit sha.
 
-    One ``git fast-import`` writes the blob, the tree and the commit and moves the branch (where
-    ``hash-object``/``update-index``, ``write-tree``, ``commit-tree`` and ``update-ref`` took
-    four processes; a doit run commits its journal this way once per invocation). fast-import
-    moves the ref in a transaction that expects the value it read, and only to a commit that
-    contains it: when a concurrent run moved the tip after our read, it refuses ("Not updating"),
-    and we commit again on the new tip, as :func:`_append_to_shadow` does. It writes so few
-    objects that it leaves them loose (``fastimport.unpackLimit``), not one more pack per commit.
+    The blob is written first (``hash-object -w``: a loose object, compressed once, as
+    ``update-index`` did); then one ``git fast-import`` writes the tree and the commit and moves
+    the branch, where ``write-tree``, ``commit-tree`` and ``update-ref`` took three processes.
+    (The blob goes in loose rather than inline in the import: fast-import would compress a
+    1 MB journal at pack level and then unpack it again, more CPU than the processes it saves.)
+    fast-import moves the ref in a transaction that expects the value it read, and only to a
+    commit that contains it: when a concurrent run moved the tip after our read, it refuses
+    ("Not updating"), and we commit again on the new tip, as :func:`_append_to_shadow` does.
     """
     encoded = message.encode()
     for attempt in range(100):
@@ -393,7 +396,7 @@ def _import_to_shadow(root: Path, content: bytes, path_in_tree: str, message: st
             b"data %d\n%s\n" % (len(encoded), encoded),
             b"from %s\n" % parent.encode() if parent else b"",
             b"deleteall\n",  # the tree holds this one file, not the parent's files
-            b"M 100644 inline %s\ndata %d\n%s\n\n" % (_quote_fast_import_path(path_in_tree), len(content), content),
+            b"M 100644 %s %s\n\n" % (blob.encode(), _quote_fast_import_path(path_in_tree)),
             b"get-mark :1\ndone\n",
         ))
         args = ("fast-import", "--quiet", "--done", "--date-format=now")

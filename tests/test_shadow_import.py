@@ -1,7 +1,7 @@
-"""A file's commit on ``flor.shadow`` in one git process (``fast-import``), as safe as the four it replaces.
+"""A file's commit on ``flor.shadow`` in two git processes, as safe as the four they replace.
 
 ``commit_path`` (a doit/make pipeline's journal) and ``commit_file`` (a replay journal) write the
-blob, tree and commit and move the branch in one ``git fast-import``. What must still hold: the
+blob (``hash-object -w``), then the tree and commit and move the branch in one ``git fast-import``. What must still hold: the
 tree holds only that file (not the parent snapshot's code), concurrent writers lose no commit,
 a live lock is named and left alone, a stale one is removed, and the user's git state is untouched.
 """
@@ -57,7 +57,7 @@ def top_level_git_commands(trace: Path) -> list[str]:
     return names
 
 
-def test_a_journal_commit_is_one_git_process_and_its_tree_holds_only_the_journal(
+def test_a_journal_commit_is_two_git_processes_and_its_tree_holds_only_the_journal(
     project: Project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     project.write("train.py", "print('x')\n")
@@ -74,7 +74,7 @@ def test_a_journal_commit_is_one_git_process_and_its_tree_holds_only_the_journal
 
     commit = snapshot.commit_path(project.root, JOURNAL, "flor pipeline p1\n\nFlor-Pipeline: p1\n")
 
-    assert top_level_git_commands(trace) == ["fast-import"]
+    assert top_level_git_commands(trace) == ["hash-object", "fast-import"]
     monkeypatch.delenv("GIT_TRACE2_EVENT")
     assert project.git("rev-parse", "flor.shadow").strip() == commit
     assert project.git("rev-parse", f"{commit}^").strip() == run_commit
