@@ -27,9 +27,10 @@ from typing import Any
 
 from .config import Config
 from .errors import StoreError
+from .filesets import migrate_files_table
 from .storefile import cannot_write, check_store_file, connect_read_only, create_store_file, not_a_store
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 BUSY_TIMEOUT_MS = 60_000
 #: ``runs.error`` of a run whose process died without closing it (status ``killed``).
 DEAD_RUN_ERROR = "the process died without closing its run"
@@ -157,6 +158,8 @@ TABLES: dict[str, dict[str, Any]] = {
         "indexes": [],
     },
     "files": {
+        # A VIEW since schema 6 (filesets.py): task_files JOIN file_sets, read exactly as the table
+        # it was; the team store and slices still see these columns and this key.
         "columns": {
             "pipeline_id": str,
             "task": str,
@@ -169,6 +172,21 @@ TABLES: dict[str, dict[str, Any]] = {
             "mtime_ns": int,
         },
         "pk": ("pipeline_id", "task", "path", "role"),
+        "indexes": [],
+        "view": True,
+    },
+    "task_files": {
+        # which file set holds the deps and targets of one task execution (filesets.py)
+        "columns": {"pipeline_id": str, "task": str, "set_id": str},
+        "pk": ("pipeline_id", "task"),
+        "without_rowid": True,
+        "indexes": [(("set_id",), False)],
+    },
+    "file_sets": {
+        # the facts of executions, stored once per distinct content (set_id: their sha256)
+        "columns": {"set_id": str, "path": str, "role": str, "sha256": str, "size": int, "mtime_ns": int},
+        "pk": ("set_id", "path", "role"),
+        "without_rowid": True,
         "indexes": [(("sha256",), False), (("path",), False)],
     },
     "envs": {
@@ -474,6 +492,8 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
     db = sqlite_utils.Database(conn)
     with write_transaction(conn):
         for name, spec in TABLES.items():
+            if spec.get("view"):
+                continue  # made below, from the tables it reads
             table = db.table(name)
             if spec.get("without_rowid"):
                 conn.execute(without_rowid_ddl(name, spec))
@@ -482,6 +502,7 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
             _add_missing_columns(conn, name, spec)
             for columns, unique in spec["indexes"]:
                 table.create_index(list(columns), unique=unique, if_not_exists=True)
+        migrate_files_table(conn)  # schema 6: the files table of older stores becomes file sets
         conn.execute(_RUN_LEVEL_INDEX_DDL)
         conn.execute("PRAGMA user_version = " + str(int(SCHEMA_VERSION)))
 

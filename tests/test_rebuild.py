@@ -124,14 +124,16 @@ STORE_TABLES = {
     "tasks": "pipeline_id, task",
     "files": "pipeline_id, task, path, role",
 }
+#: What the files view reads (filesets.py): a recorded store's content-addressed sets rebuild the same.
+FILE_SET_TABLES = {"task_files": "pipeline_id, task", "file_sets": "set_id, path, role"}
 
 
-def store_rows(project: Project) -> dict[str, list[tuple[object, ...]]]:
-    """Every row of every table (envs without `created`), in key order."""
+def store_rows(project: Project, with_sets: bool = False) -> dict[str, list[tuple[object, ...]]]:
+    """Every row of every table (envs without `created`), in key order; the file sets' tables too when asked."""
     conn = sqlite3.connect(project.root / ".flor" / "flor.db")
     try:
         tables = {}
-        for table, key in STORE_TABLES.items():
+        for table, key in {**STORE_TABLES, **(FILE_SET_TABLES if with_sets else {})}.items():
             columns = "env_id, env" if table == "envs" else "*"
             tables[table] = conn.execute(f"SELECT {columns} FROM {table} ORDER BY {key}").fetchall()  # noqa: S608
         return tables
@@ -174,6 +176,29 @@ def test_rebuild_from_git_alone_keeps_doit_and_make_build_context(project: Proje
     assert store_rows(project) == before
     assert [project.cli(*c).stdout for c in commands] == answers
     assert "6 runs (0 killed)" in out and "2 pipelines, 6 tasks" in out
+
+
+def test_rebuild_of_up_to_date_doit_runs_keeps_their_shared_file_sets(project: Project) -> None:
+    ml_project(project)
+    assert doit(project).returncode == 0
+    for path in project.root.rglob("*"):  # settled: hashed just after a write, a file's mtime is not kept
+        if path.is_file() and not {".git", ".flor"} & set(path.relative_to(project.root).parts):
+            os.utime(path, (1_600_000_000, 1_600_000_000))
+    for _ in range(2):  # both find every task up to date; the second's facts are the first's sets
+        assert doit(project).returncode == 0
+    project.write("data/raw.csv", "a\nb\nc\nd\n")  # prep and what follows run again, with new facts
+    assert doit(project).returncode == 0
+    before = store_rows(project, with_sets=True)
+    ids = [r[0] for r in rows(project, "SELECT pipeline_id FROM pipelines ORDER BY started")]
+    sets = {(p, t): s for p, t, s in before["task_files"]}
+    assert len(ids) == 4 and len(before["tasks"]) == 12
+    assert all(sets[(ids[2], task)] == sets[(ids[1], task)] for task in ("prep", "train", "infer"))
+    assert sets[(ids[3], "prep")] != sets[(ids[2], "prep")]
+    assert len(before["files"]) > len(before["file_sets"])  # shared, not copied
+
+    remove(project, ".flor/flor.db", ".flor/runs", ".flor/pipelines")  # git alone is left
+    project.cli("rebuild")
+    assert store_rows(project, with_sets=True) == before
 
 
 KILLED = """

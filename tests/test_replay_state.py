@@ -16,6 +16,7 @@ import pytest
 
 import flordb_build as flor
 from flordb_build.errors import CheckpointError
+from flordb_build.store import SCHEMA_VERSION
 
 torch = pytest.importorskip("torch")
 
@@ -239,7 +240,7 @@ def test_a_store_from_before_argv_is_migrated_and_its_runs_replay_without_flags(
     conn.execute("PRAGMA user_version = 4")
     conn.commit()
     conn.close()
-    assert "schema version 5" in project.cli("migrate").stdout
+    assert f"schema version {SCHEMA_VERSION}" in project.cli("migrate").stdout
     conn = sqlite3.connect(db)
     columns = [row[1] for row in conn.execute("PRAGMA table_info(runs)")]
     (argv,) = conn.execute("SELECT argv FROM runs").fetchone()

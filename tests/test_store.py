@@ -136,10 +136,11 @@ def test_tstamps_are_unique_to_the_microsecond(project: Project) -> None:
 def test_schema_is_created_once_and_opening_twice_is_harmless(project: Project) -> None:
     Store.open(load_config()).close()
     store = Store.open(load_config())
-    tables = {r[0] for r in store.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    tables = {r[0] for r in store.conn.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")}
     journal_mode = store.conn.execute("PRAGMA journal_mode").fetchone()[0]
     store.close()
     assert {"runs", "loops", "logs", "pipelines", "tasks", "files", "envs", "checkpoints", "timings"} <= tables
+    assert {"task_files", "file_sets"} <= tables  # what the files view reads (filesets.py)
     assert journal_mode == "wal"
     assert (project.root / ".flor" / ".gitignore").read_text().splitlines()[-1] == "*"
     assert project.git("status", "--porcelain") == ""

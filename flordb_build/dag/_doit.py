@@ -236,7 +236,8 @@ class RecordingReporter:
         self.forced = forced
         self.argv = argv
         self._lock = threading.Lock()
-        self._checked: dict[str, tuple[float, list[str]]] = {}
+        #: task -> (when doit checked it, its missing targets, the stat of the others)
+        self._checked: dict[str, tuple[float, list[str], dict[str, os.stat_result]]] = {}
         self._started: dict[str, tuple[float, Task]] = {}
 
     # Reporter attributes a caller might read (ConsoleReporter.failures, outstream, ...).
@@ -271,6 +272,7 @@ class RecordingReporter:
                 "selected": list(selected_tasks or []),
             }
             self._guard(lambda: recorder.start_pipeline("doit", self.argv, dag))
+            self._guard(lambda: recorder.remember_previous("doit"))
         if hasattr(self.inner, "initialize"):
             self.inner.initialize(tasks, selected_tasks)
 
@@ -278,9 +280,15 @@ class RecordingReporter:
         if self.recorder is not None:
             # Delayed tasks (create_after) appear only now; adopt them before they run.
             adopt_task(task, self.recorder.pipeline_id)
-            missing = [t for t in task.targets if not os.path.exists(t)]
+            # One stat per target: the missing ones explain a run, and a skipped task's facts reuse the rest.
+            missing, stats = [], {}
+            for target in task.targets:
+                try:
+                    stats[target] = os.stat(target)
+                except OSError:
+                    missing.append(target)
             with self._lock:
-                self._checked[task.name] = (time.time(), missing)
+                self._checked[task.name] = (time.time(), missing, stats)
         self.inner.get_status(task)
 
     def execute_task(self, task: Task) -> None:
@@ -370,12 +378,12 @@ class RecordingReporter:
             return
         now = time.time()
         with self._lock:
-            checked, _ = self._checked.pop(task.name, (now, []))
+            checked, _, stats = self._checked.pop(task.name, (now, [], {}))
         record = TaskRecord(task.name, status, checked, now, actions=[action_text(a) for a in task._actions])
 
         def queue() -> None:
             up_to_date = status is TaskStatus.UP_TO_DATE
-            files = recorder.hasher.observe(sorted(task.file_dep), task.targets) if up_to_date else []
+            files = recorder.hasher.observe(sorted(task.file_dep), task.targets, stats) if up_to_date else []
             recorder.queue_task(record, files)
 
         self._guard(queue)
@@ -386,7 +394,7 @@ class RecordingReporter:
             return
         now = time.time()
         with self._lock:
-            checked, missing = self._checked.pop(task.name, (now, []))
+            checked, missing, _ = self._checked.pop(task.name, (now, [], {}))
             started = self._started.pop(task.name, (checked, task))[0]
         executed = bool(getattr(task, "executed", False)) or status is TaskStatus.EXECUTED
         reason = explain_run(task, missing, self.forced) if executed else None

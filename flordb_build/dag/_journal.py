@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config
+from ..filesets import write_file_rows
 from ..store import TABLES, write_transaction
 
 PIPELINES_DIR = "pipelines"  # under .flor/, on disk and in the commits' trees
@@ -50,9 +51,6 @@ PIPELINE_COLUMNS = tuple(TABLES["pipelines"]["columns"])
 _TASK_UPSERT = (
     "INSERT OR REPLACE INTO tasks (pipeline_id, task, status, reason, started, ended, seconds, actions, error) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
-_FILE_UPSERT = (
-    "INSERT OR REPLACE INTO files (pipeline_id, task, path, role, sha256, size, mtime_ns) VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
 _PIPELINE_UPSERT = (  # the column names come from store.TABLES, not from any input
     "INSERT OR REPLACE INTO pipelines (" + ", ".join(PIPELINE_COLUMNS) + ") VALUES ("  # noqa: S608
@@ -238,7 +236,7 @@ def load_pipeline_journal(conn: sqlite3.Connection, text: str) -> PipelineLoad:
         if pipeline is not None and pipeline["pipeline_id"]:
             conn.execute(_PIPELINE_UPSERT, [pipeline[c] for c in PIPELINE_COLUMNS])
         conn.executemany(_TASK_UPSERT, list(tasks.values()))
-        conn.executemany(_FILE_UPSERT, list(files.values()))
+        write_file_rows(conn, list(files.values()))  # the sets the recorder made: the same content, the same ids
     found = (pipeline or {}).get("pipeline_id") or journal_pipeline_id(text)
     return PipelineLoad(found, len(tasks), skipped)
 

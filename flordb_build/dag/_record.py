@@ -6,7 +6,7 @@ per Make recipe, all recipes of one ``make`` sharing a pipeline id). Every row i
 store also goes to the pipeline's journal (``_journal.py``), which ``rebuild`` reads back.
 
 File hashes are computed once per content. :class:`FileHasher` looks a file up by
-``(path, size, mtime_ns)`` first in memory, then among the ``files`` rows already stored, and
+``(path, size, mtime_ns)`` first in memory, then among the file facts already stored, and
 reads the file only when neither knows it:
 
     stat(path) -> (path, size, mtime_ns) -> memo? -> files row with same key? -> sha256(file)
@@ -32,6 +32,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from ..filesets import write_task_facts
 from ..redaction import redact_argv, redact_command
 from ..store import Store, write_transaction
 from ._journal import PIPELINE_COLUMNS, PipelineJournal, commit_message, merge_dag_node
@@ -64,6 +65,13 @@ class FileRole(StrEnum):
 
     DEP = "dep"
     TARGET = "target"
+
+
+_ROLE_TEXT = {role: role.value for role in FileRole}
+
+
+def _path_role(fact: tuple[Any, ...]) -> tuple[Any, Any]:
+    return fact[0], fact[1]
 
 
 @dataclass(frozen=True)
@@ -165,8 +173,30 @@ class FileHasher:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.root = store.config.root
+        self._root_prefix = os.path.join(str(self.root), "")
         self._memo: dict[tuple[str, int, int], str] = {}
         self._lock = threading.Lock()
+
+    def remember_pipeline(self, pipeline_id: str) -> dict[str, tuple[str, list[tuple[Any, ...]]]]:
+        """Memo the hashes of ``pipeline_id``'s files; its executions' sets, ``task -> (set id, facts)``.
+
+        One query, before the tasks are checked: an up-to-date run then finds every unchanged file
+        in memory (the same ``(path, size, mtime_ns)`` key the store lookup of :meth:`resolve` trusts).
+        """
+        rows = self.store.conn.execute(
+            "SELECT tf.task, tf.set_id, s.path, s.role, s.sha256, s.size, s.mtime_ns "
+            "FROM task_files tf JOIN file_sets s ON s.set_id = tf.set_id WHERE tf.pipeline_id = ?",
+            (pipeline_id,),
+        ).fetchall()
+        sets: dict[str, tuple[str, list[tuple[Any, ...]]]] = {}
+        memo = {}
+        for task, sid, path, role, sha, size, mtime_ns in rows:
+            sets.setdefault(task, (sid, []))[1].append((path, role, sha, size, mtime_ns))
+            if sha is not None and mtime_ns is not None:
+                memo[(path, size, mtime_ns)] = sha
+        with self._lock:
+            self._memo.update(memo)
+        return sets
 
     def fact(self, path: str, role: FileRole) -> FileFact:
         """Stat and (if needed) hash ``path``; a missing or non-regular file gets no hash."""
@@ -177,28 +207,36 @@ class FileHasher:
         """Facts of a task's deps then targets."""
         return self.resolve([self.observe(deps, targets)])[0]
 
-    def observe(self, deps: Iterable[str], targets: Iterable[str]) -> list[FileFact | FileStat]:
-        """Stat a task's deps then targets now; a file the memo knows is a finished :class:`FileFact`."""
+    def observe(
+        self, deps: Iterable[str], targets: Iterable[str], stats: Mapping[str, os.stat_result] | None = None
+    ) -> list[FileFact | FileStat]:
+        """Stat a task's deps then targets now; a file the memo knows is a finished :class:`FileFact`.
+
+        ``stats``: files stat-ed already when the task was checked (the doit reporter stats every
+        target then, for the missing ones): recorded as they were then, not stat-ed again.
+        """
         now = time.time()
-        prefix = os.path.join(str(self.root), "")
+        prefix = self._root_prefix
         cwd = os.getcwd()  # once per task, not once per file (os.path.abspath asks for it every time)
         cwd_prefix = os.path.join(cwd, "")
+        memo = self._memo  # read without the lock: a dict lookup is atomic, and entries are only ever added
         observed: list[FileFact | FileStat] = []
         for role, paths in ((FileRole.DEP, deps), (FileRole.TARGET, targets)):
             for path in paths:
                 absolute = os.path.normpath(os.path.join(cwd, path)) if _unclean(path) else cwd_prefix + os.fspath(path)
                 rel = (absolute[len(prefix) :] if absolute.startswith(prefix) else absolute).replace(os.sep, "/")
-                try:
-                    st = os.stat(path)
-                except OSError:
-                    observed.append(FileFact(rel, role, None, None, None))
-                    continue
+                st = stats.get(path) if stats else None
+                if st is None:
+                    try:
+                        st = os.stat(path)
+                    except OSError:
+                        observed.append(FileFact(rel, role, None, None, None))
+                        continue
                 if not stat.S_ISREG(st.st_mode):
                     observed.append(FileFact(rel, role, None, None, None))
                     continue
                 racy = now - st.st_mtime_ns / 1e9 < RACY_SECONDS
-                with self._lock:
-                    sha = self._memo.get((rel, st.st_size, st.st_mtime_ns))
+                sha = memo.get((rel, st.st_size, st.st_mtime_ns))
                 if sha is None:
                     observed.append(FileStat(os.fspath(path), rel, role, st.st_size, st.st_mtime_ns, racy))
                 else:
@@ -220,7 +258,7 @@ class FileHasher:
             return []
         keys = json.dumps([[u.rel, u.size, u.mtime_ns] for u in unknown])
         rows = self.store.conn.execute(
-            "SELECT (SELECT f.sha256 FROM files f WHERE f.path = json_extract(k.value, '$[0]') "
+            "SELECT (SELECT f.sha256 FROM file_sets f WHERE f.path = json_extract(k.value, '$[0]') "
             "AND f.size = json_extract(k.value, '$[1]') AND f.mtime_ns = json_extract(k.value, '$[2]') "
             "AND f.sha256 IS NOT NULL LIMIT 1) FROM json_each(?) AS k ORDER BY k.key",
             (keys,),
@@ -261,6 +299,8 @@ class BuildRecorder:
         self.journal = PipelineJournal(store.config, pipeline_id)
         self._lock = threading.Lock()
         self._pending: list[tuple[TaskRecord, Sequence[FileFact | FileStat]]] = []
+        #: task -> (set id, facts) of the previous invocation (:meth:`remember_previous`)
+        self._previous: dict[str, tuple[str, list[tuple[Any, ...]]]] = {}
 
     def start_pipeline(
         self, tool: str, argv: Sequence[str], dag: Mapping[str, Any], started: float | None = None
@@ -283,6 +323,22 @@ class BuildRecorder:
             # A later recipe of the same make journals the row without its DAG: the DAG grows
             # one node at a time (add_dag_node), and rewriting all of it per recipe would not scale.
             self.journal.append_pipeline(self.pipeline_row(), with_dag=bool(inserted))
+
+    def remember_previous(self, tool: str) -> None:
+        """Load the facts of the newest earlier invocation of ``tool`` from this directory.
+
+        Its file hashes go to the memo, and a task whose facts turn out the same shares its set
+        without hashing it again: what makes an up-to-date doit run cheap to record (issue 14).
+        """
+        row = self.store.conn.execute(
+            "SELECT pipeline_id FROM pipelines WHERE tool = ? AND cwd = ? AND pipeline_id <> ? "
+            "ORDER BY started DESC LIMIT 1",
+            (tool, os.getcwd(), self.pipeline_id),
+        ).fetchone()
+        if row is not None:
+            previous = self.hasher.remember_pipeline(row[0])
+            with self._lock:
+                self._previous = previous
 
     def add_dag_node(self, node: DagNode) -> None:
         """Add (or replace) one task of the pipeline's DAG JSON (Make learns its DAG one recipe at a time)."""
@@ -342,25 +398,31 @@ class BuildRecorder:
                 )
                 for r, _ in pending
             ]
-            file_rows = [
-                (self.pipeline_id, r.task, f.path, f.role.value, f.sha256, f.size, f.mtime_ns)
-                for r, files in pending
-                for f in files
-            ]
+            # Plain str roles (an enum's .value costs more than the rest of the row).
+            by_task: dict[tuple[str, str], list[tuple[Any, ...]]] = {}
+            for r, files in pending:  # a task queued twice keeps both batches' rows, the later winning
+                by_task.setdefault((self.pipeline_id, r.task), []).extend(
+                    [(f.path, _ROLE_TEXT[f.role], f.sha256, f.size, f.mtime_ns) for f in files]
+                )
+            same_as = {}  # executions whose facts are exactly those of the task's previous set
+            for key, rows in by_task.items():
+                previous = self._previous.get(key[1])
+                if previous is not None and sorted(rows, key=_path_role) == sorted(previous[1], key=_path_role):
+                    same_as[key] = previous[0]
             with write_transaction(self.store.conn):
                 self.store.conn.executemany(
                     "INSERT OR REPLACE INTO tasks (pipeline_id, task, status, reason, started, ended, seconds, "
                     "actions, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     task_rows,
                 )
-                self.store.conn.executemany(
-                    "INSERT OR REPLACE INTO files (pipeline_id, task, path, role, sha256, size, mtime_ns) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    file_rows,
-                )
+                # An execution with the facts of an earlier one (an up-to-date task) shares its file set.
+                write_task_facts(self.store.conn, by_task, same_as)
             # One append per batch, after the store has it: a pipeline killed before its commit
             # leaves these lines for rebuild (an up-to-date doit run writes one line in all).
-            self.journal.append_tasks([list(r[1:]) for r in task_rows], [list(r[1:]) for r in file_rows])
+            self.journal.append_tasks(
+                [list(r[1:]) for r in task_rows],
+                [[task, *fact] for (_, task), facts in by_task.items() for fact in facts],
+            )
 
     def finish_pipeline(self, status: str, exit_code: int | None) -> None:
         """Flush and set the pipeline's end time, status and exit code (then :meth:`commit_journal`)."""
