@@ -83,7 +83,9 @@ def faults(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     project = Project(base / "proj")
     project.root.mkdir()
     project.git("init", "-q", "-b", "main")
-    project.write("pyproject.toml", "[tool.flordb_build]\ncheckpoint_every = 1\n")
+    # Cold starts: these scenarios count each replay as its Ray worker's child and the process its
+    # script starts; warm-forked jobs on Ray are the subject of tests/test_replay_ray_warm.py.
+    project.write("pyproject.toml", "[tool.flordb_build]\ncheckpoint_every = 1\nreplay_warm = false\n")
     project.write("train.py", SCRIPT % "")
     project.commit_all("train")
     env = {"FLORDB_BUILD_REPLAY_KEEP_WARM": "0"}
