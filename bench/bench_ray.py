@@ -12,7 +12,13 @@ Targets: speedup >= 3.4x (85 % of the ideal 4x), per-job overhead <= 0.15 s (slo
 sum of job seconds, over jobs), cluster start <= 15 s. The cluster runs in a loopback-only network
 and PID namespace (``unshare``, root), as the tests do; this script re-runs itself inside one.
 
-Run: ``.venv/bin/python bench/bench_ray.py [--jobs 64] [--seconds 1.0] [--repeats 3]``
+``--replays``: instead of the stand-in jobs, real hindsight replays on the same cluster: bench_scale's
+``sleep`` project (``--jobs`` recorded runs whose suffix sleeps ``--seconds``), one ``run_replay`` of
+all runs with ``--executor ray --address`` the cluster (each Ray worker's node-local warm server, as the
+CLI builds it) against one ``run_replay`` with 1 local slot (sequential, warm). Per-job overhead is
+``(1-slot wall - jobs x seconds) / jobs``, as bench_scale computes it.
+
+Run: ``.venv/bin/python bench/bench_ray.py [--jobs 64] [--seconds 1.0] [--repeats 3] [--replays]``
 (when ``uptime``'s load is over 1.5 the figures are loaded ones: say so).
 """
 
@@ -32,12 +38,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import REPO_ROOT, median, print_table, spread  # noqa: E402
+from _common import REPO_ROOT, median, print_table, remove_tree, spread  # noqa: E402
 
 SLOTS = 4
 
 
-def measure_inside(jobs: int, seconds: float, repeats: int) -> dict[str, Any]:
+def measure_inside(jobs: int, seconds: float, repeats: int, replays: bool) -> dict[str, Any]:
     """In the namespace: the sequential run, then the cluster's start and ``repeats`` runs on it."""
     sys.path.insert(0, str(REPO_ROOT))
     import ray
@@ -46,6 +52,9 @@ def measure_inside(jobs: int, seconds: float, repeats: int) -> dict[str, Any]:
     from flordb_build.hindsight._ray import RayExecutor
     from tests.ray_jobs import SleepPayload, failure_reply, run_sleep_job
     from tests.ray_scenario import node_args
+
+    if replays:
+        return _measure_replays(jobs, seconds, repeats, Cluster, node_args)
 
     def payloads(tag: str) -> list[SleepPayload]:
         return [SleepPayload(key=f"{tag}{index}", snapshot_sha="s", snapshot_tar=b"x" * 1024, seconds=seconds)
@@ -59,16 +68,9 @@ def measure_inside(jobs: int, seconds: float, repeats: int) -> dict[str, Any]:
     sequential = time.monotonic() - began
 
     temp_dir = tempfile.mkdtemp(prefix="frb-", dir="/tmp")
-    began = time.monotonic()
-    cluster = Cluster(initialize_head=True, head_node_args=node_args(temp_dir))
+    cluster, head_s, start = _start_cluster(Cluster, node_args, temp_dir)
     try:
-        head_s = time.monotonic() - began
-        # wait=False: the worker nodes start side by side; wait_for_nodes waits for all of them.
-        for _ in range(SLOTS - 1):
-            cluster.add_node(wait=False, **node_args(temp_dir))
-        cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
-        start = time.monotonic() - began
         walls = []
         for repeat in range(repeats):
             executor = RayExecutor(job_function=run_sleep_job, failure_reply=failure_reply)
@@ -87,32 +89,108 @@ def measure_inside(jobs: int, seconds: float, repeats: int) -> dict[str, Any]:
     return {"sequential_s": sequential, "cluster_start_s": start, "head_start_s": head_s, "cluster_walls_s": walls}
 
 
+def _start_cluster(cluster_class: Any, node_args: Any, temp_dir: str) -> tuple[Any, float, float]:
+    """A 4-node cluster: (cluster, head seconds, total seconds). ``wait=False``: the worker nodes
+    start side by side; ``wait_for_nodes`` waits for all of them."""
+    began = time.monotonic()
+    cluster = cluster_class(initialize_head=True, head_node_args=node_args(temp_dir))
+    head_s = time.monotonic() - began
+    for _ in range(SLOTS - 1):
+        cluster.add_node(wait=False, **node_args(temp_dir))
+    cluster.wait_for_nodes()
+    return cluster, head_s, time.monotonic() - began
+
+
+def _measure_replays(jobs: int, seconds: float, repeats: int, cluster_class: Any, node_args: Any) -> dict[str, Any]:
+    """Real replays of bench_scale's sleep project: 1 local slot vs the 4-node cluster, interleaved."""
+    import bench_scale
+    import ray
+
+    from flordb_build.config import load_config
+    from flordb_build.hindsight import prepare_replay, run_replay
+    from flordb_build.hindsight._execute import make_executor
+    from flordb_build.hindsight._warm import project_servers
+
+    base = Path(tempfile.mkdtemp(prefix="bench-ray-replays-", dir="/tmp"))
+    temp_dir = tempfile.mkdtemp(prefix="frb-", dir="/tmp")
+    cluster = None
+    try:
+        print(f"recording {jobs} runs", file=sys.stderr, flush=True)
+        root = bench_scale._project(base, "sleep", jobs)
+        os.chdir(root)
+        config = load_config(root)
+        cluster, head_s, start = _start_cluster(cluster_class, node_args, temp_dir)
+        ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+
+        def replay(kind: str, slots: int) -> float:
+            print(f"replaying {jobs} runs: {kind}, {slots} slot(s)", file=sys.stderr, flush=True)
+            plan = prepare_replay(["x"], workers=slots, config=config)
+            backend = make_executor(config, slots, None, kind, cluster.address if kind == "ray" else None)
+            began = time.monotonic()
+            try:
+                report = run_replay(plan, backend, config=config)
+            finally:
+                backend.close()
+            wall = time.monotonic() - began
+            if not report.ok or len(report.outcomes) != len(plan.runs):
+                raise RuntimeError(f"{kind} replay with {slots} slot(s) failed: {report.first_error}")
+            return wall
+
+        os.environ["FLORDB_BUILD_REPLAY_KEEP_WARM"] = "300"  # one server per node across the sessions
+        os.environ["BENCH_SLEEP"] = "0"
+        replay("local", 1)  # starts the local warm server; the cluster's first replay starts the nodes' ones
+        replay("ray", SLOTS)
+        os.environ["BENCH_SLEEP"] = str(seconds)
+        sequential, walls = [], []
+        for _ in range(repeats):
+            sequential.append(replay("local", 1))
+            walls.append(replay("ray", SLOTS))
+        for server in project_servers(config):
+            server.stop()
+    finally:
+        ray.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        remove_tree(base)
+    return {"sequential_s": median(sequential), "sequential_walls_s": sequential, "cluster_start_s": start,
+            "head_start_s": head_s, "cluster_walls_s": walls}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--replays", action="store_true",
+                        help="real run_replay of recorded runs (bench_scale's sleep project), not stand-in jobs")
     parser.add_argument("--inside", type=Path, help=argparse.SUPPRESS)  # the namespaced run writes here
     args = parser.parse_args()
     if args.inside:
-        args.inside.write_text(json.dumps(measure_inside(args.jobs, args.seconds, args.repeats)))
+        args.inside.write_text(json.dumps(measure_inside(args.jobs, args.seconds, args.repeats, args.replays)))
         return 0
 
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-ray-") as home:
         out = Path(home) / "figures.json"
+        # Ray writes its address file into $RAY_TMPDIR/ray (default /tmp/ray) and does not create it.
+        (Path(home) / "ray").mkdir()
         env = {**os.environ, "HOME": home, "PYTHONPATH": str(REPO_ROOT), "RAY_USAGE_STATS_ENABLED": "0",
-               "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+               "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_TMPDIR": home}
         inner = (f"ip link set lo up && exec {sys.executable} {Path(__file__).resolve()} --jobs {args.jobs} "
-                 f"--seconds {args.seconds} --repeats {args.repeats} --inside {out}")
+                 f"--seconds {args.seconds} --repeats {args.repeats} --inside {out}{' --replays' if args.replays else ''}")
         subprocess.run(["unshare", "--net", "--pid", "--fork", "--mount-proc", "bash", "-c", inner],
                        env=env, check=True)
         figures = json.loads(out.read_text())
     walls = figures["cluster_walls_s"]
     wall = median(walls)
     speedup = figures["sequential_s"] / wall
-    overhead = (SLOTS * wall - args.jobs * args.seconds) / args.jobs
-    print(f"{args.jobs} jobs of {args.seconds:g} s, {SLOTS}-node cluster, {args.repeats} repeats; "
+    if args.replays:  # as bench_scale: what one slot adds to each replay job beyond its sleep
+        overhead = (figures["sequential_s"] - args.jobs * args.seconds) / args.jobs
+    else:
+        overhead = (SLOTS * wall - args.jobs * args.seconds) / args.jobs
+    what = "recorded runs replayed" if args.replays else "jobs"
+    print(f"{args.jobs} {what} of {args.seconds:g} s, {SLOTS}-node cluster, {args.repeats} repeats; "
           f"load average at start {load:.2f}{' (loaded: figures are upper bounds)' if load > 1.5 else ''}")
     print_table(
         ("what", "figure", "spread", "target"),
