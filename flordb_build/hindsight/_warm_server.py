@@ -25,6 +25,7 @@ server's. ``random`` reseeds itself after a fork; numpy's global generator is re
 The server exits when it has had no connection for ``--idle`` seconds (a replay session holds
 one open from its first job to its end), when the ``--watch`` path (the project's store directory) disappears, when its socket path no longer names its socket (another
 server took the name), or on ``stop``. Closing a connection while its child runs kills the child.
+When a child ends, however it ends, its process group (what the script started) is killed too.
 With ``--owner PID`` (a Ray worker's pool, ``_warm.WarmPool.for_node``) it also exits as soon as
 that process is gone and no connection or child is left, idle time or not: a worker's servers end
 with the worker (and so with the Ray session), however it ends.
@@ -263,6 +264,13 @@ class Server:
         conn, _ = self.children.pop(pidfd)
         self.selector.unregister(pidfd)
         os.close(pidfd)
+        # What the script started (a data loader, a server) ends with it, as a cold child's guard
+        # ends it (_child.end_with_parent): killed -9 or done, nobody reads that replay any more.
+        # Before the wait: an unreaped child keeps its pid, so the group is still the child's.
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:  # no process of the group is left (or the child never made it)
+            pass
         _, status = os.waitpid(pid, 0)
         self.send(conn, {"op": "exited", "status": os.waitstatus_to_exitcode(status)})
         self.drop(conn)
