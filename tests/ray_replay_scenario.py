@@ -10,6 +10,7 @@ PROJECT holds recorded runs of tests/test_replay_ray_faults.py's script, today's
 this order (the node loss last: it leaves 3 nodes)::
 
     sigint      seeds 0, 1 finish, the others wait at their gate; SIGINT to the driver
+    sigint_cold the same with ``--cold`` (each child a fresh interpreter, its Ray worker's child)
     sigkill     every seed waits at its gate; SIGKILL to the driver
     minus_nine  seed 3 waits at its gate and its replay child is killed with -9
     node_loss   every seed waits at its gate; the node running one of them is removed, the gates
@@ -20,6 +21,13 @@ this order (the node loss last: it leaves 3 nodes)::
 
 Each phase runs ``flordb-build replay x --executor ray --address <cluster>`` as a user would,
 and reports what it saw; the test asserts. Every wait waits on a condition, with a deadline.
+
+Replays start warm (the default) but in sigint_cold: each Ray worker's pool forks a job's child
+from a warm server (``_warm_server.py``, started by a worker, owned by it, one per environment
+and shared by the workers of every node here: the nodes share this machine's runtime directory).
+A warm child is then its server's fork, not its worker's child: its argv and /proc environ are
+the server's, its seed is in the replay spec of the process its script started, and its node is
+that of the worker that holds the job's output file open.
 """
 
 from __future__ import annotations
@@ -40,59 +48,144 @@ from typing import Any
 from flordb_build.values import decode_value
 from tests.ray_scenario import node_args, wait_until
 
-#: Every replay process (the ``_child`` and what the script started) has the replay spec here.
+#: Every replay process (the ``_child`` and what the script started) has the replay spec here,
+#: but a warm child: it is a fork of its server (whose argv and /proc environ it keeps).
 REPLAY_ENV = b"FLOR_REPLAY="
 CHILD_MODULE = b"flordb_build.hindsight._child"
+#: The argv word of a warm replay server (``_warm.WarmPool``) and of every child it forks.
+WARM_SERVER = "_warm_server.py"
 #: The argv word of the process the recorded script starts (it must die with the replay child).
 GRANDCHILD_MARKER = "flordb-fault-grandchild"
 GONE_WITHIN_SECONDS = 5.0
 #: The runs the gpu_auto phase replays (one per node the node loss leaves).
 AUTO_SEEDS = [3, 4, 5]
+#: run id -> seed (set by :func:`run`): a warm child's seed is read from its replay spec.
+SEEDS: dict[str, int] = {}
 
 
-def _read(pid: str, name: str) -> bytes:
+def _read(pid: str | int, name: str) -> bytes:
     try:
         return Path(f"/proc/{pid}/{name}").read_bytes()
     except OSError:
         return b""
 
 
-def _state_and_ppid(pid: str) -> tuple[str, int]:
+def _state_and_ppid(pid: str | int) -> tuple[str, int]:
     fields = _read(pid, "stat").rsplit(b")", 1)[-1].split()
     return (fields[0].decode(), int(fields[1])) if len(fields) > 1 else ("?", 0)
 
 
-def replay_processes() -> dict[int, list[str]]:
-    """Live processes of replays: pid -> argv (the children, and every process they started)."""
+def _live() -> dict[int, tuple[list[str], int]]:
+    """Every live process: pid -> (argv, parent pid)."""
     found = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
-        argv = _read(entry, "cmdline").split(b"\0")
-        state, _ppid = _state_and_ppid(entry)
+        state, ppid = _state_and_ppid(entry)
         if state in ("Z", "X", "?"):
             continue
-        if REPLAY_ENV in _read(entry, "environ") or GRANDCHILD_MARKER.encode() in argv:
-            found[int(entry)] = [word.decode(errors="replace") for word in argv if word]
+        found[int(entry)] = ([word.decode(errors="replace") for word in _read(entry, "cmdline").split(b"\0") if word],
+                             ppid)
     return found
 
 
-def replay_children() -> dict[int, int]:
-    """The replay children (``python -m ..._child``) alive: pid -> the seed it replays.
+def _is_server_like(argv: list[str]) -> bool:
+    return any(word.endswith(WARM_SERVER) for word in argv)
 
-    Not their guards (``_child.end_with_parent``): forked, they have the same argv, and a child as parent.
+
+def warm_servers(live: dict[int, tuple[list[str], int]] | None = None) -> dict[int, list[str]]:
+    """The warm replay servers alive: pid -> argv (not their forks, whose parent is a server)."""
+    live = _live() if live is None else live
+    return {pid: argv for pid, (argv, ppid) in live.items()
+            if _is_server_like(argv) and not _is_server_like(live.get(ppid, ([], 0))[0])}
+
+
+def warm_children(live: dict[int, tuple[list[str], int]] | None = None) -> set[int]:
+    """The replay processes the warm servers forked (each a job's child)."""
+    live = _live() if live is None else live
+    servers = warm_servers(live)
+    return {pid for pid, (_argv, ppid) in live.items() if ppid in servers}
+
+
+def replay_processes() -> dict[int, list[str]]:
+    """Live processes of replays: pid -> argv (the children, cold or warm, and every process they started)."""
+    live = _live()
+    forks = warm_children(live)
+    return {pid: argv for pid, (argv, _ppid) in live.items()
+            if pid in forks or GRANDCHILD_MARKER in argv or REPLAY_ENV in _read(pid, "environ")}
+
+
+def _seed_of_spec(environ: bytes) -> int | None:
+    """The seed of the run whose replay spec this environment holds (None: none there)."""
+    for item in environ.split(b"\0"):
+        if item.startswith(REPLAY_ENV):
+            try:
+                return SEEDS.get(json.loads(item[len(REPLAY_ENV):])["run_id"], -1)
+            except (ValueError, KeyError, TypeError):
+                return -1
+    return None
+
+
+def replay_children() -> dict[int, int]:
+    """The replay children alive, cold (``python -m ..._child``) and warm (a server's fork): pid -> seed.
+
+    Not a cold child's guard (``_child.end_with_parent``): forked, it has the same argv, and a child
+    as parent. A warm child's argv and /proc environ are its server's: its seed is in the replay spec
+    of the process the gated script started (-1 while it has started none).
     """
-    found = {pid: argv for pid, argv in replay_processes().items() if CHILD_MODULE.decode() in argv}
+    live = _live()
+    cold = {pid for pid, (argv, _ppid) in live.items() if CHILD_MODULE.decode() in argv}
     children = {}
-    for pid, argv in found.items():
-        if _state_and_ppid(str(pid))[1] not in found:
-            seeds = [word.split("=", 1)[1] for word in argv if word.startswith("seed=")]
+    for pid in cold:
+        if live[pid][1] not in cold:
+            seeds = [word.split("=", 1)[1] for word in live[pid][0] if word.startswith("seed=")]
             children[pid] = int(seeds[0]) if seeds else -1
+    for pid in warm_children(live):
+        found = [_seed_of_spec(_read(kid, "environ")) for kid, (_argv, ppid) in live.items() if ppid == pid]
+        children[pid] = next((seed for seed in found if seed is not None), -1)
     return children
 
 
 def grandchildren() -> list[int]:
     return [pid for pid, argv in replay_processes().items() if GRANDCHILD_MARKER in argv]
+
+
+def _opened(pid: int) -> set[str]:
+    """The paths of the files ``pid`` has open."""
+    paths = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return paths
+    for fd in fds:
+        try:
+            paths.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            continue
+    return paths
+
+
+def job_worker(child: int) -> int:
+    """The Ray worker whose job ``child`` replays: a cold child's parent; for a warm child (its
+    server's fork, on whichever node's worker started that server) the worker that holds the job's
+    output file open, which the child writes as its stdout (0: none found)."""
+    live = _live()
+    if child not in warm_children(live):
+        return live.get(child, ([], 0))[1]
+    try:
+        log = os.readlink(f"/proc/{child}/fd/1")
+    except OSError:
+        return 0
+    replay = set(replay_processes())
+    holders = [pid for pid, (argv, _ppid) in live.items()
+               if pid not in replay and not _is_server_like(argv) and log in _opened(pid)]
+    return holders[0] if len(holders) == 1 else 0
+
+
+def on_nodes(raylets: set[int]) -> dict[int, int]:
+    """The replay children (pid -> seed) whose jobs run on the nodes of these raylets."""
+    return {pid: seed for pid, seed in replay_children().items()
+            if raylets & set(ancestors(job_worker(pid)) + [job_worker(pid)])}
 
 
 def ancestors(pid: int) -> list[int]:
@@ -124,11 +217,11 @@ class Phase:
     """One ``flordb-build replay x`` against the cluster, with its gates."""
 
     def __init__(self, project: Path, address: str, gates: Path, name: str, gated: list[int],
-                 replay: tuple[str, ...] = ("x",)) -> None:
+                 replay: tuple[str, ...] = ("x",), cold: bool = False) -> None:
         self.gate = gates / f"gate-{name}"
         env = {**os.environ, "FLOR_TEST_GATE": str(self.gate), "FLOR_TEST_GATED": ",".join(map(str, gated))}
         argv = [sys.executable, "-m", "flordb_build", "replay", *replay, "--yes", "--executor", "ray",
-                "--address", address, "--workers", "4"]
+                "--address", address, "--workers", "4", *(("--cold",) if cold else ())]
         self.started = time.monotonic()
         self.driver = subprocess.Popen(argv, cwd=project, env=env, stdin=subprocess.DEVNULL,
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -163,10 +256,10 @@ class Phase:
 
 
 def phase_interrupted(project: Path, address: str, gates: Path, seeds: dict[str, int], signum: int,
-                      name: str, gated: list[int]) -> dict[str, Any]:
+                      name: str, gated: list[int], cold: bool = False) -> dict[str, Any]:
     """Replay with ``gated`` seeds held at their gate; ``signum`` once 4 replay children run (and the
     ungated runs are in the store)."""
-    phase = Phase(project, address, gates, name, gated)
+    phase = Phase(project, address, gates, name, gated, cold=cold)
     finished = [seed for seed in seeds.values() if seed not in gated]
 
     def ready() -> bool:
@@ -175,13 +268,17 @@ def phase_interrupted(project: Path, address: str, gates: Path, seeds: dict[str,
                 and all(len(stored.get(seed, [])) == 1 for seed in finished))
 
     ready_after = phase.wait_for(ready)
-    result = {"ready_after_s": ready_after, "children_at_signal": sorted(replay_children().values())}
+    result = {"ready_after_s": ready_after, "children_at_signal": sorted(replay_children().values()),
+              "warm_at_signal": len(warm_children())}
     if ready_after is None:
         phase.driver.kill()
         return {**result, **phase.finish(), "error": "the replay never reached the point to interrupt it at"}
     result.update(phase.signal_and_watch(signum))
     # Past the 5 s (for the report, and so that the next phase starts clean): how long they lived.
     result["lived_s"] = wait_until(lambda: not replay_processes(), 30)
+    # The warm servers end with the Ray workers that own them (the driver's end ends its workers).
+    result["servers_gone_s"] = wait_until(lambda: not warm_servers(), 60)
+    result["servers_left"] = {str(k): v for k, v in warm_servers().items()}
     phase.open_gate()
     result["stored_after"] = stored_x(project, seeds)
     return result
@@ -196,6 +293,7 @@ def phase_minus_nine(project: Path, address: str, gates: Path, seeds: dict[str, 
         phase.driver.kill()
         return {**result, **phase.finish(), "error": "seed 3's replay child never ran"}
     victim = next(pid for pid, seed in replay_children().items() if seed == 3)
+    result["victim_warm"] = victim in warm_children()
     os.kill(victim, signal.SIGKILL)
     result.update(phase.finish())
     # What the killed child had started dies with its job, not only when the gate opens.
@@ -212,12 +310,13 @@ def phase_node_loss(project: Path, address: str, gates: Path, seeds: dict[str, i
     phase = Phase(project, address, gates, "node-loss", sorted(seeds.values()))
 
     def on_victim() -> dict[int, int]:
-        return {pid: seed for pid, seed in replay_children().items() if raylet in ancestors(pid)}
+        return on_nodes({raylet})
 
     ready_after = phase.wait_for(lambda: len(replay_children()) >= 4 and bool(on_victim()))
     doomed = on_victim()
     result: dict[str, Any] = {"ready_after_s": ready_after, "seeds_on_victim": sorted(doomed.values()),
-                              "children_at_removal": len(replay_children())}
+                              "children_at_removal": len(replay_children()),
+                              "warm_at_removal": len(warm_children())}
     if ready_after is None:
         phase.driver.kill()
         return {**result, **phase.finish(), "error": "the victim node never ran a replay job"}
@@ -242,7 +341,7 @@ def phase_gpu_auto(project: Path, address: str, gates: Path, seeds: dict[str, in
                   replay=("visible", "--where", f"seed >= {min(AUTO_SEEDS)}"))
 
     def on_gpu_nodes() -> list[int]:
-        return sorted(seed for pid, seed in replay_children().items() if raylets & set(ancestors(pid)))
+        return sorted(on_nodes(raylets).values())
 
     ready_after = phase.wait_for(lambda: len(on_gpu_nodes()) >= len(gpu_nodes))
     result: dict[str, Any] = {"ready_after_s": ready_after, "seeds_on_gpu_nodes": on_gpu_nodes()}
@@ -270,6 +369,7 @@ def run(project: Path, runs_file: Path, out: Path) -> int:
     # A background job's children start with SIGINT ignored (tests/conftest.py): the driver must hear it.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     seeds: dict[str, int] = json.loads(runs_file.read_text())
+    SEEDS.update(seeds)
     temp_dir = tempfile.mkdtemp(prefix="frf-", dir="/tmp")  # short: Ray's socket paths have a limit
     gates = Path(tempfile.mkdtemp(prefix="frf-gates-", dir="/tmp"))
     result: dict[str, Any] = {"seeds": seeds}
@@ -284,6 +384,9 @@ def run(project: Path, runs_file: Path, out: Path) -> int:
         for name, phase in (
             ("sigint", lambda: phase_interrupted(project, address, gates, seeds, signal.SIGINT, "sigint",
                                                  [s for s in seeds.values() if s >= 2])),
+            # The same with cold starts (``--cold``): the children Ray's forced cancel kills itself.
+            ("sigint_cold", lambda: phase_interrupted(project, address, gates, seeds, signal.SIGINT, "sigint-cold",
+                                                      [s for s in seeds.values() if s >= 2], cold=True)),
             ("sigkill", lambda: phase_interrupted(project, address, gates, seeds, signal.SIGKILL, "sigkill",
                                                   sorted(seeds.values()))),
             ("minus_nine", lambda: phase_minus_nine(project, address, gates, seeds)),
@@ -296,7 +399,7 @@ def run(project: Path, runs_file: Path, out: Path) -> int:
             timed[name] = time.monotonic() - began
         result["seconds"] = timed
     finally:
-        for gate in ("sigint", "sigkill", "minus-nine", "node-loss", "gpu-auto"):
+        for gate in ("sigint", "sigint-cold", "sigkill", "minus-nine", "node-loss", "gpu-auto"):
             (gates / f"gate-{gate}").touch()  # nothing left waits at a gate
         cluster.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)

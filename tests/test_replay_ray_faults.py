@@ -10,6 +10,9 @@ cluster once and runs every phase on it; each test asserts on its phase of the J
 The script's suffix waits at a gate (a file the scenario creates) for the seeds a phase names, and
 starts a process of its own that waits there too: the replays are running, and stay running, until
 the scenario has done what it wanted to them. No wait here is a fixed sleep.
+
+The replays start warm, the default (each job's child forked from its Ray worker's warm server),
+but in one Ctrl-C phase, sigint_cold, which replays with ``--cold``.
 """
 
 from __future__ import annotations
@@ -83,9 +86,9 @@ def faults(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     project = Project(base / "proj")
     project.root.mkdir()
     project.git("init", "-q", "-b", "main")
-    # Cold starts: these scenarios count each replay as its Ray worker's child and the process its
-    # script starts; warm-forked jobs on Ray are the subject of tests/test_replay_ray_warm.py.
-    project.write("pyproject.toml", "[tool.flordb_build]\ncheckpoint_every = 1\nreplay_warm = false\n")
+    # Warm starts are on (the default): every phase but sigint_cold forks its jobs' children from
+    # the Ray workers' warm servers.
+    project.write("pyproject.toml", "[tool.flordb_build]\ncheckpoint_every = 1\n")
     project.write("train.py", SCRIPT % "")
     project.commit_all("train")
     env = {"FLORDB_BUILD_REPLAY_KEEP_WARM": "0"}
@@ -138,20 +141,27 @@ def _stored(part: dict[str, Any]) -> dict[int, list[Any]]:
     return {int(seed): values for seed, values in part["stored_after"].items()}
 
 
-@pytest.mark.parametrize("scenario", ["sigint", "sigkill"])
+@pytest.mark.parametrize("scenario", ["sigint", "sigint_cold", "sigkill"])
 def test_a_driver_interrupted_or_killed_leaves_no_replay_process_on_any_node(
     faults: dict[str, Any], scenario: str
 ) -> None:
     part = _phase(faults, scenario)
-    # Four replays were running on the four nodes: each a replay child and a process it started.
+    # Four replays were running on the four nodes: each a replay child and a process it started;
+    # forked from the workers' warm servers but with --cold.
     assert len(part["children_at_signal"]) == 4, part
+    assert part["warm_at_signal"] == (0 if scenario == "sigint_cold" else 4), part
     assert part["before"] >= 8 and part["before_grandchildren"] >= 4, part
     assert part["gone_s"] is not None and part["left_after_5s"] == {}, part
-    assert part["driver_exit"] == (130 if scenario == "sigint" else -9), part["stderr"]
+    assert part["driver_exit"] == (-9 if scenario == "sigkill" else 130), part["stderr"]
+    # The warm servers end with the Ray workers that owned them, which end with their driver.
+    assert part["servers_gone_s"] is not None, part["servers_left"]
 
 
-def test_runs_a_ctrl_c_cut_short_are_not_backfilled_and_the_finished_ones_are(faults: dict[str, Any]) -> None:
-    stored = _stored(_phase(faults, "sigint"))
+@pytest.mark.parametrize("scenario", ["sigint", "sigint_cold"])
+def test_runs_a_ctrl_c_cut_short_are_not_backfilled_and_the_finished_ones_are(
+    faults: dict[str, Any], scenario: str
+) -> None:
+    stored = _stored(_phase(faults, scenario))
     # Seeds 0 and 1 finished before the Ctrl-C: their x, once; the interrupted ones: nothing.
     assert {seed: values for seed, values in stored.items() if seed >= 0} == {0: [expected_x(0)], 1: [expected_x(1)]}
 
@@ -165,6 +175,7 @@ def test_a_killed_driver_changes_nothing_in_the_store(faults: dict[str, Any]) ->
 def test_a_replay_child_killed_with_minus_nine_fails_its_run_and_only_its_run(faults: dict[str, Any]) -> None:
     part = _phase(faults, "minus_nine")
     run_of_3 = next(run_id for run_id, seed in faults["seeds"].items() if seed == 3)
+    assert part["victim_warm"], part  # a warm server's fork: its server reported the -9
     assert part["driver_exit"] == 1, part["stdout"] + part["stderr"]
     assert f"error: run {run_of_3}:" in part["stdout"] and "-9" in part["stdout"], part["stdout"]
     assert f"withheld: run {run_of_3}:" in part["stdout"], part["stdout"]
@@ -179,6 +190,7 @@ def test_a_replay_child_killed_with_minus_nine_fails_its_run_and_only_its_run(fa
 def test_a_node_lost_mid_replay_has_its_runs_retried_and_the_replay_completes(faults: dict[str, Any]) -> None:
     part = _phase(faults, "node_loss")
     assert part["seeds_on_victim"] and part["children_at_removal"] >= 4, part
+    assert part["warm_at_removal"] >= 4, part
     assert part["victim_children_gone_s"] is not None, part
     assert part["driver_exit"] == 0, part["stdout"] + part["stderr"]
     stored = _stored(part)

@@ -47,6 +47,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's zombie waits for whoever adopted it to reap it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
 def _wait_for(condition: Callable[[], bool], seconds: float = 10.0) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -238,6 +247,37 @@ def test_a_killed_child_reports_its_signal(project: Any, tmp_path: Path) -> None
     finally:
         pool.close()
     assert _wait_for(lambda: not _alive(server.pid))
+
+
+@pytest.mark.parametrize("end", ["killed", "exits"])
+def test_what_a_forked_child_started_ends_with_it(project: Any, tmp_path: Path, end: str) -> None:
+    # A script's own process (a data loader, a server) must not outlive its replay, however the
+    # replay ends: a cold child's guard kills its group (_child.end_with_parent), a warm one's server.
+    script = project.write("loader.py", (
+        "import subprocess, sys, time\n"
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+        "print(p.pid, flush=True)\n"
+        "import os\n"
+        "while not os.path.exists(sys.argv[1]):\n"
+        "    time.sleep(0.05)\n"
+    ))
+    go = tmp_path / "go"
+    pool, server = _pool_and_server(project, keep_warm=0)
+    try:
+        with (tmp_path / "out.log").open("wb") as out:
+            child = server.run([str(script), str(go)], project.root, dict(os.environ),
+                               {1: out.fileno(), 2: out.fileno()})
+        assert _wait_for(lambda: (tmp_path / "out.log").read_text().strip().isdigit(), seconds=30)
+        loader = int((tmp_path / "out.log").read_text().strip())
+        assert _alive(loader)
+        if end == "killed":
+            os.kill(child.pid, signal.SIGKILL)
+        else:
+            go.touch()
+        assert child.wait() == (-signal.SIGKILL if end == "killed" else 0)
+        assert _wait_for(lambda: not _running(loader)), "the script's own process outlived its replay"
+    finally:
+        pool.close()
 
 
 SLOW = """\

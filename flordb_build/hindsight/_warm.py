@@ -35,6 +35,7 @@ import contextlib
 import hashlib
 import json
 import os
+import select
 import signal
 import socket
 import stat
@@ -360,6 +361,20 @@ def project_servers(config: Config) -> list[WarmServer]:
     return servers
 
 
+def _last_words(log: Path, offset: int) -> str:
+    """What a server wrote to its log after ``offset`` (the servers of one key share it), for an
+    error message: why it exited, or a traceback."""
+    try:
+        with log.open("rb") as fh:
+            fh.seek(offset)
+            text = fh.read().decode("utf-8", errors="replace").strip()
+    except OSError as exc:
+        return f"its log '{log}' cannot be read ({exc.strerror})"
+    if not text:
+        return f"it wrote nothing to its log '{log}' (killed by a signal?)"
+    return f"{text[-600:]} (log '{log}')"
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -490,9 +505,14 @@ class WarmPool:
         watch = self.watch
         watch.mkdir(parents=True, exist_ok=True)
         log = self.dir / f"{key}.log"
+        try:
+            log_offset = log.stat().st_size  # the log is appended to: what comes after is this server's
+        except OSError:
+            log_offset = 0
         command = [
             sys.executable, str(SERVER_SCRIPT), "--socket", str(sock), "--watch", str(watch),
             "--idle", str(self.keep_warm), "--preload-file", str(preload_file), "--log", str(log),
+            "--starter", str(os.getpid()),  # it waits for us, however long the machine keeps us off the CPU
             *(("--owner", str(self.owner)) if self.owner is not None else ()),
         ]
         # The starter forks the server off, prints its pid and exits: the server outlives this
@@ -506,19 +526,43 @@ class WarmPool:
                 f"the warm replay server did not start (status {started.returncode}): {started.stderr.strip()[-300:]}"
             )
         pid = int(started.stdout.strip())
+        try:  # readable once the server has exited (not our child: no status to wait for)
+            exited = os.pidfd_open(pid)
+        except OSError:
+            exited = None
+        try:
+            return self._await_server(sock, pid, exited, log, log_offset)
+        finally:
+            if exited is not None:
+                os.close(exited)
+
+    def _await_server(self, sock: Path, pid: int, exited: int | None, log: Path, log_offset: int) -> WarmServer:
+        """The server ``pid`` once it serves at ``sock``, or another that serves there instead of it."""
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             server = connect(sock)
             if server is not None and server.pid == pid:
                 return server
+            gone = not _alive(pid) if exited is None else bool(select.select([exited], [], [], 0)[0])
             if server is not None:
+                if gone:
+                    # Another process started a server for this environment at the same time and
+                    # took the name; ours saw that and exited. That one serves these jobs as well.
+                    return server
                 server.release()  # an older server still had the name: ours takes it when ready
-            if not _alive(pid):
-                raise WarmStartError(f"the warm replay server exited while it was importing; see '{log}'")
-            time.sleep(0.02)
+            elif gone:
+                raise WarmStartError(
+                    f"the warm replay server (pid {pid}) exited before it served: {_last_words(log, log_offset)}"
+                )
+            if exited is not None:
+                select.select([exited], [], [], 0.02)  # wakes at once if it exits meanwhile
+            else:
+                time.sleep(0.02)
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
-        raise WarmStartError(f"the warm replay server did not start within {START_TIMEOUT:.0f}s; see '{log}'")
+        raise WarmStartError(
+            f"the warm replay server (pid {pid}) did not serve within {START_TIMEOUT:.0f}s, killed: {_last_words(log, log_offset)}"
+        )
 
     def close(self) -> list[WarmServer]:
         """End of the session: let go of the servers (they stay ``keep_warm`` idle seconds); those kept."""

@@ -25,20 +25,29 @@ server's. ``random`` reseeds itself after a fork; numpy's global generator is re
 The server exits when it has had no connection for ``--idle`` seconds (a replay session holds
 one open from its first job to its end), when the ``--watch`` path (the project's store directory) disappears, when its socket path no longer names its socket (another
 server took the name), or on ``stop``. Closing a connection while its child runs kills the child.
+When a child ends, however it ends, its process group (what the script started) is killed too.
 With ``--owner PID`` (a Ray worker's pool, ``_warm.WarmPool.for_node``) it also exits as soon as
 that process is gone and no connection or child is left, idle time or not: a worker's servers end
 with the worker (and so with the Ray session), however it ends.
+
+With ``--starter PID`` (the process that started it, ``_warm.WarmPool``) the idle countdown waits
+for that process's first connection, or its end: a starter that a loaded machine keeps off the CPU
+for a while must still find its server (an ``--idle 0`` server, or one whose preloads took longer
+than ``--idle``, would otherwise exit at its first look, before anyone came). The server writes why
+it exits to its log (stderr), so that a server that is gone says why.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
 import selectors
 import signal
 import socket
+import struct
 import sys
 import sysconfig
 import threading
@@ -87,13 +96,17 @@ def preloadable_modules(exclude_roots: tuple[str, ...], baseline: set[str] | Non
 class Server:
     """The accept/fork/reap loop (see the module docstring)."""
 
-    def __init__(self, sock_path: str, watch: str, idle: float, owner: int | None = None) -> None:
+    def __init__(
+        self, sock_path: str, watch: str, idle: float, owner: int | None = None, starter: int | None = None
+    ) -> None:
         self.sock_path = sock_path
         self.watch = watch
         self.idle = idle
         self.owner = owner
         self.owner_gone = False
         self.owner_fd: int | None = None
+        self.starter = starter
+        self.starter_fd: int | None = None  # open until the starter has connected or is gone
         self.selector = selectors.DefaultSelector()
         self.loaded: dict[str, float] = {}  # module -> seconds its import took here
         self.failed: dict[str, str] = {}
@@ -152,6 +165,11 @@ class Server:
                 self.owner_gone = True  # it exited before we looked
             else:
                 self.selector.register(self.owner_fd, selectors.EVENT_READ, ("owner", None))
+        if self.starter is not None:
+            with contextlib.suppress(OSError):  # already gone: nobody to wait for
+                self.starter_fd = os.pidfd_open(self.starter)
+                self.selector.register(self.starter_fd, selectors.EVENT_READ, ("starter", None))
+        self.last_active = time.monotonic()  # idle from now: the preloads were not idle time
 
     def serve(self) -> dict[str, Any] | None:
         """Serve until told to exit (returns None) or until a fork (returns the child's request)."""
@@ -161,6 +179,8 @@ class Server:
                 if kind == "accept":
                     assert self.listener is not None
                     conn, _ = self.listener.accept()
+                    if self.starter_fd is not None and peer_pid(conn) == self.starter:
+                        self.end_starter_wait()
                     self.connections.add(conn)
                     self.selector.register(conn, selectors.EVENT_READ, ("conn", None))
                 elif kind == "conn":
@@ -173,23 +193,41 @@ class Server:
                     self.owner_gone = True
                     self.selector.unregister(key.fileobj)
                     self.close_owner()
+                elif kind == "starter":
+                    self.end_starter_wait()  # it died before it connected: idle from now
                 self.last_active = time.monotonic()
-            if self.should_exit():
+            reason = self.should_exit()
+            if reason:
+                print(f"warm replay server {os.getpid()} exits: {reason}", file=sys.stderr, flush=True)
                 break
         self.shutdown()
         return None
 
-    def should_exit(self) -> bool:
+    def should_exit(self) -> str | None:
+        """Why the server should exit now (None: it stays)."""
+        if self.stopping:
+            return "asked to stop"
         if self.connections or self.children:
-            return False
-        if self.owner_gone or not os.path.exists(self.watch):
-            return True
+            return None
+        if self.owner_gone:
+            return f"its owner (pid {self.owner}) is gone and no client is left"
+        if not os.path.exists(self.watch):
+            return f"its watch path '{self.watch}' is gone"
         try:
             if os.stat(self.sock_path).st_ino != self.inode:
-                return True  # another server took the name
+                return "another server took its socket name"
         except OSError:
-            return True
-        return time.monotonic() - self.last_active > self.idle
+            return "its socket path was removed"
+        if self.starter_fd is not None:
+            return None  # its starter is alive and has not connected yet: it is coming
+        idle = time.monotonic() - self.last_active
+        return f"idle for {idle:.1f}s (--idle {self.idle:g})" if idle > self.idle else None
+
+    def end_starter_wait(self) -> None:
+        if self.starter_fd is not None:
+            self.selector.unregister(self.starter_fd)
+            os.close(self.starter_fd)
+            self.starter_fd = None
 
     def handle(self, conn: socket.socket) -> dict[str, Any] | None:
         try:
@@ -263,6 +301,13 @@ class Server:
         conn, _ = self.children.pop(pidfd)
         self.selector.unregister(pidfd)
         os.close(pidfd)
+        # What the script started (a data loader, a server) ends with it, as a cold child's guard
+        # ends it (_child.end_with_parent): killed -9 or done, nobody reads that replay any more.
+        # Before the wait: an unreaped child keeps its pid, so the group is still the child's.
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:  # no process of the group is left (or the child never made it)
+            pass
         _, status = os.waitpid(pid, 0)
         self.send(conn, {"op": "exited", "status": os.waitstatus_to_exitcode(status)})
         self.drop(conn)
@@ -314,12 +359,23 @@ class Server:
         """Drop the server's sockets and selector in a forked child."""
         self.selector.close()
         self.close_owner()
+        if self.starter_fd is not None:
+            os.close(self.starter_fd)
         for conn in self.connections:
             conn.close()
         for pidfd in self.children:
             os.close(pidfd)
         if self.listener is not None:
             self.listener.close()
+
+
+def peer_pid(conn: socket.socket) -> int:
+    """The pid of the process that connected ``conn`` (0 where the kernel cannot tell)."""
+    try:
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return 0
+    return int(struct.unpack("3i", creds)[0])
 
 
 def resident_bytes() -> int:
@@ -461,13 +517,15 @@ def main() -> None:
     parser.add_argument("--idle", type=float, default=600.0, help="exit after this many idle seconds")
     parser.add_argument("--preload-file", help="a JSON list of modules to import before serving")
     parser.add_argument("--owner", type=int, help="exit once this process is gone and no connection is left")
+    parser.add_argument("--starter", type=int, help="start the idle countdown only once this process has "
+                                                    "connected, or is gone")
     parser.add_argument("--log", help="detach: print the server's pid, exit, and serve on in the background "
                                       "with stdout and stderr appended to this file")
     args = parser.parse_args()
     if args.log:
         detach(args.log)
     del sys.path[0]  # this file's directory: nothing beside it is meant to be importable
-    server = Server(args.socket, args.watch, args.idle, args.owner)
+    server = Server(args.socket, args.watch, args.idle, args.owner, args.starter)
     if args.preload_file:
         with open(args.preload_file, encoding="utf-8") as fh:
             server.preload(json.load(fh))
