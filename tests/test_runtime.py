@@ -439,3 +439,57 @@ def test_the_flusher_offers_each_unwoken_tick_to_the_recording_thread_first() ->
     finally:
         flusher.stop()
     assert asked_at_first_flush == [True, True, False]  # never before a request went untaken
+
+
+def test_nested_loop_contexts_over_containers_and_generators(project: Project) -> None:
+    # A nested loop over a builtin container leaves its context set between iterations (nothing
+    # can log there); over a generator it restores the parent's, as the generator's own logs
+    # belong to the enclosing iteration. Either way break, exceptions and manual next() give
+    # the contexts the loop structure says.
+    project.write(
+        "nested.py",
+        """
+        import flordb_build as flor
+
+        def batches():
+            for b in range(2):
+                flor.log("made", b)  # runs while flor.loop asks for the next element
+                yield b
+
+        for epoch in flor.loop("epoch", range(2)):
+            for step in flor.loop("step", batches()):
+                flor.log("gen_step", step)
+            for step in flor.loop("step2", [10, 20, 30]):
+                flor.log("list_step", step)
+                if step == 20:
+                    break
+            flor.log("after_break", epoch)
+            try:
+                for step in flor.loop("step3", range(3)):
+                    flor.log("range_step", step)
+                    raise RuntimeError("boom")
+            except RuntimeError:
+                pass
+            flor.log("after_error", epoch)
+            it = flor.loop("manual", (5, 6))
+            next(it)
+            flor.log("manual_a", 1)
+            next(it)
+            flor.log("manual_b", 2)
+            it.close()
+            flor.log("after_manual", epoch)
+        """,
+    )
+    project.run("nested.py")
+    made = flor.dataframe("made")
+    assert "step" not in made.columns and made["epoch"].tolist() == [0, 1]  # one row per epoch context
+    assert flor.dataframe("gen_step")["step"].tolist() == [0, 1, 0, 1]
+    listed = flor.dataframe("list_step")
+    assert listed["step2"].tolist() == [0, 1, 0, 1] and listed["step2_value"].tolist() == [10, 20, 10, 20]
+    assert flor.dataframe("range_step")["step3"].tolist() == [0, 0]
+    assert flor.dataframe("manual_a")["manual"].tolist() == [0, 0]
+    assert flor.dataframe("manual_b")["manual"].tolist() == [1, 1]
+    for name in ("after_break", "after_error", "after_manual"):
+        frame = flor.dataframe(name)
+        assert frame[name].tolist() == [0, 1] and frame["epoch"].tolist() == [0, 1], name
+        assert not {"step", "step2", "step3", "manual"} & set(frame.columns), (name, list(frame.columns))
