@@ -49,6 +49,7 @@ from .args import read_params, resolve_arg
 from .cmdline import ARGV_AFTER_KWARGS, given_params_file
 from .config import Config
 from .errors import FlorBuildError, SnapshotError
+from .import_timer import ImportTimer
 from .journalfile import JournalFile, batch_entry, end_entry, env_entry, run_entry
 from .recorder import (
     LOOP_CONTEXT,
@@ -207,6 +208,7 @@ class Run(ColumnRecorder):
         # Outermost loops time their iterations (timings rows at the root context); a forked
         # child's loops do not, as the parent's root timings are the parent's.
         self._times_loops = True
+        self.import_timer: ImportTimer | None = None  # set by runtime.py on the process's first run
         # Timings and checkpoints (checkpoints.py). Timing rows are queued at outermost-loop
         # boundaries only, checkpoint rows by the materializer thread once their objects exist;
         # the flusher writes both in the same transactions as the loops and logs, so a killed
@@ -215,6 +217,8 @@ class Run(ColumnRecorder):
         #              process's first run starts at the process start
         #   startup    (that first run only) process start -> the run's first flor call: the
         #              interpreter and the imports before it, which a warm replay start skips
+        #   imports    (that first run only, when > 0) of the prefix after the first flor call,
+        #              the seconds spent in import statements (import_timer.py)
         #   iteration  one outermost iteration          inner  its nested loops' wall time
         #   between    gaps between outermost loops      suffix last outermost loop -> close
         #   restore    restoring that iteration's checkpoint (written by checkpoints.py)
@@ -335,6 +339,7 @@ class Run(ColumnRecorder):
         if not self._outer_started:
             self._outer_started = True
             queue_timing((ROOT_CTX, "prefix", started - self._t0))
+            self._queue_prefix_imports()
         elif self._outer_end is not None:
             self._between_seconds += started - self._outer_end
         ctx, index, seconds = -1, -1, 0.0
@@ -693,10 +698,16 @@ class Run(ColumnRecorder):
             self._lock.release()
         self.store.close()
 
+    def _queue_prefix_imports(self) -> None:
+        timer, self.import_timer = self.import_timer, None
+        if timer is not None and (seconds := timer.stop()) > 0:
+            self._timings.append((ROOT_CTX, "imports", seconds))
+
     def _queue_closing_timings(self) -> None:
         now = time.perf_counter()
         if not self._outer_started:
             self._timings.append((ROOT_CTX, "prefix", now - self._t0))
+            self._queue_prefix_imports()
         elif self._outer_end is not None:
             self._timings.append((ROOT_CTX, "suffix", now - self._outer_end))
         if self._between_seconds:

@@ -171,7 +171,8 @@ class Session:
             filename=script_filename(config.root),
             task=os.environ.get("FLOR_TASK") or None,
         )
-        if not self._process_prefix_taken and not forked:
+        first = not self._process_prefix_taken and not forked
+        if first:
             # The process's first run times its prefix from the process start: interpreter
             # start-up and imports are part of what replaying that prefix costs (the snapshot
             # capture between the first flor call and now is not).
@@ -185,6 +186,12 @@ class Session:
                 run._lock.release()
             store.close()
             return self._unrecorded(config, exc)
+        if first:
+            # The prefix's imports after this first flor call, which a warm replay may skip (import_timer.py).
+            from .import_timer import ImportTimer
+
+            run.import_timer = ImportTimer()
+            run.import_timer.install()
         self._recorded = True
         return run
 

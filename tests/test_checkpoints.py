@@ -282,6 +282,41 @@ def test_every_run_gets_timings_even_without_checkpointing(project: Any) -> None
     assert 0.1 <= looped[(0, "startup")] <= looped[(0, "prefix")]
 
 
+def test_the_prefix_records_the_imports_after_the_first_flor_call(project: Any) -> None:
+    # Issue 16: a script that imports lazily inside its prefix (torch.optim.SGD imports
+    # torch._dynamo) has those imports in its recorded prefix after `startup`; a warm replay whose
+    # server learned them skips them, so the record times them (kind `imports`, import_timer.py).
+    project.write("slowmod.py", "import time\ntime.sleep(0.2)\nVALUE = 1\n")
+    project.write(
+        "lazy.py",
+        """
+        import builtins
+        import time
+        import flordb_build as flor
+        original = builtins.__import__
+        flor.arg("seed", 0)
+        import slowmod
+        time.sleep(0.1)
+        for e in flor.loop("epoch", range(2)):
+            import json  # a loaded module: a look-up, never timed
+            flor.log("restored", builtins.__import__ is original)  # the loop runs without the timer
+        """,
+    )
+    project.write("eager.py", "import time\nimport flordb_build as flor\nflor.log('x', 1)\ntime.sleep(0.1)\n")
+    project.run("lazy.py")
+    project.run("eager.py")
+    with _db(project.root) as conn:
+        runs = dict(conn.execute("SELECT filename, run_id FROM runs").fetchall())
+        restored = [v for (v,) in conn.execute("SELECT value FROM logs WHERE name = 'restored'")]
+    lazy = _timings(project.root, runs["lazy.py"])
+    # The import of slowmod (its 0.2 s sleep) is in the prefix after start-up; the 0.1 s sleep is not an import.
+    assert 0 < lazy[(0, "imports")] <= lazy[(0, "prefix")] - lazy[(0, "startup")] - 0.1
+    assert lazy[(0, "imports")] >= 0.2
+    assert restored and all(str(v).lower() in ("1", "true") for v in restored), restored
+    # Nothing imported after the first flor call: no `imports` row (older records lack it too).
+    assert (0, "imports") not in _timings(project.root, runs["eager.py"])
+
+
 # -- torch --------------------------------------------------------------------------------------------
 
 

@@ -342,6 +342,36 @@ def test_the_first_replay_pays_for_the_warm_server_its_first_job_starts() -> Non
     assert [r.warm for r in cold.runs] == [False] * 3 and [r.server_start for r in cold.runs] == [0.0] * 3
 
 
+def test_a_new_servers_later_forks_skip_the_imports_its_first_children_made() -> None:
+    # Issue 16 (bench_estimate, validation x8 split, first replay 2.4x too long): the record's
+    # prefix after `startup` held imports (`imports`: torch.optim imports torch._dynamo). A new
+    # server's first children import them; the server then imports them too (the learned
+    # preloads), and the script's later jobs wait for that but skip them in their prefix.
+    today = {"train.py": TODAY}
+    startup, imports = 0.3, 0.5
+    timings = (*recorded().timings, (0, "startup", startup), (0, "imports", imports))
+    runs = [recorded(f"r{i}", timings=timings) for i in range(3)]
+    plan = plan_replay(runs, today, ["fin2"], workers=2, start=StartCosts(warm=True))
+    first = 1.0 - startup + 0.1 + 0.5 + DEFAULT_OVERHEAD[True]  # imports its prefix's modules itself
+    later = first - imports
+    assert [r.segment_estimates[0] for r in plan.runs] == pytest.approx([first, later, later])
+    assert [r.server_learn for r in plan.runs] == pytest.approx([imports, 0.0, 0.0])
+    # r1 starts the server and runs; r2 and r3 fork once r1 ended and the server has its imports.
+    up = DEFAULT_PREPARE + startup + DEFAULT_SERVER
+    assert plan.estimate == pytest.approx(up + first + imports + later + DEFAULT_JOURNAL)
+    # Without the record's `imports` (an older store), every job pays the whole prefix after start-up.
+    old = [recorded(f"r{i}", timings=(*recorded().timings, (0, "startup", startup))) for i in range(3)]
+    unknown = plan_replay(old, today, ["fin2"], workers=2, start=StartCosts(warm=True))
+    assert [r.segment_estimates[0] for r in unknown.runs] == pytest.approx([first] * 3)
+    assert [r.server_learn for r in unknown.runs] == [0.0] * 3
+    # Once a fully warm process was measured (warm_prefix), the server has the imports preloaded:
+    # nothing is left to learn, and every fork takes the measured prefix.
+    measured = StartCosts(warm=True, warm_prefix={"train.py": 0.05})
+    again = plan_replay(runs, today, ["fin2"], workers=2, start=measured)
+    assert [r.server_learn for r in again.runs] == [0.0] * 3
+    assert len({round(r.segment_estimates[0], 9) for r in again.runs}) == 1
+
+
 def test_a_split_run_that_starts_the_server_holds_its_other_segments_until_it_is_up() -> None:
     startup = 0.6
     run = recorded(timings=(*recorded().timings, (0, "startup", startup)))

@@ -128,14 +128,21 @@ class StartCosts:
         """Driver seconds to prepare one run's jobs of ``script`` before they can start."""
         return self.prepare.get(script, DEFAULT_PREPARE)
 
-    def seconds(self, script: str, warm: bool, prefix: float, startup: float = 0.0) -> float:
+    def learns_imports(self, script: str) -> bool:
+        """Whether no fully warm replay process of ``script`` was measured yet: a new server lacks
+        what the script imports after its first flor call, its first children import it, and the
+        server then imports it too before its next fork (the learned preloads, ``_warm.py``)."""
+        return script not in self.warm_prefix
+
+    def seconds(self, script: str, warm: bool, prefix: float, startup: float = 0.0, imports: float = 0.0) -> float:
         """Seconds to add to the recorded timings' estimate for one process of ``script``.
 
         Every start costs its overhead outside the process; a warm start skips the imports of the
         recorded prefix (never more than the prefix): its prefix takes what a fully warm replay
         process's prefix measured (``warm_prefix``); before one did, the recorded prefix less the
         measured ``saving``, or less the recorded ``startup`` (interpreter and imports before the
-        run's first flor call).
+        run's first flor call) and the ``imports`` the record timed after it, when its server has
+        them preloaded (0: the process imports them itself, as the first children of a new server do).
         """
         overhead = self.overhead.get((script, warm), DEFAULT_OVERHEAD[warm])
         if not warm:
@@ -143,7 +150,7 @@ class StartCosts:
         measured = self.warm_prefix.get(script)
         if measured is not None:
             return overhead - max(prefix - measured, 0.0)
-        return overhead - min(self.saving.get(script, startup), prefix)
+        return overhead - min(self.saving.get(script, startup + imports), prefix)
 
 
 @dataclass(frozen=True)
@@ -188,6 +195,10 @@ class RunPlan:
     #: run of the script starts it); the script's other jobs cannot fork before it is up either.
     server_start: float = 0.0
     prepare: float = 0.0  # driver seconds to prepare its jobs (archive, store slice) before they start
+    #: Seconds the server its first job starts then spends importing what the run's jobs imported
+    #: after the script's first flor call (the record's ``imports``): the script's later jobs
+    #: fork once its first job ended and the server has them (0: nothing to learn, or no server start).
+    server_learn: float = 0.0
 
     @property
     def version(self) -> str:
@@ -212,7 +223,9 @@ class ReplayPlan:
         The jobs queue in plan order and each starts on the first slot that frees up (as
         ``run_replay`` submits them), once the driver has prepared its run (runs are prepared one
         after the other, in plan order) and, for a warm job, once its script's warm server is up:
-        the run that starts the server holds every warm job of that script until then. A run's
+        the run that starts the server holds every warm job of that script until then, and, where
+        the server still has to learn the script's later imports, until its first job ended and the
+        server imported them (``server_learn``). A run's
         bookkeeping (its journal commit) follows its slowest job. With one slot and nothing to
         start or prepare this is the sum of the runs' estimates.
         """
@@ -231,6 +244,8 @@ class ReplayPlan:
                     seconds += run.server_start
                 free[slot] = begin + seconds
                 ends.append(free[slot])
+            if run.server_learn > 0:
+                ready[run.script] = max(ready.get(run.script, 0.0), min(ends) + run.server_learn)
             slowest = max(run.segment_estimates, default=run.estimate - run.server_start)
             bookkeeping = max(0.0, run.estimate - run.server_start - slowest)
             end = max(end, max(ends) + bookkeeping)

@@ -167,6 +167,7 @@ class RunCosts:
         self.total = run.seconds or 0.0
         self.prefix = by_ctx.get((0, "prefix"), 0.0)
         self.startup = by_ctx.get((0, "startup"), 0.0)  # interpreter + imports before the first flor call
+        self.imports = by_ctx.get((0, "imports"), 0.0)  # the prefix's imports after it (import_timer.py)
         self.suffix = by_ctx.get((0, "suffix"), 0.0) + by_ctx.get((0, "between"), 0.0)
         self.iteration = [by_ctx.get((ctx, "iteration"), 0.0) for ctx in main_ctxs]
         self.inner = [by_ctx.get((ctx, "inner"), 0.0) for ctx in main_ctxs]
@@ -388,7 +389,14 @@ def _plan_run(
     refusal = _carried_refusal(run, source, main_name, schedules)
     if refusal is not None:
         return skip(refusal)
-    start_seconds = start.seconds(run.filename, warm, costs.prefix, costs.startup) if start is not None else 0.0
+    # A new server's first children import what the script imports after its first flor call
+    # (the server preloads only the script's top-level imports); the server then imports it too,
+    # and its later children skip it.
+    learns = start is not None and starts_server and start.learns_imports(run.filename)
+    start_seconds = (
+        start.seconds(run.filename, warm, costs.prefix, costs.startup, 0.0 if starts_server else costs.imports)
+        if start is not None else 0.0
+    )
     estimates = tuple(costs.estimate(schedule) + start_seconds for schedule in schedules)
     server_start = start.server_start(run.filename, costs.startup) if start is not None and starts_server else 0.0
     return RunPlan(
@@ -417,6 +425,7 @@ def _plan_run(
         nested=nested,
         server_start=server_start,
         prepare=start.preparing(run.filename) if start is not None else 0.0,
+        server_learn=costs.imports if learns else 0.0,
     )
 
 
