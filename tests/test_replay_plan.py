@@ -345,8 +345,9 @@ def test_the_first_replay_pays_for_the_warm_server_its_first_job_starts() -> Non
 def test_a_new_servers_later_forks_skip_the_imports_its_first_children_made() -> None:
     # Issue 16 (bench_estimate, validation x8 split, first replay 2.4x too long): the record's
     # prefix after `startup` held imports (`imports`: torch.optim imports torch._dynamo). A new
-    # server's first children import them; the server then imports them too (the learned
-    # preloads), and the script's later jobs wait for that but skip them in their prefix.
+    # server's first children import them, and so does every job forked before the first one
+    # ended; the server then imports them (the learned preloads) at its next fork, and the jobs
+    # forked after that skip them in their prefix.
     today = {"train.py": TODAY}
     startup, imports = 0.3, 0.5
     timings = (*recorded().timings, (0, "startup", startup), (0, "imports", imports))
@@ -356,9 +357,17 @@ def test_a_new_servers_later_forks_skip_the_imports_its_first_children_made() ->
     later = first - imports
     assert [r.segment_estimates[0] for r in plan.runs] == pytest.approx([first, later, later])
     assert [r.server_learn for r in plan.runs] == pytest.approx([imports, 0.0, 0.0])
-    # r1 starts the server and runs; r2 and r3 fork once r1 ended and the server has its imports.
+    assert [r.imports_skipped for r in plan.runs] == pytest.approx([0.0, imports, imports])
+    # r1 starts the server and runs. r2 forks once the server is up, before r1 ended: it imports
+    # them itself. r3 forks when r1 ended (r1 and r2 end together): the server imports them first.
     up = DEFAULT_PREPARE + startup + DEFAULT_SERVER
-    assert plan.estimate == pytest.approx(up + first + imports + later + DEFAULT_JOURNAL)
+    assert plan.estimate == pytest.approx(up + first + (later + imports) + DEFAULT_JOURNAL)
+    # Three slots: r2 and r3 both fork before r1 ended, and both import them themselves.
+    wide = plan_replay(runs, today, ["fin2"], workers=3, start=StartCosts(warm=True))
+    assert wide.estimate == pytest.approx(up + first + DEFAULT_JOURNAL)
+    # One slot: r2 forks after r1 ended and pays the server's import; r3 skips them.
+    one = plan_replay(runs, today, ["fin2"], workers=1, start=StartCosts(warm=True))
+    assert one.estimate == pytest.approx(up + first + (later + imports) + later + DEFAULT_JOURNAL)
     # Without the record's `imports` (an older store), every job pays the whole prefix after start-up.
     old = [recorded(f"r{i}", timings=(*recorded().timings, (0, "startup", startup))) for i in range(3)]
     unknown = plan_replay(old, today, ["fin2"], workers=2, start=StartCosts(warm=True))

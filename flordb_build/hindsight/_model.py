@@ -196,9 +196,12 @@ class RunPlan:
     server_start: float = 0.0
     prepare: float = 0.0  # driver seconds to prepare its jobs (archive, store slice) before they start
     #: Seconds the server its first job starts then spends importing what the run's jobs imported
-    #: after the script's first flor call (the record's ``imports``): the script's later jobs
-    #: fork once its first job ended and the server has them (0: nothing to learn, or no server start).
+    #: after the script's first flor call (the record's ``imports``), once that job has ended and
+    #: reported them (0: nothing to learn, or no server start).
     server_learn: float = 0.0
+    #: The record's ``imports`` that this run's warm job estimates leave out, as if the server had
+    #: learned them; a job that begins before the script's first job of this replay ended pays them.
+    imports_skipped: float = 0.0
 
     @property
     def version(self) -> str:
@@ -223,14 +226,19 @@ class ReplayPlan:
         The jobs queue in plan order and each starts on the first slot that frees up (as
         ``run_replay`` submits them), once the driver has prepared its run (runs are prepared one
         after the other, in plan order) and, for a warm job, once its script's warm server is up:
-        the run that starts the server holds every warm job of that script until then, and, where
-        the server still has to learn the script's later imports, until its first job ended and the
-        server imported them (``server_learn``). A run's
+        the run that starts the server holds every warm job of that script until then. Where the new
+        server still has to learn what the script imports after its first flor call, the server
+        imports it at the first fork after the script's first job ended and reported it
+        (``server_learn``, paid by that job); a warm job that began before then imports it itself
+        (``imports_skipped`` added back), as ``_warm_server.py`` does: a fork request carries the
+        modules learned so far and the server imports them before it forks. A run's
         bookkeeping (its journal commit) follows its slowest job. With one slot and nothing to
         start or prepare this is the sum of the runs' estimates.
         """
         free = [0.0] * max(1, self.workers)  # when each slot is free next
         ready: dict[str, float] = {}  # script -> when its warm server is up
+        learned: dict[str, float] = {}  # script -> when its new server can learn its later imports
+        to_learn: dict[str, float] = {}  # script -> seconds the server's first fork after that imports
         prepared = 0.0  # when the driver has prepared the runs so far
         end = 0.0
         for run in self.runs:
@@ -242,10 +250,16 @@ class ReplayPlan:
                 if worker == 0 and run.server_start > 0:
                     ready[run.script] = begin + run.server_start
                     seconds += run.server_start
+                if run.script in learned:
+                    if begin < learned[run.script]:
+                        seconds += run.imports_skipped  # forked before the server learned them
+                    else:
+                        seconds += to_learn.pop(run.script, 0.0)  # the server imports them at this fork
                 free[slot] = begin + seconds
                 ends.append(free[slot])
-            if run.server_learn > 0:
-                ready[run.script] = max(ready.get(run.script, 0.0), min(ends) + run.server_learn)
+            if run.server_learn > 0 and run.script not in learned:
+                learned[run.script] = min(ends)
+                to_learn[run.script] = run.server_learn
             slowest = max(run.segment_estimates, default=run.estimate - run.server_start)
             bookkeeping = max(0.0, run.estimate - run.server_start - slowest)
             end = max(end, max(ends) + bookkeeping)

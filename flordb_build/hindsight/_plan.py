@@ -393,6 +393,11 @@ def _plan_run(
     # (the server preloads only the script's top-level imports); the server then imports it too,
     # and its later children skip it.
     learns = start is not None and starts_server and start.learns_imports(run.filename)
+    # What start.seconds left out of a warm job of a later run (it assumes the server has learned it).
+    skips_imports = (
+        start is not None and warm and not starts_server and start.learns_imports(run.filename)
+        and run.filename not in start.saving
+    )
     start_seconds = (
         start.seconds(run.filename, warm, costs.prefix, costs.startup, 0.0 if starts_server else costs.imports)
         if start is not None else 0.0
@@ -426,6 +431,7 @@ def _plan_run(
         server_start=server_start,
         prepare=start.preparing(run.filename) if start is not None else 0.0,
         server_learn=costs.imports if learns else 0.0,
+        imports_skipped=costs.imports if skips_imports else 0.0,
     )
 
 
