@@ -17,6 +17,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +41,11 @@ with open(_mark + ".fifo") as _fh:
 """
 # The starter: a replay session's pool asking for the server of its environment.
 STARTER = """\
+import ctypes
 import os
 import sys
+if sys.argv[2] == "reaper":  # adopt our orphans, the servers, and never wait for them: PID 1 of a
+    ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PID namespace (PR_SET_CHILD_SUBREAPER)
 from flordb_build.config import load_config
 from flordb_build.hindsight._warm import WarmPool, server_key
 
@@ -73,6 +78,36 @@ def _alive(pid: int) -> bool:
             return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+def _state(pid: int) -> tuple[str, int] | None:
+    """The state letter and parent pid of ``pid`` (None once it is gone, reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0], int(fields[1])
+
+
+def _line(proc: subprocess.Popen[str], seconds: float = 120.0) -> str:
+    """The next line ``proc`` prints; "" if none comes within ``seconds`` (generous: a failure)."""
+    with ThreadPoolExecutor(1) as pool:  # the reader thread ends at the latest with proc
+        line = pool.submit(proc.stdout.readline)  # type: ignore[union-attr]
+        try:
+            return line.result(timeout=seconds).strip()
+        except FuturesTimeout:
+            proc.kill()
+            return ""
+
+
+def _serving(sock: Path) -> int:
+    """The pid of the server that answers at ``sock`` (0: none)."""
+    server = connect(sock)
+    if server is None:
+        return 0
+    server.release()
+    return server.pid
 
 
 def _sleeps(pid: int) -> int:
@@ -109,12 +144,14 @@ def starters(project: Any, tmp_path: Path) -> Iterator[tuple[Callable[[float], s
     gates_dir = tmp_path / "gates"
     gates_dir.mkdir()
     (project.root / ".flor").mkdir(exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(lib), "GATE_DIR": str(gates_dir)}
+    # The starter must import this checkout's flordb_build, wherever the test's own came from.
+    pythonpath = os.pathsep.join([str(lib), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {**os.environ, "PYTHONPATH": pythonpath, "GATE_DIR": str(gates_dir)}
     procs: list[subprocess.Popen[str]] = []
 
-    def start(keep_warm: float) -> subprocess.Popen[str]:
+    def start(keep_warm: float, reaper: bool = False) -> subprocess.Popen[str]:
         proc = subprocess.Popen(
-            [sys.executable, "-c", STARTER, str(keep_warm)], cwd=project.root, env=env,
+            [sys.executable, "-c", STARTER, str(keep_warm), "reaper" if reaper else "-"], cwd=project.root, env=env,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )
         procs.append(proc)
@@ -167,19 +204,11 @@ def test_two_starters_of_one_environment_share_the_server_that_took_the_name(sta
     assert _wait_for(lambda: len(gates.waiting()) == 2), "the second server never reached its preloads"
     (second_server,) = gates.waiting() - {first_server}
     sock = runtime_dir() / f"{key}.sock"
-
-    def serving() -> int:
-        server = connect(sock)
-        if server is None:
-            return 0
-        server.release()
-        return server.pid
-
     os.kill(first.pid, signal.SIGSTOP)  # the first starter is off the CPU ...
     gates.open(first_server)
-    assert _wait_for(lambda: serving() == first_server), "the first server never served"
+    assert _wait_for(lambda: _serving(sock) == first_server), "the first server never served"
     gates.open(second_server)  # ... when the second starter's server takes the name
-    assert _wait_for(lambda: serving() == second_server), "the second server never took the name"
+    assert _wait_for(lambda: _serving(sock) == second_server), "the second server never took the name"
     os.kill(first.pid, signal.SIGCONT)
     assert first.stdout.readline().strip() == f"served {second_server}", "the first starter got no server"
     assert second.stdout.readline().strip() == f"served {second_server}"
@@ -191,3 +220,36 @@ def test_two_starters_of_one_environment_share_the_server_that_took_the_name(sta
     assert server is not None and server.pid == second_server  # kept warm (60 s) for the next session
     server.stop()
 
+
+
+def test_a_starter_that_never_reaps_sees_its_server_exit_and_takes_the_winner(starters: Any) -> None:
+    """The race above where the starter's process adopts the orphans it starts and never waits for
+    them (a Ray job's driver as PID 1 of its PID namespace, a container's application): the server
+    that lost the name stays a zombie, which kill 0 finds, and its starter waited START_TIMEOUT
+    (300 s) for a server that was long gone."""
+    start, gates = starters
+    first = start(60.0, reaper=True)
+    key = first.stdout.readline().strip()
+    assert _wait_for(lambda: len(gates.waiting()) == 1), "the first server never reached its preloads"
+    (first_server,) = gates.waiting()
+    second = start(60.0)
+    assert second.stdout.readline().strip() == key
+    assert _wait_for(lambda: len(gates.waiting()) == 2), "the second server never reached its preloads"
+    (second_server,) = gates.waiting() - {first_server}
+    os.kill(first.pid, signal.SIGSTOP)
+    gates.open(first_server)
+    sock = runtime_dir() / f"{key}.sock"
+    assert _wait_for(lambda: _serving(sock) == first_server), "the first server never served"
+    gates.open(second_server)
+    # The first server sees its name taken and exits; its parent is now the first starter, stopped.
+    assert _wait_for(lambda: _state(first_server) == ("Z", first.pid)), "the first server is not a zombie of its starter"
+    os.kill(first.pid, signal.SIGCONT)
+    assert _line(first) == f"served {second_server}", "the first starter waited on its dead server"
+    assert second.stdout.readline().strip() == f"served {second_server}"
+    assert _wait_for(lambda: _state(first_server) is None), "the starter left its server a zombie"
+    for proc in (first, second):
+        proc.stdin.close()
+        assert proc.wait(timeout=120) == 0
+    server = connect(sock)
+    assert server is not None and server.pid == second_server
+    server.stop()

@@ -376,13 +376,27 @@ def _last_words(log: Path, offset: int) -> str:
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not: kill 0 still finds one that nobody reaps)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except FileNotFoundError:
+        return not os.path.isdir("/proc/self")  # gone meanwhile, or no /proc to tell (kill 0 found it)
+    except (OSError, IndexError):
         return True
-    return True
+
+
+def _reap(pid: int) -> None:
+    """Reap the exited server ``pid`` if it is our child: it is where this process adopts orphans
+    (PID 1 of a container or PID namespace, a subreaper); else it stays a zombie until we exit."""
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
 
 
 class WarmPool:
@@ -543,7 +557,11 @@ class WarmPool:
             server = connect(sock)
             if server is not None and server.pid == pid:
                 return server
+            # The pidfd is readable once the server has exited, zombie or not: where nobody reaps
+            # it (PID 1 of a Ray job's PID namespace, of a container), kill 0 would still find it.
             gone = not _alive(pid) if exited is None else bool(select.select([exited], [], [], 0)[0])
+            if gone:
+                _reap(pid)
             if server is not None:
                 if gone:
                     # Another process started a server for this environment at the same time and
