@@ -12,9 +12,9 @@ per script; losing the file only makes estimates coarser)::
 
 ``saving``: recorded prefix minus the prefix of a fully warm replay (no import left to do).
 ``warm_prefix``: the prefix seconds of that fully warm replay (what a warm estimate's prefix takes).
-``overhead_*``: a job's wall time minus its process's own lifetime, warm or cold. Warm figures
-come only from sessions that started no server for the script: a job that waited for a server
-someone else was starting measured that wait, not a fork.
+``overhead_*``: a job's wall time minus its process's own lifetime, warm or cold. A warm job's
+waits for its server (one another job was starting, the preloads it imported before the fork:
+``JobReply.waited``) are left out: the plan models them apart, and a fork does not pay them.
 ``journal``: staging a run's replayed rows and committing its replay journal once its processes are done.
 ``server``: what the job that started the script's warm server took beyond its estimate as a fork
 (the server's interpreter and preload imports, and the imports its first children did that it lacked).

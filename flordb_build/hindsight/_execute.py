@@ -501,7 +501,6 @@ class ReplayDriver:
         self._reads: dict[str, bool] = {}  # snapshot -> its Python files may read the store
         self._slices: dict[str, bytes] = {}
         # What this session measured of its start costs, learned at close() (_costs.py).
-        self._fresh: set[str] = set()
         self._warm_overheads: dict[str, list[float]] = {}
         self._prepared: dict[str, dict[str, float]] = {}  # script -> run -> driver seconds preparing its jobs
         self._ingested: dict[str, float] = {}  # run -> driver seconds staging its replies
@@ -589,7 +588,7 @@ class ReplayDriver:
         except (FlorBuildError, sqlite3.Error) as exc:
             return JobResult(run.run_id, job.worker, False, reply.seconds, notes=notes, warm=reply.warm,
                              error=f"its replayed values could not be staged in '{self.config.db_path}': {exc}")
-        self._learn_costs(job, outcome, reply.seconds, reply.warm, reply.fresh_server, reply.modules)
+        self._learn_costs(job, outcome, reply)
         mismatches = self._compare(run, outcome.get("compare", ()))
         if outcome.get("generators"):  # issue 12.9: the record's checkpoints are another trajectory now
             mismatches = (Mismatch(run.run_id, GENERATORS, 1, 1, str(outcome["generators"])), *mismatches)
@@ -635,35 +634,33 @@ class ReplayDriver:
             if prepared:
                 figures["prepare"] = sum(prepared.values()) / len(prepared)
             overheads = sorted(self._warm_overheads.get(script, ()))
-            if overheads and script not in self._fresh:
-                # Not from a session that started the server: the first job on each other slot
-                # waited for its start, and each later one for the server to import what the
-                # first children imported (the learned preloads) before it forked.
+            if overheads:
+                # The median fork: each job's waits for its server's start and imports are left
+                # out (``JobReply.waited``), so the session that started the server counts too.
                 figures["overhead_warm"] = overheads[len(overheads) // 2]
             record_costs(self.config, script, figures)
 
-    def _learn_costs(
-        self, job: ReplayJob, outcome: Mapping[str, Any], seconds: float, warm: bool, fresh_server: bool,
-        imported: Sequence[str],
-    ) -> None:
+    def _learn_costs(self, job: ReplayJob, outcome: Mapping[str, Any], reply: JobReply) -> None:
         """Feed what this job's start cost into the next plan's estimates (``_costs.py``)."""
         from ._costs import record_costs
 
         run = job.run
+        seconds, warm, fresh_server = reply.seconds, reply.warm, reply.fresh_server
         process = outcome.get("process_seconds")
         prefix = outcome.get("prefix_seconds")
         figures: dict[str, float] = {}
         if fresh_server:
             # The job that started the server: what it took beyond its estimate as a fork is what
             # the next new server will cost (its estimate already holds the fork's own figures).
-            self._fresh.add(run.script)
             figures["server"] = seconds - job.estimate
         elif isinstance(process, int | float) and process > 0:
             if warm:
-                self._warm_overheads.setdefault(run.script, []).append(seconds - process)
+                # What the job waited for (a server another job was starting, the preloads the
+                # server imported first) the plan models apart: only the fork's own cost is overhead.
+                self._warm_overheads.setdefault(run.script, []).append(seconds - reply.waited - process)
             else:
                 figures["overhead_cold"] = seconds - process
-        if warm and not imported and isinstance(prefix, int | float) and run.recorded_prefix > 0:
+        if warm and not reply.modules and isinstance(prefix, int | float) and run.recorded_prefix > 0:
             # Only a fully warm child (it imported nothing the server lacked) shows the whole saving.
             figures["saving"] = run.recorded_prefix - prefix
             figures["warm_prefix"] = prefix

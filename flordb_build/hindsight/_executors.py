@@ -104,6 +104,10 @@ class JobReply:
     seconds: float = 0.0
     warm: bool = False  # forked from a warm server
     fresh_server: bool = False  # the job waited for its warm server to start
+    #: Seconds of ``seconds`` before its process forked that a fork does not cost: waiting for its
+    #: warm server (its own start, or one another job was starting) and the server's import of the
+    #: preloads it lacked. The plan models those waits apart (``ReplayPlan.estimate``).
+    waited: float = 0.0
 
 
 class Executor(Protocol):
@@ -226,12 +230,12 @@ def _run(
     child_env = _with_paths(env, snapshot_paths)
     argv = [str(tree / payload.script), *payload.argv]
     notes: list[str] = [f"started cold: {pool_error}"] if pool is None and payload.warm and pool_error else []
-    fresh_server = False
+    fresh_server, waited = False, 0.0
     with open(tmp / "output.log", "wb") as output:
         proc: WarmProcess | subprocess.Popen[bytes] | None = None
         try:
             if pool is not None and payload.warm:
-                proc, fresh_server = _start_warm(
+                proc, fresh_server, waited = _start_warm(
                     pool, payload, spec, argv, tree, child_env, snapshot_paths, output.fileno(), write_fd, tmp, notes
                 )
             warm = proc is not None
@@ -266,36 +270,40 @@ def _run(
         return JobReply(
             payload.key, False, code, f"the replayed script failed ({reason}); its last output:\n{_tail(tmp / 'output.log')}",
             outcome=outcome, notes=tuple(notes), seconds=seconds, warm=warm, fresh_server=fresh_server,
+            waited=waited,
         )
     loops, logs = read_staged(db, spec.session, spec.run_id)
     return JobReply(
         payload.key, True, code, None, loops=tuple(loops), logs=tuple(logs), outcome=outcome, notes=tuple(notes),
-        modules=tuple(imported), seconds=seconds, warm=warm, fresh_server=fresh_server,
+        modules=tuple(imported), seconds=seconds, warm=warm, fresh_server=fresh_server, waited=waited,
     )
 
 
 def _start_warm(
     pool: WarmPool, payload: JobPayload, spec: ReplaySpec, argv: list[str], tree: Path, child_env: dict[str, str],
     snapshot_paths: list[Path], output: int, progress_fd: int, tmp: Path, notes: list[str],
-) -> tuple[WarmProcess | None, bool]:
-    """Fork the job from a warm server: (the process, whether it waited for the server to start);
-    ``(None, False)`` and a note when it must start a fresh interpreter instead."""
+) -> tuple[WarmProcess | None, bool, float]:
+    """Fork the job from a warm server: (the process, whether it waited for the server to start, the
+    seconds it waited for the server and its imports: ``JobReply.waited``); ``(None, False, 0.0)``
+    and a note when it must start a fresh interpreter instead."""
     # The child finds its progress descriptor in PROGRESS_FD_ENV: a free number there, not ours.
     child_env = {**child_env, REPLAY_ENV: dataclasses.replace(spec, progress_fd=None).to_json()}
     try:
         # payload.env picks the server: it holds nothing of this job's temporary directory.
         root = _project_root(payload)
+        asked = time.perf_counter()
         server, fresh = pool.server_for(payload.env, payload.sources.get(payload.script, ""), root)
+        waited = time.perf_counter() - asked
         process = server.run(
             argv, tree, child_env, {1: output, 2: output}, {PROGRESS_FD_ENV: progress_fd},
             preload=pool.learned(payload.env, root), modules_out=tmp / "modules.json",
             exclude=(Path(payload.project_root),) if payload.project_root else (),
             path_prepend=snapshot_paths, prepare=PREPARE,
         )
-        return process, fresh
+        return process, fresh, waited + process.imported
     except (WarmStartError, OSError) as exc:  # a warm start is an optimisation: never fail a replay on it
         notes.append(f"started cold: {exc}")
-        return None, False
+        return None, False, 0.0
 
 
 def _project_root(payload: JobPayload) -> Path | None:

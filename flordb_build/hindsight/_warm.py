@@ -191,9 +191,10 @@ def local_modules(script_dir: Path) -> frozenset[str]:
 class WarmProcess:
     """A replay process a warm server forked; the connection reports its exit."""
 
-    def __init__(self, conn: socket.socket, pid: int) -> None:
+    def __init__(self, conn: socket.socket, pid: int, imported: float = 0.0) -> None:
         self.conn = conn
         self.pid = pid
+        self.imported = imported  # seconds the server imported this request's preloads before it forked
 
     def wait(self) -> int:
         """Block until the process ends; its exit status (negative: killed by that signal)."""
@@ -314,7 +315,8 @@ class WarmServer:
             conn.close()
             raise WarmStartError(str(reply.get("error") or reply))
         self.loaded.update({name: 0.0 for name in preload if name not in self.loaded})
-        return WarmProcess(conn, int(reply["pid"]))
+        imported = reply.get("imported")
+        return WarmProcess(conn, int(reply["pid"]), float(imported) if isinstance(imported, int | float) else 0.0)
 
     def stop(self) -> None:
         """Ask the server to exit now (jobs still running are killed)."""

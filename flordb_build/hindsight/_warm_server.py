@@ -10,10 +10,10 @@ their boundaries and carry file descriptors)::
 
     -> {"op": "hello"}                          <- {"op": "hello", "pid", "safe", "reason", "loaded", ...}
     -> {"op": "preload", "modules": [...]}      <- {"op": "preloaded", "loaded": {name: seconds}}
-    -> {"op": "run", "argv", "cwd", "env",      <- {"op": "started", "pid"}  or {"op": "error", "error"}
+    -> {"op": "run", "argv", "cwd", "env",      <- {"op": "started", "pid", "imported"}  or {"op": "error", "error"}
         "fds": {target: index}, "env_fds",      <- {"op": "exited", "status"}   (the connection then closes)
         "preload", "local_modules", "exclude", "path_prepend", "modules_out"}
-        + descriptors
+        + descriptors                           ("imported": seconds it imported the request's preloads before the fork)
     -> {"op": "stop"}                           <- {"op": "stopping"}
 
 A child becomes the script as ``python script.py args`` would run it: its own working directory,
@@ -44,6 +44,7 @@ import contextlib
 import importlib
 import json
 import os
+import select
 import selectors
 import signal
 import socket
@@ -132,7 +133,20 @@ class Server:
                 self.failed[name] = f"{type(exc).__name__}: {exc}"
                 continue
             done[name] = self.loaded[name] = time.perf_counter() - started
+            self.report_exits()
         return done
+
+    def report_exits(self) -> None:
+        """Reap the children that have ended: a long preload (a fork request's hundreds of learned
+        modules) must not hold back another job's news that its child exited until it is done."""
+        if not self.children:
+            return
+        poll = select.poll()
+        for pidfd in self.children:
+            poll.register(pidfd, select.POLLIN)
+        for pidfd, _events in poll.poll(0):
+            if pidfd in self.children:
+                self.reap(pidfd, self.children[pidfd][1])
 
     def fork_safety(self) -> str | None:
         """Why forking now would give a broken child (None: safe)."""
@@ -188,7 +202,11 @@ class Server:
                     if request is not None:
                         return request  # in the child
                 elif kind == "child":
-                    self.reap(key.fileobj, data)  # type: ignore[arg-type]
+                    # Unless a preload of this round reaped it already (report_exits), and its
+                    # descriptor's number may since name another child's pidfd.
+                    pidfd = int(key.fileobj)  # type: ignore[arg-type]
+                    if pidfd in self.children and self.children[pidfd][1] == data:
+                        self.reap(pidfd, data)
                 elif kind == "owner":
                     self.owner_gone = True
                     self.selector.unregister(key.fileobj)
@@ -270,7 +288,7 @@ class Server:
         }
 
     def fork(self, conn: socket.socket, message: dict[str, Any], fds: list[int]) -> dict[str, Any] | None:
-        self.preload(list(message.get("preload", [])))
+        imported = sum(self.preload(list(message.get("preload", []))).values())
         unsafe = self.fork_safety()
         loaded_tops = {name.split(".", 1)[0] for name in sys.modules}
         clash = sorted(loaded_tops.intersection(message.get("local_modules", [])))
@@ -294,7 +312,7 @@ class Server:
         pidfd = os.pidfd_open(pid)
         self.children[pidfd] = (conn, pid)
         self.selector.register(pidfd, selectors.EVENT_READ, ("child", pid))
-        self.send(conn, {"op": "started", "pid": pid})
+        self.send(conn, {"op": "started", "pid": pid, "imported": round(imported, 6)})
         return None
 
     def reap(self, pidfd: int, pid: int) -> None:
