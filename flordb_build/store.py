@@ -968,11 +968,12 @@ class Store:
         with write_transaction(self.conn):
             if loops:
                 self.conn.executemany(LOOP_INSERT, [(run_id, *row) for row in loops])
-            if logs and source == "record":
-                chunks, logs = pack_log_columns(run_id, logs)  # packed values get no `logs` row
+            rows: Sequence[Sequence[Any]] = logs
+            if rows and source == "record":
+                chunks, rows = pack_log_columns(run_id, rows)  # packed values get no `logs` row
                 self.conn.executemany(COLUMN_INSERT, chunks)
-            if logs:
-                self.conn.executemany(LOG_INSERT, [(run_id, *row, source) for row in logs])
+            if rows:
+                self.conn.executemany(LOG_INSERT, [(run_id, *row, source) for row in rows])
             for column in columns:
                 if source != "record" or not column_packable(column):
                     insert_column_rows(self.conn, run_id, column, source)
