@@ -12,7 +12,8 @@ FlorDB's API has the same name and meaning here; this module holds the counterpa
   FlorDB's ``value_name`` and ``value_type``, and ``flordb_logs`` has the columns of FlorDB's
   ``logs`` table (:func:`add_flordb_views`)::
 
-      logs          run_id, seq, ctx_id, name, value, kind, source   (ours, unchanged)
+      logs          run_id, seq, ctx_id, name, value, kind, source   (ours: every value,
+                    the packed ones expanded from log_columns, packedlogs.py)
                     + value_name (= name), value_type (= kind)
       flordb_logs   projid, tstamp, filename, ctx_id (NULL at run level, as in FlorDB),
                     value_name, value, value_type, run_id
@@ -71,8 +72,9 @@ def flordb_home(config: Config | None = None) -> Path:
 # (the rows the replayed run could see); the FlorDB-shaped `logs` then reads those rows instead
 # of the store's, so the two compose. `flordb_logs` reads `temp.logs` and the unqualified `runs`
 # (asof.py's view of the runs during a replay, the table otherwise).
-_LOGS_OVER_STORE = "CREATE TEMP VIEW logs AS SELECT *, name AS value_name, kind AS value_type FROM main.logs"
-_LOGS_OVER_AS_OF = "CREATE TEMP VIEW logs AS SELECT *, name AS value_name, kind AS value_type FROM temp.as_of_logs"
+# Both read every row `logs` held before schema 7: its rows and the packed chunks expanded
+# (packedlogs.py), in the table's order (run, name, source, seq), as a scan of the table gave them.
+_LOGS_VIEW = "CREATE TEMP VIEW logs AS SELECT *, name AS value_name, kind AS value_type FROM ({}) ORDER BY run_id, name, source, seq"
 _FLORDB_LOGS = (
     "CREATE TEMP VIEW flordb_logs AS SELECT r.projid AS projid, r.tstamp AS tstamp, r.filename AS filename, "
     "CASE WHEN l.ctx_id = 0 THEN NULL ELSE l.ctx_id END AS ctx_id, l.name AS value_name, l.value AS value, "
@@ -82,12 +84,15 @@ _FLORDB_LOGS = (
 
 def add_flordb_views(conn: sqlite3.Connection) -> None:
     """Give ``conn`` FlorDB's column names beside ours (see the module docstring); call after asof.py."""
+    from .packedlogs import ALL_LOGS_OVER_AS_OF, ALL_LOGS_OVER_STORE, register_chunk_function
+
+    register_chunk_function(conn)
     as_of = conn.execute("SELECT 1 FROM temp.sqlite_master WHERE type = 'view' AND name = 'as_of_logs'").fetchone()
     if as_of is not None:
         conn.execute("DROP VIEW temp.logs")
-        conn.execute(_LOGS_OVER_AS_OF)
+        conn.execute(_LOGS_VIEW.format(ALL_LOGS_OVER_AS_OF))
     else:
-        conn.execute(_LOGS_OVER_STORE)
+        conn.execute(_LOGS_VIEW.format(ALL_LOGS_OVER_STORE))
     conn.execute(_FLORDB_LOGS)
 
 

@@ -2,7 +2,7 @@
 
 Per run and requested name, the values come as a few typed parts: the replayed rows, then the
 recorded ones, from ``log_columns``' packed chunks (``np.frombuffer``, no Python object per value)
-when those hold every recorded row, else from ``logs``' rows. A run's loops are its ``loops`` rows:
+when those hold every recorded value, else from ``logs``' rows and the chunks (packedlogs.py). A run's loops are its ``loops`` rows:
 blocks of consecutive iterations (store.coalesce_loops), a few dozen however long the run.
 """
 
@@ -14,15 +14,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .packedlogs import packed_only, recorded_rows
+
 if TYPE_CHECKING:
     from .blockpivot import ValuePart
 
-_CHUNKS_SQL = (
-    "SELECT first_seq, format, ctx_ids, vals FROM log_columns WHERE run_id = ? AND name = ? ORDER BY first_seq"
+_ALL_CHUNKS_SQL = (
+    "SELECT run_id, first_seq, count, seq_step, seqs, format, ctx_ids, vals FROM log_columns "
+    "WHERE name = ? AND format IN ('f8', 'i8')"
 )
-_ALL_CHUNKS_SQL = "SELECT run_id, first_seq, format, ctx_ids, vals FROM log_columns WHERE name = ?"
-_EARLIER_ROW_SQL = "SELECT 1 FROM logs WHERE run_id = ? AND name = ? AND source = 'record' AND seq < ? LIMIT 1"
-_RECORD_SQL = "SELECT ctx_id, value, kind FROM logs WHERE run_id = ? AND name = ? AND source = 'record'"
+_HAS_ROW_SQL = "SELECT 1 FROM logs WHERE run_id = ? AND name = ? AND source = 'record' LIMIT 1"
 _REPLAY_SQL = "SELECT ctx_id, value, kind FROM logs WHERE run_id = ? AND name = ? AND source = 'replay'"
 _BLOCKS_SQL = "SELECT name, ctx_id, parent_ctx, iteration, count, value FROM loops WHERE run_id = ?"
 
@@ -42,8 +43,8 @@ def local_value_parts(
             packed = _read_packed(conn, run_id, name, by_run)
             if packed is not None:
                 parts.append((packed[0], packed[1], None))
-            else:
-                rows = conn.execute(_RECORD_SQL, (run_id, name)).fetchall()
+            else:  # some values are `logs` rows (packedlogs.py): rows and chunks in seq order
+                rows = [row[1:] for row in recorded_rows(conn, run_id, name)]
                 if rows:
                     parts.append(part_of_rows(rows))
             per_name.append(parts)
@@ -66,7 +67,7 @@ def part_of_rows(rows: list[tuple[Any, ...]]) -> ValuePart:
 def _chunks_by_run(
     conn: sqlite3.Connection, run_ids: list[str], name: str
 ) -> dict[str, list[tuple[Any, ...]]] | None:
-    """``run_id -> [(first_seq, format, ctx_ids, vals)]`` of ``name`` in one scan, when the frame
+    """``run_id -> [packedlogs.CHUNKS_SQL rows]`` of ``name``'s packed chunks in one scan, when the frame
     reads most runs (one scan of ``log_columns`` beats a seek per run); None: seek per run."""
     total = conn.execute("SELECT count(*) FROM runs").fetchone()[0]
     if 2 * len(run_ids) < total:
@@ -82,23 +83,20 @@ def _chunks_by_run(
 def _read_packed(
     conn: sqlite3.Connection, run_id: str, name: str, by_run: dict[str, list[tuple[Any, ...]]] | None = None
 ) -> tuple[np.ndarray, np.ndarray] | None:
-    """Recorded ``(ctx ids, values)`` from ``log_columns`` when its chunks hold every recorded row.
-
-    Every writer (the flusher, rebuild) stores a batch's chunks in the transaction of its rows, so
-    a run's chunks cover all its recorded rows of a name, or (a store older than log_columns)
-    none: one index seek for a row before the first chunk tells, where counting would read them all.
-    """
-    chunks = conn.execute(_CHUNKS_SQL, (run_id, name)).fetchall() if by_run is None else by_run.get(run_id, [])
-    formats = {c[1] for c in chunks}
-    if len(formats) != 1 or "rows" in formats:
+    """Recorded ``(ctx ids, values)`` from ``log_columns`` when its packed chunks hold every
+    recorded value of the name (no `logs` row of it: one index seek tells), all of one format."""
+    if by_run is None:
+        chunks = packed_only(conn, run_id, name)
+    else:
+        chunks = by_run.get(run_id)
+        if chunks and conn.execute(_HAS_ROW_SQL, (run_id, name)).fetchone() is not None:
+            chunks = None
+    if not chunks or len({c[4] for c in chunks}) != 1:
         return None
-    first_seq = chunks[0][0]
-    if conn.execute(_EARLIER_ROW_SQL, (run_id, name, first_seq)).fetchone() is not None:
-        return None
-    dtype = np.float64 if chunks[0][1] == "f8" else np.int64
+    dtype = np.float64 if chunks[0][4] == "f8" else np.int64
     if len(chunks) == 1:
-        return np.frombuffer(chunks[0][2], dtype=np.int64), np.frombuffer(chunks[0][3], dtype=dtype)
+        return np.frombuffer(chunks[0][5], dtype=np.int64), np.frombuffer(chunks[0][6], dtype=dtype)
     return (
-        np.concatenate([np.frombuffer(c[2], dtype=np.int64) for c in chunks]),
-        np.concatenate([np.frombuffer(c[3], dtype=dtype) for c in chunks]),
+        np.concatenate([np.frombuffer(c[5], dtype=np.int64) for c in chunks]),
+        np.concatenate([np.frombuffer(c[6], dtype=dtype) for c in chunks]),
     )

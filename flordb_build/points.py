@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .packedlogs import packed_only, recorded_names, recorded_rows
 from .values import ValueKind, decode_value
 
 if TYPE_CHECKING:
@@ -37,19 +38,14 @@ def typed_array(values: list[object]) -> np.ndarray:
 
 
 def local_logged_names(conn: sqlite3.Connection, run_id: str) -> list[str]:
-    """series.logged_names over the local store: one index seek per name (``logs`` is clustered
-    by run and name), not a scan of the run's rows."""
-    names: list[str] = []
-    row = conn.execute("SELECT min(name) FROM logs WHERE run_id = ?", (run_id,)).fetchone()
-    while row is not None and row[0] is not None:
-        names.append(row[0])
-        row = conn.execute("SELECT min(name) FROM logs WHERE run_id = ? AND name > ?", (run_id, row[0])).fetchone()
-    return names
+    """series.logged_names over the local store: one index seek per name of ``logs`` (clustered
+    by run and name), not a scan of the run's rows, and the names of its packed chunks."""
+    return recorded_names(conn, run_id)
 
 
 def local_series_points(conn: sqlite3.Connection, run_id: str, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``ViewReader.series_points`` over the local store: replayed values, then recorded ones
-    (from ``log_columns``' packed chunks where they hold every recorded row)."""
+    (from ``log_columns``' packed chunks where they hold every recorded value, packedlogs.py)."""
     parts_ctx: list[np.ndarray] = []
     parts_val: list[np.ndarray] = []
     parts_rep: list[np.ndarray] = []
@@ -63,10 +59,7 @@ def local_series_points(conn: sqlite3.Connection, run_id: str, name: str) -> tup
         parts_rep.append(np.ones(len(replay_rows), dtype=bool))
     record = _packed_record(conn, run_id, name)
     if record is None:
-        rows = conn.execute(
-            "SELECT ctx_id, value, kind FROM logs WHERE run_id = ? AND name = ? AND source = 'record' ORDER BY seq",
-            (run_id, name),
-        ).fetchall()
+        rows = [row[1:] for row in recorded_rows(conn, run_id, name)]
         record = (np.array([r[0] for r in rows], dtype=np.int64), _decoded(rows))
     parts_ctx.append(record[0])
     parts_val.append(record[1])
@@ -113,28 +106,11 @@ def _decoded(rows: list[tuple[int, object, int]]) -> np.ndarray:
 
 
 def _packed_record(conn: sqlite3.Connection, run_id: str, name: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """Recorded ``(ctx ids, values)`` from ``log_columns`` when its chunks hold every recorded row."""
-    chunks = conn.execute(
-        "SELECT count, format, ctx_ids, vals FROM log_columns WHERE run_id = ? AND name = ? ORDER BY first_seq",
-        (run_id, name),
-    ).fetchall()
-    formats = {c[1] for c in chunks}
-    if len(formats) != 1 or formats & {"rows"}:
+    """Recorded ``(ctx ids, values)`` from ``log_columns`` when its chunks hold every recorded value."""
+    chunks = packed_only(conn, run_id, name)
+    if chunks is None:
         return None
-    # Every writer (the flusher, rebuild) stores a batch's chunks in the transaction of its rows,
-    # so a run's chunks cover all its recorded rows, or, in a store older than log_columns, none.
-    # Rows logged before the first chunk would mean the latter: one index seek tells, where
-    # counting a million rows would read them all.
-    first_seq = conn.execute(
-        "SELECT min(first_seq) FROM log_columns WHERE run_id = ? AND name = ?", (run_id, name)
-    ).fetchone()[0]
-    earlier = conn.execute(
-        "SELECT 1 FROM logs WHERE run_id = ? AND name = ? AND source = 'record' AND seq < ? LIMIT 1",
-        (run_id, name, first_seq),
-    ).fetchone()
-    if earlier is not None:
-        return None
-    dtype = np.float64 if chunks[0][1] == "f8" else np.int64
-    ctx = np.concatenate([np.frombuffer(c[2], dtype=np.int64) for c in chunks])
-    values = np.concatenate([np.frombuffer(c[3], dtype=dtype) for c in chunks])
+    dtype = np.float64 if chunks[0][4] == "f8" else np.int64
+    ctx = np.concatenate([np.frombuffer(c[5], dtype=np.int64) for c in chunks])
+    values = np.concatenate([np.frombuffer(c[6], dtype=dtype) for c in chunks])
     return ctx, values

@@ -335,13 +335,14 @@ def insert_run_journal(conn: sqlite3.Connection, journal: RunJournal, commit: st
             [row[c] for c in columns],
         )
         conn.executemany(LOOP_INSERT, [(run_id, *entry) for entry in journal.loops])
-        conn.executemany(
-            "INSERT OR IGNORE INTO logs (run_id, seq, ctx_id, name, value, kind, source) "
-            "VALUES (?, ?, ?, ?, ?, ?, 'record')",
-            [(run_id, *entry) for entry in journal.logs],
-        )
         for batch in journal.log_batches:  # chunked per written batch, as the recording stored them
-            conn.executemany(COLUMN_INSERT, pack_log_columns(run_id, batch))
+            chunks, rows = pack_log_columns(run_id, batch)  # a packed value gets no `logs` row
+            conn.executemany(COLUMN_INSERT, chunks)
+            conn.executemany(
+                "INSERT OR IGNORE INTO logs (run_id, seq, ctx_id, name, value, kind, source) "
+                "VALUES (?, ?, ?, ?, ?, ?, 'record')",
+                [(run_id, *entry) for entry in rows],
+            )
         conn.executemany(TIMING_INSERT, [(run_id, *entry) for entry in journal.timings])
         conn.executemany(
             CHECKPOINT_INSERT,

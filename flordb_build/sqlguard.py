@@ -86,7 +86,8 @@ AUTHORIZER_ACTIONS: dict[int, str] = {
 
 #: SQLite's ordinary scalar, aggregate, window, date, math and JSON functions. Left out: what
 #: makes data out of nothing (randomblob, zeroblob), reaches outside SQL (load_extension,
-#: fts3_tokenizer, which returns a native pointer) or reports on the connection.
+#: fts3_tokenizer, which returns a native pointer) or reports on the connection. Plus the pure
+#: function with which the query connection's ``logs`` view expands packed chunks (packedlogs.py).
 ALLOWED_FUNCTIONS = frozenset(
     """
     abs char coalesce concat concat_ws format glob hex ifnull iif instr length like likelihood likely lower
@@ -101,6 +102,7 @@ ALLOWED_FUNCTIONS = frozenset(
     json_insert jsonb_insert json_object jsonb_object json_patch jsonb_patch json_pretty json_remove
     jsonb_remove json_replace jsonb_replace json_set jsonb_set json_type json_valid json_quote
     json_group_array jsonb_group_array json_group_object jsonb_group_object -> ->>
+    flor_chunk_rows
     """.split()
 )
 

@@ -28,9 +28,10 @@ from typing import Any
 from .config import Config
 from .errors import StoreError
 from .filesets import migrate_files_table
+from .packedlogs import arithmetic_step, migrate_chunks
 from .storefile import cannot_write, check_store_file, connect_read_only, create_store_file, not_a_store
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 BUSY_TIMEOUT_MS = 60_000
 #: ``runs.error`` of a run whose process died without closing it (status ``killed``).
 DEAD_RUN_ERROR = "the process died without closing its run"
@@ -91,6 +92,13 @@ TABLES: dict[str, dict[str, Any]] = {
         "indexes": [],
     },
     "logs": {
+        # The row-level store of every value that no packed chunk holds: replayed values
+        # (source 'replay'), and recorded values of a 'rows' chunk of ``log_columns`` (text, bools,
+        # None, JSON, ints beyond int64, a batch mixing types, values logged at run level). A
+        # recorded float or int64 of an 'f8'/'i8' chunk is NOT here (schema 7): a deviation from
+        # design.md's "a logs row per value" that halves the bytes and the CPU a value costs
+        # (bench/README.md, bench_write.py). User SQL still sees one row per value: query
+        # connections read ``logs`` through packedlogs.py's TEMP view, which expands the chunks.
         "columns": {
             "run_id": str,
             "seq": int,
@@ -109,11 +117,14 @@ TABLES: dict[str, dict[str, Any]] = {
         "indexes": [],
     },
     "log_columns": {
-        # A columnar copy of recorded logs, one row per (flush batch, name): the batch's ctx ids
-        # and values packed as int64/float64 arrays. The dataframe reads these with
-        # np.frombuffer instead of building a Python tuple per logged value, which is what
-        # makes a million-row frame cheap. `logs` stays the row-level truth for SQL; a name whose
-        # values are not plain floats or ints gets a 'rows' chunk that says "read the rows".
+        # Recorded logs, one row per (flush batch, name). 'f8'/'i8': the batch's values of the name
+        # are plain floats / int64 ints, none at run level (ctx 0), and they live ONLY here (no
+        # `logs` row): ctx ids and values packed as int64/float64 arrays (read with np.frombuffer,
+        # no Python object per value), and their exact seqs, ``first_seq + i * seq_step`` or, when
+        # they are not evenly spaced (names interleaved in a batch), the int64 array ``seqs``.
+        # 'rows': the values are `logs` rows (ctx_ids, vals, seq_step and seqs are NULL).
+        # Run-level values stay rows so that the run-level index (ctx_id = 0) holds them all.
+        # packedlogs.py reads both places as one; every reader of recorded values goes through it.
         "columns": {
             "run_id": str,
             "name": str,
@@ -122,6 +133,8 @@ TABLES: dict[str, dict[str, Any]] = {
             "format": str,
             "ctx_ids": bytes,
             "vals": bytes,
+            "seq_step": int,
+            "seqs": bytes,
         },
         "pk": ("run_id", "name", "first_seq"),
         "without_rowid": True,
@@ -229,8 +242,8 @@ LOOP_INSERT = (
 
 
 COLUMN_INSERT = (
-    "INSERT OR REPLACE INTO log_columns (run_id, name, first_seq, count, format, ctx_ids, vals) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+    "INSERT OR REPLACE INTO log_columns (run_id, name, first_seq, count, format, ctx_ids, vals, seq_step, seqs) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -239,21 +252,38 @@ class ColumnFormat(StrEnum):
 
     FLOAT64 = "f8"
     INT64 = "i8"
-    ROWS = "rows"  # not packable (text, bools, JSON, None, mixed): read the `logs` rows
+    ROWS = "rows"  # not packable (text, bools, JSON, None, mixed, run level): read the `logs` rows
 
 
-def pack_log_columns(run_id: str, logs: Iterable[Sequence[Any]]) -> list[tuple[Any, ...]]:
-    """``log_columns`` rows for recorded ``(seq, ctx_id, name, value, kind)`` log rows, per name."""
+def packed_chunk(run_id: str, name: str, fmt: ColumnFormat, seqs: array[int], ctxs: array[int], vals: bytes) -> tuple[Any, ...]:
+    """The ``log_columns`` row of a packed (f8/i8) chunk: its exact seqs as a step when they are
+    evenly spaced (one int), else as an int64 array."""
+    step = arithmetic_step(seqs)
+    return (run_id, name, seqs[0], len(seqs), fmt.value, ctxs.tobytes(), vals, step, None if step else seqs.tobytes())
+
+
+def rows_chunk(run_id: str, name: str, first_seq: int, count: int) -> tuple[Any, ...]:
+    """The ``log_columns`` row that says "the values of this batch and name are `logs` rows"."""
+    return (run_id, name, first_seq, count, ColumnFormat.ROWS.value, None, None, None, None)
+
+
+def pack_log_columns(run_id: str, logs: Iterable[Sequence[Any]]) -> tuple[list[tuple[Any, ...]], list[Sequence[Any]]]:
+    """``(log_columns rows, the log rows they do not hold)`` for recorded ``(seq, ctx_id, name,
+    value, kind)`` log rows, per name: a name's packable rows become an f8/i8 chunk only."""
     by_name: dict[str, list[Sequence[Any]]] = {}
     for row in logs:
         by_name.setdefault(row[2], []).append(row)
     chunks = []
+    unpacked: list[Sequence[Any]] = []
     for name, rows in by_name.items():
         seqs, ctxs, _names, values, kinds = zip(*rows, strict=True)
-        packed = _pack_values(values) if not any(kinds) else None
-        fmt, vals = packed if packed is not None else (ColumnFormat.ROWS, None)
-        chunks.append((run_id, name, seqs[0], len(rows), fmt.value, array("q", ctxs).tobytes(), vals))
-    return chunks
+        packed = _pack_values(values) if not any(kinds) and 0 not in ctxs else None
+        if packed is None:
+            chunks.append(rows_chunk(run_id, name, seqs[0], len(rows)))
+            unpacked.extend(rows)
+        else:
+            chunks.append(packed_chunk(run_id, name, packed[0], array("q", seqs), array("q", ctxs), packed[1]))
+    return chunks, unpacked
 
 
 def _pack_values(values: Sequence[Any]) -> tuple[ColumnFormat, bytes] | None:
@@ -283,19 +313,6 @@ _JSON_SEGMENT_MIN = 64
 #: The most values one statement carries: its text (~20 bytes a value) and the float objects made
 #: while formatting stay a few MB however large the batch is.
 _JSON_SEGMENT_MAX = 65_536
-
-
-def arithmetic_step(values: array[int]) -> int | None:
-    """The step of ``values`` when they are ``first, first + step, ...`` (step >= 1); None otherwise."""
-    n = len(values)
-    if n == 1:
-        return 1
-    span = values[-1] - values[0]
-    if span <= 0 or span % (n - 1):
-        return None
-    step = span // (n - 1)
-    expected = array("q", range(values[0], values[-1] + 1, step))
-    return step if expected.tobytes() == values.tobytes() else None
 
 
 def consecutive_runs(values: array[int], max_runs: int) -> list[tuple[int, int]] | None:
@@ -369,10 +386,18 @@ def _insert_rows_of(conn: sqlite3.Connection, run_id: str, column: Any, source: 
     )
 
 
+def column_packable(column: Any) -> bool:
+    """True when a ``recorder.LogColumn`` is stored as one packed chunk alone (no run-level value:
+    those stay `logs` rows, so that the run-level index holds every run-level value)."""
+    return 0 not in column.ctxs
+
+
 def column_chunk(run_id: str, column: Any) -> tuple[Any, ...]:
     """The ``log_columns`` row of one ``recorder.LogColumn`` (what :func:`pack_log_columns` makes of its rows)."""
+    if not column_packable(column):
+        return rows_chunk(run_id, column.name, column.seqs[0], len(column.seqs))
     fmt = ColumnFormat.FLOAT64 if column.typecode == "d" else ColumnFormat.INT64
-    return (run_id, column.name, column.seqs[0], len(column.seqs), fmt.value, column.ctxs.tobytes(), column.vals.tobytes())
+    return packed_chunk(run_id, column.name, fmt, column.seqs, column.ctxs, column.vals.tobytes())
 
 
 def coalesce_loops(entries: Iterable[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
@@ -467,7 +492,8 @@ _RUN_LEVEL_INDEX_DDL = (
 )
 
 
-#: Every run's run-level rows, in the table's order (run, name, source, seq), from the index alone.
+#: Every run's run-level rows, in the table's order (run, name, source, seq), from the index alone
+#: (no run-level value is ever packed: :func:`column_packable`, :func:`pack_log_columns`).
 RUN_LEVEL_ROWS_SQL = (
     "SELECT run_id, name, value, kind, source FROM main.logs INDEXED BY logs_run_level WHERE ctx_id = 0"
 )
@@ -503,6 +529,7 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
             for columns, unique in spec["indexes"]:
                 table.create_index(list(columns), unique=unique, if_not_exists=True)
         migrate_files_table(conn)  # schema 6: the files table of older stores becomes file sets
+        migrate_chunks(conn)  # schema 7: a packed value lives in its chunk only
         conn.execute(_RUN_LEVEL_INDEX_DDL)
         conn.execute("PRAGMA user_version = " + str(int(SCHEMA_VERSION)))
 
@@ -933,19 +960,23 @@ class Store:
         :param checkpoints: ``(ctx_id, loop_name, iteration, name, sha256, bytes,
             materialize_seconds, block_seconds, format, point)`` tuples, queued only once the object exists.
         :param columns: ``recorder.LogColumn`` values, packed; a name is never in both ``logs`` and
-            ``columns`` of one batch, so each (batch, name) gets one ``log_columns`` chunk.
+            ``columns`` of one batch, so each (batch, name) gets one ``log_columns`` chunk. A recorded
+            value of an f8/i8 chunk is stored in the chunk only (TABLES' ``log_columns``).
         """
         if not loops and not logs and not timings and not checkpoints and not columns:
             return
         with write_transaction(self.conn):
             if loops:
                 self.conn.executemany(LOOP_INSERT, [(run_id, *row) for row in loops])
-            if logs:
-                self.conn.executemany(LOG_INSERT, [(run_id, *row, source) for row in logs])
-                if source == "record":
-                    self.conn.executemany(COLUMN_INSERT, pack_log_columns(run_id, logs))
+            rows: Sequence[Sequence[Any]] = logs
+            if rows and source == "record":
+                chunks, rows = pack_log_columns(run_id, rows)  # packed values get no `logs` row
+                self.conn.executemany(COLUMN_INSERT, chunks)
+            if rows:
+                self.conn.executemany(LOG_INSERT, [(run_id, *row, source) for row in rows])
             for column in columns:
-                insert_column_rows(self.conn, run_id, column, source)
+                if source != "record" or not column_packable(column):
+                    insert_column_rows(self.conn, run_id, column, source)
             if columns and source == "record":
                 self.conn.executemany(COLUMN_INSERT, [column_chunk(run_id, column) for column in columns])
             if timings:

@@ -485,10 +485,16 @@ def test_rebuild_reproduces_every_table_from_packed_and_row_journal_lines(projec
     project.write("kinds.py", EVERY_KIND)
     project.run("kinds.py")
     before = store_rows(project)
-    assert len(before["logs"]) == 3 * 200 * 3 + 3 * 5
+    # A value of an f8/i8 chunk lives only there (schema 7): `logs` keeps the 'mixed' rows, the bools,
+    # the text and the one int beyond int64; every other value is in a packed chunk with its seqs.
+    assert len(before["logs"]) == 3 * 200 + 3 + 3 + 1
+    packed = [chunk for chunk in before["log_columns"] if chunk[4] != "rows"]
+    assert {chunk[1] for chunk in packed} == {"loss", "count", "special", "huge"}
+    assert len(before["logs"]) + sum(chunk[3] for chunk in packed) == 3 * 200 * 3 + 3 * 5
+    assert all(chunk[7] is not None or chunk[8] is not None for chunk in packed)  # exact seqs kept
     remove(project, ".flor/flor.db")
     project.cli("rebuild")
-    assert store_rows(project) == before
+    assert store_rows(project) == before  # chunks with their seq_step / seqs, byte for byte
     frame = flor.dataframe("loss", "count", "special", "huge", "flag", "text")
     assert frame["count"].tolist()[:3] == [-100, -99, -98]
     assert frame["huge"].drop_duplicates().tolist() == [0, 2**70, 2]

@@ -199,7 +199,7 @@ def test_coalesce_loops_merges_only_true_runs() -> None:
     ]
 
 
-def test_packed_columns_mirror_the_rows_and_are_used_only_when_complete(project: Project) -> None:
+def test_packed_columns_hold_their_values_alone_and_read_with_rows(project: Project) -> None:
     project.write(
         "kinds.py",
         """
@@ -231,15 +231,24 @@ def test_packed_columns_mirror_the_rows_and_are_used_only_when_complete(project:
     # one value of it alone (a busy machine's timing) packs that value.
     mixed = store.conn.execute("SELECT count, format FROM log_columns WHERE name = 'mixed'").fetchall()
     assert all(fmt == "rows" for count, fmt in mixed if count > 1) and sum(count for count, _f in mixed) == 500
-    # A packed copy that misses rows (a store written before log_columns existed has rows before
-    # its first chunk) is ignored: the frame is read from the rows instead. The reader checks the
-    # start only, where one index seek tells: every writer stores a batch's chunks in the
-    # transaction of its rows. (Deleting the *last* chunk here made the test pass only when the run
-    # happened to flush once; on a busy machine it flushed several times.)
+    # A packed value has no `logs` row (schema 7); the text has rows only.
+    run_rows = dict(store.conn.execute("SELECT name, count(*) FROM logs GROUP BY name"))
+    assert "loss" not in run_rows and "count" not in run_rows and run_rows["tag"] == 500
+    # Some values as rows and some packed (the first chunk of "loss" turned back into rows): the
+    # reader merges both in seq order.
+    from flordb_build.packedlogs import CHUNKS_SQL, expand_chunk
+
+    (run_id,) = store.conn.execute("SELECT run_id FROM runs").fetchone()
+    first = store.conn.execute(CHUNKS_SQL, (run_id, "loss")).fetchone()
     with write_transaction(store.conn):
+        store.conn.executemany(
+            "INSERT INTO logs (run_id, seq, ctx_id, name, value, kind, source) VALUES (?, ?, ?, 'loss', ?, ?, 'record')",
+            [(run_id, *row) for row in expand_chunk(first)],
+        )
         store.conn.execute(
-            "DELETE FROM log_columns WHERE name = 'loss' AND first_seq = "
-            "(SELECT min(first_seq) FROM log_columns WHERE name = 'loss')"
+            "UPDATE log_columns SET format = 'rows', ctx_ids = NULL, vals = NULL, seq_step = NULL, seqs = NULL "
+            "WHERE run_id = ? AND name = 'loss' AND first_seq = ?",
+            (run_id, first[0]),
         )
     store.close()
     assert flor.dataframe("loss")["loss"].tolist() == expected["loss"]
@@ -474,9 +483,10 @@ def test_packed_columns_store_exactly_the_rows_executemany_stores(project: Proje
     ]
     store = Store.open(load_config())
     try:
-        store.write_batch("packed", [], [], columns=columns)
+        # replayed values are rows (a recorded packed value lives in its chunk only: below)
+        store.write_batch("packed", [], [], columns=columns, source="replay")
         rows_of = [(c.name, s, x, v) for c in columns for s, x, v in zip(c.seqs, c.ctxs, c.vals, strict=True)]
-        store.write_batch("bound", [], [(s, x, name, v, 0) for name, s, x, v in rows_of])
+        store.write_batch("bound", [], [(s, x, name, v, 0) for name, s, x, v in rows_of], source="replay")
         sql = "SELECT seq, ctx_id, name, value, typeof(value), kind, source FROM logs WHERE run_id = ? ORDER BY name, seq"
         packed = store.conn.execute(sql, ("packed",)).fetchall()
         bound = store.conn.execute(sql, ("bound",)).fetchall()
@@ -484,7 +494,24 @@ def test_packed_columns_store_exactly_the_rows_executemany_stores(project: Proje
         for got, want in zip(packed, bound, strict=True):
             assert got[:3] == want[:3] and got[4:] == want[4:]
             assert struct.pack("<d", got[3]) == struct.pack("<d", want[3]) if got[4] == "real" else got[3] == want[3], (got, want)
-        chunks = "SELECT name, first_seq, count, format, ctx_ids, vals FROM log_columns WHERE run_id = ? ORDER BY name"
-        assert store.conn.execute(chunks, ("packed",)).fetchall() == store.conn.execute(chunks, ("bound",)).fetchall()
+        # recorded: the column and the same rows make the same chunks, exact seqs included, and no row
+        store.write_batch("packed_r", [], [], columns=columns)
+        store.write_batch("bound_r", [], [(s, x, name, v, 0) for name, s, x, v in rows_of])
+        chunks = (
+            "SELECT name, first_seq, count, format, ctx_ids, vals, seq_step, seqs FROM log_columns WHERE run_id = ? "
+            "ORDER BY name"
+        )
+        packed_chunks = store.conn.execute(chunks, ("packed_r",)).fetchall()
+        assert packed_chunks == store.conn.execute(chunks, ("bound_r",)).fetchall()
+        assert {c[0]: (c[3], c[6]) for c in packed_chunks} == {"count": ("i8", 2), "loss": ("f8", 2), "scattered": ("f8", 7)}
+        assert store.conn.execute("SELECT count(*) FROM logs WHERE run_id IN ('packed_r', 'bound_r')").fetchone() == (0,)
+        from flordb_build.packedlogs import recorded_rows
+
+        for column in columns:
+            got = recorded_rows(store.conn, "packed_r", column.name)
+            want = [(s, x, None if v != v else v, 0) for s, x, v in zip(column.seqs, column.ctxs, column.vals, strict=True)]
+            assert [struct.pack("<d", r[2]) if isinstance(r[2], float) else r for r in got] == [
+                struct.pack("<d", r[2]) if isinstance(r[2], float) else r for r in want
+            ]
     finally:
         store.close()

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import uuid
@@ -346,6 +348,7 @@ def test_push_copies_packed_names_from_log_columns_with_the_rows_seqs(
     clones: tuple[Project, Project], pg_server: PgServer, team_url: str
 ) -> None:
     """Floats and ints go from log_columns' chunks (no row read); each row keeps its own seq and ctx."""
+    from flordb_build.packedlogs import recorded_names, recorded_rows
     from flordb_build.reader import open_read_only
     from flordb_build.team._push import _Pusher
 
@@ -357,18 +360,18 @@ def test_push_copies_packed_names_from_log_columns_with_the_rows_seqs(
     assert store is not None
     try:
         pusher = _Pusher(store.conn, None, lambda *_: None)
-        for run_id, name in store.conn.execute("SELECT DISTINCT run_id, name FROM logs").fetchall():
-            rows = store.conn.execute(
-                "SELECT seq, ctx_id, value, kind FROM logs WHERE run_id = ? AND name = ? AND source = 'record' "
-                "ORDER BY seq",
-                (run_id, name),
-            ).fetchall()
-            packed = pusher._packed(run_id, name)
-            if name in ("loss", "count", "acc", "words", "lr"):  # plain floats or ints
-                assert packed is not None, name
-                assert [tuple(map(list, packed))] == [tuple(map(list, zip(*[r[:3] for r in rows], strict=True)))]
-            else:  # text, bools, JSON, big ints: read as rows
-                assert packed is None, name
+        seen = set()
+        for (run_id,) in store.conn.execute("SELECT run_id FROM runs").fetchall():
+            for name in recorded_names(store.conn, run_id, "record"):  # logs rows and packed chunks
+                seen.add(name)
+                rows = recorded_rows(store.conn, run_id, name)
+                packed = pusher._packed(run_id, name)
+                if name in ("loss", "count", "acc", "words"):  # plain floats or ints in loops
+                    assert packed is not None, name
+                    assert [tuple(map(list, packed))] == [tuple(map(list, zip(*[r[:3] for r in rows], strict=True)))]
+                else:  # text, bools, JSON, big ints, run-level values (lr: never packed): read as rows
+                    assert packed is None, name
+        assert {"loss", "count", "acc", "words", "lr"} <= seen
     finally:
         store.close()
     a.cli("push")
@@ -495,3 +498,40 @@ def test_recorded_values_win_over_replayed_ones_at_one_context_in_both_stores(
     assert 999.0 not in set(loss["loss"]) and (loss["run_id"] == first).sum() == 12
     count = flor.dataframe("count", config=config, store="team")
     assert "replayed" not in set(count["count"]) and str(count["count"].dtype) == "int64"
+
+
+def test_a_store_migrated_to_schema_7_pushes_the_rows_its_schema_6_self_pushed(
+    clones: tuple[Project, Project], pg_server: PgServer, team_url: str, tmp_path: Path
+) -> None:
+    """The team store gets the same `logs` rows and log_chunks whether a run's packed values are
+    `logs` rows too (schema 6, pushed by that code) or live only in their chunks (schema 7)."""
+    from tests.test_packed_logs import _run, _schema_6_code
+
+    old_code = _schema_6_code(tmp_path)
+    a, _b = clones
+    _run(a, old_code, "train.py")
+    _run(a, old_code, "big.py", "3000")
+    assert sqlite3.connect(a.root / ".flor" / "flor.db").execute("PRAGMA user_version").fetchone()[0] == 6
+    migrated = Project(tmp_path / "migrated")
+    shutil.copytree(a.root, migrated.root)
+    new_url = pg_server.create_database("t_" + uuid.uuid4().hex[:12])
+    (migrated.root / "pyproject.toml").write_text(_pyproject(new_url))
+    _run(a, old_code, "-m", "flordb_build", "push")
+    _run(migrated, None, "-m", "flordb_build", "migrate")
+    (packed,) = sqlite3.connect(migrated.root / ".flor" / "flor.db").execute(
+        "SELECT count(*) FROM log_columns WHERE format IN ('f8', 'i8') AND seq_step IS NULL AND seqs IS NULL"
+    ).fetchone()
+    assert packed == 0  # every packed chunk knows its seqs: its values left `logs`
+    _run(migrated, None, "-m", "flordb_build", "push")
+    old_db, new_db = team_url.rsplit("/", 1)[1], new_url.rsplit("/", 1)[1]
+    rows = "SELECT * FROM logs ORDER BY run_id, name, source, seq"
+    assert pg_server.psql(old_db, rows).count("\n") > 3000
+    assert pg_server.psql(new_db, rows) == pg_server.psql(old_db, rows)
+    # log_chunks, the columnar copy, is the same but for run-level values (lr), which schema 7
+    # never packs: the team store reads those from their `logs` rows, as for any name without a copy
+    chunks = "SELECT run_id, name, format, count, md5(seqs), md5(ctx_ids), md5(vals) FROM log_chunks ORDER BY 1, 2"
+    old_chunks = pg_server.psql(old_db, chunks).splitlines()
+    assert pg_server.psql(new_db, chunks).splitlines() == [line for line in old_chunks if "|lr|" not in line]
+    config = config_of_root(migrated.root, True)
+    frame = flor.dataframe(*NAMES, config=config)
+    pdt.assert_frame_equal(flor.dataframe(*NAMES, config=config, store="team"), frame)

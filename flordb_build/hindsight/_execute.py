@@ -784,16 +784,14 @@ def read_recorded(
     config: Config, run_id: str, names: Sequence[str], store: Store | None = None
 ) -> tuple[dict[tuple[int, str], list[Any]], Callable[[int], str]]:
     """Recorded values of ``names`` by (ctx, name) in log order, and a describer of contexts."""
+    from ..packedlogs import recorded_rows
     from ..store import loop_contexts
 
     with _opened(config, store) as opened:
         recorded: dict[tuple[int, str], list[Any]] = {}
         for name in names:
-            rows = opened.conn.execute(
-                "SELECT ctx_id, value, kind FROM logs WHERE run_id = ? AND name = ? AND source = 'record' ORDER BY seq",
-                (run_id, name),
-            ).fetchall()
-            for ctx, value, kind in rows:
+            # rows and packed chunks (packedlogs.py): a value read from one place only would be a wrong verdict
+            for _seq, ctx, value, kind in recorded_rows(opened.conn, run_id, name):
                 recorded.setdefault((int(ctx), name), []).append(decode_value(value, kind))
         loops = {
             int(ctx): (int(parent), str(loop), int(iteration))

@@ -148,6 +148,7 @@ class SQLiteReader:
         return local_loop_blocks(self.conn, run_id)
 
     def run_level_rows(self, run_id: str) -> list[tuple[Any, ...]]:
+        # run-level values are never packed (store.column_packable): the rows hold them all
         sql = "SELECT name, value, kind, source FROM logs WHERE run_id = ? AND ctx_id = 0"
         return list(self.conn.execute(sql, (run_id,)).fetchall())
 
@@ -212,12 +213,17 @@ class SQLiteReader:
         return local_logged_names(self.conn, run_id)
 
     def is_loop_level(self, run_id: str, name: str) -> bool:
+        # a packed chunk's values are never at run level (packedlogs.py): one holds loop values
+        from ..packedlogs import has_packed
+
         sql = "SELECT 1 FROM logs WHERE run_id = ? AND name = ? AND ctx_id != 0 LIMIT 1"
-        return self.conn.execute(sql, (run_id, name)).fetchone() is not None
+        return self.conn.execute(sql, (run_id, name)).fetchone() is not None or has_packed(self.conn, run_id, name)
 
     def has_logged(self, run_id: str, name: str) -> bool:
+        from ..packedlogs import has_packed
+
         sql = "SELECT 1 FROM logs WHERE run_id = ? AND name = ? LIMIT 1"
-        return self.conn.execute(sql, (run_id, name)).fetchone() is not None
+        return self.conn.execute(sql, (run_id, name)).fetchone() is not None or has_packed(self.conn, run_id, name)
 
     def series_points(self, run_id: str, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         from ..points import local_series_points

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import Config
 from ..errors import TeamStoreError
+from ..packedlogs import chunk_seqs, packed_only, recorded_count, recorded_names, recorded_rows
 from ..reader import open_read_only, show_dead_runs_killed
 from ..store import TABLES, validated_columns
 from ._binary import HEADER, TRAILER, Column, encode_arrays, encode_block, encode_columns, encode_row
@@ -139,9 +140,7 @@ class _Pusher:
             if env_id:
                 self._insert_shared("envs", self._read("envs", "env_id", env_id))
             self._copy_loops(run_id, upsert=False)
-            (count,) = self.local.execute(
-                "SELECT count(*) FROM logs WHERE run_id = ? AND source = 'record'", (run_id,)
-            ).fetchone()
+            count = recorded_count(self.local, run_id)  # rows and packed values (packedlogs.py)
             self.progress("copying", "run", run_id, count)
             self._copy_logs(run_id, "record")
             self._copy_plain("checkpoints", self._read("checkpoints", "run_id", run_id))
@@ -280,7 +279,7 @@ class _Pusher:
 
     def _copy_logs(self, run_id: str, source: str) -> None:
         """A run's log rows of ``source``, one name at a time: from log_columns' packed chunks where
-        they hold the name's every row (no Python object per value), else from the rows."""
+        they hold the name's every value (no Python object per value), else rows and chunks as rows."""
         statement = _composed(
             "COPY {table} ({columns}) FROM STDIN (FORMAT BINARY)", "logs", ["run_id", "name", "source", "seq",
                                                                            "ctx_id", "kind", *VALUE_COLUMNS]
@@ -293,6 +292,11 @@ class _Pusher:
                 packed = self._packed(run_id, name) if source == "record" else None
                 if packed is not None and self._write_arrays(copy, run_id, name, source, *packed):
                     columnar.append((run_id, name, *packed))
+                    continue
+                if source == "record":  # some of its values are rows: rows and chunks in seq order
+                    rows = [(seq, ctx, name, value, kind) for seq, ctx, value, kind in recorded_rows(self.local, run_id, name)]
+                    for start in range(0, len(rows), _CHUNK):
+                        self._write_chunk(copy, run_id, source, rows[start : start + _CHUNK])
                     continue
                 for chunk in _chunks(self.local.execute(rows_sql, (run_id, name, source))):
                     self._write_chunk(copy, run_id, source, chunk)
@@ -307,61 +311,22 @@ class _Pusher:
                     copy.write_row((run, name, fmt, len(values), _native(seqs), _native(ctxs), _native(values)))
 
     def _names(self, run_id: str, source: str) -> list[str]:
-        """The names with rows of ``source`` in the run: one index seek each (logs is keyed by run, name)."""
-        names: list[str] = []
-        sql = "SELECT min(name) FROM logs WHERE run_id = ? AND name > ? AND source = ?"
-        row = self.local.execute(
-            "SELECT min(name) FROM logs WHERE run_id = ? AND source = ?", (run_id, source)
-        ).fetchone()
-        while row is not None and row[0] is not None:
-            names.append(row[0])
-            row = self.local.execute(sql, (run_id, row[0], source)).fetchone()
-        return names
+        """The names with values of ``source`` in the run: rows' names (one index seek each, logs is
+        keyed by run, name) and, for recorded ones, the names of packed chunks."""
+        return recorded_names(self.local, run_id, source)
 
     def _packed(self, run_id: str, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """``(seqs, ctx ids, values)`` of a name's recorded rows from log_columns, when its chunks
-        are all floats or all ints and hold every row. A chunk keeps its first seq and its count, not
-        each seq: when the chunks' spans tile the name's seqs from min to max, those are its seqs;
-        otherwise the seqs are read (as text, parsed by numpy)."""
+        """``(seqs, ctx ids, values)`` of a name's recorded values from log_columns, when its packed
+        chunks hold every one of them, all floats or all ints (packedlogs.packed_only)."""
         import numpy as np
 
-        chunks = self.local.execute(
-            "SELECT first_seq, count, format, ctx_ids, vals FROM log_columns WHERE run_id = ? AND name = ? "
-            "ORDER BY first_seq",
-            (run_id, name),
-        ).fetchall()
-        formats = {c[2] for c in chunks}
-        if len(formats) != 1 or not formats <= {"f8", "i8"}:
+        chunks = packed_only(self.local, run_id, name)
+        if chunks is None:
             return None
-        key = (run_id, name)
-        total, low, high = self.local.execute(
-            "SELECT count(*), min(seq), max(seq) FROM logs WHERE run_id = ? AND name = ? AND source = 'record'", key
-        ).fetchone()
-        if total != sum(c[1] for c in chunks):
-            return None
-        counts = [count for _first, count, *_ in chunks]
-        ends = [first + count for first, count, *_ in chunks]
-        if chunks[0][0] == low and ends[-1] - 1 == high and all(
-            e == c[0] for e, c in zip(ends[:-1], chunks[1:], strict=True)
-        ):
-            # `total` distinct seqs (the key) in a span of `total`: exactly the chunks' seqs.
-            seqs = np.concatenate([np.arange(first, first + count, dtype=np.int64) for first, count, *_ in chunks])
-        else:
-            # Names interleaved in a batch: the seqs themselves, as one text SQLite builds in C (a
-            # few bytes a value, no Python int each), in order. Each chunk holds the name's rows of
-            # one flush batch as logged, so its first seq must open its stretch of them.
-            text = self.local.execute(
-                "SELECT group_concat(seq) FROM (SELECT seq FROM logs WHERE run_id = ? AND name = ? "
-                "AND source = 'record' ORDER BY seq)",
-                key,
-            ).fetchone()[0]
-            seqs = np.sort(np.fromstring(text or "", dtype=np.int64, sep=","))
-            starts = np.cumsum([0, *counts[:-1]])
-            if len(seqs) != total or not bool((seqs[starts] == [c[0] for c in chunks]).all()):
-                return None
-        dtype = np.float64 if chunks[0][2] == "f8" else np.int64
-        ctxs = np.concatenate([np.frombuffer(c[3], dtype=np.int64) for c in chunks])
-        values = np.concatenate([np.frombuffer(c[4], dtype=dtype) for c in chunks])
+        dtype = np.float64 if chunks[0][4] == "f8" else np.int64
+        seqs = np.concatenate([np.frombuffer(chunk_seqs(*c[:4]), dtype=np.int64) for c in chunks])
+        ctxs = np.concatenate([np.frombuffer(c[5], dtype=np.int64) for c in chunks])
+        values = np.concatenate([np.frombuffer(c[6], dtype=dtype) for c in chunks])
         if not len(seqs) == len(ctxs) == len(values):
             return None
         return seqs, ctxs, values
