@@ -36,7 +36,6 @@ import json
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -47,6 +46,7 @@ from typing import Any
 
 from flordb_build.values import decode_value
 from tests.ray_scenario import node_args, wait_until
+from tests.storedb import connect_store
 
 #: Every replay process (the ``_child`` and what the script started) has the replay spec here,
 #: but a warm child: it is a fork of its server (whose argv and /proc environ it keeps).
@@ -198,7 +198,7 @@ def ancestors(pid: int) -> list[int]:
 
 def stored_x(project: Path, seeds: dict[str, int], name: str = "x") -> dict[int, list[Any]]:
     """seed -> every value of ``name`` in the store's logs (the values readers see), in seq order."""
-    conn = sqlite3.connect(project / ".flor" / "flor.db", timeout=30)
+    conn = connect_store(project / ".flor" / "flor.db", timeout=30)
     try:
         rows = conn.execute("SELECT run_id, value, kind FROM logs WHERE name = ? ORDER BY run_id, seq",
                             (name,)).fetchall()

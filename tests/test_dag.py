@@ -25,6 +25,7 @@ from flordb_build.dag import FileHasher, FileRole, init_project
 from flordb_build.errors import InitError
 from flordb_build.redaction import redact_argv
 from tests.conftest import GIT_ENV, Project
+from tests.storedb import connect_store
 
 PY = sys.executable
 
@@ -42,7 +43,7 @@ def doit(project: Project, *args: str, env: Mapping[str, str] | None = None, cwd
 
 
 def rows(project: Project, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    conn = sqlite3.connect(project.root / ".flor" / "flor.db")
+    conn = connect_store(project.root / ".flor" / "flor.db")
     try:
         return conn.execute(sql, params).fetchall()
     finally:

@@ -7,6 +7,7 @@ record-time warning for a checkpointed object that holds no state.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import textwrap
 import warnings
@@ -19,6 +20,7 @@ from flordb_build.errors import FlorBuildWarning
 from flordb_build.hindsight._carried import Skipping, describe_carried, find_carried
 from flordb_build.hindsight._model import RecordedRun, Schedule, Step, StepKind
 from flordb_build.hindsight._plan import plan_replay
+from tests.storedb import connect_store
 
 #: A range or validation segment that starts mid-loop: iterations skipped, later ones and the tail run.
 MID_LOOP = Skipping(iterations=True, nested=False, later_iterations=True, later_nested=True, suffix=True)
@@ -268,7 +270,7 @@ def test_a_replay_of_a_recorded_script_with_a_carried_counter_refuses_and_writes
     out = project.cli("replay", "best_final", "--yes", check=False)
     text = out.stdout + out.stderr
     assert "the epoch loop changes `best`, which no checkpoint holds" in text, text
-    with sqlite3.connect(Path(project.root) / ".flor" / "flor.db") as conn:
+    with contextlib.closing(connect_store(Path(project.root) / ".flor" / "flor.db")) as conn:
         rows = conn.execute("SELECT COUNT(*) FROM logs WHERE name = 'best_final'").fetchone()[0]
     assert rows == 0
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import sqlite3
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import flordb_build as flor
 
 from .browser import CHROMIUM, CHROMIUM_ARGS, install_chromium
 from .conftest import GIT_ENV, Project
+from .storedb import connect_store
 from .ui_project import UiProject, build_ui_project
 
 pytest.importorskip("flask", reason="the UI extra (flask) is not installed")
@@ -207,7 +207,7 @@ def test_a_running_runs_chart_refreshes_while_it_logs(served: tuple[UiProject, s
     db = project.root / ".flor" / "flor.db"
 
     def logged() -> tuple[str, int] | None:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        conn = connect_store(db, read_only=True)
         try:
             row = conn.execute(
                 "SELECT r.run_id, count(l.seq) FROM runs r LEFT JOIN logs l ON l.run_id = r.run_id "
