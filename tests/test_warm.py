@@ -485,3 +485,28 @@ def test_a_childs_exit_is_reported_while_the_server_imports_for_another_fork(
         release.write_text("1")
         pool.close()
     assert reported_during_import, "the first child's exit waited for the server's imports for another fork"
+
+
+def test_a_warm_child_and_what_it_started_end_when_its_server_is_killed(project: Any, tmp_path: Path) -> None:
+    # A server killed -9 (the OOM killer's first pick: it holds every preload) cannot kill its
+    # children's groups; each warm child watches its server instead (_child.end_with_server, run
+    # by the replay mode's prepare step). Its job already failed: nothing would read its values.
+    script = project.write("loader.py", (
+        "import subprocess, sys, time\n"
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+        "print(p.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    ))
+    pool, server = _pool_and_server(project, keep_warm=60)
+    try:
+        with (tmp_path / "out.log").open("wb") as out:
+            child = server.run([str(script)], project.root, dict(os.environ), {1: out.fileno(), 2: out.fileno()},
+                               prepare="flordb_build.hindsight._child:end_with_server")
+        assert _wait_for(lambda: (tmp_path / "out.log").read_text().strip().isdigit(), seconds=30)
+        loader = int((tmp_path / "out.log").read_text().strip())
+        os.kill(server.pid, signal.SIGKILL)
+        assert child.wait() == -signal.SIGKILL  # the job sees its child lost with the server
+        assert _wait_for(lambda: not _running(child.pid), seconds=30), "the warm child outlived its server"
+        assert _wait_for(lambda: not _running(loader), seconds=30), "what the child started outlived its server"
+    finally:
+        pool.close()

@@ -53,6 +53,7 @@ def prepare_warm_child() -> None:
     :func:`install_replay_mode`."""
     from ..cmdline import retake
 
+    end_with_server()
     retake()
     install_replay_mode()
 
@@ -96,12 +97,29 @@ def end_with_parent() -> None:
             os.killpg(child, signal.SIGKILL)
         finally:
             os._exit(0)
+    _end_group_with_parent(child)
+
+
+def end_with_server() -> None:
+    """In a child forked from a warm server: end this process's group when the server dies.
+
+    The server kills the group when the child ends (``_warm_server.Server.reap``), so no guard
+    process is needed; what is left is the server's own death (SIGKILL, or the OOM killer, whose
+    first pick it is, holding every preload): its children would run on for a replay whose reply
+    nobody reads, and their job has already failed (``_warm.WarmProcess.wait``).
+    """
+    if os.getpgrp() == os.getpid():  # the server made the child its own group's leader
+        _end_group_with_parent(os.getpid())
+
+
+def _end_group_with_parent(group: int) -> None:
+    """A thread that kills ``group`` once this process's parent is gone (it is reparented)."""
     parent = os.getppid()
 
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(PARENT_POLL_SECONDS)
-        os.killpg(child, signal.SIGKILL)
+        os.killpg(group, signal.SIGKILL)
 
     threading.Thread(target=watch, name="flor-replay-parent-watch", daemon=True).start()
 
