@@ -28,7 +28,8 @@ from typing import Any
 from .config import Config
 from .errors import StoreError
 from .filesets import migrate_files_table
-from .packedlogs import arithmetic_step, migrate_chunks
+from .packedlogs import migrate_chunks
+from .progression import arithmetic_step, is_consecutive
 from .storefile import cannot_write, check_store_file, connect_read_only, create_store_file, not_a_store
 
 SCHEMA_VERSION = 7
@@ -325,7 +326,7 @@ def consecutive_runs(values: array[int], max_runs: int) -> list[tuple[int, int]]
     n = len(values)
     if not n:
         return []
-    if array("q", range(values[0], values[0] + n)).tobytes() == values.tobytes():
+    if is_consecutive(values):
         return [(0, n)]
     following = map(add, islice(values, 0, n - 1), repeat(1))
     breaks = list(islice(compress(range(1, n), map(ne, islice(values, 1, None), following)), max_runs))
