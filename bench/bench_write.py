@@ -39,6 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
+    REPO_ROOT,
     bench_env,
     make_git_repo,
     median,
@@ -258,8 +259,10 @@ def main(argv: list[str] | None = None) -> int:
         peer_path = str(peer_tree(args.peer_rev, work / "peer")) if "peer" in wanted else None
         variants = {
             "floor": Variant("floor", None, None),
-            "flor": Variant("flor", None, None),
-            "noflush": Variant("noflush", None, 60.0),
+            # This tree on the path: bench_env drops PYTHONPATH, and the venv's editable install may
+            # be another checkout's (a worktree shares the lead's venv).
+            "flor": Variant("flor", str(REPO_ROOT), None),
+            "noflush": Variant("noflush", str(REPO_ROOT), 60.0),
             "peer": Variant("peer", peer_path, None),
         }
         variants = {n: v for n, v in variants.items() if n in wanted}

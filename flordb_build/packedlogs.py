@@ -23,6 +23,8 @@ from array import array
 from collections.abc import Sequence
 from typing import Any
 
+from .progression import arithmetic_step
+
 PACKED_FORMATS = ("f8", "i8")
 _TYPECODES = {"f8": "d", "i8": "q"}
 
@@ -230,16 +232,3 @@ def _rows_match(rows: list[tuple[Any, ...]], count: int, fmt: str, ctx_ids: byte
         return array(values.typecode, stored).tobytes() == values.tobytes()
     except OverflowError:
         return False
-
-
-def arithmetic_step(values: array[int]) -> int | None:
-    """The step of ``values`` when they are ``first, first + step, ...`` (step >= 1); None otherwise."""
-    n = len(values)
-    if n == 1:
-        return 1
-    span = values[-1] - values[0]
-    if span <= 0 or span % (n - 1):
-        return None
-    step = span // (n - 1)
-    expected = array("q", range(values[0], values[-1] + 1, step))
-    return step if expected.tobytes() == values.tobytes() else None

@@ -132,7 +132,7 @@ class Batch:
         values = sum(len(column) for column in self.columns)
         return len(self.loops) + len(self.logs) + len(self.timings) + len(self.checkpoints) + values
 
-    def journal_entry(self) -> dict[str, Any]:
+    def journal_entry(self) -> bytes:
         return batch_entry(self.loops, self.logs, self.timings, self.checkpoints, self.columns)
 
 

@@ -423,6 +423,14 @@ def _quote_fast_import_path(path: str) -> bytes:
     return b'"' + escaped.encode() + b'"'
 
 
+#: The journal blob goes in as a loose object zlib level 0 (stored) for this one git process, never
+#: in the user's config: it is base64 of packed values (random mantissas) that git's default
+#: level 1 shrinks by only a quarter (~8 instead of ~10.7 bytes a float) for 0.3-0.4 us of CPU a
+#: value, more than the whole flush of that value (bench/README.md, profile_write.py). A later
+#: ``git gc`` packs it at the user's ``core.compression`` as usual.
+_STORED_UNCOMPRESSED = ("-c", "core.loosecompression=0")
+
+
 def _tree_with_file(root: Path, base_tree: str | None, file: Path, path_in_tree: str) -> str:
     """``base_tree`` (or an empty tree) plus the content of ``file`` at ``path_in_tree``.
 
@@ -430,13 +438,15 @@ def _tree_with_file(root: Path, base_tree: str | None, file: Path, path_in_tree:
     --add`` hashes it and adds it in one process; otherwise its blob is written first.
     """
     if os.path.abspath(file) != os.path.abspath(root / path_in_tree):
-        blob = run_git(root, "hash-object", "-w", "--", str(file))
+        blob = run_git(root, *_STORED_UNCOMPRESSED, "hash-object", "-w", "--", str(file))
         return _tree_with(root, base_tree, blob, path_in_tree)
     with tempfile.TemporaryDirectory(prefix="flor-index-") as tmp:
         index = Path(tmp) / "index"
         env = {"GIT_INDEX_FILE": str(index)}
         _start_index(root, base_tree, index, env)
-        run_git(root, "--literal-pathspecs", "update-index", "--add", "--", path_in_tree, env=env)
+        run_git(
+            root, *_STORED_UNCOMPRESSED, "--literal-pathspecs", "update-index", "--add", "--", path_in_tree, env=env
+        )
         return run_git(root, "write-tree", env=env)
 
 
