@@ -64,6 +64,12 @@ for epoch in flor.loop("epoch", range(EPOCHS)):
 flor.log("final", lr * 2)
 """
 
+#: flor.query statements over `logs` timed on the 1xN store (issue 14 sets no target; the cost of packing).
+USER_SQL = (
+    "SELECT count(*), total(value) FROM logs WHERE name = 'loss'",
+    "SELECT seq, ctx_id, value FROM logs WHERE name = 'loss'",
+)
+
 # Runs in the measured process: times calls of one dataframe(...) and prints JSON.
 CHILD = r"""
 import json, sqlite3, sys, time, tracemalloc
@@ -71,7 +77,7 @@ import numpy as np, pandas as pd
 import flordb_build as flor
 spec = json.loads(sys.argv[1])
 names, where, repeats = spec["names"], spec["where"], spec["repeats"]
-call = lambda: flor.dataframe(*names, where=where)
+call = (lambda: flor.query(spec["sql"], timeout=None)) if spec.get("sql") else (lambda: flor.dataframe(*names, where=where))
 frame = call()  # warm-up: the OS page cache and the imports, as in a notebook's second call
 seconds = []
 for _ in range(repeats):
@@ -127,11 +133,13 @@ def build_store(project: Path, values: int, copies: int, work: Path, python_path
 
 
 def measure(
-    project: Path, python_path: Path | None, names: list[str], where: str | None, repeats: int, *, memory: bool, floor: bool
+    project: Path, python_path: Path | None, names: list[str], where: str | None, repeats: int, *, memory: bool, floor: bool,
+    sql: str | None = None,
 ) -> dict[str, object]:
-    """One fresh process timing ``dataframe(*names, where=where)``, with the code at ``python_path`` (None: ours)."""
+    """One fresh process timing ``dataframe(*names, where=where)`` (or ``query(sql)``), with the code at
+    ``python_path`` (None: ours)."""
     env = bench_env({"PYTHONPATH": str(python_path or ROOT)})
-    spec = json.dumps({"names": names, "where": where, "repeats": repeats, "memory": memory, "floor": floor})
+    spec = json.dumps({"names": names, "where": where, "repeats": repeats, "memory": memory, "floor": floor, "sql": sql})
     proc = subprocess.run(
         [sys.executable, "-c", CHILD, spec], cwd=project, env=env, capture_output=True, text=True, check=False
     )
@@ -202,6 +210,14 @@ def main() -> int:
                     filtered = measure(projects[(tool, label)], path, ["loss"], where, args.repeats, memory=False, floor=False)
                     base = results[tool]["seconds"]
                     row(f"{label}: where {where!r} s, {tool}", filtered["seconds"], base, "unfiltered", "<= 1.2x")  # type: ignore[arg-type]
+        # User SQL over `logs`: a table in main; since schema 7 a TEMP view expanding the packed chunks.
+        for sql in USER_SQL:
+            label = f"1x{args.values:,}"
+            times = {tool: measure(projects[(tool, label)], path, [], None, args.repeats, memory=False, floor=False, sql=sql)
+                     for tool, path in tools}
+            for tool, _path in tools:
+                base = times["ours"]["seconds"] if tool != "ours" else None
+                row(f"{label}: query {sql!r} s, {tool}", times[tool]["seconds"], base, "ours" if base else "", "")  # type: ignore[arg-type]
         run_level = [k for k in stores if k.startswith("1000")] + [f"1x{args.values:,}"]
         for label in run_level:
             for tool, path in tools:
