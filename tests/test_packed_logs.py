@@ -200,7 +200,7 @@ def test_user_sql_expansion_of_a_chunk_keeps_every_value_bit_for_bit() -> None:
     import struct
     from array import array
 
-    from flordb_build.packedlogs import register_chunk_function
+    from flordb_build.packedlogs import ALL_LOGS_OVER_STORE, register_chunk_function
 
     rng = random.Random(14)
     floats = [struct.unpack("<d", struct.pack("<Q", rng.getrandbits(64)))[0] for _ in range(20_000)]
@@ -209,22 +209,30 @@ def test_user_sql_expansion_of_a_chunk_keeps_every_value_bit_for_bit() -> None:
     ints = [rng.getrandbits(63) - 2**62 for _ in range(5_000)] + [0, 1, -1, 2**63 - 1, -(2**63) + 1, 2**53 + 1]
     conn = sqlite3.connect(":memory:")
     register_chunk_function(conn)
-    sql = (
-        "SELECT j.value ->> 0, j.value ->> 1, j.value ->> 2, typeof(j.value ->> 2) "
-        "FROM json_each(flor_chunk_rows(?, ?, ?, ?, ?, ?, ?)) AS j"
+    conn.execute("CREATE TABLE logs (run_id TEXT, seq INTEGER, ctx_id INTEGER, name TEXT, value BLOB, kind INTEGER, source TEXT)")
+    conn.execute(
+        "CREATE TABLE log_columns (run_id TEXT, name TEXT, first_seq INTEGER, count INTEGER, format TEXT, "
+        "ctx_ids BLOB, vals BLOB, seq_step INTEGER, seqs BLOB)"
     )
+    sql = "SELECT seq, ctx_id, value, typeof(value) FROM (" + ALL_LOGS_OVER_STORE + ") WHERE name = ?"  # noqa: S608 - constant SQL
     for fmt, values in (("f8", floats), ("i8", ints)):
         seqs = array("q", range(5, 5 + 3 * len(values), 3))
         ctxs = array("q", [rng.randrange(1, 2**40) for _ in values])
         data = array("d" if fmt == "f8" else "q", values).tobytes()
-        rows = conn.execute(sql, (5, len(values), 3, None, fmt, ctxs.tobytes(), data)).fetchall()
-        assert [r[0] for r in rows] == list(seqs)
-        assert [r[1] for r in rows] == list(ctxs)
-        for value, (_seq, _ctx, got, kind) in zip(values, rows, strict=True):
-            if value != value:  # NaN
-                assert got is None and kind == "null"
-            elif fmt == "f8":
-                assert kind == "real" and struct.pack("<d", got) == struct.pack("<d", value), (value, got)
-            else:
-                assert kind == "integer" and got == value
+        for step, seq_blob in ((3, None), (None, seqs.tobytes())):  # arithmetic seqs, and seqs stored
+            conn.execute("DELETE FROM log_columns")
+            conn.execute(
+                "INSERT INTO log_columns VALUES ('r', ?, 5, ?, ?, ?, ?, ?, ?)",
+                (fmt, len(values), fmt, ctxs.tobytes(), data, step, seq_blob),
+            )
+            rows = conn.execute(sql, (fmt,)).fetchall()
+            assert [r[0] for r in rows] == list(seqs)
+            assert [r[1] for r in rows] == list(ctxs)
+            for value, (_seq, _ctx, got, kind) in zip(values, rows, strict=True):
+                if value != value:  # NaN
+                    assert got is None and kind == "null"
+                elif fmt == "f8":
+                    assert kind == "real" and struct.pack("<d", got) == struct.pack("<d", value), (value, got)
+                else:
+                    assert kind == "integer" and got == value
     conn.close()
