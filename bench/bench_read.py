@@ -35,7 +35,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 from bench._common import (  # noqa: E402
     bench_env,
@@ -63,6 +64,12 @@ for epoch in flor.loop("epoch", range(EPOCHS)):
 flor.log("final", lr * 2)
 """
 
+#: flor.query statements over `logs` timed on the 1xN store (issue 14 sets no target; the cost of packing).
+USER_SQL = (
+    "SELECT count(*), total(value) FROM logs WHERE name = 'loss'",
+    "SELECT seq, ctx_id, value FROM logs WHERE name = 'loss'",
+)
+
 # Runs in the measured process: times calls of one dataframe(...) and prints JSON.
 CHILD = r"""
 import json, sqlite3, sys, time, tracemalloc
@@ -70,7 +77,7 @@ import numpy as np, pandas as pd
 import flordb_build as flor
 spec = json.loads(sys.argv[1])
 names, where, repeats = spec["names"], spec["where"], spec["repeats"]
-call = lambda: flor.dataframe(*names, where=where)
+call = (lambda: flor.query(spec["sql"], timeout=None)) if spec.get("sql") else (lambda: flor.dataframe(*names, where=where))
 frame = call()  # warm-up: the OS page cache and the imports, as in a notebook's second call
 seconds = []
 for _ in range(repeats):
@@ -100,16 +107,24 @@ if spec["floor"]:
             start = time.perf_counter(); got = floor(); times.append(time.perf_counter() - start)
         out[key] = times
         n = len(got[1] if isinstance(got, tuple) else got)
+        if key == "floor_rows" and n == 0:  # schema 7: the recorded floats are in log_columns only
+            del out[key]
+            continue
         assert n == out["rows"] or where, (key, n, out["rows"])
 print("RESULT " + json.dumps(out))
 """
 
 
-def build_store(project: Path, values: int, copies: int, work: Path) -> list[str]:
-    """Record one run of ``values`` values in ``project`` and copy it ``copies`` times; return the run ids."""
+def build_store(project: Path, values: int, copies: int, work: Path, python_path: Path | None = None) -> list[str]:
+    """Record one run of ``values`` values in ``project`` with the code at ``python_path`` (None: ours)
+    and copy it ``copies`` times; return the run ids."""
     import sqlite3
 
-    run_timed([sys.executable, "record.py", str(values)], project, work / f"record-{project.name}.log", bench_env())
+    # Recorded by that tree, explicitly: bench_env drops PYTHONPATH, and a venv shared between worktrees
+    # would otherwise import whichever checkout it was installed from. Each tool reads a store its own
+    # code recorded: a peer of another schema would not see values kept where it does not look.
+    env = bench_env({"PYTHONPATH": str(python_path or ROOT)})
+    run_timed([sys.executable, "record.py", str(values)], project, work / f"record-{project.name}.log", env)
     db = project / ".flor" / "flor.db"
     conn = sqlite3.connect(db)
     (base,) = conn.execute("SELECT run_id FROM runs").fetchone()
@@ -118,11 +133,13 @@ def build_store(project: Path, values: int, copies: int, work: Path) -> list[str
 
 
 def measure(
-    project: Path, python_path: Path | None, names: list[str], where: str | None, repeats: int, *, memory: bool, floor: bool
+    project: Path, python_path: Path | None, names: list[str], where: str | None, repeats: int, *, memory: bool, floor: bool,
+    sql: str | None = None,
 ) -> dict[str, object]:
-    """One fresh process timing ``dataframe(*names, where=where)``, with the code at ``python_path`` (None: ours)."""
-    env = bench_env({"PYTHONPATH": str(python_path)} if python_path else None)
-    spec = json.dumps({"names": names, "where": where, "repeats": repeats, "memory": memory, "floor": floor})
+    """One fresh process timing ``dataframe(*names, where=where)`` (or ``query(sql)``), with the code at
+    ``python_path`` (None: ours)."""
+    env = bench_env({"PYTHONPATH": str(python_path or ROOT)})
+    spec = json.dumps({"names": names, "where": where, "repeats": repeats, "memory": memory, "floor": floor, "sql": sql})
     proc = subprocess.run(
         [sys.executable, "-c", CHILD, spec], cwd=project, env=env, capture_output=True, text=True, check=False
     )
@@ -151,12 +168,13 @@ def main() -> int:
         if not args.skip_runs:
             stores["1000 runs x 20"] = (20, 999)
             stores["1000 runs x 2,000"] = (2_000, 999)
-        projects: dict[str, Path] = {}
+        projects: dict[tuple[str, str], Path] = {}
         for label, (values, copies) in stores.items():
-            print(f"building {label} ...", flush=True)
-            project = make_git_repo(work / f"p{len(projects)}", {"record.py": SCRIPT})
-            build_store(project, values, copies, work)
-            projects[label] = project
+            for tool, path in tools:
+                print(f"building {label} for {tool} ...", flush=True)
+                project = make_git_repo(work / f"p{len(projects)}", {"record.py": SCRIPT})
+                build_store(project, values, copies, work, path)
+                projects[(tool, label)] = project
         rows: list[list[str]] = []
         detail: list[str] = []
 
@@ -166,17 +184,18 @@ def main() -> int:
             return ratio
 
         for label in [k for k in stores if not k.startswith("1000")]:
-            project = projects[label]
             results = {
-                tool: measure(project, path, ["loss"], None, args.repeats, memory=True, floor=tool == "ours")
+                tool: measure(projects[(tool, label)], path, ["loss"], None, args.repeats, memory=True, floor=True)
                 for tool, path in tools
             }
             ours = results["ours"]
             assert isinstance(ours["seconds"], list)
             row(f'{label}: dataframe("loss") s', ours["seconds"], ours["floor_packed"], "numpy floor", "<= 5x floor")  # type: ignore[arg-type]
+            with_rows = next((r["floor_rows"] for r in results.values() if "floor_rows" in r), None)
+            row_floor = "none: no value is a row" if with_rows is None else f"{median(with_rows):.4f} s"  # type: ignore[arg-type]
             detail.append(
                 f"{label}: rows {ours['rows']:,}, numpy floor {median(ours['floor_packed']):.4f} s "  # type: ignore[arg-type]
-                f"(row floor {median(ours['floor_rows']):.4f} s), memory peak {ours['peak_bytes'] / 1e6:.0f} MB "  # type: ignore[operator]
+                f"(row floor {row_floor}), memory peak {ours['peak_bytes'] / 1e6:.0f} MB "  # type: ignore[operator]
                 f"= {ours['peak_bytes'] / ours['frame_bytes']:.2f}x the frame's {ours['frame_bytes'] / 1e6:.0f} MB"  # type: ignore[operator]
             )
             for tool, _path in tools[1:]:
@@ -188,13 +207,21 @@ def main() -> int:
                 )
             for where in ("epoch >= 8", "step < 1000"):
                 for tool, path in tools:
-                    filtered = measure(project, path, ["loss"], where, args.repeats, memory=False, floor=False)
+                    filtered = measure(projects[(tool, label)], path, ["loss"], where, args.repeats, memory=False, floor=False)
                     base = results[tool]["seconds"]
                     row(f"{label}: where {where!r} s, {tool}", filtered["seconds"], base, "unfiltered", "<= 1.2x")  # type: ignore[arg-type]
+        # User SQL over `logs`: a table in main; since schema 7 a TEMP view expanding the packed chunks.
+        for sql in USER_SQL:
+            label = f"1x{args.values:,}"
+            times = {tool: measure(projects[(tool, label)], path, [], None, args.repeats, memory=False, floor=False, sql=sql)
+                     for tool, path in tools}
+            for tool, _path in tools:
+                base = times["ours"]["seconds"] if tool != "ours" else None
+                row(f"{label}: query {sql!r} s, {tool}", times[tool]["seconds"], base, "ours" if base else "", "")  # type: ignore[arg-type]
         run_level = [k for k in stores if k.startswith("1000")] + [f"1x{args.values:,}"]
         for label in run_level:
             for tool, path in tools:
-                result = measure(projects[label], path, [], None, args.repeats, memory=False, floor=False)
+                result = measure(projects[(tool, label)], path, [], None, args.repeats, memory=False, floor=False)
                 rows.append(
                     [f"{label}: dataframe() s, {tool}", f"{median(result['seconds']):.4f}",  # type: ignore[arg-type]
                      spread(result["seconds"], digits=4), f"{result['rows']} rows", "<= 0.012 s (1000 runs)"]  # type: ignore[arg-type]

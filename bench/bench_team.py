@@ -91,7 +91,8 @@ def copy_runs_locally(db: Path, base: str, copies: int) -> list[str]:
             values,
         )
         for table in ("logs", "loops", "log_columns"):
-            rest = [c for c in TABLES[table]["columns"] if c != "run_id"]
+            # the file's own columns: a peer's older schema has fewer (bench_read builds a store per tool)
+            rest = [r[1] for r in conn.execute(f"PRAGMA table_info({table})") if r[1] != "run_id"]
             conn.execute(
                 f"INSERT INTO {table} (run_id, {', '.join(rest)}) SELECT ?, {', '.join(rest)} FROM {table} WHERE run_id = ?",  # noqa: S608
                 (run_id, base),

@@ -17,7 +17,6 @@ apply. Below store.py (which migrates old stores through :func:`migrate_chunks`)
 
 from __future__ import annotations
 
-import math
 import sqlite3
 from array import array
 from collections.abc import Sequence
@@ -124,40 +123,36 @@ CHUNK_JSON_FUNCTION = "flor_chunk_rows"
 
 
 def _chunk_json(first_seq: int, count: int, seq_step: int | None, seqs: bytes | None, fmt: str, ctx_ids: bytes, vals: bytes) -> str:
-    """A packed chunk as the JSON ``[[seq, ctx, value], ...]`` that :data:`ALL_LOGS_SQL` expands.
+    """A packed chunk as the JSON object ``{"seq:ctx": value, ...}`` that :data:`ALL_LOGS_OVER_STORE` expands.
 
-    Floats go as ``%.16e`` text SQLite parses back to the same bits (an exponent, so 1.0 stays a
-    REAL), infinities as ``9e999`` (SQLite's own JSON for them), a NaN as null (what SQLite stored).
+    The seq and ctx of a row travel in its key: ``json_each`` hands a key over as plain text, which
+    ``CAST`` and ``substr`` read, where three ``j.value ->> i`` per row rendered each row's array
+    as text and parsed it again (most of a ``logs`` scan's SQLite time). Floats go as ``repr``, the
+    shortest text that reads back as the same bits (SQLite's JSON parser does:
+    tests/test_packed_logs.py), with an exponent or a decimal point, so 1.0 stays a REAL; a NaN goes
+    as null (what SQLite stored for it), infinities as ``9e999`` (SQLite's own JSON for them). The
+    text is joined, not a dict dumped, so that no row could ever collapse into another's key.
     """
-    seq_list = chunk_seqs(first_seq, count, seq_step, seqs)
-    ctxs = chunk_values("i8", ctx_ids)
     values = chunk_values(fmt, vals)
-    if fmt == "f8":
-        text = [_json_float(v) for v in values]
-    else:
-        text = [str(v) for v in values]
-    return "[" + ",".join(f"[{s},{c},{v}]" for s, c, v in zip(seq_list, ctxs, text, strict=True)) + "]"
-
-
-def _json_float(value: float) -> str:
-    if math.isfinite(value):
-        return f"{value:.16e}"
-    if value != value:  # noqa: PLR0124 - NaN
-        return "null"
-    return "9e999" if value > 0 else "-9e999"
+    text = "{" + ",".join(map('"{}:{}":{!r}'.format, chunk_seqs(first_seq, count, seq_step, seqs), chunk_values("i8", ctx_ids), values)) + "}"
+    if fmt == "f8" and ("n" in text or "i" in text):  # nan, inf, -inf (keys are digits and ':')
+        text = text.replace(":nan", ":null").replace(":inf", ":9e999").replace(":-inf", ":-9e999")
+    return text
 
 
 #: Every row ``logs`` held before schema 7 (constant SQL, written out): its rows and the packed
 #: chunks expanded, of the store (``main``) or of asof.py's as-of views (``temp``).
 ALL_LOGS_OVER_STORE = (
     "SELECT run_id, seq, ctx_id, name, value, kind, source FROM main.logs UNION ALL "
-    "SELECT c.run_id, j.value ->> 0, j.value ->> 1, c.name, j.value ->> 2, 0, 'record' FROM main.log_columns AS c, "
+    "SELECT c.run_id, CAST(j.key AS INTEGER), CAST(substr(j.key, instr(j.key, ':') + 1) AS INTEGER), c.name, j.value, 0, 'record' FROM "
+    "main.log_columns AS c, "
     "json_each(flor_chunk_rows(c.first_seq, c.count, c.seq_step, c.seqs, c.format, c.ctx_ids, c.vals)) AS j "
     "WHERE c.format IN ('f8', 'i8')"
 )
 ALL_LOGS_OVER_AS_OF = (
     "SELECT run_id, seq, ctx_id, name, value, kind, source FROM temp.as_of_logs UNION ALL "
-    "SELECT c.run_id, j.value ->> 0, j.value ->> 1, c.name, j.value ->> 2, 0, 'record' FROM temp.log_columns AS c, "
+    "SELECT c.run_id, CAST(j.key AS INTEGER), CAST(substr(j.key, instr(j.key, ':') + 1) AS INTEGER), c.name, j.value, 0, 'record' FROM "
+    "temp.log_columns AS c, "
     "json_each(flor_chunk_rows(c.first_seq, c.count, c.seq_step, c.seqs, c.format, c.ctx_ids, c.vals)) AS j "
     "WHERE c.format IN ('f8', 'i8')"
 )

@@ -189,3 +189,50 @@ def test_schema_6_store_migrates_and_new_recordings_read_the_same(project: Proje
     rebuilt = _dump(project, None)
     assert rebuilt["runs"] == before["runs"] * 2
     assert sorted(map(json.dumps, rebuilt["query"])) == sorted(map(json.dumps, before["query"] * 2))
+
+
+def test_user_sql_expansion_of_a_chunk_keeps_every_value_bit_for_bit() -> None:
+    """The user-SQL ``logs`` view expands a chunk through JSON text (packedlogs._chunk_json +
+    SQLite's json_each): every float must come back with its exact bits and type (REAL, 1.0 too),
+    a NaN as NULL (what SQLite stored for a NaN row), infinities as infinities, int64 as INTEGER."""
+    import math
+    import random
+    import struct
+    from array import array
+
+    from flordb_build.packedlogs import ALL_LOGS_OVER_STORE, register_chunk_function
+
+    rng = random.Random(14)
+    floats = [struct.unpack("<d", struct.pack("<Q", rng.getrandbits(64)))[0] for _ in range(20_000)]
+    floats += [rng.random() for _ in range(5_000)] + [i / 7 for i in range(1_000)]
+    floats += [math.nan, math.inf, -math.inf, -0.0, 0.0, 1.0, 5e-324, 2.2250738585072014e-308, 1.7976931348623157e308, 1e16, 1e22, 2.0**53 + 2]
+    ints = [rng.getrandbits(63) - 2**62 for _ in range(5_000)] + [0, 1, -1, 2**63 - 1, -(2**63) + 1, 2**53 + 1]
+    conn = sqlite3.connect(":memory:")
+    register_chunk_function(conn)
+    conn.execute("CREATE TABLE logs (run_id TEXT, seq INTEGER, ctx_id INTEGER, name TEXT, value BLOB, kind INTEGER, source TEXT)")
+    conn.execute(
+        "CREATE TABLE log_columns (run_id TEXT, name TEXT, first_seq INTEGER, count INTEGER, format TEXT, "
+        "ctx_ids BLOB, vals BLOB, seq_step INTEGER, seqs BLOB)"
+    )
+    sql = "SELECT seq, ctx_id, value, typeof(value) FROM (" + ALL_LOGS_OVER_STORE + ") WHERE name = ?"  # noqa: S608 - constant SQL
+    for fmt, values in (("f8", floats), ("i8", ints)):
+        seqs = array("q", range(5, 5 + 3 * len(values), 3))
+        ctxs = array("q", [rng.randrange(1, 2**40) for _ in values])
+        data = array("d" if fmt == "f8" else "q", values).tobytes()
+        for step, seq_blob in ((3, None), (None, seqs.tobytes())):  # arithmetic seqs, and seqs stored
+            conn.execute("DELETE FROM log_columns")
+            conn.execute(
+                "INSERT INTO log_columns VALUES ('r', ?, 5, ?, ?, ?, ?, ?, ?)",
+                (fmt, len(values), fmt, ctxs.tobytes(), data, step, seq_blob),
+            )
+            rows = conn.execute(sql, (fmt,)).fetchall()
+            assert [r[0] for r in rows] == list(seqs)
+            assert [r[1] for r in rows] == list(ctxs)
+            for value, (_seq, _ctx, got, kind) in zip(values, rows, strict=True):
+                if value != value:  # NaN
+                    assert got is None and kind == "null"
+                elif fmt == "f8":
+                    assert kind == "real" and struct.pack("<d", got) == struct.pack("<d", value), (value, got)
+                else:
+                    assert kind == "integer" and got == value
+    conn.close()
