@@ -77,7 +77,7 @@ class Recorder:
     def __init__(self, *, seq_start: int = 0, ctx_start: int = ROOT_CTX + 1) -> None:
         self._logs: deque[tuple[Any, ...]] = deque()
         self._loops: deque[Any] = deque()  # tuples; recording.Run also queues open blocks (lists)
-        self._seq = itertools.count(seq_start)
+        self.seq_counter = itertools.count(seq_start)
         self._ctx_ids = itertools.count(ctx_start)
         self._value_names: set[str] = set()
         self._loop_names: set[str] = set()
@@ -85,7 +85,7 @@ class Recorder:
 
     def restart_ids(self, *, seq_start: int, ctx_start: int) -> None:
         """Hand out seqs and context ids from new starting points (a forked child's own block)."""
-        self._seq = itertools.count(seq_start)
+        self.seq_counter = itertools.count(seq_start)
         self._ctx_ids = itertools.count(ctx_start)
 
     def adopt_names(self, other: Recorder) -> None:
@@ -106,13 +106,13 @@ class Recorder:
             or (kind is str and value.isascii())  # type: ignore[attr-defined]
             or (kind is int and INT64_MIN <= value <= INT64_MAX)  # type: ignore[operator]
         ):
-            self._logs.append((next(self._seq), LOOP_CONTEXT.get(), name, value, _NATIVE))
+            self._logs.append((next(self.seq_counter), LOOP_CONTEXT.get(), name, value, _NATIVE))
         else:
             stored, value_kind, note = encode_value_noting(value)
             if note is not None and name not in self._unstorable_names:
                 self._unstorable_names.add(name)
                 warn(f"flor.log('{name}'): {note}; later such values of '{name}' are stored alike.", stacklevel=3)
-            self._logs.append((next(self._seq), LOOP_CONTEXT.get(), name, stored, int(value_kind)))
+            self._logs.append((next(self.seq_counter), LOOP_CONTEXT.get(), name, stored, int(value_kind)))
         return value
 
     def new_ctx(self) -> int:
@@ -207,14 +207,15 @@ class ColumnRecorder(Recorder):
     def __init__(self, *, seq_start: int = 0, ctx_start: int = ROOT_CTX + 1) -> None:
         super().__init__(seq_start=seq_start, ctx_start=ctx_start)
         #: name -> (vals.append, ctxs.append, seqs.append, typecode, seqs, ctxs, vals) of float
-        #: columns and of int columns: a float's path tests nothing but its type.
-        self._float_columns: dict[str, tuple[Any, ...]] = {}
+        #: columns and of int columns: a float's path tests nothing but its type. runtime.log
+        #: appends to a float column itself (Session.floats): keep the two paths alike.
+        self.float_columns: dict[str, tuple[Any, ...]] = {}
         self._int_columns: dict[str, tuple[Any, ...]] = {}
 
     def log(self, name: str, value: T) -> T:
         """Queue ``value`` under ``name`` in the current loop context; return ``value``."""
         if type(value) is float:
-            column = self._float_columns.get(name)
+            column = self.float_columns.get(name)
         elif type(value) is int and INT64_MIN <= value <= INT64_MAX:  # type: ignore[operator]
             column = self._int_columns.get(name)
         else:
@@ -223,7 +224,7 @@ class ColumnRecorder(Recorder):
             return self._log_first(name, value)
         column[0](value)
         column[1](LOOP_CONTEXT.get())
-        column[2](next(self._seq))
+        column[2](next(self.seq_counter))
         return value
 
     def _log_first(self, name: str, value: T) -> T:
@@ -234,7 +235,7 @@ class ColumnRecorder(Recorder):
         typecode = _COLUMN_TYPECODES.get(kind)
         if (
             typecode is None
-            or name in self._float_columns
+            or name in self.float_columns
             or name in self._int_columns
             or (kind is int and not INT64_MIN <= value <= INT64_MAX)  # type: ignore[operator]
         ):
@@ -242,12 +243,12 @@ class ColumnRecorder(Recorder):
         seqs: list[int] = []
         ctxs: list[int] = []
         vals: list[Any] = []
-        columns = self._float_columns if kind is float else self._int_columns
+        columns = self.float_columns if kind is float else self._int_columns
         columns[name] = (vals.append, ctxs.append, seqs.append, typecode, seqs, ctxs, vals)
         return self.log(name, value)
 
     def _all_columns(self) -> list[tuple[str, tuple[Any, ...]]]:
-        return [*self._float_columns.items(), *self._int_columns.items()]
+        return [*self.float_columns.items(), *self._int_columns.items()]
 
     def queued_values(self) -> int:
         """Values queued and not yet taken (rows and columns)."""
