@@ -77,7 +77,7 @@ class Recorder:
     def __init__(self, *, seq_start: int = 0, ctx_start: int = ROOT_CTX + 1) -> None:
         self._logs: deque[tuple[Any, ...]] = deque()
         self._loops: deque[Any] = deque()  # tuples; recording.Run also queues open blocks (lists)
-        self._seq = itertools.count(seq_start)
+        self.seq_counter = itertools.count(seq_start)
         self._ctx_ids = itertools.count(ctx_start)
         self._value_names: set[str] = set()
         self._loop_names: set[str] = set()
@@ -85,7 +85,7 @@ class Recorder:
 
     def restart_ids(self, *, seq_start: int, ctx_start: int) -> None:
         """Hand out seqs and context ids from new starting points (a forked child's own block)."""
-        self._seq = itertools.count(seq_start)
+        self.seq_counter = itertools.count(seq_start)
         self._ctx_ids = itertools.count(ctx_start)
 
     def adopt_names(self, other: Recorder) -> None:
@@ -106,13 +106,13 @@ class Recorder:
             or (kind is str and value.isascii())  # type: ignore[attr-defined]
             or (kind is int and INT64_MIN <= value <= INT64_MAX)  # type: ignore[operator]
         ):
-            self._logs.append((next(self._seq), LOOP_CONTEXT.get(), name, value, _NATIVE))
+            self._logs.append((next(self.seq_counter), LOOP_CONTEXT.get(), name, value, _NATIVE))
         else:
             stored, value_kind, note = encode_value_noting(value)
             if note is not None and name not in self._unstorable_names:
                 self._unstorable_names.add(name)
                 warn(f"flor.log('{name}'): {note}; later such values of '{name}' are stored alike.", stacklevel=3)
-            self._logs.append((next(self._seq), LOOP_CONTEXT.get(), name, stored, int(value_kind)))
+            self._logs.append((next(self.seq_counter), LOOP_CONTEXT.get(), name, stored, int(value_kind)))
         return value
 
     def new_ctx(self) -> int:
@@ -184,69 +184,88 @@ class LogColumn:
         return [(seq, ctx, name, value, _NATIVE) for seq, ctx, value in zip(self.seqs, self.ctxs, self.vals, strict=True)]
 
 
-#: The array typecode a name's values are kept in, by the type of its first value.
+#: The array typecode a name's values are packed in, by the type of its first value.
 _COLUMN_TYPECODES: dict[type, str] = {float: "d", int: "q"}
 
 
 class ColumnRecorder(Recorder):
-    """A :class:`Recorder` that keeps plain floats and int64 ints packed, one column per name.
+    """A :class:`Recorder` that keeps plain floats and int64 ints per name, packed when taken.
 
-    A logged float costs 24 bytes here (seq, ctx and value in three ``array`` buffers) instead of a
-    tuple, a float and an int object (~150 bytes), and the flush hands the buffers on as they are
-    (journal, ``log_columns``) instead of regrouping tuples. A name's column takes the type of its
-    first value; values of another type (a bool, text, an int beyond int64) go to the row queue as
-    before, so nothing changes for them.
+    ``log()`` stages a name's values in three plain lists (seq, ctx, value: ``list.append`` is a
+    third of ``array.append``'s cost, and the hot path pays for nothing else); :meth:`take_columns`
+    packs what it takes into ``array`` buffers (24 bytes a value instead of a tuple, a float and an
+    int object, ~150 bytes), which the flush hands on as they are (journal, ``log_columns``) instead
+    of regrouping tuples. Staged values live until the next take, at most ``flush_seconds`` of the
+    loop. A name's column takes the type of its first value; values of another type (a bool, text,
+    an int beyond int64) go to the row queue as before, so nothing changes for them.
 
-    The three buffers are appended value first and seq last; :meth:`take_columns` takes
+    The three lists are appended value first and seq last; :meth:`take_columns` takes
     ``len(seqs)`` items of each, so a flusher thread that takes while ``log()`` runs never splits a
-    row (each array call is atomic under the GIL, appends only ever go to the end).
+    row (each list call is atomic under the GIL, appends only ever go to the end).
     """
 
     def __init__(self, *, seq_start: int = 0, ctx_start: int = ROOT_CTX + 1) -> None:
         super().__init__(seq_start=seq_start, ctx_start=ctx_start)
-        #: name -> (value type, vals.append, ctxs.append, seqs.append, typecode, seqs, ctxs, vals)
-        self._columns: dict[str, tuple[Any, ...]] = {}
+        #: name -> (vals.append, ctxs.append, seqs.append, typecode, seqs, ctxs, vals) of float
+        #: columns and of int columns: a float's path tests nothing but its type. runtime.log
+        #: appends to a float column itself (Session.floats): keep the two paths alike.
+        self.float_columns: dict[str, tuple[Any, ...]] = {}
+        self._int_columns: dict[str, tuple[Any, ...]] = {}
 
     def log(self, name: str, value: T) -> T:
         """Queue ``value`` under ``name`` in the current loop context; return ``value``."""
-        column = self._columns.get(name)
-        if column is not None and type(value) is column[0]:
-            try:
-                column[1](value)
-            except OverflowError:  # an int beyond int64: the row queue keeps it exact
-                return Recorder.log(self, name, value)
-            column[2](LOOP_CONTEXT.get())
-            column[3](next(self._seq))
-            return value
-        return self._log_first(name, value)
+        if type(value) is float:
+            column = self.float_columns.get(name)
+        elif type(value) is int and INT64_MIN <= value <= INT64_MAX:  # type: ignore[operator]
+            column = self._int_columns.get(name)
+        else:
+            column = None
+        if column is None:
+            return self._log_first(name, value)
+        column[0](value)
+        column[1](LOOP_CONTEXT.get())
+        column[2](next(self.seq_counter))
+        return value
 
     def _log_first(self, name: str, value: T) -> T:
-        """A name's first value, or a value of another type than its column's."""
+        """A name's first value, or a value its column does not take (another type, an int beyond int64)."""
         if name not in self._value_names:
             self.admit_value_name(name)
-        typecode = _COLUMN_TYPECODES.get(type(value))
-        if typecode is None or name in self._columns:
+        kind = type(value)
+        typecode = _COLUMN_TYPECODES.get(kind)
+        if (
+            typecode is None
+            or name in self.float_columns
+            or name in self._int_columns
+            or (kind is int and not INT64_MIN <= value <= INT64_MAX)  # type: ignore[operator]
+        ):
             return Recorder.log(self, name, value)
-        seqs, ctxs, vals = array("q"), array("q"), array(typecode)
-        self._columns[name] = (type(value), vals.append, ctxs.append, seqs.append, typecode, seqs, ctxs, vals)
+        seqs: list[int] = []
+        ctxs: list[int] = []
+        vals: list[Any] = []
+        columns = self.float_columns if kind is float else self._int_columns
+        columns[name] = (vals.append, ctxs.append, seqs.append, typecode, seqs, ctxs, vals)
         return self.log(name, value)
+
+    def _all_columns(self) -> list[tuple[str, tuple[Any, ...]]]:
+        return [*self.float_columns.items(), *self._int_columns.items()]
 
     def queued_values(self) -> int:
         """Values queued and not yet taken (rows and columns)."""
-        return len(self._logs) + sum(len(column[5]) for column in self._columns.values())
+        return len(self._logs) + sum(len(column[4]) for _name, column in self._all_columns())
 
     def take_columns(self) -> list[LogColumn]:
-        """Drain the columns: one :class:`LogColumn` per name with values queued."""
+        """Drain the columns: one :class:`LogColumn` per name with values queued, packed."""
         taken = []
-        for name, (_type, _va, _ca, _sa, typecode, seqs, ctxs, vals) in list(self._columns.items()):
+        for name, (_va, _ca, _sa, typecode, seqs, ctxs, vals) in self._all_columns():
             n = len(seqs)  # appended last: the other two hold at least as many
             if not n:
                 continue
-            part_seqs = seqs[:n]
+            part_seqs = array("q", seqs[:n])
             del seqs[:n]
-            part_ctxs = ctxs[:n]
+            part_ctxs = array("q", ctxs[:n])
             del ctxs[:n]
-            part_vals = vals[:n]
+            part_vals = array(typecode, vals[:n])
             del vals[:n]
             taken.append(LogColumn(name, typecode, part_seqs, part_ctxs, part_vals))
         return taken

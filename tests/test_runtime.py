@@ -292,6 +292,26 @@ def test_iteration_and_commit_make_one_run_per_transaction(project: Project) -> 
     assert rows(project, "SELECT count(DISTINCT snapshot) FROM runs WHERE status = 'ok'") == [(3,)]
 
 
+def test_floats_after_commit_go_to_the_new_run(project: Project) -> None:
+    # runtime.log appends a float of a known name to the current run's column itself: a commit
+    # must leave it none of the old run's columns (their values would be lost with that run).
+    project.write(
+        "floats.py",
+        """
+        import flordb_build as flor
+        for request in range(3):
+            flor.log("score", request + 0.0)  # a run's first call: the float starts the new run
+            flor.log("score", request + 0.25)
+            flor.commit()
+        """,
+    )
+    project.run("floats.py")
+    frame = flor.dataframe("score")
+    assert frame["run_id"].nunique() == 3
+    assert sorted(frame["score"].tolist()) == [0.25, 1.25, 2.25]  # a context's last value
+    assert rows(project, "SELECT sum(count) FROM log_columns WHERE name = 'score'") == [(6,)]
+
+
 def test_failed_script_records_status_and_exit_code(project: Project) -> None:
     project.write("fail.py", "import flordb_build as flor\nflor.log('x', 1)\nraise ValueError('bad data')\n")
     proc = project.run("fail.py", check=False)
