@@ -510,3 +510,31 @@ def test_a_warm_child_and_what_it_started_end_when_its_server_is_killed(project:
         assert _wait_for(lambda: not _running(loader), seconds=30), "what the child started outlived its server"
     finally:
         pool.close()
+
+
+def test_the_report_leaves_a_runs_wait_for_another_runs_server_out_of_its_error(project: Any) -> None:
+    # The quick start's first replay printed "estimated 0.28s, actual 7.19s, +2503 %" for a run
+    # whose fork waited for the server another run's job was starting: the plan's total holds that
+    # wait (its makespan), the run's own estimate does not.
+    from types import SimpleNamespace
+
+    from flordb_build.hindsight._execute import format_report
+    from flordb_build.hindsight._model import RunOutcome
+
+    def outcome(run_id: str, estimate: float, seconds: float, waited: float) -> RunOutcome:
+        return RunOutcome(run_id, estimate, seconds, True, 1, (), (), (), {}, warm=True, waited=waited)
+
+    outcomes = (outcome("starts_server", 4.94, 5.20, 0.0), outcome("waits_for_it", 0.28, 7.19, 6.90))
+    text = format_report(SimpleNamespace(  # type: ignore[arg-type]
+        outcomes=outcomes, mismatches=(), notes=(), nothing_replayed=None,
+    ))
+    header, first, second = text.splitlines()[:3]
+    assert header.split() == ["run", "status", "start", "values", "estimated", "actual", "waited", "error"]
+    assert first.split()[-2:] == ["-", "+5%"]
+    assert second.split()[-3:] == ["7.19s", "6.90s", "+4%"]  # (7.19 - 6.90 - 0.28) / 0.28
+
+    # A real replay over two slots: the job that started the server waited as its estimate says.
+    _record(project)
+    report = flor.replay("half", quiet=True, workers=2)
+    assert [o.warm for o in report.outcomes] == [True, True]
+    assert sorted(o.waited > 0 for o in report.outcomes) == [False, True]

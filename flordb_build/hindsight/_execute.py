@@ -396,10 +396,12 @@ def _outcome(run: RunPlan, results: Sequence[JobResult], seconds: float) -> RunO
     for result in results:
         for key, value in result.counters.items():
             counters[key] = counters.get(key, 0) + int(value)
+    slowest = max(results, key=lambda r: r.seconds, default=None)
     return RunOutcome(
         run_id=run.run_id,
         estimate=run.estimate,
         seconds=seconds,
+        waited=slowest.waited if slowest is not None else 0.0,
         ok=all(r.ok for r in results),
         stored=sum(r.stored for r in results),
         errors=tuple(f"worker {r.worker}: {r.error}" if len(results) > 1 else str(r.error) for r in results if r.error),
@@ -581,12 +583,15 @@ class ReplayDriver:
         run = job.run
         outcome = reply.outcome or {}
         notes = tuple(reply.notes)
+        # The job that started the server waited for it as its run's estimate says (server_start).
+        waited = 0.0 if reply.fresh_server else reply.waited
         if not reply.ok:
-            return JobResult(run.run_id, job.worker, False, reply.seconds, error=reply.error, notes=notes, warm=reply.warm)
+            return JobResult(run.run_id, job.worker, False, reply.seconds, error=reply.error, notes=notes, warm=reply.warm,
+                             waited=waited)
         try:
             stage_batch(self.store.conn, self.backfill.session, run.run_id, reply.loops, reply.logs)
         except (FlorBuildError, sqlite3.Error) as exc:
-            return JobResult(run.run_id, job.worker, False, reply.seconds, notes=notes, warm=reply.warm,
+            return JobResult(run.run_id, job.worker, False, reply.seconds, notes=notes, warm=reply.warm, waited=waited,
                              error=f"its replayed values could not be staged in '{self.config.db_path}': {exc}")
         self._learn_costs(job, outcome, reply)
         mismatches = self._compare(run, outcome.get("compare", ()))
@@ -597,7 +602,7 @@ class ReplayDriver:
             counters["modules_imported"] = len(reply.modules)  # installed modules the server had not preloaded
         return JobResult(
             run.run_id, job.worker, True, reply.seconds, stored=int(counters.get("stored", 0)), notes=notes,
-            counters=counters, mismatches=mismatches, warm=reply.warm,
+            counters=counters, mismatches=mismatches, warm=reply.warm, waited=waited,
         )
 
     def finish_run(self, run: RunPlan, decision: Decision) -> Decision:
@@ -864,15 +869,21 @@ def format_plan(plan: ReplayPlan) -> str:
 
 
 def format_report(report: ReplayReport) -> str:
-    """Estimated vs actual seconds per run, then errors, withheld values and nondeterminism warnings."""
+    """Estimated vs actual seconds per run, then errors, withheld values and nondeterminism warnings.
+
+    ``waited``: of the actual seconds, the wait for a warm server another run's job was starting
+    (and for its imports). The plan's total holds that wait, a run's own estimate does not, so the
+    error leaves it out: a run forked from a server that took 7 s to start is not "+2500 %".
+    """
     rows = [
         [o.run_id, ("divergent" if o.divergent else "ok") if o.ok else "FAILED", "warm" if o.warm else "cold",
          "withheld" if o.withheld is not None else str(o.stored),
-         format_seconds(o.estimate), format_seconds(o.seconds),
-         f"{(o.seconds - o.estimate) / o.estimate:+.0%}" if o.estimate > 0 else "-"]
+         format_seconds(o.estimate), format_seconds(o.seconds), format_seconds(o.waited) if o.waited >= 0.005 else "-",
+         f"{(o.seconds - o.waited - o.estimate) / o.estimate:+.0%}" if o.estimate > 0 else "-"]
         for o in report.outcomes
     ]
-    parts = [_table(["run", "status", "start", "values", "estimated", "actual", "error"], rows)] if rows else []
+    headers = ["run", "status", "start", "values", "estimated", "actual", "waited", "error"]
+    parts = [_table(headers, rows)] if rows else []
     for outcome in report.outcomes:
         for error in outcome.errors:
             parts.append(f"error: run {outcome.run_id}: {error}")

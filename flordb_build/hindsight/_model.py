@@ -318,6 +318,9 @@ class JobResult:
     counters: Mapping[str, int] = field(default_factory=dict)
     mismatches: tuple[Mismatch, ...] = ()
     warm: bool = False  # forked from a warm server rather than started fresh
+    #: Of ``seconds``, the wait for a warm server another job was starting and for its imports
+    #: before the fork: the plan's makespan holds them, the run's own estimate does not.
+    waited: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -334,6 +337,7 @@ class RunOutcome:
     mismatches: tuple[Mismatch, ...]
     counters: Mapping[str, int]
     warm: bool = False  # every process of the run was forked from a warm server
+    waited: float = 0.0  # of ``seconds``, its slowest job's wait for a server (``JobResult.waited``)
     #: Why none of the run's replayed values were written (None: they were; _backfill.py).
     withheld: str | None = None
     #: Written although the values both the record and the replay logged differ (--accept-divergent):
