@@ -33,6 +33,12 @@ def rows(project: Project, sql: str, params: tuple[object, ...] = ()) -> list[tu
         conn.close()
 
 
+def _hangup_as_in_a_terminal() -> None:
+    # A suite run under nohup hands its ignored SIGHUP down to every child, and a run rightly keeps
+    # a signal its parent ignored (nohup's promise): a SIGHUP test's script would run on forever.
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def start(project: Project, script: str, *args: str, new_session: bool = False) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, script, *args],
@@ -43,6 +49,7 @@ def start(project: Project, script: str, *args: str, new_session: bool = False) 
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=new_session,
+        preexec_fn=_hangup_as_in_a_terminal,
     )
 
 
